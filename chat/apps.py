@@ -1,0 +1,20 @@
+from django.apps import AppConfig
+from django.core.signals import setting_changed
+
+
+def _reset_configured_singletons(*, setting, **kwargs):
+    # Tests (and anything else) that change these settings get objects built from the new values.
+    from chat.ratelimit import get_send_rate_limiter
+    from chat.store import get_message_store
+
+    if setting in {"CHAT_MESSAGE_STORE"}:
+        get_message_store.cache_clear()
+    if setting in {"CHAT_SEND_RATE", "REDIS_URL"}:
+        get_send_rate_limiter.cache_clear()
+
+
+class ChatConfig(AppConfig):
+    name = "chat"
+
+    def ready(self) -> None:
+        setting_changed.connect(_reset_configured_singletons, dispatch_uid="chat-reset-singletons")

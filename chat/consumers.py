@@ -1,0 +1,307 @@
+"""The WebSocket endpoint: handshake authorization, catch-up, in-order delivery, client frames.
+
+Per connection, messages go out exactly once and in strictly increasing seq: duplicates (replay
+overlapping live delivery) are dropped, an early arrival waits briefly for the missing seqs, which
+are then read from the store (a publish may be lost or overtaken; the store has every message).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from chat import events, metrics
+from chat.access import access_conversation
+from chat.exceptions import AccessDenied, ChatError, ValidationFailed
+from chat.models import Conversation
+from chat.services import message_send, read_marker_set
+from chat.store import get_message_store
+
+logger = logging.getLogger(__name__)
+
+MAX_INBOUND_FRAME_BYTES = 1024 * 1024
+# How long an out-of-order message waits for the seqs before it before they are read from the store.
+GAP_WAIT_SECONDS = 0.25
+# How long a seq that is in no store is waited for before it is skipped (its send failed).
+GAP_GIVE_UP_SECONDS = 5.0
+TYPING_MIN_INTERVAL_SECONDS = 1.0
+
+CLOSE_MEMBERSHIP_REVOKED = 4403
+
+# Per-process connection accounting for CHAT_MAX_CONNECTIONS(_PER_USER).
+_open_connections: Counter = Counter()
+
+
+def _query_param(scope, name: str) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin1")).get(name)
+    return values[0] if values else None
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    user = None
+    conversation_id: uuid.UUID | None = None
+    group: str | None = None
+    holds_slot = False
+
+    # --- handshake -------------------------------------------------------------------------
+    async def connect(self) -> None:
+        self.user = self.scope.get("user")
+        self.next_seq = 1
+        self.pending: dict[int, dict] = {}
+        self.delivery_lock = asyncio.Lock()
+        self.gap_task: asyncio.Task | None = None
+        self.last_typing = 0.0
+
+        after_seq = _query_param(self.scope, "after_seq")
+        if self.user is None or not self.user.is_authenticated:
+            return await self._refuse("unauthenticated")
+        if after_seq is not None and not (after_seq.isdigit() and len(after_seq) < 19):
+            return await self._refuse("bad after_seq")
+        if not self._reserve_slot():
+            return await self._refuse("connection limit")
+        try:
+            conversation, _ = await database_sync_to_async(access_conversation)(
+                user=self.user, conversation_id=_query_param(self.scope, "conversation_id")
+            )
+        except AccessDenied:
+            return await self._refuse("not a participant")
+        self.conversation_id = conversation.id
+        self.group = events.conversation_group(conversation.id)
+
+        # Subscribe first, then read where the conversation stands: every later message is then
+        # either already in the store or on its way to this channel.
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        metrics.redis_subscription_active.inc()
+        last_seq = await database_sync_to_async(
+            lambda: Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.id)
+        )()
+        replay_from = int(after_seq) if after_seq is not None else None
+        recovered = replay_from is None or last_seq - replay_from <= settings.CHAT_MAX_REPLAY
+        self.next_seq = replay_from + 1 if replay_from is not None and recovered else last_seq + 1
+
+        await self.accept()
+        metrics.websocket_connections.inc()
+        await self._send_json(
+            {
+                "type": "ready",
+                "conversation_id": str(conversation.id),
+                "user_id": str(self.user.pk),
+                "last_seq": last_seq,
+                "recovered": recovered,
+            }
+        )
+        if replay_from is not None and recovered and last_seq > replay_from:
+            page = await database_sync_to_async(get_message_store().history)(
+                conversation.id, after_seq=replay_from, limit=settings.CHAT_MAX_REPLAY
+            )
+            metrics.replayed_messages.inc(len(page.messages))
+            for message in page.messages:
+                await self._deliver(message.as_dict())
+
+    def _reserve_slot(self) -> bool:
+        if (
+            _open_connections["*"] >= settings.CHAT_MAX_CONNECTIONS
+            or _open_connections[self.user.pk] >= settings.CHAT_MAX_CONNECTIONS_PER_USER
+        ):
+            return False
+        _open_connections["*"] += 1
+        _open_connections[self.user.pk] += 1
+        self.holds_slot = True
+        return True
+
+    def _release_slot(self) -> None:
+        if self.holds_slot:
+            self.holds_slot = False
+            _open_connections["*"] -= 1
+            _open_connections[self.user.pk] -= 1
+            if _open_connections[self.user.pk] <= 0:
+                del _open_connections[self.user.pk]
+            if _open_connections["*"] <= 0:
+                del _open_connections["*"]
+
+    async def _refuse(self, reason: str) -> None:
+        self._release_slot()
+        metrics.websocket_connection_unauthorized.inc()
+        logger.info("websocket refused: %s", reason)
+        await self.close()  # before accept(): daphne answers the handshake with HTTP 403
+
+    async def disconnect(self, code: int) -> None:
+        if self.gap_task is not None:
+            self.gap_task.cancel()
+        metrics.broadcast_channel_length.dec(len(self.pending))
+        self.pending.clear()
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            metrics.redis_subscription_active.dec()
+            metrics.websocket_connections.dec()
+            self.group = None
+        self._release_slot()
+
+    # --- outbound: in order, exactly once ------------------------------------------------------
+    async def _send_json(self, frame: dict) -> None:
+        await self.send(text_data=json.dumps(frame, separators=(",", ":"), ensure_ascii=False))
+
+    async def _deliver(self, message: dict) -> None:
+        async with self.delivery_lock:
+            seq = message["seq"]
+            if seq < self.next_seq or seq in self.pending:
+                metrics.broadcast_dropped.inc()
+                return
+            if seq > self.next_seq:
+                self.pending[seq] = message
+                metrics.broadcast_channel_length.inc()
+                if self.gap_task is None:
+                    self.gap_task = asyncio.create_task(self._fill_gaps())
+                return
+            await self._emit(message)
+            await self._drain_pending()
+
+    async def _emit(self, message: dict) -> None:
+        await self._send_json({"type": "message.new", "message": message})
+        self.next_seq = message["seq"] + 1
+
+    async def _drain_pending(self) -> None:
+        while self.next_seq in self.pending:
+            metrics.broadcast_channel_length.dec()
+            await self._emit(self.pending.pop(self.next_seq))
+
+    async def _fill_gaps(self) -> None:
+        """Wait for the missing seqs; then read them from the store; at last skip what no store has."""
+        try:
+            started = time.monotonic()
+            while self.pending:
+                await asyncio.sleep(GAP_WAIT_SECONDS)
+                if not self.pending:
+                    break
+                upto = min(self.pending)
+                page = await database_sync_to_async(get_message_store().history)(
+                    self.conversation_id,
+                    after_seq=self.next_seq - 1,
+                    before_seq=upto,
+                    limit=min(upto - self.next_seq, settings.CHAT_MAX_REPLAY),
+                )
+                async with self.delivery_lock:
+                    for message in page.messages:
+                        if message.seq >= self.next_seq:
+                            metrics.gap_fills.inc()
+                            await self._emit(message.as_dict())
+                    if self.pending and time.monotonic() - started > GAP_GIVE_UP_SECONDS:
+                        logger.warning(
+                            "conversation %s: seqs %d..%d are in no store; skipping",
+                            self.conversation_id, self.next_seq, min(self.pending) - 1,
+                        )
+                        self.next_seq = min(self.pending)
+                    await self._drain_pending()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            metrics.broadcast_panic.inc()
+            logger.exception("gap fill failed on conversation %s", self.conversation_id)
+        finally:
+            self.gap_task = None
+            if self.pending:  # a failed fill retries rather than leaving messages stranded
+                self.gap_task = asyncio.create_task(self._fill_gaps())
+
+    # --- channel-layer events ----------------------------------------------------------------
+    async def message_new(self, event: dict) -> None:
+        started = time.perf_counter()
+        try:
+            await self._deliver(event["message"])
+        except Exception:
+            metrics.broadcast_panic.inc()
+            logger.exception("delivery failed on conversation %s", self.conversation_id)
+            raise
+        metrics.message_delivery_duration.labels(step="deliver").observe(time.perf_counter() - started)
+
+    async def typing(self, event: dict) -> None:
+        if event["user_id"] != str(self.user.pk):
+            await self._send_json({"type": "typing", "user_id": event["user_id"]})
+
+    async def read(self, event: dict) -> None:
+        await self._send_json({"type": "read", "user_id": event["user_id"], "seq": event["seq"]})
+
+    async def membership_revoked(self, event: dict) -> None:
+        if event["user_id"] == str(self.user.pk):
+            await self.close(code=CLOSE_MEMBERSHIP_REVOKED)
+
+    # --- inbound frames ------------------------------------------------------------------------
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None:
+            return await self._error("bad_request", "Frames must be JSON text.")
+        if len(text_data) > MAX_INBOUND_FRAME_BYTES or (
+            len(text_data) * 4 > MAX_INBOUND_FRAME_BYTES and len(text_data.encode()) > MAX_INBOUND_FRAME_BYTES
+        ):
+            return await self._error("bad_request", "Frames are limited to 1 MiB; send large content over REST.")
+        try:
+            frame = json.loads(text_data)
+        except ValueError:
+            return await self._error("bad_request", "Frames must be valid JSON.")
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            return await self._error("bad_request", 'Frames must be JSON objects with a string "type".')
+        handler = {
+            "message.send": self._on_message_send,
+            "typing": self._on_typing,
+            "read": self._on_read,
+            "ping": self._on_ping,
+        }.get(frame["type"])
+        if handler is None:
+            return await self._error("bad_request", f"Unknown frame type {frame['type'][:50]!r}.")
+        await handler(frame)
+
+    async def _on_message_send(self, frame: dict) -> None:
+        client_message_id = frame.get("client_message_id")
+        try:
+            result = await database_sync_to_async(message_send)(
+                sender=self.user,
+                conversation_id=self.conversation_id,
+                content=frame.get("content"),
+                message_type=frame.get("message_type", "text"),
+                is_encrypted=frame.get("is_encrypted", False),
+                metadata=frame.get("metadata"),
+                idempotency_key=client_message_id,
+                idempotency_field="client_message_id",
+                transport="websocket",
+            )
+        except ChatError as exc:
+            return await self._error_for(exc, client_message_id)
+        await self._send_json(
+            {"type": "message.ack", "client_message_id": client_message_id, "message": result.message.as_dict()}
+        )
+
+    async def _on_typing(self, frame: dict) -> None:
+        now = time.monotonic()
+        if now - self.last_typing >= TYPING_MIN_INTERVAL_SECONDS:
+            self.last_typing = now
+            await events.typing(self.conversation_id, self.user.pk)
+
+    async def _on_read(self, frame: dict) -> None:
+        try:
+            await database_sync_to_async(read_marker_set)(
+                user=self.user, conversation_id=self.conversation_id, seq=frame.get("seq")
+            )
+        except ChatError as exc:
+            await self._error_for(exc)
+
+    async def _on_ping(self, frame: dict) -> None:
+        await self._send_json({"type": "pong"})
+
+    async def _error_for(self, exc: ChatError, client_message_id: object = None) -> None:
+        fields = exc.detail if isinstance(exc, ValidationFailed) else None
+        detail = "Invalid input." if fields else str(exc.detail)
+        await self._error(exc.code, detail, client_message_id, fields)
+
+    async def _error(self, code: str, detail: str, client_message_id: object = None, fields: dict | None = None) -> None:
+        frame: dict = {"type": "error", "code": code, "detail": detail}
+        if client_message_id is not None:
+            frame["client_message_id"] = client_message_id
+        if fields:
+            frame["fields"] = fields
+        await self._send_json(frame)

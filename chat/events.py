@@ -1,0 +1,66 @@
+"""Realtime events: the only code that talks to the channel layer, called only from services and
+only after the change they announce is durable."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from chat import metrics
+from chat.store import Message
+
+logger = logging.getLogger(__name__)
+
+# A publish must not hold a send hostage: past this the message stays durable and clients
+# recover it from the store.
+PUBLISH_TIMEOUT_SECONDS = 1.0
+
+
+def conversation_group(conversation_id: uuid.UUID | str) -> str:
+    return f"conversation.{uuid.UUID(str(conversation_id)).hex}"
+
+
+async def apublish(conversation_id: uuid.UUID, event: dict[str, Any]) -> bool:
+    """Send one event to every connection of the conversation; False (counted, logged) on failure."""
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(
+            get_channel_layer().group_send(conversation_group(conversation_id), event), PUBLISH_TIMEOUT_SECONDS
+        )
+    except Exception:
+        metrics.message_published.labels(status="error").inc()
+        if settings.REDIS_URL:
+            metrics.redis_publish_error.inc()
+        logger.warning("publish of %s to conversation %s failed", event.get("type"), conversation_id, exc_info=True)
+        return False
+    metrics.message_published.labels(status="success").inc()
+    if settings.REDIS_URL:
+        metrics.redis_publish_success.inc()
+    metrics.message_delivery_duration.labels(step="publish").observe(time.perf_counter() - started)
+    return True
+
+
+publish = async_to_sync(apublish)
+
+
+def message_new(message: Message) -> bool:
+    return publish(message.conversation_id, {"type": "message.new", "message": message.as_dict()})
+
+
+def read_marker(conversation_id: uuid.UUID, user_id: uuid.UUID, seq: int) -> bool:
+    return publish(conversation_id, {"type": "read", "user_id": str(user_id), "seq": seq})
+
+
+async def typing(conversation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+    return await apublish(conversation_id, {"type": "typing", "user_id": str(user_id)})
+
+
+def membership_revoked(conversation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+    """Tell the user's connections to this conversation to close (4403)."""
+    return publish(conversation_id, {"type": "membership.revoked", "user_id": str(user_id)})

@@ -1,0 +1,93 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Conversation(models.Model):
+    class Kind(models.TextChoices):
+        DIRECT = "direct"
+        GROUP = "group"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    title = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    # The seq counter: every message's seq is allocated by an atomic increment of this row.
+    last_seq = models.BigIntegerField(default=0)
+    last_activity_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # "<smaller user id>:<larger user id>" for direct conversations; the unique index is what makes
+    # a direct conversation unique per pair even when both people create it at the same moment.
+    direct_key = models.CharField(max_length=73, null=True, blank=True, unique=True, editable=False)
+
+    def __str__(self) -> str:
+        return self.title or f"{self.kind} {self.id}"
+
+
+class Participant(models.Model):
+    class Role(models.TextChoices):
+        OWNER = "owner"
+        ADMIN = "admin"
+        MEMBER = "member"
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="participants")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="participations")
+    role = models.CharField(max_length=8, choices=Role.choices, default=Role.MEMBER)
+    joined_at = models.DateTimeField(auto_now_add=True)
+    last_read_seq = models.BigIntegerField(default=0)
+    muted = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["conversation", "user"], name="participant_unique")]
+
+    @property
+    def can_manage(self) -> bool:
+        return self.role in (self.Role.OWNER, self.Role.ADMIN)
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.conversation_id} ({self.role})"
+
+
+class Ban(models.Model):
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="bans")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    banned_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["conversation", "user"], name="ban_unique")]
+
+
+# Tables of the `sql` message store (chat.store.sql). The `cassandra` store keeps the same data in
+# Cassandra; these stay empty there.
+
+
+class SqlMessage(models.Model):
+    message_id = models.UUIDField(primary_key=True)
+    conversation_id = models.UUIDField()
+    seq = models.BigIntegerField()
+    sender_id = models.UUIDField()
+    content = models.TextField()
+    message_type = models.CharField(max_length=8)
+    is_encrypted = models.BooleanField()
+    metadata = models.JSONField()
+    sent_at = models.DateTimeField()
+    edited_at = models.DateTimeField(null=True)
+    deleted = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["conversation_id", "seq"], name="sqlmessage_conversation_seq")]
+
+
+class SqlIdempotencyKey(models.Model):
+    sender_id = models.UUIDField()
+    key = models.CharField(max_length=255)
+    request_hash = models.CharField(max_length=64)
+    message_id = models.UUIDField()
+    completed = models.BooleanField(default=False)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["sender_id", "key"], name="sqlidempotency_sender_key")]

@@ -1,0 +1,93 @@
+"""Send rate limit: CHAT_SEND_RATE per user, across REST and WebSocket and across processes.
+
+Fixed windows counted atomically in Redis (one Lua call: INCR, and PEXPIRE on the first hit) when
+REDIS_URL is set; counted in this process otherwise, and also when Redis fails, so an outage
+loosens the limit to per-process but never removes it and never fails a send.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from functools import cache
+
+from django.conf import settings
+
+from chat import metrics
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+
+
+@dataclass(frozen=True)
+class Rate:
+    limit: int
+    period: int  # seconds
+
+
+def parse_rate(text: str) -> Rate:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*", text.lower())
+    if not match or match.group(3) not in _UNITS or int(match.group(1)) < 1:
+        raise ValueError(f"invalid rate {text!r}; expected e.g. '100/min'")
+    return Rate(int(match.group(1)), int(match.group(2) or 1) * _UNITS[match.group(3)])
+
+
+class LocalWindowCounter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, int]] = {}
+
+    def hit(self, key: str, period: int, now: float) -> tuple[int, float]:
+        """Count one hit; return (hits in the current window, seconds until it ends)."""
+        window = int(now // period)
+        with self._lock:
+            start, count = self._counts.get(key, (window, 0))
+            count = count + 1 if start == window else 1
+            self._counts[key] = (window, count)
+            if len(self._counts) > 100_000:
+                self._counts = {k: v for k, v in self._counts.items() if v[0] == window}
+        return count, (window + 1) * period - now
+
+
+_LUA_HIT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {n, redis.call('PTTL', KEYS[1])}
+"""
+
+
+class SendRateLimiter:
+    def __init__(self, rate: Rate, redis_url: str = "") -> None:
+        self.rate = rate
+        self._local = LocalWindowCounter()
+        self._redis_hit = None
+        if redis_url:
+            import redis
+
+            client = redis.Redis.from_url(redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
+            self._redis_hit = client.register_script(_LUA_HIT)
+
+    def check(self, user_id: object) -> float | None:
+        """Count a send by `user_id`; None if allowed, else the seconds to wait."""
+        now = time.time()
+        key = f"chat:rate:send:{user_id}"
+        count, remaining = None, 0.0
+        if self._redis_hit is not None:
+            window = int(now // self.rate.period)
+            try:
+                count, ttl_ms = self._redis_hit(keys=[f"{key}:{window}"], args=[self.rate.period * 1000])
+                remaining = max(ttl_ms, 0) / 1000
+            except Exception:  # any Redis failure: degrade, never fail the send
+                metrics.rate_limit_degraded.inc()
+                logger.warning("rate limit: Redis unavailable, counting per process", exc_info=True)
+        if count is None:
+            count, remaining = self._local.hit(key, self.rate.period, now)
+        return None if count <= self.rate.limit else max(remaining, 0.001)
+
+
+@cache
+def get_send_rate_limiter() -> SendRateLimiter:
+    return SendRateLimiter(parse_rate(settings.CHAT_SEND_RATE), settings.REDIS_URL)

@@ -1,0 +1,82 @@
+"""Small input/output serializers: they shape HTTP and document the schema; the rules live in
+chat.services."""
+from rest_framework import serializers
+
+from chat.models import Conversation, Participant
+from chat.services import MESSAGE_TYPES
+
+
+class ConversationCreateInput(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=Conversation.Kind.choices)
+    title = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    participant_ids = serializers.ListField(child=serializers.UUIDField(), max_length=10_000)
+
+
+class ConversationUpdateInput(serializers.Serializer):
+    title = serializers.CharField(max_length=200, allow_blank=True)
+
+
+class ConversationOutput(serializers.ModelSerializer):
+    class Meta:
+        model = Conversation
+        fields = ["id", "kind", "title", "created_by", "created_at", "last_seq", "last_activity_at"]
+
+
+class ConversationListOutput(ConversationOutput):
+    unread_count = serializers.IntegerField()
+    last_read_seq = serializers.IntegerField()
+
+    class Meta(ConversationOutput.Meta):
+        fields = ConversationOutput.Meta.fields + ["unread_count", "last_read_seq"]
+
+
+class ParticipantOutput(serializers.ModelSerializer):
+    user_id = serializers.UUIDField()
+    username = serializers.CharField(source="user.username")
+
+    class Meta:
+        model = Participant
+        fields = ["user_id", "username", "role", "joined_at", "last_read_seq", "muted"]
+
+
+class ParticipantAddInput(serializers.Serializer):
+    user_id = serializers.UUIDField()
+    role = serializers.ChoiceField(choices=[Participant.Role.ADMIN, Participant.Role.MEMBER], default="member")
+
+
+class ReadMarkerInput(serializers.Serializer):
+    seq = serializers.IntegerField(min_value=0)
+
+
+class MessageSendInput(serializers.Serializer):
+    conversation_id = serializers.UUIDField()
+    # Limits (10,000 bytes for text, 10 MiB otherwise) depend on the type: checked by the service.
+    content = serializers.CharField(trim_whitespace=False)
+    message_type = serializers.ChoiceField(choices=MESSAGE_TYPES, default="text")
+    is_encrypted = serializers.BooleanField(default=False)
+    metadata = serializers.DictField(required=False, default=dict, help_text="JSON object, at most 16 KiB.")
+
+
+class MessageOutput(serializers.Serializer):
+    message_id = serializers.UUIDField()
+    conversation_id = serializers.UUIDField()
+    seq = serializers.IntegerField()
+    sender_id = serializers.UUIDField()
+    content = serializers.CharField()
+    message_type = serializers.ChoiceField(choices=MESSAGE_TYPES)
+    is_encrypted = serializers.BooleanField()
+    metadata = serializers.DictField()
+    sent_at = serializers.DateTimeField()
+    edited_at = serializers.DateTimeField(allow_null=True)
+    deleted = serializers.BooleanField()
+
+
+class HistoryQuery(serializers.Serializer):
+    after_seq = serializers.IntegerField(min_value=0, required=False)
+    before_seq = serializers.IntegerField(min_value=1, required=False)
+    limit = serializers.IntegerField(min_value=1, max_value=200, default=50)
+
+
+class HistoryOutput(serializers.Serializer):
+    results = MessageOutput(many=True)
+    has_more = serializers.BooleanField()

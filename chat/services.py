@@ -1,0 +1,344 @@
+"""Every write of the chat domain, and the events it emits.
+
+`message_send` is the only way a message is created: the REST view and the WebSocket consumer both
+call it, so validation, rate limiting, authorization and idempotency cannot be skipped by any
+transport. Lifecycle: validate -> rate-limit -> authorize -> idempotency -> allocate seq + persist
+-> publish -> enqueue notifications.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from accounts.models import User
+from chat import events, metrics
+from chat.access import access_conversation
+from chat.exceptions import (
+    AccessDenied,
+    IdempotencyInFlight,
+    IdempotencyMismatch,
+    NotAllowed,
+    NotFound,
+    RateLimited,
+    StoreUnavailable,
+    ValidationFailed,
+)
+from chat.models import Conversation, Participant
+from chat.ratelimit import get_send_rate_limiter
+from chat.store import Message, StoreError, get_message_store
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_TYPES = ("text", "image", "video", "file")
+MAX_TEXT_BYTES = 10_000
+MAX_MEDIA_BYTES = 10 * 1024 * 1024
+MAX_METADATA_BYTES = 16 * 1024
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class MessageInput:
+    content: str
+    message_type: str
+    is_encrypted: bool
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SendResult:
+    message: Message
+    replayed: bool
+
+
+def check_message_input(
+    *, content: object, message_type: object = "text", is_encrypted: object = False, metadata: object = None
+) -> MessageInput:
+    """Validate a message body against SPEC limits; raise ValidationFailed with field errors."""
+    errors: dict[str, list[str]] = {}
+    if message_type not in MESSAGE_TYPES:
+        errors["message_type"] = [f"Must be one of: {', '.join(MESSAGE_TYPES)}."]
+    if not isinstance(is_encrypted, bool):
+        errors["is_encrypted"] = ["Must be a boolean."]
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        errors["metadata"] = ["Must be a JSON object."]
+    elif len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+        errors["metadata"] = [f"At most {MAX_METADATA_BYTES} bytes when serialized."]
+    if not isinstance(content, str) or content == "":
+        errors["content"] = ["Must be a non-empty string."]
+    else:
+        limit = MAX_TEXT_BYTES if message_type == "text" else MAX_MEDIA_BYTES
+        # Cheap bounds before encoding: a character is 1 to 4 bytes in UTF-8.
+        if len(content) > limit or (len(content) * 4 > limit and len(content.encode()) > limit):
+            errors["content"] = [f"At most {limit} bytes (UTF-8) for {message_type} messages."]
+    if errors:
+        raise ValidationFailed(errors)
+    return MessageInput(content, message_type, is_encrypted, metadata)
+
+
+def check_idempotency_key(key: object, *, field: str) -> str:
+    if (
+        not isinstance(key, str)
+        or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+        or not all(" " <= ch <= "~" for ch in key)
+    ):
+        raise ValidationFailed({field: [f"Must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters."]})
+    return key
+
+
+def _request_hash(conversation_id: uuid.UUID, body: MessageInput) -> str:
+    canonical = json.dumps(
+        [str(conversation_id), body.content, body.message_type, body.is_encrypted, body.metadata],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(record, request_hash: str) -> SendResult:
+    if record.request_hash != request_hash:
+        raise IdempotencyMismatch()
+    message = get_message_store().get_by_id(record.message_id) if record.completed else None
+    if message is None:
+        raise IdempotencyInFlight()
+    metrics.idempotency_hit.inc()
+    return SendResult(message=message, replayed=True)
+
+
+def message_send(
+    *,
+    sender: User,
+    conversation_id: object,
+    content: object,
+    message_type: object = "text",
+    is_encrypted: object = False,
+    metadata: object = None,
+    idempotency_key: str | None = None,
+    idempotency_field: str = "Idempotency-Key",
+    transport: str = "rest",
+) -> SendResult:
+    body = check_message_input(
+        content=content, message_type=message_type, is_encrypted=is_encrypted, metadata=metadata
+    )
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key, field=idempotency_field)
+
+    retry_after = get_send_rate_limiter().check(sender.pk)
+    if retry_after is not None:
+        metrics.send_rate_limited.labels(transport=transport).inc()
+        raise RateLimited(retry_after)
+
+    started = time.perf_counter()
+    try:
+        conversation, participant = access_conversation(user=sender, conversation_id=conversation_id)
+    except AccessDenied:
+        metrics.message_send_unauthorized.inc()
+        raise
+    metrics.message_delivery_duration.labels(step="authorize").observe(time.perf_counter() - started)
+
+    store = get_message_store()
+    message_id = uuid.uuid4()
+    if idempotency_key is not None:
+        request_hash = _request_hash(conversation.id, body)
+        try:
+            earlier = store.claim_idempotency(
+                sender_id=sender.pk, key=idempotency_key, request_hash=request_hash, message_id=message_id
+            )
+        except StoreError as exc:
+            metrics.message_persisted.labels(status="error").inc()
+            raise StoreUnavailable() from exc
+        if earlier is not None:
+            return _replay(earlier, request_hash)
+        metrics.idempotency_miss.inc()
+
+    started = time.perf_counter()
+    try:
+        # Allocating the seq and persisting in one relational transaction: a failed persist rolls
+        # the counter back (no seq is burned), and seqs become durable in the order they are taken.
+        with transaction.atomic():
+            Conversation.objects.filter(pk=conversation.pk).update(
+                last_seq=F("last_seq") + 1, last_activity_at=timezone.now()
+            )
+            seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.pk)
+            message = Message(
+                message_id=message_id,
+                conversation_id=conversation.id,
+                seq=seq,
+                sender_id=sender.pk,
+                content=body.content,
+                message_type=body.message_type,
+                is_encrypted=body.is_encrypted,
+                metadata=body.metadata,
+                sent_at=timezone.now(),
+            )
+            store.insert(message, idempotency_key=idempotency_key)
+            # Your own message is read by you: unread counts never include it.
+            Participant.objects.filter(pk=participant.pk, last_read_seq__lt=seq).update(last_read_seq=seq)
+    except (StoreError, DatabaseError) as exc:
+        metrics.message_persisted.labels(status="error").inc()
+        logger.error("persist failed for conversation %s: %s", conversation.id, exc)
+        if idempotency_key is not None:
+            store.release_idempotency(sender_id=sender.pk, key=idempotency_key)
+        raise StoreUnavailable() from exc
+    metrics.message_persisted.labels(status="success").inc()
+    metrics.message_delivery_duration.labels(step="persist").observe(time.perf_counter() - started)
+    metrics.message_created.labels(message_type=message.message_type, is_encrypted=str(message.is_encrypted).lower()).inc()
+
+    events.message_new(message)
+
+    started = time.perf_counter()
+    from notifications.services import notification_enqueue  # notifications depends on chat, not back
+
+    try:
+        notification_enqueue(message=message)
+    except Exception:
+        metrics.notification_enqueue_error.inc()
+        logger.exception("notification enqueue failed for message %s", message.message_id)
+    metrics.message_delivery_duration.labels(step="notify").observe(time.perf_counter() - started)
+    return SendResult(message=message, replayed=False)
+
+
+def conversation_create(
+    *, creator: User, kind: str, participant_ids: list[uuid.UUID], title: str = ""
+) -> tuple[Conversation, bool]:
+    """Create a conversation with the creator as owner; (conversation, created).
+
+    A direct conversation is unique per pair: creating it again returns the existing one."""
+    other_ids = set(participant_ids) - {creator.pk}
+    others = list(User.objects.filter(pk__in=other_ids, is_active=True))
+    unknown = other_ids - {user.pk for user in others}
+    if unknown:
+        raise ValidationFailed({"participant_ids": [f"Unknown or inactive users: {', '.join(sorted(map(str, unknown)))}."]})
+
+    if kind == Conversation.Kind.DIRECT:
+        if len(others) != 1:
+            raise ValidationFailed({"participant_ids": ["A direct conversation has exactly one other participant."]})
+        if title:
+            raise ValidationFailed({"title": ["Direct conversations have no title."]})
+        direct_key = ":".join(sorted([creator.pk.hex, others[0].pk.hex]))
+        existing = Conversation.objects.filter(direct_key=direct_key).first()
+        if existing is not None:
+            return existing, False
+        try:
+            with transaction.atomic():
+                conversation = Conversation.objects.create(kind=kind, created_by=creator, direct_key=direct_key)
+                Participant.objects.bulk_create(
+                    [
+                        Participant(conversation=conversation, user=creator, role=Participant.Role.OWNER),
+                        Participant(conversation=conversation, user=others[0], role=Participant.Role.MEMBER),
+                    ]
+                )
+        except IntegrityError:
+            # The other person created the same pair at the same moment.
+            return Conversation.objects.get(direct_key=direct_key), False
+        return conversation, True
+
+    if len(others) + 1 > settings.CHAT_MAX_GROUP_PARTICIPANTS:
+        raise ValidationFailed(
+            {"participant_ids": [f"A group has at most {settings.CHAT_MAX_GROUP_PARTICIPANTS} participants."]}
+        )
+    with transaction.atomic():
+        conversation = Conversation.objects.create(kind=kind, title=title, created_by=creator)
+        Participant.objects.bulk_create(
+            [Participant(conversation=conversation, user=creator, role=Participant.Role.OWNER)]
+            + [Participant(conversation=conversation, user=user, role=Participant.Role.MEMBER) for user in others]
+        )
+    return conversation, True
+
+
+def conversation_update(*, actor: User, conversation_id: object, title: str) -> Conversation:
+    conversation, participant = access_conversation(user=actor, conversation_id=conversation_id)
+    if not participant.can_manage:
+        raise NotAllowed("Only the owner or an admin may change the conversation.")
+    if conversation.kind == Conversation.Kind.DIRECT:
+        raise ValidationFailed({"title": ["Direct conversations have no title."]})
+    conversation.title = title
+    conversation.save(update_fields=["title"])
+    return conversation
+
+
+def participant_add(
+    *, actor: User, conversation_id: object, user_id: uuid.UUID, role: str = Participant.Role.MEMBER
+) -> tuple[Participant, bool]:
+    """Add a user to a group conversation (owner/admin; only the owner appoints admins)."""
+    conversation, actor_participant = access_conversation(user=actor, conversation_id=conversation_id)
+    if not actor_participant.can_manage:
+        raise NotAllowed("Only the owner or an admin may add participants.")
+    if conversation.kind == Conversation.Kind.DIRECT:
+        raise ValidationFailed({"user_id": ["Direct conversations have fixed participants."]})
+    if role not in (Participant.Role.ADMIN, Participant.Role.MEMBER):
+        raise ValidationFailed({"role": ["Must be admin or member."]})
+    if role == Participant.Role.ADMIN and actor_participant.role != Participant.Role.OWNER:
+        raise NotAllowed("Only the owner may appoint admins.")
+    user = User.objects.filter(pk=user_id, is_active=True).first()
+    if user is None:
+        raise ValidationFailed({"user_id": ["Unknown or inactive user."]})
+    if conversation.bans.filter(user=user).exists():
+        raise ValidationFailed({"user_id": ["This user is banned from the conversation."]})
+    if conversation.participants.count() >= settings.CHAT_MAX_GROUP_PARTICIPANTS:
+        raise ValidationFailed({"user_id": [f"A group has at most {settings.CHAT_MAX_GROUP_PARTICIPANTS} participants."]})
+    try:
+        with transaction.atomic():
+            # New participants start with everything before their arrival already read.
+            participant = Participant.objects.create(
+                conversation=conversation, user=user, role=role, last_read_seq=conversation.last_seq
+            )
+    except IntegrityError:
+        return Participant.objects.get(conversation=conversation, user=user), False
+    return participant, True
+
+
+def participant_remove(*, actor: User, conversation_id: object, user_id: uuid.UUID) -> None:
+    """Remove a participant: anyone may leave; the owner removes anyone, an admin removes members.
+
+    The removed user's open sockets on the conversation are closed (4403)."""
+    conversation, actor_participant = access_conversation(user=actor, conversation_id=conversation_id)
+    if conversation.kind == Conversation.Kind.DIRECT:
+        raise ValidationFailed({"user_id": ["Direct conversations have fixed participants."]})
+    target = conversation.participants.filter(user_id=user_id).first()
+    if target is None:
+        raise NotFound("No such participant.")
+    if target.pk != actor_participant.pk:
+        allowed = actor_participant.role == Participant.Role.OWNER or (
+            actor_participant.role == Participant.Role.ADMIN and target.role == Participant.Role.MEMBER
+        )
+        if not allowed:
+            raise NotAllowed("You may not remove this participant.")
+    with transaction.atomic():
+        target.delete()
+        if target.role == Participant.Role.OWNER:
+            _hand_over_ownership(conversation)
+    transaction.on_commit(lambda: events.membership_revoked(conversation.id, target.user_id))
+
+
+def _hand_over_ownership(conversation: Conversation) -> None:
+    # The longest-standing admin inherits the conversation, else the longest-standing member
+    # ("admin" sorts before "member").
+    heir = conversation.participants.exclude(role=Participant.Role.OWNER).order_by("role", "joined_at", "pk").first()
+    if heir is not None:
+        heir.role = Participant.Role.OWNER
+        heir.save(update_fields=["role"])
+
+
+def read_marker_set(*, user: User, conversation_id: object, seq: object) -> Participant:
+    """Move the caller's read marker forward to `seq`; it never moves backwards."""
+    conversation, participant = access_conversation(user=user, conversation_id=conversation_id)
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= conversation.last_seq:
+        raise ValidationFailed({"seq": [f"Must be an integer between 0 and {conversation.last_seq}."]})
+    moved = Participant.objects.filter(pk=participant.pk, last_read_seq__lt=seq).update(last_read_seq=seq)
+    participant.refresh_from_db(fields=["last_read_seq"])
+    if moved:
+        events.read_marker(conversation.id, user.pk, seq)
+    return participant

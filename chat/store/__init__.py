@@ -1,0 +1,119 @@
+"""The message store: where messages and idempotency records live.
+
+Two backends with one contract (tests/chat/test_store_contract.py runs against both):
+`sql` (Django ORM; the embedded default) and `cassandra` (production).
+"""
+from __future__ import annotations
+
+import abc
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+
+class StoreError(Exception):
+    """The store could not be reached or did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    message_id: uuid.UUID
+    conversation_id: uuid.UUID
+    seq: int
+    sender_id: uuid.UUID
+    content: str
+    message_type: str
+    is_encrypted: bool
+    metadata: dict[str, Any]
+    sent_at: datetime
+    edited_at: datetime | None = None
+    deleted: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """The wire shape of a message, shared by REST and WebSocket."""
+        return {
+            "message_id": str(self.message_id),
+            "conversation_id": str(self.conversation_id),
+            "seq": self.seq,
+            "sender_id": str(self.sender_id),
+            "content": self.content,
+            "message_type": self.message_type,
+            "is_encrypted": self.is_encrypted,
+            "metadata": self.metadata,
+            "sent_at": self.sent_at.isoformat().replace("+00:00", "Z"),
+            "edited_at": self.edited_at.isoformat().replace("+00:00", "Z") if self.edited_at else None,
+            "deleted": self.deleted,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """What an earlier request with the same (sender, key) claimed."""
+
+    request_hash: str
+    message_id: uuid.UUID
+    completed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    messages: list[Message] = field(default_factory=list)
+    has_more: bool = False
+
+
+# A claim not completed within this long belongs to a request that died; a retry may take it over.
+IDEMPOTENCY_CLAIM_LEASE_SECONDS = 30
+IDEMPOTENCY_TTL_SECONDS = 48 * 3600
+
+
+class MessageStore(abc.ABC):
+    @abc.abstractmethod
+    def insert(self, message: Message, *, idempotency_key: str | None = None) -> None:
+        """Persist a new message; with a key, also mark that key's claim completed."""
+
+    @abc.abstractmethod
+    def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None: ...
+
+    @abc.abstractmethod
+    def get_by_id(self, message_id: uuid.UUID) -> Message | None: ...
+
+    @abc.abstractmethod
+    def history(
+        self,
+        conversation_id: uuid.UUID,
+        *,
+        after_seq: int | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> HistoryPage:
+        """Messages in ascending seq. With after_seq: the oldest `limit` after it; otherwise the
+        newest `limit` below before_seq (or overall). has_more: more exist in the paged direction."""
+
+    @abc.abstractmethod
+    def claim_idempotency(
+        self, *, sender_id: uuid.UUID, key: str, request_hash: str, message_id: uuid.UUID
+    ) -> IdempotencyRecord | None:
+        """Claim (sender, key) for a message about to be created with `message_id`.
+
+        Returns None when the claim is ours, or the earlier record when the key is taken. A claim
+        left uncompleted for longer than the lease is taken over, unless its message exists (the
+        earlier request died after persisting), in which case it is completed and returned."""
+
+    @abc.abstractmethod
+    def release_idempotency(self, *, sender_id: uuid.UUID, key: str) -> None:
+        """Drop an uncompleted claim after a failed send, so a retry is not refused as in flight."""
+
+
+@cache
+def get_message_store() -> MessageStore:
+    backends = {"sql": "chat.store.sql.SqlMessageStore", "cassandra": "chat.store.cassandra.CassandraMessageStore"}
+    try:
+        path = backends[settings.CHAT_MESSAGE_STORE]
+    except KeyError:
+        raise ValueError(f"CHAT_MESSAGE_STORE must be one of {sorted(backends)}") from None
+    return import_string(path)()

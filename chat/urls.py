@@ -1,0 +1,21 @@
+from django.urls import path
+
+from chat import views
+
+urlpatterns = [
+    path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
+    path("conversations/<uuid:conversation_id>/", views.ConversationDetailView.as_view(), name="conversation-detail"),
+    path(
+        "conversations/<uuid:conversation_id>/participants/",
+        views.ParticipantListView.as_view(),
+        name="participant-list",
+    ),
+    path(
+        "conversations/<uuid:conversation_id>/participants/<uuid:user_id>/",
+        views.ParticipantDetailView.as_view(),
+        name="participant-detail",
+    ),
+    path("conversations/<uuid:conversation_id>/read/", views.ReadMarkerView.as_view(), name="read-marker"),
+    path("conversations/<uuid:conversation_id>/messages/", views.MessageHistoryView.as_view(), name="message-history"),
+    path("messages/", views.MessageSendView.as_view(), name="message-send"),
+]

@@ -1,0 +1,160 @@
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status
+from rest_framework.generics import ListAPIView
+from rest_framework.pagination import CursorPagination
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from chat import selectors, services
+from chat.models import Participant
+from chat.permissions import IsConversationParticipant
+from chat.serializers import (
+    ConversationCreateInput,
+    ConversationListOutput,
+    ConversationOutput,
+    ConversationUpdateInput,
+    HistoryOutput,
+    HistoryQuery,
+    MessageOutput,
+    MessageSendInput,
+    ParticipantAddInput,
+    ParticipantOutput,
+    ReadMarkerInput,
+)
+from chat.store import get_message_store
+
+MEMBER_ONLY = [IsAuthenticated, IsConversationParticipant]
+
+
+class RecentActivityPagination(CursorPagination):
+    ordering = "-last_activity_at"
+    page_size = 50
+
+
+class ConversationListView(ListAPIView):
+    """Your conversations, most recently active first, with unread counts."""
+
+    serializer_class = ConversationListOutput
+    pagination_class = RecentActivityPagination
+
+    def get_queryset(self):
+        return selectors.conversation_list_for(user=self.request.user)
+
+    @extend_schema(request=ConversationCreateInput, responses={201: ConversationOutput, 200: ConversationOutput})
+    def post(self, request):
+        """Create a conversation; you become its owner. A direct conversation that already
+        exists for the pair is returned with 200."""
+        data = ConversationCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        conversation, created = services.conversation_create(creator=request.user, **data.validated_data)
+        return Response(
+            ConversationOutput(conversation).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )
+
+
+class ConversationDetailView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(responses=ConversationOutput)
+    def get(self, request, conversation_id):
+        conversation, _ = request.conversation_access
+        return Response(ConversationOutput(conversation).data)
+
+    @extend_schema(request=ConversationUpdateInput, responses=ConversationOutput)
+    def patch(self, request, conversation_id):
+        data = ConversationUpdateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        conversation = services.conversation_update(
+            actor=request.user, conversation_id=conversation_id, **data.validated_data
+        )
+        return Response(ConversationOutput(conversation).data)
+
+
+class ParticipantListView(ListAPIView):
+    permission_classes = MEMBER_ONLY
+    serializer_class = ParticipantOutput
+    pagination_class = None
+
+    def get_queryset(self):
+        return Participant.objects.filter(conversation_id=self.kwargs["conversation_id"]).select_related("user")
+
+    @extend_schema(request=ParticipantAddInput, responses={201: ParticipantOutput, 200: ParticipantOutput})
+    def post(self, request, conversation_id):
+        """Add a participant (owner or admin; only the owner appoints admins)."""
+        data = ParticipantAddInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        participant, created = services.participant_add(
+            actor=request.user, conversation_id=conversation_id, **data.validated_data
+        )
+        return Response(
+            ParticipantOutput(participant).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        )
+
+
+class ParticipantDetailView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(responses={204: None})
+    def delete(self, request, conversation_id, user_id):
+        """Remove a participant: anyone may leave; the owner removes anyone; an admin removes members."""
+        services.participant_remove(actor=request.user, conversation_id=conversation_id, user_id=user_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ReadMarkerView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(request=ReadMarkerInput, responses=ParticipantOutput)
+    def post(self, request, conversation_id):
+        """Move your read marker forward; it never moves backwards."""
+        data = ReadMarkerInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        participant = services.read_marker_set(
+            user=request.user, conversation_id=conversation_id, seq=data.validated_data["seq"]
+        )
+        return Response(ParticipantOutput(participant).data)
+
+
+class MessageSendView(APIView):
+    @extend_schema(
+        request=MessageSendInput,
+        responses={201: MessageOutput},
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                OpenApiTypes.STR,
+                OpenApiParameter.HEADER,
+                description="1-255 printable ASCII characters. A retry with the same key and body returns "
+                "the original message with the header Idempotent-Replayed: true.",
+            )
+        ],
+    )
+    def post(self, request):
+        """Send a message to a conversation you participate in."""
+        data = MessageSendInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        result = services.message_send(
+            sender=request.user,
+            idempotency_key=request.headers.get("Idempotency-Key"),
+            **data.validated_data,
+        )
+        response = Response(result.message.as_dict(), status=status.HTTP_201_CREATED)
+        if result.replayed:
+            response["Idempotent-Replayed"] = "true"
+        return response
+
+
+class MessageHistoryView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(parameters=[HistoryQuery], responses=HistoryOutput)
+    def get(self, request, conversation_id):
+        """Messages in ascending seq. No cursor: the newest page; after_seq pages forward,
+        before_seq pages backward; has_more says whether more exist in that direction."""
+        query = HistoryQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        conversation, _ = request.conversation_access
+        page = get_message_store().history(conversation.id, **query.validated_data)
+        return Response({"results": [m.as_dict() for m in page.messages], "has_more": page.has_more})

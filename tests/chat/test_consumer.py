@@ -1,0 +1,336 @@
+"""The WebSocket consumer through the whole ASGI stack (origin check, auth, routing), in process."""
+import asyncio
+import json
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from rest_framework.authtoken.models import Token
+
+from chat import consumers, events, services
+from chat.store import get_message_store
+from chatproject.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def token_headers(user):
+    token, _ = Token.objects.get_or_create(user=user)
+    return [(b"authorization", f"Token {token.key}".encode())]
+
+
+async def open_socket(user, conversation, *, after_seq=None, headers=None, origin=None):
+    query = f"conversation_id={conversation.id if hasattr(conversation, 'id') else conversation}"
+    if after_seq is not None:
+        query += f"&after_seq={after_seq}"
+    headers = headers if headers is not None else await database_sync_to_async(token_headers)(user)
+    if origin:
+        headers = headers + [(b"origin", origin.encode())]
+    communicator = WebsocketCommunicator(application, f"/ws/chat/?{query}", headers=headers)
+    connected, _ = await communicator.connect()
+    return communicator, connected
+
+
+async def receive(communicator, timeout=2):
+    return json.loads(await communicator.receive_from(timeout=timeout))
+
+
+async def receive_messages(communicator, count, timeout=3):
+    frames = [await receive(communicator, timeout) for _ in range(count)]
+    assert all(frame["type"] == "message.new" for frame in frames), frames
+    return [frame["message"] for frame in frames]
+
+
+@pytest.fixture
+def trio(make_user, make_group):
+    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+    return alice, bob, carol, make_group(alice, bob)
+
+
+async def send_over_rest_path(user, conversation, content="hi", **kwargs):
+    return await database_sync_to_async(services.message_send)(
+        sender=user, conversation_id=conversation.id, content=content, **kwargs
+    )
+
+
+class TestHandshake:
+    async def test_member_connects_and_gets_ready_first(self, trio):
+        alice, bob, _, conversation = trio
+        await send_over_rest_path(alice, conversation)
+        socket, connected = await open_socket(bob, conversation)
+        assert connected
+        assert await receive(socket) == {
+            "type": "ready",
+            "conversation_id": str(conversation.id),
+            "user_id": str(bob.pk),
+            "last_seq": 1,
+            "recovered": True,
+        }
+        assert await socket.receive_nothing(0.1)
+        await socket.disconnect()
+
+    async def test_non_member_is_refused(self, trio):
+        from chat import metrics
+
+        before = metrics.websocket_connection_unauthorized._value.get()
+        _, connected = await open_socket(trio[2], trio[3])
+        assert not connected
+        assert metrics.websocket_connection_unauthorized._value.get() == before + 1
+
+    async def test_unknown_and_malformed_conversation_ids_are_refused(self, trio):
+        assert not (await open_socket(trio[0], uuid.uuid4()))[1]
+        assert not (await open_socket(trio[0], "not-a-uuid"))[1]
+
+    async def test_unauthenticated_and_bad_token_are_refused(self, trio):
+        assert not (await open_socket(None, trio[3], headers=[]))[1]
+        assert not (await open_socket(None, trio[3], headers=[(b"authorization", b"Token nope")]))[1]
+
+    async def test_banned_member_is_refused(self, trio):
+        from chat.models import Ban
+
+        alice, bob, _, conversation = trio
+        await database_sync_to_async(Ban.objects.create)(conversation=conversation, user=bob)
+        assert not (await open_socket(bob, conversation))[1]
+
+    async def test_foreign_origin_is_refused_and_own_origin_accepted(self, trio):
+        alice, _, _, conversation = trio
+        assert not (await open_socket(alice, conversation, origin="https://evil.example"))[1]
+        socket, connected = await open_socket(alice, conversation, origin="http://localhost:8000")
+        assert connected
+        await socket.disconnect()
+
+    async def test_one_time_ticket(self, trio):
+        from accounts.services import ws_ticket_issue
+
+        alice, _, _, conversation = trio
+        ticket = await database_sync_to_async(ws_ticket_issue)(user=alice)
+        query = f"/ws/chat/?conversation_id={conversation.id}&ticket={ticket}"
+        first = WebsocketCommunicator(application, query)
+        assert (await first.connect())[0]
+        second = WebsocketCommunicator(application, query)
+        assert not (await second.connect())[0]  # burned
+        await first.disconnect()
+
+    async def test_per_user_connection_limit(self, trio, settings):
+        settings.CHAT_MAX_CONNECTIONS_PER_USER = 2
+        alice, bob, _, conversation = trio
+        sockets = [(await open_socket(alice, conversation)) for _ in range(3)]
+        assert [connected for _, connected in sockets] == [True, True, False]
+        other, connected = await open_socket(bob, conversation)
+        assert connected
+        await sockets[0][0].disconnect()
+        again, connected = await open_socket(alice, conversation)
+        assert connected  # the slot came back
+        for socket in (sockets[1][0], other, again):
+            await socket.disconnect()
+        assert consumers._open_connections == {}
+
+
+class TestDelivery:
+    async def test_send_acks_the_sender_and_reaches_every_connection(self, trio):
+        alice, bob, _, conversation = trio
+        a, _ = await open_socket(alice, conversation)
+        b1, _ = await open_socket(bob, conversation)
+        b2, _ = await open_socket(bob, conversation)
+        for socket in (a, b1, b2):
+            assert (await receive(socket))["type"] == "ready"
+        await a.send_json_to(
+            {"type": "message.send", "client_message_id": "c-1", "content": "hello", "metadata": {"x": 1}}
+        )
+        frames = [await receive(a), await receive(a)]
+        ack = next(f for f in frames if f["type"] == "message.ack")
+        new = next(f for f in frames if f["type"] == "message.new")
+        assert ack["client_message_id"] == "c-1" and ack["message"] == new["message"]
+        assert new["message"]["seq"] == 1 and new["message"]["content"] == "hello"
+        for socket in (b1, b2):
+            assert await receive_messages(socket, 1) == [new["message"]]
+            assert await socket.receive_nothing(0.1)
+        stored = await database_sync_to_async(get_message_store().get)(conversation.id, 1)
+        assert stored.as_dict() == new["message"]
+        for socket in (a, b1, b2):
+            await socket.disconnect()
+
+    async def test_rest_send_is_delivered(self, trio):
+        alice, bob, _, conversation = trio
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        result = await send_over_rest_path(alice, conversation, "over rest")
+        assert await receive_messages(b, 1) == [result.message.as_dict()]
+        await b.disconnect()
+
+    async def test_many_rapid_messages_arrive_complete_and_in_order(self, trio):
+        alice, bob, _, conversation = trio
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        a, _ = await open_socket(alice, conversation)
+        await receive(a)
+        for i in range(100):
+            await a.send_json_to({"type": "message.send", "client_message_id": f"m{i}", "content": str(i)})
+        received = await receive_messages(b, 100, timeout=10)
+        assert [m["seq"] for m in received] == list(range(1, 101))
+        assert [m["content"] for m in received] == [str(i) for i in range(100)]
+        page = await database_sync_to_async(get_message_store().history)(conversation.id, after_seq=0, limit=200)
+        assert [m.seq for m in page.messages] == list(range(1, 101))
+        await a.disconnect()
+        await b.disconnect()
+
+    async def test_resume_with_after_seq_replays_then_goes_live(self, trio):
+        alice, bob, _, conversation = trio
+        for i in range(5):
+            await send_over_rest_path(alice, conversation, f"m{i}")
+        b, _ = await open_socket(bob, conversation, after_seq=2)
+        ready = await receive(b)
+        assert (ready["last_seq"], ready["recovered"]) == (5, True)
+        assert [m["seq"] for m in await receive_messages(b, 3)] == [3, 4, 5]
+        await send_over_rest_path(alice, conversation, "live")
+        assert [m["seq"] for m in await receive_messages(b, 1)] == [6]
+        await b.disconnect()
+
+    async def test_resume_beyond_max_replay_is_not_recovered(self, trio, settings):
+        settings.CHAT_MAX_REPLAY = 3
+        alice, bob, _, conversation = trio
+        for i in range(5):
+            await send_over_rest_path(alice, conversation, f"m{i}")
+        b, _ = await open_socket(bob, conversation, after_seq=1)
+        ready = await receive(b)
+        assert (ready["last_seq"], ready["recovered"]) == (5, False)
+        assert await b.receive_nothing(0.2)
+        await b.disconnect()
+
+    async def test_lost_publish_is_filled_from_the_store(self, trio, monkeypatch):
+        alice, bob, _, conversation = trio
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        real = events.apublish
+
+        async def lose_first(conversation_id, event):
+            if event.get("type") == "message.new" and event["message"]["seq"] == 1:
+                return False
+            return await real(conversation_id, event)
+
+        monkeypatch.setattr(events, "apublish", lose_first)
+        monkeypatch.setattr(events, "publish", lambda *a: __import__("asgiref.sync").sync.async_to_sync(lose_first)(*a))
+        await send_over_rest_path(alice, conversation, "lost")
+        await send_over_rest_path(alice, conversation, "arrives")
+        assert [m["content"] for m in await receive_messages(b, 2)] == ["lost", "arrives"]
+        await b.disconnect()
+
+    async def test_out_of_order_publishes_are_delivered_in_seq_order(self, trio):
+        alice, bob, _, conversation = trio
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        first = await send_over_rest_path(alice, conversation, "one")
+        second = await send_over_rest_path(alice, conversation, "two")
+        group = events.conversation_group(conversation.id)
+        layer = get_channel_layer()
+        # The same messages published again, in reverse: duplicates must not reach the client.
+        await layer.group_send(group, {"type": "message.new", "message": second.message.as_dict()})
+        await layer.group_send(group, {"type": "message.new", "message": first.message.as_dict()})
+        assert [m["seq"] for m in await receive_messages(b, 2)] == [1, 2]
+        assert await b.receive_nothing(0.3)
+        await b.disconnect()
+
+    async def test_removed_participant_is_closed_with_4403(self, trio):
+        alice, bob, _, conversation = trio
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        await database_sync_to_async(services.participant_remove)(
+            actor=alice, conversation_id=conversation.id, user_id=bob.pk
+        )
+        assert await b.receive_output(timeout=2) == {"type": "websocket.close", "code": 4403}
+        await b.disconnect(code=4403)  # what the server's transport reports once the socket is closed
+
+    async def test_connect_disconnect_churn_leaves_no_group_membership(self, trio):
+        alice, bob, _, conversation = trio
+        layer = get_channel_layer()
+        group = events.conversation_group(conversation.id)
+        for _ in range(20):
+            socket, connected = await open_socket(bob, conversation)
+            assert connected
+            await socket.disconnect()
+        assert layer.groups.get(group, {}) == {}
+        assert consumers._open_connections == {}
+
+
+class TestFrames:
+    @pytest.fixture
+    async def socket(self, trio):
+        socket, _ = await open_socket(trio[0], trio[3])
+        await receive(socket)
+        yield socket
+        await socket.disconnect()
+
+    @pytest.mark.parametrize(
+        "raw, code",
+        [
+            ("not json", "bad_request"),
+            ("[1, 2]", "bad_request"),
+            ('{"type": 5}', "bad_request"),
+            ('{"type": "dance"}', "bad_request"),
+            ('{"type": "message.send", "content": ""}', "validation_error"),
+            ('{"type": "message.send", "content": "x", "message_type": "gif"}', "validation_error"),
+            ('{"type": "message.send", "content": "x", "client_message_id": ""}', "validation_error"),
+            ('{"type": "message.send", "content": "x", "client_message_id": 7}', "validation_error"),
+            ('{"type": "read", "seq": -1}', "validation_error"),
+            ('{"type": "read", "seq": "1"}', "validation_error"),
+        ],
+    )
+    async def test_malformed_frames_get_error_frames_and_the_connection_stays(self, socket, raw, code):
+        await socket.send_to(text_data=raw)
+        frame = await receive(socket)
+        assert (frame["type"], frame["code"]) == ("error", code)
+        await socket.send_json_to({"type": "ping"})
+        assert await receive(socket) == {"type": "pong"}
+
+    async def test_binary_frames_are_refused(self, socket):
+        await socket.send_to(bytes_data=b"\x00\x01")
+        assert (await receive(socket))["code"] == "bad_request"
+
+    async def test_frame_size_limit(self, socket):
+        envelope = '{"type":"message.send","message_type":"file","content":""}'
+        just_inside = envelope.replace('""', '"' + "x" * (consumers.MAX_INBOUND_FRAME_BYTES - len(envelope)) + '"')
+        assert len(just_inside.encode()) == consumers.MAX_INBOUND_FRAME_BYTES
+        await socket.send_to(text_data=just_inside)
+        frames = [await receive(socket), await receive(socket)]
+        assert {f["type"] for f in frames} == {"message.ack", "message.new"}
+        await socket.send_to(text_data=just_inside.replace('"x', '"xx'))
+        frame = await receive(socket)
+        assert (frame["type"], frame["code"]) == ("error", "bad_request")
+        assert "1 MiB" in frame["detail"]
+
+    async def test_validation_error_names_the_field_and_echoes_the_client_message_id(self, socket):
+        await socket.send_json_to({"type": "message.send", "client_message_id": "c9", "content": "x" * 10_001})
+        frame = await receive(socket)
+        assert frame["client_message_id"] == "c9" and list(frame["fields"]) == ["content"]
+
+    async def test_rate_limited_send_gets_an_error_frame(self, socket, settings):
+        settings.CHAT_SEND_RATE = "1/min"
+        await socket.send_json_to({"type": "message.send", "client_message_id": "a", "content": "x"})
+        await receive(socket), await receive(socket)
+        await socket.send_json_to({"type": "message.send", "client_message_id": "b", "content": "x"})
+        frame = await receive(socket)
+        assert (frame["code"], frame["client_message_id"]) == ("rate_limited", "b")
+
+    async def test_typing_reaches_others_not_self(self, trio):
+        alice, bob, _, conversation = trio
+        a, _ = await open_socket(alice, conversation)
+        b, _ = await open_socket(bob, conversation)
+        await receive(a), await receive(b)
+        await a.send_json_to({"type": "typing"})
+        assert await receive(b) == {"type": "typing", "user_id": str(alice.pk)}
+        assert await a.receive_nothing(0.2)
+        await a.disconnect()
+        await b.disconnect()
+
+    async def test_read_marker_is_broadcast(self, trio):
+        alice, bob, _, conversation = trio
+        await send_over_rest_path(alice, conversation)
+        a, _ = await open_socket(alice, conversation)
+        b, _ = await open_socket(bob, conversation)
+        await receive(a), await receive(b)
+        await b.send_json_to({"type": "read", "seq": 1})
+        assert await receive(a) == {"type": "read", "user_id": str(bob.pk), "seq": 1}
+        await a.disconnect()
+        await b.disconnect()

@@ -1,0 +1,59 @@
+import itertools
+
+import pytest
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from accounts.models import User
+from chat import services
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_in_memory_layer(settings):
+    """Each test gets an empty in-process channel layer and a fresh rate-limit budget."""
+    from channels.layers import channel_layers
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    channel_layers.backends.clear()
+    settings.CHAT_SEND_RATE = "10000/min"
+    yield
+    channel_layers.backends.clear()
+
+
+@pytest.fixture
+def make_user(db):
+    def make(username: str | None = None, **fields) -> User:
+        return User.objects.create_user(username=username or f"user{next(_names)}", password="s3cret-pass!", **fields)
+
+    return make
+
+
+@pytest.fixture
+def client_for():
+    """An API client authenticated with the user's token."""
+
+    def make(user: User) -> APIClient:
+        client = APIClient()
+        token, _ = Token.objects.get_or_create(user=user)
+        client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+        return client
+
+    return make
+
+
+@pytest.fixture
+def make_group(make_user):
+    def make(owner: User, *members: User, title: str = "team"):
+        conversation, _ = services.conversation_create(
+            creator=owner, kind="group", title=title, participant_ids=[m.pk for m in members]
+        )
+        return conversation
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
