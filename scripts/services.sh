@@ -1,0 +1,359 @@
+#!/usr/bin/env bash
+# Install and run the backing services on loopback, for development, tests and CI:
+#   - Redis (Debian's redis-server), daemonized on 127.0.0.1:${REDIS_PORT:-6379}, no persistence
+#   - Apache Cassandra 5.0 (org.apache.cassandra:cassandra-all from Maven Central) on JDK 17,
+#     CQL on 127.0.0.1:${CASSANDRA_PORT:-9042}
+#
+# Usage: scripts/services.sh start|stop|status [redis|cassandra]   (default: both)
+#
+#   start   installs what is missing, starts what is not answering, waits until it answers
+#           (idempotent: a service that already answers is left alone)
+#   stop    stops what this script started (pidfiles in the runtime dir) and waits for exit
+#   status  prints up/down per service; exit 0 only if every requested service is up
+#
+# Environment:
+#   CHAT_SERVICES_DIR        runtime dir (jars, data, logs, pids); default <repo>/.services
+#   REDIS_PORT               default 6379
+#   CASSANDRA_PORT           CQL port, default 9042
+#   CASSANDRA_START_TIMEOUT  seconds to wait for the first CQL query, default 180
+#   CASSANDRA_HEAP           max heap, default 1g (initial heap is 512m)
+#   CASSANDRA_JAVA_HOME      default /usr/lib/jvm/java-17-openjdk-amd64 (Cassandra 5.0 runs on 11/17 only)
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
+RUNTIME_DIR="${CHAT_SERVICES_DIR:-$REPO_ROOT/.services}"
+CASS_CONF_DIR="$REPO_ROOT/services/cassandra"
+
+REDIS_PORT="${REDIS_PORT:-6379}"
+CASSANDRA_PORT="${CASSANDRA_PORT:-9042}"
+CASSANDRA_START_TIMEOUT="${CASSANDRA_START_TIMEOUT:-180}"
+CASSANDRA_HEAP="${CASSANDRA_HEAP:-1g}"
+JDK17="${CASSANDRA_JAVA_HOME:-/usr/lib/jvm/java-17-openjdk-amd64}"
+
+RUN_DIR="$RUNTIME_DIR/run"
+LOG_DIR="$RUNTIME_DIR/logs"
+REDIS_PID="$RUN_DIR/redis.pid"
+REDIS_LOG="$LOG_DIR/redis.log"
+CASS_PID="$RUN_DIR/cassandra.pid"
+CASS_LIB="$RUNTIME_DIR/cassandra/lib"
+CASS_DATA="$RUNTIME_DIR/cassandra/data"
+CASS_LOG_DIR="$LOG_DIR/cassandra"
+CASS_OUT="$CASS_LOG_DIR/cassandra.out"
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# Run as root directly, or through sudo when there is one.
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else die "need root (or sudo) to run: $*"; fi
+}
+
+APT_UPDATED=0
+apt_install() {
+  if [ "$APT_UPDATED" -eq 0 ]; then
+    log "apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    APT_UPDATED=1
+  fi
+  log "apt-get install -y $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+pid_alive() { # pidfile [cmdline-substring]
+  local pid
+  [ -s "$1" ] || return 1
+  pid="$(cat "$1" 2>/dev/null)" || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  if [ -n "${2:-}" ]; then tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$2" || return 1; fi
+}
+
+stop_pidfile() { # name pidfile cmdline-substring timeout
+  local name="$1" pidfile="$2" match="$3" timeout="$4" pid i
+  if ! pid_alive "$pidfile" "$match"; then
+    log "$name: not running (no live pid in $pidfile)"
+    rm -f "$pidfile"
+    return 0
+  fi
+  pid="$(cat "$pidfile")"
+  log "$name: stopping pid $pid"
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < timeout * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; log "$name: stopped"; return 0; }
+    sleep 0.1
+  done
+  log "$name: still running after ${timeout}s, sending SIGKILL"
+  kill -KILL "$pid" 2>/dev/null || true
+  sleep 0.5
+  rm -f "$pidfile"
+}
+
+# ---------------------------------------------------------------- Redis
+
+redis_ping() {
+  if command -v redis-cli >/dev/null 2>&1; then
+    [ "$(timeout 3 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = "PONG" ]
+  else
+    timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/'"$REDIS_PORT"'; printf "PING\r\n" >&3; IFS= read -r l <&3; [ "${l%$'"'"'\r'"'"'}" = "+PONG" ]' 2>/dev/null
+  fi
+}
+
+redis_start() {
+  local t0 i
+  if redis_ping; then log "redis: already answering on 127.0.0.1:$REDIS_PORT"; return 0; fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    apt_install redis-server
+    # The package may start its own instance through init scripts (not in containers with a
+    # policy-rc.d): stop it so that the one below is ours.
+    if [ -x /etc/init.d/redis-server ] && [ -s /run/redis/redis-server.pid ]; then
+      as_root /etc/init.d/redis-server stop >/dev/null 2>&1 || true
+    fi
+    if redis_ping; then log "redis: a system instance answers on 127.0.0.1:$REDIS_PORT; using it"; return 0; fi
+  fi
+  mkdir -p "$RUN_DIR" "$LOG_DIR" "$RUNTIME_DIR/redis"
+  t0="$(now)"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
+    --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" --dir "$RUNTIME_DIR/redis" \
+    --save '' --appendonly no >/dev/null 9>&-
+  for ((i = 0; i < 100; i++)); do
+    if redis_ping; then log "redis: up on 127.0.0.1:$REDIS_PORT in $(elapsed "$t0")s (pid $(cat "$REDIS_PID" 2>/dev/null), log $REDIS_LOG)"; return 0; fi
+    sleep 0.1
+  done
+  log "redis: not answering after 10s; last lines of $REDIS_LOG:"
+  tail -n 40 "$REDIS_LOG" >&2 2>/dev/null || true
+  return 1
+}
+
+redis_stop() { stop_pidfile redis "$REDIS_PID" redis-server 30; }
+
+redis_status() {
+  if redis_ping; then echo "redis: up (127.0.0.1:$REDIS_PORT)"; return 0; fi
+  echo "redis: down (127.0.0.1:$REDIS_PORT)"; return 1
+}
+
+# ---------------------------------------------------------------- Cassandra
+
+# One CQL round trip (native protocol v4: STARTUP, then SELECT release_version FROM system.local).
+# Prints the server's release_version and exits 0 only if the query returned a row.
+# Needs only python3's standard library; without python3, falls back to a TCP check.
+cql_ping() {
+  if command -v python3 >/dev/null 2>&1; then
+    python3 - "$CASSANDRA_PORT" <<'PY' 2>/dev/null
+import socket, struct, sys
+port = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", port), timeout=3)
+s.settimeout(5)
+def frame(stream, op, body):
+    return struct.pack(">BBhBi", 0x04, 0, stream, op, len(body)) + body
+def recv_exact(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            raise EOFError
+        b += c
+    return b
+def read_frame():
+    ver, flags, stream, op, ln = struct.unpack(">BBhBi", recv_exact(9))
+    return op, recv_exact(ln)
+def string(v):
+    v = v.encode(); return struct.pack(">H", len(v)) + v
+s.sendall(frame(1, 0x01, struct.pack(">H", 1) + string("CQL_VERSION") + string("3.0.0")))
+op, _ = read_frame()
+if op != 0x02:  # READY
+    sys.exit(1)
+q = b"SELECT release_version FROM system.local"
+s.sendall(frame(2, 0x07, struct.pack(">i", len(q)) + q + struct.pack(">HB", 0x0001, 0)))
+op, body = read_frame()
+if op != 0x08 or struct.unpack(">i", body[:4])[0] != 2:  # RESULT, kind Rows
+    sys.exit(1)
+p = 4
+flags, ncols = struct.unpack(">ii", body[p:p + 8]); p += 8
+if flags & 0x0002:
+    n = struct.unpack(">i", body[p:p + 4])[0]; p += 4 + max(n, 0)
+def rstr():
+    global p
+    n = struct.unpack(">H", body[p:p + 2])[0]; p += 2
+    v = body[p:p + n]; p += n
+    return v
+if not flags & 0x0004:
+    if flags & 0x0001:
+        rstr(); rstr()
+    for _ in range(ncols):
+        if not flags & 0x0001:
+            rstr(); rstr()
+        rstr()
+        p += 2  # type id (varchar: no further option)
+nrows = struct.unpack(">i", body[p:p + 4])[0]; p += 4
+if nrows < 1:
+    sys.exit(1)
+n = struct.unpack(">i", body[p:p + 4])[0]; p += 4
+print(body[p:p + n].decode())
+PY
+  else
+    timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/'"$CASSANDRA_PORT" 2>/dev/null && echo "?"
+  fi
+}
+
+cassandra_version() {
+  sed -n 's:.*<cassandra.version>\(.*\)</cassandra.version>.*:\1:p' "$CASS_CONF_DIR/pom.xml"
+}
+
+ensure_jdk17_and_maven() {
+  local pkgs=()
+  [ -x "$JDK17/bin/java" ] || pkgs+=(openjdk-17-jdk-headless)
+  command -v mvn >/dev/null 2>&1 || pkgs+=(maven)
+  if [ "${#pkgs[@]}" -gt 0 ]; then apt_install "${pkgs[@]}"; fi
+  [ -x "$JDK17/bin/java" ] || die "no JDK 17 at $JDK17 (set CASSANDRA_JAVA_HOME)"
+}
+
+# Copies cassandra-all and its runtime dependencies into $CASS_LIB, unless that was already done
+# for this exact pom.xml (stamp = sha256 of the pom).
+ensure_cassandra_jars() {
+  local stamp want tmp t0
+  want="$(sha256sum "$CASS_CONF_DIR/pom.xml" | cut -d' ' -f1)"
+  stamp="$CASS_LIB/.complete"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  log "cassandra: fetching cassandra-all $(cassandra_version) and dependencies from Maven Central"
+  tmp="$CASS_LIB.tmp.$$"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  t0="$(now)"
+  if ! JAVA_HOME="$JDK17" mvn -q -B -f "$CASS_CONF_DIR/pom.xml" dependency:copy-dependencies \
+      -DoutputDirectory="$tmp" >"$LOG_DIR/cassandra-mvn.log" 2>&1; then
+    tail -n 40 "$LOG_DIR/cassandra-mvn.log" >&2
+    rm -rf "$tmp"
+    die "maven could not fetch the Cassandra jars (log: $LOG_DIR/cassandra-mvn.log)"
+  fi
+  ls "$tmp"/cassandra-all-*.jar "$tmp"/jamm-*.jar >/dev/null 2>&1 || die "cassandra-all or jamm jar missing after maven"
+  echo "$want" >"$tmp/.complete"
+  rm -rf "$CASS_LIB"
+  mv "$tmp" "$CASS_LIB"
+  log "cassandra: $(ls "$CASS_LIB"/*.jar | wc -l) jars in $(elapsed "$t0")s"
+}
+
+cassandra_jvm_opts() {
+  local jamm
+  jamm="$(ls "$CASS_LIB"/jamm-*.jar | head -n 1)"
+  local opts=(
+    -Xms512m "-Xmx$CASSANDRA_HEAP" -Xss256k
+    -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxGCPauseMillis=300
+    -XX:+ExitOnOutOfMemoryError -XX:+PerfDisableSharedMem
+    "-javaagent:$jamm"
+    # from Cassandra 5.0's conf/jvm17-server.options
+    -Djdk.attach.allowAttachSelf=true -Dio.netty.tryReflectionSetAccessible=true
+  )
+  local m
+  for m in java.base/jdk.internal.misc java.management.rmi/com.sun.jmx.remote.internal.rmi \
+           java.rmi/sun.rmi.registry java.rmi/sun.rmi.server java.sql/java.sql java.base/java.lang.ref \
+           jdk.unsupported/sun.misc jdk.compiler/com.sun.tools.javac.file jdk.attach/sun.tools.attach \
+           java.management/com.sun.jmx.remote.security; do
+    opts+=(--add-exports "$m=ALL-UNNAMED")
+  done
+  for m in java.base/java.lang.module java.base/jdk.internal.loader java.base/jdk.internal.ref \
+           java.base/jdk.internal.reflect java.base/jdk.internal.math java.base/jdk.internal.module \
+           java.base/jdk.internal.util.jar jdk.management/com.sun.management.internal java.base/sun.nio.ch \
+           java.base/java.io java.base/java.lang.reflect jdk.compiler/com.sun.tools.javac \
+           java.base/java.lang java.base/java.util java.base/java.nio; do
+    opts+=(--add-opens "$m=ALL-UNNAMED")
+  done
+  opts+=(
+    -Djava.net.preferIPv4Stack=true
+    "-Dcassandra.config=file://$CASS_CONF_DIR/cassandra.yaml"
+    "-Dcassandra.storagedir=$CASS_DATA"
+    "-Dcassandra.logdir=$CASS_LOG_DIR"
+    "-Dcassandra.triggers_dir=$RUNTIME_DIR/cassandra/triggers"
+    "-Dlogback.configurationFile=$CASS_CONF_DIR/logback.xml"
+    "-Dcassandra.native_transport_port=$CASSANDRA_PORT"
+    -Dcassandra-foreground=yes
+    -Dcassandra.skip_wait_for_gossip_to_settle=0
+    -Dcassandra.unsafesystem=true
+  )
+  printf '%s\n' "${opts[@]}"
+}
+
+cassandra_start() {
+  local t0 pid v opts=()
+  if v="$(cql_ping)"; then log "cassandra: already answering CQL on 127.0.0.1:$CASSANDRA_PORT (release $v)"; return 0; fi
+  mkdir -p "$RUN_DIR" "$LOG_DIR" "$CASS_LOG_DIR" "$CASS_DATA" "$RUNTIME_DIR/cassandra/triggers"
+  if pid_alive "$CASS_PID" CassandraDaemon; then
+    pid="$(cat "$CASS_PID")"
+    log "cassandra: pid $pid is running but not answering yet; waiting for it"
+    t0="$(now)"
+  else
+    ensure_jdk17_and_maven
+    ensure_cassandra_jars
+    mapfile -t opts < <(cassandra_jvm_opts)
+    [ -s "$CASS_OUT" ] && mv -f "$CASS_OUT" "$CASS_OUT.prev"
+    t0="$(now)"
+    # setsid: own session, so the node outlives the shell (and CI step) that started it.
+    nohup setsid "$JDK17/bin/java" "${opts[@]}" -cp "$CASS_LIB/*" \
+      org.apache.cassandra.service.CassandraDaemon >"$CASS_OUT" 2>&1 </dev/null 9>&- &
+    pid=$!
+    echo "$pid" >"$CASS_PID"
+    log "cassandra: started pid $pid (JDK 17, heap 512m..$CASSANDRA_HEAP); waiting up to ${CASSANDRA_START_TIMEOUT}s for CQL on 127.0.0.1:$CASSANDRA_PORT"
+  fi
+  while :; do
+    if v="$(cql_ping)"; then
+      log "cassandra: CQL answers on 127.0.0.1:$CASSANDRA_PORT (release $v) after $(elapsed "$t0")s (pid $pid, log $CASS_LOG_DIR/system.log)"
+      return 0
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "cassandra: the JVM (pid $pid) exited before CQL answered"
+      break
+    fi
+    if awk -v a="$t0" -v b="$(now)" -v t="$CASSANDRA_START_TIMEOUT" 'BEGIN { exit !(b - a > t) }'; then
+      log "cassandra: no CQL answer after ${CASSANDRA_START_TIMEOUT}s (pid $pid still running)"
+      break
+    fi
+    sleep 1
+  done
+  log "cassandra: log is $CASS_LOG_DIR/system.log, stdout/stderr in $CASS_OUT"
+  log "--- last 40 lines of $CASS_LOG_DIR/system.log:"
+  tail -n 40 "$CASS_LOG_DIR/system.log" >&2 2>/dev/null || true
+  log "--- last 40 lines of $CASS_OUT:"
+  tail -n 40 "$CASS_OUT" >&2 2>/dev/null || true
+  return 1
+}
+
+cassandra_stop() { stop_pidfile cassandra "$CASS_PID" CassandraDaemon 90; }
+
+cassandra_status() {
+  local v
+  if v="$(cql_ping)"; then echo "cassandra: up (CQL 127.0.0.1:$CASSANDRA_PORT, release $v)"; return 0; fi
+  if pid_alive "$CASS_PID" CassandraDaemon; then
+    echo "cassandra: down (pid $(cat "$CASS_PID") running, CQL not answering yet)"
+  else
+    echo "cassandra: down (CQL 127.0.0.1:$CASSANDRA_PORT)"
+  fi
+  return 1
+}
+
+# ---------------------------------------------------------------- main
+
+usage() { echo "usage: $0 start|stop|status [redis|cassandra]" >&2; exit 2; }
+
+action="${1:-}"
+case "$action" in start|stop|status) ;; *) usage ;; esac
+case "${2:-all}" in
+  all) services=(redis cassandra) ;;
+  redis|cassandra) services=("$2") ;;
+  *) usage ;;
+esac
+
+mkdir -p "$RUNTIME_DIR"
+if [ "$action" != status ]; then
+  # Serialize concurrent start/stop calls on the same runtime dir.
+  exec 9>"$RUNTIME_DIR/.lock"
+  flock 9
+fi
+
+rc=0
+for s in "${services[@]}"; do
+  "${s}_${action}" || rc=1
+done
+exit "$rc"
