@@ -1,0 +1,130 @@
+"""The service as a person runs it: daphne on a real socket, HTTP and WebSocket clients."""
+import asyncio
+import http.cookiejar
+import json
+import re
+import urllib.parse
+import urllib.request
+import uuid
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from tests.live import LiveServer, migrate, server_env
+
+pytestmark = pytest.mark.live_server_process
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("live")
+    env = server_env(directory / "db.sqlite3")
+    migrate(env)
+    live = LiveServer(env, directory / "daphne.log").start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def conversation(server):
+    """Two participants and one outsider, as the README walks through it."""
+    alice_id, alice = server.signup("alice")
+    bob_id, bob = server.signup("bob")
+    _, outsider = server.signup("outsider")
+    status, created, _ = server.request(
+        "POST", "/api/v1/conversations/", {"kind": "group", "title": "live", "participant_ids": [bob_id]}, token=alice
+    )
+    assert status == 201
+    return {"id": created["id"], "alice": alice, "bob": bob, "outsider": outsider, "bob_id": bob_id}
+
+
+def ws_url(server, conversation_id, **params):
+    query = urllib.parse.urlencode({"conversation_id": conversation_id, **params})
+    return f"{server.ws}/ws/chat/?{query}"
+
+
+async def expect_refused(url, **kwargs):
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        async with connect(url, open_timeout=5, **kwargs):
+            pass
+    assert refused.value.response.status_code == 403
+
+
+async def next_frame(socket, timeout=5):
+    return json.loads(await asyncio.wait_for(socket.recv(), timeout))
+
+
+async def test_a_message_sent_over_rest_reaches_both_participants(server, conversation):
+    url = ws_url(server, conversation["id"])
+    async with connect(url, additional_headers={"Authorization": f"Token {conversation['alice']}"}) as a, connect(
+        url, additional_headers={"Authorization": f"Token {conversation['bob']}"}
+    ) as b:
+        assert (await next_frame(a))["type"] == (await next_frame(b))["type"] == "ready"
+        status, sent, _ = server.request(
+            "POST", "/api/v1/messages/", {"conversation_id": conversation["id"], "content": "hello over REST"},
+            token=conversation["alice"],
+        )
+        assert status == 201
+        for socket in (a, b):
+            frame = await next_frame(socket)
+            assert frame == {"type": "message.new", "message": sent}
+
+
+async def test_websocket_send_is_acked_and_delivered(server, conversation):
+    url = ws_url(server, conversation["id"])
+    async with connect(url, additional_headers={"Authorization": f"Token {conversation['bob']}"}) as b:
+        await next_frame(b)
+        await b.send(json.dumps({"type": "message.send", "client_message_id": "live-1", "content": "from ws"}))
+        frames = [await next_frame(b), await next_frame(b)]
+        assert {f["type"] for f in frames} == {"message.ack", "message.new"}
+        await b.send(json.dumps({"type": "ping"}))
+        assert await next_frame(b) == {"type": "pong"}
+
+
+async def test_handshake_refusals_are_http_403(server, conversation):
+    url = ws_url(server, conversation["id"])
+    await expect_refused(url, additional_headers={"Authorization": f"Token {conversation['outsider']}"})
+    await expect_refused(ws_url(server, str(uuid.uuid4())), additional_headers={"Authorization": f"Token {conversation['alice']}"})
+    await expect_refused(ws_url(server, "not-a-uuid"), additional_headers={"Authorization": f"Token {conversation['alice']}"})
+    await expect_refused(url)  # no credentials
+    await expect_refused(url, additional_headers={"Authorization": "Token wrong"})
+    await expect_refused(url, additional_headers={"Authorization": f"Token {conversation['alice']}"}, origin="https://evil.example")
+
+
+async def test_browser_origin_and_one_time_ticket(server, conversation):
+    status, body, _ = server.request("POST", "/api/v1/auth/ws-ticket/", token=conversation["alice"])
+    assert status == 201
+    url = ws_url(server, conversation["id"], ticket=body["ticket"])
+    async with connect(url, origin=f"http://localhost:{server.port}") as socket:
+        assert (await next_frame(socket))["type"] == "ready"
+    await expect_refused(url)  # the ticket is spent
+
+
+async def test_session_cookie_authenticates_the_websocket(server, conversation):
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    login_url = f"{server.http}/api/auth/login/"
+    page = opener.open(login_url).read().decode()
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    form = urllib.parse.urlencode(
+        {"username": "alice", "password": "long-enough-pass-42", "csrfmiddlewaretoken": csrf, "next": "/api/v1/"}
+    ).encode()
+    opener.open(urllib.request.Request(login_url, data=form, headers={"Referer": login_url})).read()
+    cookies = {cookie.name: cookie.value for cookie in jar}
+    assert "sessionid" in cookies
+    cookie_header = "; ".join(f"{name}={value}" for name, value in cookies.items())
+    async with connect(ws_url(server, conversation["id"]), additional_headers={"Cookie": cookie_header}) as socket:
+        ready = await next_frame(socket)
+        assert ready["type"] == "ready"
+
+
+def test_unauthenticated_rest_is_401(server):
+    status, body, headers = server.request("GET", "/api/v1/conversations/")
+    assert status == 401 and headers["WWW-Authenticate"] == "Token"
+
+
+def test_metrics_endpoint(server):
+    with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert "chat_message_created_total" in text and "django_http_requests_total_by_method_total" in text
