@@ -18,5 +18,7 @@ def exception_handler(exc, context):
         response = Response(body, status=exc.status)
         if isinstance(exc, RateLimited):
             response["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            for name, value in exc.decision.headers().items():
+                response[name] = value
         return response
     return drf_exception_handler(exc, context)

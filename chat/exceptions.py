@@ -2,6 +2,8 @@
 REST exception handler and the consumer translate them the same way."""
 from __future__ import annotations
 
+import math
+
 
 class ChatError(Exception):
     status = 400
@@ -46,9 +48,10 @@ class RateLimited(ChatError):
     code = "rate_limited"
     default_detail = "Too many messages; slow down."
 
-    def __init__(self, retry_after: float):
-        self.retry_after = retry_after
-        super().__init__(f"Too many messages; retry in {retry_after:.0f} s.")
+    def __init__(self, decision):
+        self.decision = decision  # chat.ratelimit.Decision
+        self.retry_after = decision.reset
+        super().__init__(f"Too many messages; retry in {math.ceil(decision.reset)} s.")
 
 
 class IdempotencyInFlight(ChatError):

@@ -7,6 +7,7 @@ loosens the limit to per-process but never removes it and never fails a send.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -26,6 +27,22 @@ _UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 
 class Rate:
     limit: int
     period: int  # seconds
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: float  # seconds until the window ends
+
+    def headers(self) -> dict[str, str]:
+        """The IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers)."""
+        return {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(max(1, math.ceil(self.reset))),
+        }
 
 
 def parse_rate(text: str) -> Rate:
@@ -52,6 +69,8 @@ class LocalWindowCounter:
         return count, (window + 1) * period - now
 
 
+REDIS_RETRY_SECONDS = 1.0
+
 _LUA_HIT = """
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
@@ -64,28 +83,37 @@ class SendRateLimiter:
         self.rate = rate
         self._local = LocalWindowCounter()
         self._redis_hit = None
+        # After a Redis failure, count locally for a moment instead of paying a timeout per send.
+        self._redis_retry_at = 0.0
         if redis_url:
             import redis
 
             client = redis.Redis.from_url(redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
             self._redis_hit = client.register_script(_LUA_HIT)
 
-    def check(self, user_id: object) -> float | None:
-        """Count a send by `user_id`; None if allowed, else the seconds to wait."""
+    def check(self, user_id: object) -> Decision:
+        """Count a send by `user_id` and say whether it may go ahead."""
         now = time.time()
         key = f"chat:rate:send:{user_id}"
         count, remaining = None, 0.0
-        if self._redis_hit is not None:
+        if self._redis_hit is not None and now >= self._redis_retry_at:
             window = int(now // self.rate.period)
             try:
                 count, ttl_ms = self._redis_hit(keys=[f"{key}:{window}"], args=[self.rate.period * 1000])
                 remaining = max(ttl_ms, 0) / 1000
-            except Exception:  # any Redis failure: degrade, never fail the send
-                metrics.rate_limit_degraded.inc()
-                logger.warning("rate limit: Redis unavailable, counting per process", exc_info=True)
+            except Exception as exc:  # any Redis failure: degrade, never fail the send
+                self._redis_retry_at = now + REDIS_RETRY_SECONDS
+                logger.warning("rate limit: Redis unavailable (%s); counting per process", exc)
         if count is None:
+            if self._redis_hit is not None:
+                metrics.rate_limit_degraded.inc()
             count, remaining = self._local.hit(key, self.rate.period, now)
-        return None if count <= self.rate.limit else max(remaining, 0.001)
+        return Decision(
+            allowed=count <= self.rate.limit,
+            limit=self.rate.limit,
+            remaining=max(self.rate.limit - count, 0),
+            reset=max(remaining, 0.001),
+        )
 
 
 @cache

@@ -34,6 +34,7 @@ from chat.exceptions import (
     ValidationFailed,
 )
 from chat.models import Conversation, Participant
+from chat.ratelimit import Decision as RateDecision
 from chat.ratelimit import get_send_rate_limiter
 from chat.store import Message, StoreError, get_message_store
 
@@ -58,6 +59,7 @@ class MessageInput:
 class SendResult:
     message: Message
     replayed: bool
+    rate: RateDecision | None = None
 
 
 def check_message_input(
@@ -107,14 +109,14 @@ def _request_hash(conversation_id: uuid.UUID, body: MessageInput) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _replay(record, request_hash: str) -> SendResult:
+def _replay(record, request_hash: str, rate: RateDecision) -> SendResult:
     if record.request_hash != request_hash:
         raise IdempotencyMismatch()
     message = get_message_store().get_by_id(record.message_id) if record.completed else None
     if message is None:
         raise IdempotencyInFlight()
     metrics.idempotency_hit.inc()
-    return SendResult(message=message, replayed=True)
+    return SendResult(message=message, replayed=True, rate=rate)
 
 
 def message_send(
@@ -135,10 +137,10 @@ def message_send(
     if idempotency_key is not None:
         check_idempotency_key(idempotency_key, field=idempotency_field)
 
-    retry_after = get_send_rate_limiter().check(sender.pk)
-    if retry_after is not None:
+    rate = get_send_rate_limiter().check(sender.pk)
+    if not rate.allowed:
         metrics.send_rate_limited.labels(transport=transport).inc()
-        raise RateLimited(retry_after)
+        raise RateLimited(rate)
 
     started = time.perf_counter()
     try:
@@ -160,7 +162,7 @@ def message_send(
             metrics.message_persisted.labels(status="error").inc()
             raise StoreUnavailable() from exc
         if earlier is not None:
-            return _replay(earlier, request_hash)
+            return _replay(earlier, request_hash, rate)
         metrics.idempotency_miss.inc()
 
     started = time.perf_counter()
@@ -207,7 +209,7 @@ def message_send(
         metrics.notification_enqueue_error.inc()
         logger.exception("notification enqueue failed for message %s", message.message_id)
     metrics.message_delivery_duration.labels(step="notify").observe(time.perf_counter() - started)
-    return SendResult(message=message, replayed=False)
+    return SendResult(message=message, replayed=False, rate=rate)
 
 
 def conversation_create(

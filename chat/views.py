@@ -143,6 +143,8 @@ class MessageSendView(APIView):
         response = Response(result.message.as_dict(), status=status.HTTP_201_CREATED)
         if result.replayed:
             response["Idempotent-Replayed"] = "true"
+        for name, value in result.rate.headers().items():
+            response[name] = value
         return response
 
 

@@ -268,10 +268,14 @@ class TestMessages:
         owner, member, _ = people
         conversation = make_group(owner, member)
         client = client_for(owner)
-        codes = [self.send(client, conversation, content="x").status_code for _ in range(3)]
-        assert codes == [201, 201, 429]
-        limited = self.send(client, conversation, content="x")
+        responses = [self.send(client, conversation, content="x") for _ in range(3)]
+        assert [r.status_code for r in responses] == [201, 201, 429]
+        assert [r["RateLimit-Remaining"] for r in responses] == ["1", "0", "0"]
+        assert all(r["RateLimit-Limit"] == "2" for r in responses)
+        limited = responses[2]
         assert 1 <= int(limited["Retry-After"]) <= 60
+        assert limited["RateLimit-Reset"] == limited["Retry-After"]
+        assert limited.data["code"] == "rate_limited"
 
     def test_history_pages(self, people, client_for, make_group):
         owner, member, _ = people
