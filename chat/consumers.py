@@ -35,6 +35,7 @@ GAP_GIVE_UP_SECONDS = 5.0
 TYPING_MIN_INTERVAL_SECONDS = 1.0
 
 CLOSE_MEMBERSHIP_REVOKED = 4403
+CLOSE_TRY_AGAIN_LATER = 1013
 
 # Per-process connection accounting for CHAT_MAX_CONNECTIONS(_PER_USER).
 _open_connections: Counter = Counter()
@@ -74,12 +75,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except AccessDenied:
             return await self._refuse("not a participant")
         self.conversation_id = conversation.id
-        self.group = events.conversation_group(conversation.id)
 
         # Subscribe first, then read where the conversation stands: every later message is then
         # either already in the store or on its way to this channel.
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        group = events.conversation_group(conversation.id)
+        try:
+            await events.retry_once(lambda: self.channel_layer.group_add(group, self.channel_name))
+        except Exception:
+            logger.warning("websocket: channel layer unavailable, closing with 1013", exc_info=True)
+            self._release_slot()
+            await self.accept()
+            await self._error("unavailable", "Realtime delivery is unavailable; reconnect with after_seq shortly.")
+            return await self.close(code=CLOSE_TRY_AGAIN_LATER)
+        self.group = group
         metrics.redis_subscription_active.inc()
+        metrics.websocket_connections.inc()
         last_seq = await database_sync_to_async(
             lambda: Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.id)
         )()
@@ -88,7 +98,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.next_seq = replay_from + 1 if replay_from is not None and recovered else last_seq + 1
 
         await self.accept()
-        metrics.websocket_connections.inc()
         await self._send_json(
             {
                 "type": "ready",
@@ -139,7 +148,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         metrics.broadcast_channel_length.dec(len(self.pending))
         self.pending.clear()
         if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+            try:
+                await self.channel_layer.group_discard(self.group, self.channel_name)
+            except Exception:  # the layer expires the membership by itself (group_expiry)
+                logger.warning("websocket: group_discard failed", exc_info=True)
             metrics.redis_subscription_active.dec()
             metrics.websocket_connections.dec()
             self.group = None

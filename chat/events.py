@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -26,12 +27,24 @@ def conversation_group(conversation_id: uuid.UUID | str) -> str:
     return f"conversation.{uuid.UUID(str(conversation_id)).hex}"
 
 
+async def retry_once(operation: Callable[[], Awaitable[None]]) -> None:
+    """Run a channel-layer operation, once more on failure: after Redis restarts, each pooled
+    connection fails once before it reconnects, and that must not cost a publish or a socket."""
+    try:
+        await operation()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        await operation()
+
+
 async def apublish(conversation_id: uuid.UUID, event: dict[str, Any]) -> bool:
     """Send one event to every connection of the conversation; False (counted, logged) on failure."""
     started = time.perf_counter()
+    group = conversation_group(conversation_id)
     try:
         await asyncio.wait_for(
-            get_channel_layer().group_send(conversation_group(conversation_id), event), PUBLISH_TIMEOUT_SECONDS
+            retry_once(lambda: get_channel_layer().group_send(group, event)), PUBLISH_TIMEOUT_SECONDS
         )
     except Exception:
         metrics.message_published.labels(status="error").inc()

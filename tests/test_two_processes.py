@@ -1,0 +1,179 @@
+"""Two daphne processes sharing Redis and one database, as the service scales out (SPEC section 9).
+
+Cross-process delivery, the rate limit and the metrics across processes, and a Redis outage with
+the server actually killed mid-test and started again.
+"""
+import asyncio
+import json
+import re
+import threading
+import time
+import urllib.request
+
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.live import LiveServer, migrate, server_env
+from tests.redis_server import RedisServer, redis_server_binary
+from tests.services import require
+
+pytestmark = pytest.mark.live_server_process
+
+SEND_RATE_LIMIT = 30
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    require("Redis (redis-server binary)", redis_server_binary() is not None)
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, redis_server):
+    directory = tmp_path_factory.mktemp("cluster")
+    metrics_dir = directory / "prometheus"
+    metrics_dir.mkdir()
+    env = server_env(
+        directory / "db.sqlite3",
+        REDIS_URL=redis_server.url,
+        CHAT_SEND_RATE=f"{SEND_RATE_LIMIT}/min",
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+    )
+    migrate(env)
+    servers = [LiveServer(env, directory / f"daphne-{i}.log").start() for i in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def people(cluster):
+    a = cluster[0]
+    alice_id, alice = a.signup("alice")
+    bob_id, bob = a.signup("bob")
+    status, conversation, _ = a.request(
+        "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_id]}, token=alice
+    )
+    assert status == 201
+    return {"alice": alice, "bob": bob, "conversation": conversation["id"]}
+
+
+def ws_url(server, conversation_id, after_seq=None):
+    url = f"{server.ws}/ws/chat/?conversation_id={conversation_id}"
+    return url + (f"&after_seq={after_seq}" if after_seq is not None else "")
+
+
+async def frames_of_type(socket, kind, count, timeout=10):
+    found = []
+    deadline = time.monotonic() + timeout
+    while len(found) < count:
+        frame = json.loads(await asyncio.wait_for(socket.recv(), max(deadline - time.monotonic(), 0.01)))
+        if frame["type"] == kind:
+            found.append(frame)
+    return found
+
+
+def metric(server, name, labels=""):
+    with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else 0.0
+
+
+def send(server, token, conversation, content, **headers):
+    return server.request(
+        "POST", "/api/v1/messages/", {"conversation_id": conversation, "content": content}, token=token, headers=headers
+    )
+
+
+async def test_messages_cross_processes_in_order(cluster, people):
+    a, b = cluster
+    conversation = people["conversation"]
+    async with connect(ws_url(a, conversation), additional_headers={"Authorization": f"Token {people['alice']}"}) as on_a, \
+            connect(ws_url(b, conversation), additional_headers={"Authorization": f"Token {people['bob']}"}) as on_b:
+        ready = json.loads(await on_a.recv())
+        await on_b.recv()
+        sent = []
+        for i in range(10):
+            server = cluster[i % 2]
+            status, message, _ = send(server, people["alice"], conversation, f"m{i}")
+            assert status == 201
+            sent.append(message)
+        await on_b.send(json.dumps({"type": "message.send", "client_message_id": "from-b", "content": "via ws on b"}))
+        for socket in (on_a, on_b):
+            received = [f["message"] for f in await frames_of_type(socket, "message.new", 11)]
+            assert received[:10] == sent
+            assert [m["seq"] for m in received] == list(range(ready["last_seq"] + 1, ready["last_seq"] + 12))
+
+
+def test_rate_limit_holds_across_processes(cluster):
+    a, b = cluster
+    _, token = a.signup("burster")
+    status, conversation, _ = a.request("POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": []}, token=token)
+    statuses = []
+
+    def burst(server):
+        for i in range(25):
+            statuses.append(send(server, token, conversation["id"], f"burst {i}")[0])
+
+    threads = [threading.Thread(target=burst, args=(server,)) for server in (a, b, a, b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses.count(201) == SEND_RATE_LIMIT
+    assert statuses.count(429) == 100 - SEND_RATE_LIMIT
+
+
+def test_metrics_sum_over_processes(cluster, people):
+    a, b = cluster
+    series = ("chat_message_created_total", 'is_encrypted="false",message_type="text"')
+    before = metric(a, *series)
+    assert send(a, people["bob"], people["conversation"], "counted on a")[0] == 201
+    assert send(b, people["bob"], people["conversation"], "counted on b")[0] == 201
+    assert metric(a, *series) == metric(b, *series) == before + 2
+
+
+async def test_redis_outage_keeps_sends_durable_and_nothing_is_lost(cluster, people, redis_server):
+    a, b = cluster
+    conversation = people["conversation"]
+    headers = {"Authorization": f"Token {people['bob']}"}
+    status, page, _ = a.request("GET", f"/api/v1/conversations/{conversation}/messages/?limit=1", token=people["bob"])
+    last_seen = page["results"][-1]["seq"] if page["results"] else 0
+    errors_before = metric(b, "chat_redis_publish_error_total")
+
+    redis_server.stop()
+    started = time.monotonic()
+    status, during, _ = send(b, people["alice"], conversation, "sent while Redis is down")
+    assert status == 201
+    assert time.monotonic() - started < 3
+    status, page, _ = b.request("GET", f"/api/v1/conversations/{conversation}/messages/?after_seq={last_seen}", token=people["bob"])
+    assert [m["message_id"] for m in page["results"]] == [during["message_id"]]
+    assert metric(b, "chat_redis_publish_error_total") == errors_before + 1
+
+    redis_server.start()  # same port: the service reconnects by itself, no restart
+    await wait_until_sockets_work(a, conversation, headers)
+    status, after, _ = send(b, people["alice"], conversation, "sent after Redis is back")
+    assert status == 201
+    async with connect(ws_url(a, conversation, after_seq=last_seen), additional_headers=headers) as socket:
+        assert json.loads(await socket.recv())["type"] == "ready"
+        received = [f["message"] for f in await frames_of_type(socket, "message.new", 2)]
+        assert received == [during, after]
+        status, live, _ = send(b, people["alice"], conversation, "live again")
+        assert [f["message"] for f in await frames_of_type(socket, "message.new", 1)] == [live]
+
+
+async def wait_until_sockets_work(server, conversation, headers, timeout=20):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with connect(ws_url(server, conversation), additional_headers=headers, open_timeout=3) as socket:
+                assert json.loads(await asyncio.wait_for(socket.recv(), 3))["type"] == "ready"
+                return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.25)
