@@ -204,7 +204,9 @@ def message_send(
     from notifications.services import notification_enqueue  # notifications depends on chat, not back
 
     try:
-        notification_enqueue(message=message)
+        # A savepoint: a failed outbox write must not poison a surrounding transaction.
+        with transaction.atomic():
+            notification_enqueue(message=message)
     except Exception:
         metrics.notification_enqueue_error.inc()
         logger.exception("notification enqueue failed for message %s", message.message_id)
