@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 HOST ?= 127.0.0.1
+# Frames over 1 MiB get an error frame from the consumer; the transport cuts at 2 MiB (close 1009)
+# so no client can make the server buffer more than that.
+DAPHNE_ARGS ?= --websocket-max-message-size 2097152
 
 .PHONY: run test install migrate services services-stop services-status clean
 
@@ -21,7 +24,7 @@ migrate: install
 
 run: migrate
 	$(PY) manage.py collectstatic --noinput --verbosity 0
-	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) chatproject.asgi:application
+	$(VENV)/bin/daphne $(DAPHNE_ARGS) -b $(HOST) -p $(PORT) chatproject.asgi:application
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

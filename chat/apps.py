@@ -1,3 +1,6 @@
+import atexit
+import os
+
 from django.apps import AppConfig
 from django.core.signals import setting_changed
 
@@ -18,3 +21,9 @@ class ChatConfig(AppConfig):
 
     def ready(self) -> None:
         setting_changed.connect(_reset_configured_singletons, dispatch_uid="chat-reset-singletons")
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Several processes share one metrics directory: a process that exits must take its
+            # live gauges (connections, subscriptions) with it.
+            from prometheus_client import multiprocess
+
+            atexit.register(multiprocess.mark_process_dead, os.getpid())

@@ -57,7 +57,10 @@ class LiveServer:
     def start(self, timeout: float = 20) -> "LiveServer":
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "chatproject.asgi:application"],
+            [
+                sys.executable, "-m", "daphne", "--websocket-max-message-size", str(2 * 1024 * 1024),
+                "-b", "127.0.0.1", "-p", str(self.port), "chatproject.asgi:application",
+            ],
             cwd=ROOT,
             env=self.env,
             stdout=self.log,

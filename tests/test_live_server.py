@@ -128,3 +128,24 @@ def test_metrics_endpoint(server):
     with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as response:
         text = response.read().decode()
     assert "chat_message_created_total" in text and "django_http_requests_total_by_method_total" in text
+
+
+async def test_oversized_frames(server, conversation):
+    """Over 1 MiB: an error frame and the connection stays; over the 2 MiB transport cap: closed 1009."""
+    url = ws_url(server, conversation["id"])
+    headers = {"Authorization": f"Token {conversation['bob']}"}
+    async with connect(url, additional_headers=headers, max_size=None) as socket:
+        await next_frame(socket)
+        await socket.send("x" * (1024 * 1024 + 1))
+        frame = await next_frame(socket)
+        assert (frame["type"], frame["code"]) == ("error", "bad_request")
+        await socket.send(json.dumps({"type": "ping"}))
+        assert await next_frame(socket) == {"type": "pong"}
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            await socket.send("x" * (3 * 1024 * 1024))
+            await next_frame(socket)
+        # The server fails the connection with 1009 as soon as the cap is crossed; the client may
+        # see the close frame or, still writing, only the reset that follows it.
+        assert closed.value.rcvd is None or closed.value.rcvd.code == 1009
+    async with connect(url, additional_headers=headers) as socket:  # the server is fine
+        assert (await next_frame(socket))["type"] == "ready"
