@@ -6,7 +6,7 @@ PORT ?= 8000
 HOST ?= 127.0.0.1
 # Frames over 1 MiB get an error frame from the consumer; the transport cuts at 2 MiB (close 1009)
 # so no client can make the server buffer more than that.
-DAPHNE_ARGS ?= --websocket-max-message-size 2097152
+DAPHNE_ARGS ?= --websocket-max-message-size 2097152 --websocket-max-frame-size 2097152
 
 .PHONY: run test install migrate services services-stop services-status clean
 

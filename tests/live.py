@@ -59,6 +59,7 @@ class LiveServer:
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "daphne", "--websocket-max-message-size", str(2 * 1024 * 1024),
+                "--websocket-max-frame-size", str(2 * 1024 * 1024),
                 "-b", "127.0.0.1", "-p", str(self.port), "chatproject.asgi:application",
             ],
             cwd=ROOT,
