@@ -7,11 +7,13 @@ are then read from the store (a publish may be lost or overtaken; the store has 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -33,12 +35,32 @@ GAP_WAIT_SECONDS = 0.25
 # How long a seq that is in no store is waited for before it is skipped (its send failed).
 GAP_GIVE_UP_SECONDS = 5.0
 TYPING_MIN_INTERVAL_SECONDS = 1.0
+# How long a client may sit on more than CHAT_MAX_OUTBOUND_BYTES unread before it is closed (4008).
+SLOW_CLIENT_GRACE_SECONDS = 2.0
 
 CLOSE_MEMBERSHIP_REVOKED = 4403
+CLOSE_TOO_SLOW = 4008
 CLOSE_TRY_AGAIN_LATER = 1013
 
 # Per-process connection accounting for CHAT_MAX_CONNECTIONS(_PER_USER).
 _open_connections: Counter = Counter()
+
+
+def socket_backlog_probe(send) -> Callable[[], int] | None:
+    """How many bytes the server holds for this client that the client has not taken yet.
+
+    daphne applies no backpressure: every frame goes straight into the connection's Twisted
+    transport buffer, which grows without bound for a client that stops reading. daphne hands the
+    application `partial(server.handle_reply, protocol)` as `send` (kept in the scope by
+    chat.ws_auth.keep_server_send, before any middleware wraps it); the protocol's transport keeps
+    the buffer. Under another server (or the in-process test communicator) there is no probe and
+    the outbound bound is not enforced.
+    """
+    protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
+    transport = getattr(protocol, "transport", None)
+    if transport is None or not all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen")):
+        return None
+    return lambda: len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 def _query_param(scope, name: str) -> str | None:
@@ -51,6 +73,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     conversation_id: uuid.UUID | None = None
     group: str | None = None
     holds_slot = False
+    closing = False
+    backlog = 0  # this connection's share of chat_client_send_channel_length
 
     # --- handshake -------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -60,6 +84,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.delivery_lock = asyncio.Lock()
         self.gap_task: asyncio.Task | None = None
         self.last_typing = 0.0
+        self.backlog_probe = socket_backlog_probe(self.scope.get("server_send"))
 
         after_seq = _query_param(self.scope, "after_seq")
         if self.user is None or not self.user.is_authenticated:
@@ -143,6 +168,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.close()  # before accept(): daphne answers the handshake with HTTP 403
 
     async def disconnect(self, code: int) -> None:
+        metrics.client_send_channel_length.dec(self.backlog)
+        self.backlog = 0
         if self.gap_task is not None:
             self.gap_task.cancel()
         metrics.broadcast_channel_length.dec(len(self.pending))
@@ -159,7 +186,31 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # --- outbound: in order, exactly once ------------------------------------------------------
     async def _send_json(self, frame: dict) -> None:
+        if self.closing:
+            metrics.client_message_dropped.inc()
+            return
+        if self.backlog_probe is not None and not await self._wait_for_client():
+            # The client stopped reading. Close it rather than buffer without bound; it resumes
+            # with after_seq and loses nothing.
+            logger.warning("websocket: %d bytes unread by %s, closing 4008", self.backlog, self.user)
+            metrics.client_message_dropped.inc()
+            self.closing = True
+            return await self.close(code=CLOSE_TOO_SLOW)
         await self.send(text_data=json.dumps(frame, separators=(",", ":"), ensure_ascii=False))
+
+    async def _wait_for_client(self) -> bool:
+        """Backpressure: hold this connection's output while the client has more than
+        CHAT_MAX_OUTBOUND_BYTES unread; False if it does not catch up within the grace period."""
+        deadline = time.monotonic() + SLOW_CLIENT_GRACE_SECONDS
+        while True:
+            backlog = self.backlog_probe()
+            metrics.client_send_channel_length.inc(backlog - self.backlog)
+            self.backlog = backlog
+            if backlog <= settings.CHAT_MAX_OUTBOUND_BYTES:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
 
     async def _deliver(self, message: dict) -> None:
         async with self.delivery_lock:
@@ -242,6 +293,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def membership_revoked(self, event: dict) -> None:
         if event["user_id"] == str(self.user.pk):
+            self.closing = True
             await self.close(code=CLOSE_MEMBERSHIP_REVOKED)
 
     # --- inbound frames ------------------------------------------------------------------------

@@ -21,9 +21,13 @@ broadcast_channel_length = Gauge(
 )
 broadcast_dropped = Counter("chat_broadcast_dropped_total", "Events dropped before delivery (duplicates, stale).")
 client_send_channel_length = Gauge(
-    "chat_client_send_channel_length", "Frames queued to clients, all connections.", multiprocess_mode="livesum"
+    "chat_client_send_channel_length",
+    "Bytes written for clients that their sockets have not taken yet, all connections.",
+    multiprocess_mode="livesum",
 )
-client_message_dropped = Counter("chat_client_message_dropped_total", "Frames not delivered to a client.")
+client_message_dropped = Counter(
+    "chat_client_message_dropped_total", "Frames not sent to a client because it was too slow or closing."
+)
 message_delivery_duration = Histogram(
     "chat_message_delivery_duration_seconds",
     "Time spent per step of a message's lifecycle.",

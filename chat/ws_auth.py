@@ -59,6 +59,18 @@ class ChatAuthMiddleware(BaseMiddleware):
         return await super().__call__(scope, receive, send)
 
 
+def keep_server_send(inner):
+    """Put the server's own `send` in the scope, before middleware wraps it: the consumer reads
+    the socket's unsent backlog through it (chat.consumers.socket_backlog_probe)."""
+
+    async def app(scope, receive, send):
+        return await inner(dict(scope, server_send=send), receive, send)
+
+    return app
+
+
 def websocket_stack(inner):
     allowed = settings.ALLOWED_HOSTS or (["localhost", "127.0.0.1", "[::1]"] if settings.DEBUG else [])
-    return ChatOriginValidator(CookieMiddleware(SessionMiddleware(ChatAuthMiddleware(inner))), allowed)
+    return keep_server_send(
+        ChatOriginValidator(CookieMiddleware(SessionMiddleware(ChatAuthMiddleware(inner))), allowed)
+    )
