@@ -145,19 +145,26 @@ async def test_redis_outage_keeps_sends_durable_and_nothing_is_lost(cluster, peo
     last_seen = page["results"][-1]["seq"] if page["results"] else 0
     errors_before = metric(b, "chat_redis_publish_error_total")
 
-    redis_server.stop()
-    started = time.monotonic()
-    status, during, _ = send(b, people["alice"], conversation, "sent while Redis is down")
-    assert status == 201
-    assert time.monotonic() - started < 3
-    status, page, _ = b.request("GET", f"/api/v1/conversations/{conversation}/messages/?after_seq={last_seen}", token=people["bob"])
-    assert [m["message_id"] for m in page["results"]] == [during["message_id"]]
-    assert metric(b, "chat_redis_publish_error_total") == errors_before + 1
+    async with connect(ws_url(a, conversation), additional_headers=headers) as open_through_outage:
+        assert json.loads(await open_through_outage.recv())["type"] == "ready"
+        redis_server.stop()
+        started = time.monotonic()
+        status, during, _ = send(b, people["alice"], conversation, "sent while Redis is down")
+        assert status == 201
+        assert time.monotonic() - started < 3
+        status, page, _ = b.request(
+            "GET", f"/api/v1/conversations/{conversation}/messages/?after_seq={last_seen}", token=people["bob"]
+        )
+        assert [m["message_id"] for m in page["results"]] == [during["message_id"]]
+        assert metric(b, "chat_redis_publish_error_total") == errors_before + 1
 
-    redis_server.start()  # same port: the service reconnects by itself, no restart
-    await wait_until_sockets_work(a, conversation, headers)
-    status, after, _ = send(b, people["alice"], conversation, "sent after Redis is back")
-    assert status == 201
+        redis_server.start()  # same port: the service reconnects by itself, no restart
+        await wait_until_sockets_work(a, conversation, headers)
+        status, after, _ = send(b, people["alice"], conversation, "sent after Redis is back")
+        assert status == 201
+        # The socket that stayed open gets the lost publish from the store, then the new one, in order.
+        assert [f["message"] for f in await frames_of_type(open_through_outage, "message.new", 2)] == [during, after]
+
     async with connect(ws_url(a, conversation, after_seq=last_seen), additional_headers=headers) as socket:
         assert json.loads(await socket.recv())["type"] == "ready"
         received = [f["message"] for f in await frames_of_type(socket, "message.new", 2)]
