@@ -71,14 +71,15 @@ def _query_param(scope, name: str) -> str | None:
 class ChatConsumer(AsyncWebsocketConsumer):
     user = None
     conversation_id: uuid.UUID | None = None
-    group: str | None = None
     holds_slot = False
+    counted = False
     closing = False
     backlog = 0  # this connection's share of chat_client_send_channel_length
 
     # --- handshake -------------------------------------------------------------------------
     async def connect(self) -> None:
         self.user = self.scope.get("user")
+        self.groups: list[str] = []
         self.next_seq = 1
         self.pending: dict[int, dict] = {}
         self.delivery_lock = asyncio.Lock()
@@ -102,19 +103,23 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.conversation_id = conversation.id
 
         # Subscribe first, then read where the conversation stands: every later message is then
-        # either already in the store or on its way to this channel.
-        group = events.conversation_group(conversation.id)
+        # either already in the store or on its way to this channel. The user's own group carries
+        # events about the person, such as deactivation.
+        groups = [events.conversation_group(conversation.id), events.user_group(self.user.pk)]
         try:
-            await events.retry_once(lambda: self.channel_layer.group_add(group, self.channel_name))
+            for group in groups:
+                await events.retry_once(lambda: self.channel_layer.group_add(group, self.channel_name))
+                self.groups.append(group)
         except Exception:
             logger.warning("websocket: channel layer unavailable, closing with 1013", exc_info=True)
+            await self._unsubscribe()
             self._release_slot()
             await self.accept()
             await self._error("unavailable", "Realtime delivery is unavailable; reconnect with after_seq shortly.")
             return await self.close(code=CLOSE_TRY_AGAIN_LATER)
-        self.group = group
         metrics.redis_subscription_active.inc()
         metrics.websocket_connections.inc()
+        self.counted = True
         last_seq = await database_sync_to_async(
             lambda: Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.id)
         )()
@@ -151,6 +156,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.holds_slot = True
         return True
 
+    async def _unsubscribe(self) -> None:
+        while self.groups:
+            group = self.groups.pop()
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            except Exception:  # the layer has already dropped its local membership
+                logger.warning("websocket: group_discard of %s failed", group, exc_info=True)
+
     def _release_slot(self) -> None:
         if self.holds_slot:
             self.holds_slot = False
@@ -174,14 +187,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.gap_task.cancel()
         metrics.broadcast_channel_length.dec(len(self.pending))
         self.pending.clear()
-        if self.group is not None:
-            try:
-                await self.channel_layer.group_discard(self.group, self.channel_name)
-            except Exception:  # the layer expires the membership by itself (group_expiry)
-                logger.warning("websocket: group_discard failed", exc_info=True)
+        await self._unsubscribe()
+        if self.counted:
             metrics.redis_subscription_active.dec()
             metrics.websocket_connections.dec()
-            self.group = None
+            self.counted = False
         self._release_slot()
 
     # --- outbound: in order, exactly once ------------------------------------------------------
@@ -292,6 +302,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._send_json({"type": "read", "user_id": event["user_id"], "seq": event["seq"]})
 
     async def membership_revoked(self, event: dict) -> None:
+        """Removed or banned from this conversation, or deactivated (then sent to the user's group)."""
         if event["user_id"] == str(self.user.pk):
             self.closing = True
             await self.close(code=CLOSE_MEMBERSHIP_REVOKED)

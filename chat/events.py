@@ -27,6 +27,10 @@ def conversation_group(conversation_id: uuid.UUID | str) -> str:
     return f"conversation.{uuid.UUID(str(conversation_id)).hex}"
 
 
+def user_group(user_id: uuid.UUID | str) -> str:
+    return f"user.{uuid.UUID(str(user_id)).hex}"
+
+
 async def retry_once(operation: Callable[[], Awaitable[None]]) -> None:
     """Run a channel-layer operation, once more on failure: after Redis restarts, each pooled
     connection fails once before it reconnects, and that must not cost a publish or a socket."""
@@ -40,8 +44,11 @@ async def retry_once(operation: Callable[[], Awaitable[None]]) -> None:
 
 async def apublish(conversation_id: uuid.UUID, event: dict[str, Any]) -> bool:
     """Send one event to every connection of the conversation; False (counted, logged) on failure."""
+    return await _apublish_to(conversation_group(conversation_id), event)
+
+
+async def _apublish_to(group: str, event: dict[str, Any]) -> bool:
     started = time.perf_counter()
-    group = conversation_group(conversation_id)
     try:
         await asyncio.wait_for(
             retry_once(lambda: get_channel_layer().group_send(group, event)), PUBLISH_TIMEOUT_SECONDS
@@ -50,7 +57,7 @@ async def apublish(conversation_id: uuid.UUID, event: dict[str, Any]) -> bool:
         metrics.message_published.labels(status="error").inc()
         if settings.REDIS_URL:
             metrics.redis_publish_error.inc()
-        logger.warning("publish of %s to conversation %s failed", event.get("type"), conversation_id, exc_info=True)
+        logger.warning("publish of %s to %s failed", event.get("type"), group, exc_info=True)
         return False
     metrics.message_published.labels(status="success").inc()
     if settings.REDIS_URL:
@@ -60,6 +67,7 @@ async def apublish(conversation_id: uuid.UUID, event: dict[str, Any]) -> bool:
 
 
 publish = async_to_sync(apublish)
+_publish_to = async_to_sync(_apublish_to)
 
 
 def message_new(message: Message) -> bool:
@@ -77,3 +85,8 @@ async def typing(conversation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
 def membership_revoked(conversation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
     """Tell the user's connections to this conversation to close (4403)."""
     return publish(conversation_id, {"type": "membership.revoked", "user_id": str(user_id)})
+
+
+def user_deactivated(user_id: uuid.UUID) -> bool:
+    """Tell all of the user's connections, on every conversation, to close (4403)."""
+    return _publish_to(user_group(user_id), {"type": "membership.revoked", "user_id": str(user_id)})

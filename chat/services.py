@@ -33,7 +33,7 @@ from chat.exceptions import (
     StoreUnavailable,
     ValidationFailed,
 )
-from chat.models import Conversation, Participant
+from chat.models import Ban, Conversation, Participant
 from chat.ratelimit import Decision as RateDecision
 from chat.ratelimit import get_send_rate_limiter
 from chat.store import Message, StoreError, get_message_store
@@ -334,6 +334,17 @@ def _hand_over_ownership(conversation: Conversation) -> None:
     if heir is not None:
         heir.role = Participant.Role.OWNER
         heir.save(update_fields=["role"])
+
+
+def ban_create(*, actor: User | None, conversation: Conversation, user: User, reason: str = "") -> Ban:
+    """Ban a user from a conversation; their open sockets on it close (4403) at once.
+
+    The participant row stays, so lifting the ban restores their access and read position."""
+    ban, _ = Ban.objects.get_or_create(
+        conversation=conversation, user=user, defaults={"banned_by": actor, "reason": reason}
+    )
+    transaction.on_commit(lambda: events.membership_revoked(conversation.id, user.pk))
+    return ban
 
 
 def read_marker_set(*, user: User, conversation_id: object, seq: object) -> Participant:

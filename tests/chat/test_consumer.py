@@ -251,6 +251,7 @@ class TestDelivery:
             assert connected
             await socket.disconnect()
         assert layer.groups.get(group, {}) == {}
+        assert layer.groups.get(events.user_group(bob.pk), {}) == {}
         assert consumers._open_connections == {}
 
 
@@ -334,3 +335,33 @@ class TestFrames:
         assert await receive(a) == {"type": "read", "user_id": str(bob.pk), "seq": 1}
         await a.disconnect()
         await b.disconnect()
+
+
+class TestRevocation:
+    async def test_ban_closes_the_sockets_within_a_second(self, trio):
+        alice, bob, _, conversation = trio
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        started = asyncio.get_running_loop().time()
+        await database_sync_to_async(services.ban_create)(actor=alice, conversation=conversation, user=bob)
+        assert await b.receive_output(timeout=1) == {"type": "websocket.close", "code": 4403}
+        assert asyncio.get_running_loop().time() - started < 1
+        await b.disconnect(code=4403)
+        assert not (await open_socket(bob, conversation))[1]
+
+    async def test_deactivation_closes_every_socket_of_the_user(self, trio, make_group):
+        from accounts.services import user_deactivate
+
+        alice, bob, carol, conversation = trio
+        other = await database_sync_to_async(make_group)(carol, bob)
+        on_first, _ = await open_socket(bob, conversation)
+        on_second, _ = await open_socket(bob, other)
+        bystander, _ = await open_socket(alice, conversation)
+        for socket in (on_first, on_second, bystander):
+            await receive(socket)
+        await database_sync_to_async(user_deactivate)(user=bob)
+        for socket in (on_first, on_second):
+            assert await socket.receive_output(timeout=1) == {"type": "websocket.close", "code": 4403}
+            await socket.disconnect(code=4403)
+        assert await bystander.receive_nothing(0.2)
+        await bystander.disconnect()
