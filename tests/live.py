@@ -40,8 +40,9 @@ def migrate(env: dict[str, str]) -> None:
 class LiveServer:
     """One daphne process serving chatproject.asgi on 127.0.0.1."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, daphne_args: tuple[str, ...] = ()) -> None:
         self.env = env
+        self.daphne_args = daphne_args
         self.port = free_port()
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
@@ -60,6 +61,7 @@ class LiveServer:
             [
                 sys.executable, "-m", "daphne", "--websocket-max-message-size", str(2 * 1024 * 1024),
                 "--websocket-max-frame-size", str(2 * 1024 * 1024),
+                *self.daphne_args,
                 "-b", "127.0.0.1", "-p", str(self.port), "chatproject.asgi:application",
             ],
             cwd=ROOT,

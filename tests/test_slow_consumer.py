@@ -85,3 +85,27 @@ async def test_stalled_client_is_closed_4008_and_resumes_without_loss(tmp_path):
             assert seqs == list(range(1, MESSAGES + 1))
     finally:
         server.stop()
+
+
+def open_connections(server) -> float:
+    with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as response:
+        match = re.search(r"^chat_websocket_connections ([0-9.e+]+)$", response.read().decode(), re.M)
+    return float(match.group(1))
+
+
+async def test_dead_peer_is_closed_by_protocol_pings_and_cleaned_up(tmp_path):
+    env = server_env(tmp_path / "db.sqlite3")
+    migrate(env)
+    server = LiveServer(env, tmp_path / "daphne.log", daphne_args=("--ping-interval", "1", "--ping-timeout", "1")).start()
+    try:
+        alice_id, alice = server.signup("alice")
+        _, created, _ = server.request("POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": []}, token=alice)
+        dead = stalled_websocket(server, f"/ws/chat/?conversation_id={created['id']}", alice)  # never answers a ping
+        assert open_connections(server) == 1
+        deadline = asyncio.get_running_loop().time() + 10
+        while open_connections(server) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.25)
+        assert open_connections(server) == 0
+        dead.close()
+    finally:
+        server.stop()
