@@ -7,6 +7,7 @@ from django.core.signals import setting_changed
 
 def _reset_configured_singletons(*, setting, **kwargs):
     # Tests (and anything else) that change these settings get objects built from the new values.
+    from chat.presence import get_presence
     from chat.ratelimit import get_send_rate_limiter
     from chat.store import get_message_store
 
@@ -14,6 +15,8 @@ def _reset_configured_singletons(*, setting, **kwargs):
         get_message_store.cache_clear()
     if setting in {"CHAT_SEND_RATE", "REDIS_URL"}:
         get_send_rate_limiter.cache_clear()
+    if setting == "REDIS_URL":
+        get_presence.cache_clear()
 
 
 class ChatConfig(AppConfig):

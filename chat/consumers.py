@@ -24,6 +24,8 @@ from chat import events, metrics
 from chat.access import access_conversation
 from chat.exceptions import AccessDenied, ChatError, ValidationFailed
 from chat.models import Conversation
+from chat.presence import REFRESH_SECONDS as PRESENCE_REFRESH_SECONDS
+from chat.presence import get_presence
 from chat.services import message_send, read_marker_set
 from chat.store import get_message_store
 
@@ -73,6 +75,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     conversation_id: uuid.UUID | None = None
     holds_slot = False
     counted = False
+    presence_joined = False
+    presence_task: asyncio.Task | None = None
     closing = False
     backlog = 0  # this connection's share of chat_client_send_channel_length
 
@@ -144,6 +148,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             metrics.replayed_messages.inc(len(page.messages))
             for message in page.messages:
                 await self._deliver(message.as_dict())
+        await self._presence_join()
 
     def _reserve_slot(self) -> bool:
         if (
@@ -155,6 +160,45 @@ class ChatConsumer(AsyncWebsocketConsumer):
         _open_connections[self.user.pk] += 1
         self.holds_slot = True
         return True
+
+    # --- presence ------------------------------------------------------------------------------
+    # Best effort: a presence failure (Redis down) is logged and never costs the connection.
+    async def _presence_join(self) -> None:
+        presence = get_presence()
+        try:
+            if await presence.join(self.conversation_id, self.user.pk, self.channel_name):
+                await events.presence(self.conversation_id, self.user.pk, online=True)
+            self.presence_joined = True
+            for user_id in await presence.online(self.conversation_id):
+                if user_id != self.user.pk:
+                    await self._send_json({"type": "presence", "user_id": str(user_id), "online": True})
+        except Exception:
+            logger.warning("presence: join failed", exc_info=True)
+        self.presence_task = asyncio.create_task(self._presence_heartbeat())
+
+    async def _presence_heartbeat(self) -> None:
+        presence = get_presence()
+        while True:
+            await asyncio.sleep(PRESENCE_REFRESH_SECONDS)
+            try:
+                # Also announces the users whose sockets died with their process.
+                for user_id in await presence.refresh(self.conversation_id, self.user.pk, self.channel_name):
+                    await events.presence(self.conversation_id, user_id, online=False)
+            except Exception:
+                logger.warning("presence: refresh failed", exc_info=True)
+
+    async def _presence_leave(self) -> None:
+        if self.presence_task is not None:
+            self.presence_task.cancel()
+            self.presence_task = None
+        if not self.presence_joined:
+            return
+        self.presence_joined = False
+        try:
+            if await get_presence().leave(self.conversation_id, self.user.pk, self.channel_name):
+                await events.presence(self.conversation_id, self.user.pk, online=False)
+        except Exception:
+            logger.warning("presence: leave failed", exc_info=True)
 
     async def _unsubscribe(self) -> None:
         while self.groups:
@@ -181,6 +225,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.close()  # before accept(): daphne answers the handshake with HTTP 403
 
     async def disconnect(self, code: int) -> None:
+        await self._presence_leave()
         metrics.client_send_channel_length.dec(self.backlog)
         self.backlog = 0
         if self.gap_task is not None:
@@ -297,6 +342,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def typing(self, event: dict) -> None:
         if event["user_id"] != str(self.user.pk):
             await self._send_json({"type": "typing", "user_id": event["user_id"]})
+
+    async def presence(self, event: dict) -> None:
+        if event["user_id"] != str(self.user.pk):
+            await self._send_json({"type": "presence", "user_id": event["user_id"], "online": event["online"]})
 
     async def read(self, event: dict) -> None:
         await self._send_json({"type": "read", "user_id": event["user_id"], "seq": event["seq"]})

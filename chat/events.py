@@ -82,6 +82,10 @@ async def typing(conversation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
     return await apublish(conversation_id, {"type": "typing", "user_id": str(user_id)})
 
 
+async def presence(conversation_id: uuid.UUID, user_id: uuid.UUID, *, online: bool) -> bool:
+    return await apublish(conversation_id, {"type": "presence", "user_id": str(user_id), "online": online})
+
+
 def membership_revoked(conversation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
     """Tell the user's connections to this conversation to close (4403)."""
     return publish(conversation_id, {"type": "membership.revoked", "user_id": str(user_id)})

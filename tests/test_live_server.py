@@ -51,8 +51,11 @@ async def expect_refused(url, **kwargs):
     assert refused.value.response.status_code == 403
 
 
-async def next_frame(socket, timeout=5):
-    return json.loads(await asyncio.wait_for(socket.recv(), timeout))
+async def next_frame(socket, timeout=5, skip=("presence",)):
+    while True:
+        frame = json.loads(await asyncio.wait_for(socket.recv(), timeout))
+        if frame["type"] not in skip:
+            return frame
 
 
 async def test_a_message_sent_over_rest_reaches_both_participants(server, conversation):

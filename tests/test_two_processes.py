@@ -156,7 +156,8 @@ async def test_redis_outage_keeps_sends_durable_and_nothing_is_lost(cluster, peo
             "GET", f"/api/v1/conversations/{conversation}/messages/?after_seq={last_seen}", token=people["bob"]
         )
         assert [m["message_id"] for m in page["results"]] == [during["message_id"]]
-        assert metric(b, "chat_redis_publish_error_total") == errors_before + 1
+        # At least this message's publish failed (presence events published meanwhile count too).
+        assert metric(b, "chat_redis_publish_error_total") >= errors_before + 1
 
         redis_server.start()  # same port: the service reconnects by itself, no restart
         await wait_until_sockets_work(a, conversation, headers)

@@ -33,8 +33,29 @@ async def open_socket(user, conversation, *, after_seq=None, headers=None, origi
     return communicator, connected
 
 
-async def receive(communicator, timeout=2):
-    return json.loads(await communicator.receive_from(timeout=timeout))
+async def receive(communicator, timeout=2, skip=("presence",)):
+    """The next frame, passing over presence frames unless a test asks for them."""
+    while True:
+        frame = json.loads(await communicator.receive_from(timeout=timeout))
+        if frame["type"] not in skip:
+            return frame
+
+
+async def expect_close(communicator, code, timeout=1):
+    while True:
+        output = await communicator.receive_output(timeout=timeout)
+        if output["type"] == "websocket.close":
+            assert output == {"type": "websocket.close", "code": code}
+            return
+        assert json.loads(output["text"])["type"] == "presence", output
+
+
+async def nothing_but_presence(communicator, timeout=0.2):
+    while not await communicator.receive_nothing(timeout):
+        frame = json.loads(await communicator.receive_from())
+        if frame["type"] != "presence":
+            return False
+    return True
 
 
 async def receive_messages(communicator, count, timeout=3):
@@ -146,7 +167,7 @@ class TestDelivery:
         assert new["message"]["seq"] == 1 and new["message"]["content"] == "hello"
         for socket in (b1, b2):
             assert await receive_messages(socket, 1) == [new["message"]]
-            assert await socket.receive_nothing(0.1)
+            assert await nothing_but_presence(socket, 0.1)
         stored = await database_sync_to_async(get_message_store().get)(conversation.id, 1)
         assert stored.as_dict() == new["message"]
         for socket in (a, b1, b2):
@@ -239,7 +260,7 @@ class TestDelivery:
         await database_sync_to_async(services.participant_remove)(
             actor=alice, conversation_id=conversation.id, user_id=bob.pk
         )
-        assert await b.receive_output(timeout=2) == {"type": "websocket.close", "code": 4403}
+        await expect_close(b, 4403, timeout=2)
         await b.disconnect(code=4403)  # what the server's transport reports once the socket is closed
 
     async def test_connect_disconnect_churn_leaves_no_group_membership(self, trio):
@@ -321,7 +342,7 @@ class TestFrames:
         await receive(a), await receive(b)
         await a.send_json_to({"type": "typing"})
         assert await receive(b) == {"type": "typing", "user_id": str(alice.pk)}
-        assert await a.receive_nothing(0.2)
+        assert await nothing_but_presence(a)
         await a.disconnect()
         await b.disconnect()
 
@@ -344,7 +365,7 @@ class TestRevocation:
         await receive(b)
         started = asyncio.get_running_loop().time()
         await database_sync_to_async(services.ban_create)(actor=alice, conversation=conversation, user=bob)
-        assert await b.receive_output(timeout=1) == {"type": "websocket.close", "code": 4403}
+        await expect_close(b, 4403)
         assert asyncio.get_running_loop().time() - started < 1
         await b.disconnect(code=4403)
         assert not (await open_socket(bob, conversation))[1]
@@ -361,7 +382,26 @@ class TestRevocation:
             await receive(socket)
         await database_sync_to_async(user_deactivate)(user=bob)
         for socket in (on_first, on_second):
-            assert await socket.receive_output(timeout=1) == {"type": "websocket.close", "code": 4403}
+            await expect_close(socket, 4403)
             await socket.disconnect(code=4403)
-        assert await bystander.receive_nothing(0.2)
+        assert await nothing_but_presence(bystander)
         await bystander.disconnect()
+
+
+class TestPresence:
+    async def test_online_and_offline_per_conversation(self, trio):
+        alice, bob, _, conversation = trio
+        a, _ = await open_socket(alice, conversation)
+        await receive(a)
+        b1, _ = await open_socket(bob, conversation)
+        await receive(b1)
+        online = {"type": "presence", "user_id": str(bob.pk), "online": True}
+        assert await receive(a, skip=()) == online
+        assert await receive(b1, skip=()) == {"type": "presence", "user_id": str(alice.pk), "online": True}
+        b2, _ = await open_socket(bob, conversation)  # a second device: no new event
+        await receive(b2)
+        await b1.disconnect()
+        assert await a.receive_nothing(0.2)
+        await b2.disconnect()  # the last one: offline
+        assert await receive(a, skip=()) == {"type": "presence", "user_id": str(bob.pk), "online": False}
+        await a.disconnect()

@@ -1,0 +1,147 @@
+"""Who is online in a conversation, across processes.
+
+Each open socket holds an entry "<user hex>:<channel name>" in a Redis sorted set per conversation,
+scored by when it expires; the socket refreshes it while open. A user is online while any of their
+entries is live. When a process dies its entries stop being refreshed and expire, and the next
+sweep by any live socket of the conversation announces those users offline. Without Redis the
+same rules run in this process (one process: its death takes every socket with it).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from functools import cache
+
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+ENTRY_TTL_SECONDS = 60
+REFRESH_SECONDS = 20
+
+# KEYS[1] conversation set; ARGV: member, expires, now, user prefix, key ttl ms.
+# Returns 1 when this entry brings the user online (no other live entry of theirs).
+_JOIN = """
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
+local online = false
+for _, m in ipairs(live) do
+  if m ~= ARGV[1] and string.sub(m, 1, #ARGV[4]) == ARGV[4] then online = true break end
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if online then return 0 else return 1 end
+"""
+
+# KEYS[1]; ARGV: member, now, user prefix. Returns 1 when the user has no live entry left.
+_LEAVE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')
+for _, m in ipairs(live) do
+  if string.sub(m, 1, #ARGV[3]) == ARGV[3] then return 0 end
+end
+return 1
+"""
+
+# KEYS[1]; ARGV: member, expires, now, key ttl ms. Refreshes the entry, drops expired ones and
+# returns the users (hex) who have no live entry left.
+_SWEEP = """
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+if #expired == 0 then return {} end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
+local alive = {}
+for _, m in ipairs(live) do alive[string.sub(m, 1, 32)] = true end
+local gone, seen = {}, {}
+for _, m in ipairs(expired) do
+  local user = string.sub(m, 1, 32)
+  if not alive[user] and not seen[user] then seen[user] = true table.insert(gone, user) end
+end
+return gone
+"""
+
+
+def _key(conversation_id: uuid.UUID) -> str:
+    return f"chat:presence:{conversation_id.hex}"
+
+
+def _member(user_id: uuid.UUID, channel: str) -> str:
+    return f"{user_id.hex}:{channel}"
+
+
+class RedisPresence:
+    def __init__(self, url: str, ttl: float = ENTRY_TTL_SECONDS) -> None:
+        self.url = url
+        self.ttl = ttl
+        self._clients: dict[asyncio.AbstractEventLoop, object] = {}
+
+    def _client(self):
+        # redis.asyncio clients belong to the event loop they were made on.
+        loop = asyncio.get_running_loop()
+        if loop not in self._clients:
+            import redis.asyncio
+
+            self._clients[loop] = redis.asyncio.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        return self._clients[loop]
+
+    async def join(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
+        now = time.time()
+        result = await self._client().eval(
+            _JOIN, 1, _key(conversation_id), _member(user_id, channel), now + self.ttl, now,
+            f"{user_id.hex}:", int(self.ttl * 2000),
+        )
+        return result == 1
+
+    async def leave(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
+        result = await self._client().eval(
+            _LEAVE, 1, _key(conversation_id), _member(user_id, channel), time.time(), f"{user_id.hex}:"
+        )
+        return result == 1
+
+    async def refresh(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> list[uuid.UUID]:
+        now = time.time()
+        gone = await self._client().eval(
+            _SWEEP, 1, _key(conversation_id), _member(user_id, channel), now + self.ttl, now, int(self.ttl * 2000)
+        )
+        return [uuid.UUID(user.decode() if isinstance(user, bytes) else user) for user in gone]
+
+    async def online(self, conversation_id: uuid.UUID) -> set[uuid.UUID]:
+        members = await self._client().zrangebyscore(_key(conversation_id), time.time(), "+inf")
+        return {uuid.UUID((m.decode() if isinstance(m, bytes) else m)[:32]) for m in members}
+
+
+class LocalPresence:
+    """The same contract within one process."""
+
+    def __init__(self) -> None:
+        self._channels: dict[uuid.UUID, dict[uuid.UUID, set[str]]] = defaultdict(lambda: defaultdict(set))
+
+    async def join(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
+        channels = self._channels[conversation_id][user_id]
+        channels.add(channel)
+        return len(channels) == 1
+
+    async def leave(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
+        users = self._channels[conversation_id]
+        users[user_id].discard(channel)
+        if users[user_id]:
+            return False
+        del users[user_id]
+        if not users:
+            del self._channels[conversation_id]
+        return True
+
+    async def refresh(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> list[uuid.UUID]:
+        return []
+
+    async def online(self, conversation_id: uuid.UUID) -> set[uuid.UUID]:
+        return set(self._channels.get(conversation_id, {}))
+
+
+@cache
+def get_presence() -> RedisPresence | LocalPresence:
+    return RedisPresence(settings.REDIS_URL) if settings.REDIS_URL else LocalPresence()
