@@ -12,7 +12,10 @@ class ApiRoot(APIView):
 
     @extend_schema(exclude=True)
     def get(self, request):
-        names = ["register", "token", "ws-ticket", "me", "user-search", "conversation-list", "message-send"]
+        names = [
+            "register", "token", "ws-ticket", "me", "user-search", "conversation-list", "message-send",
+            "push-device-list",
+        ]
         links = {name: reverse(name, request=request) for name in names}
         links["schema"] = reverse("schema", request=request)
         links["docs"] = reverse("docs", request=request)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 import dj_database_url
@@ -116,7 +117,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     # Tests use a file too: shared-cache in-memory SQLite fails concurrent writers with "table is
     # locked" instead of queueing them, which is not how the service behaves.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "test-db.sqlite3")}
+    # One file per test process, so concurrent test runs never share (and corrupt) one database.
+    DATABASES["default"]["TEST"] = {"NAME": os.path.join(tempfile.gettempdir(), f"chat-test-{os.getpid()}.sqlite3")}
 
 AUTH_USER_MODEL = "accounts.User"
 AUTH_PASSWORD_VALIDATORS = [
@@ -161,6 +163,11 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # Conversation.kind and Device.kind are different enums that would otherwise share a name.
+    "ENUM_NAME_OVERRIDES": {
+        "KindEnum": "chat.models.Conversation.Kind",
+        "DeviceKindEnum": "notifications.models.Device.Kind",
+    },
     # Swagger UI served from our own static files: the docs work without reaching a CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -170,10 +177,22 @@ SPECTACULAR_SETTINGS = {
 # Channel layer: in-process for one process, Redis for several.
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if REDIS_URL:
+    # The pub/sub layer: one PUBLISH per message whatever the group size, no per-process capacity
+    # that silently drops, and consumers survive a Redis restart (docs/channel-layer.md has the
+    # measurements). Short socket timeouts so a hung Redis cannot hold sends behind it.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 60},
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "socket_connect_timeout": 1,
+                        "socket_timeout": 2,
+                        "health_check_interval": 5,
+                    }
+                ],
+            },
         }
     }
 else:
@@ -187,6 +206,9 @@ CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 20)
 CHAT_ALLOW_REGISTRATION = env_bool("CHAT_ALLOW_REGISTRATION", True)
 CHAT_PUSH_BACKEND = os.environ.get("CHAT_PUSH_BACKEND", "log")
 CHAT_MAX_REPLAY = env_int("CHAT_MAX_REPLAY", 1000)
+# Unread bytes a client may leave on the server before it is closed with 4008. Above the largest
+# frame (a 10 MiB message) so a healthy client on a slow link is not cut off by one big message.
+CHAT_MAX_OUTBOUND_BYTES = env_int("CHAT_MAX_OUTBOUND_BYTES", 16 * 1024 * 1024)
 CHAT_WS_TICKET_TTL = 60
 CHAT_MAX_GROUP_PARTICIPANTS = env_int("CHAT_MAX_GROUP_PARTICIPANTS", 1000)
 
@@ -198,3 +220,92 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"django.channels.server": {"level": "WARNING"}},
 }
+
+# ============================== Cassandra message store (docs/cassandra.md) ==============================
+# Plain values and a factory, always defined: `manage.py cassandra_schema` and the tests use them. The
+# database alias and django-cassandra-engine are registered only when CHAT_MESSAGE_STORE=cassandra,
+# so the default run (SQLite, sql store) never opens a connection to Cassandra.
+from typing import Any  # noqa: E402
+
+from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy  # noqa: E402
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+
+CASSANDRA_CONSISTENCY_LEVELS = {"ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE"}
+
+
+def _cassandra_replication(value: str) -> dict[str, str | int]:
+    """CASSANDRA_REPLICATION as a CQL replication map. Formats: `SimpleStrategy:<rf>` (one data
+    centre) or `NetworkTopologyStrategy:<dc>=<rf>[,<dc>=<rf>...]`, e.g. `NetworkTopologyStrategy:dc1=3`."""
+    strategy, _, factors = value.strip().partition(":")
+    try:
+        if strategy == "SimpleStrategy":
+            return {"class": strategy, "replication_factor": int(factors)}
+        if strategy == "NetworkTopologyStrategy" and factors:
+            per_dc = (item.split("=", 1) for item in factors.split(","))
+            return {"class": strategy, **{dc.strip(): int(rf) for dc, rf in per_dc}}
+    except ValueError:
+        pass
+    raise ImproperlyConfigured(
+        f"CASSANDRA_REPLICATION={value!r}: use SimpleStrategy:<rf> or NetworkTopologyStrategy:<dc>=<rf>[,...]"
+    )
+
+
+CASSANDRA_HOSTS = env_list("CASSANDRA_HOSTS", "127.0.0.1")
+CASSANDRA_PORT = env_int("CASSANDRA_PORT", 9042)
+CASSANDRA_KEYSPACE = os.environ.get("CASSANDRA_KEYSPACE") or "chat"
+CASSANDRA_REPLICATION = _cassandra_replication(os.environ.get("CASSANDRA_REPLICATION") or "SimpleStrategy:1")
+# Used for every read and write; lightweight transactions add LOCAL_SERIAL for their Paxos round.
+CASSANDRA_CONSISTENCY = (os.environ.get("CASSANDRA_CONSISTENCY") or "LOCAL_QUORUM").upper()
+if CASSANDRA_CONSISTENCY not in CASSANDRA_CONSISTENCY_LEVELS:
+    raise ImproperlyConfigured(f"CASSANDRA_CONSISTENCY must be one of {sorted(CASSANDRA_CONSISTENCY_LEVELS)}")
+# The data centre this process lives in (LOCAL_QUORUM counts its replicas); empty = the first
+# contact point's, which is right when CASSANDRA_HOSTS lists local nodes only.
+CASSANDRA_LOCAL_DC = os.environ.get("CASSANDRA_LOCAL_DC", "")
+# Seconds: the longest a store call waits for Cassandra (each request, and each connection attempt)
+# before the send fails fast with 503 instead of holding a worker.
+CASSANDRA_REQUEST_TIMEOUT = float(os.environ.get("CASSANDRA_REQUEST_TIMEOUT") or 2.0)
+
+
+def _cassandra_database(keyspace: str) -> dict[str, Any]:
+    """A django-cassandra-engine DATABASES entry for `keyspace`. A function, because each driver
+    Cluster needs its own policy objects (they hold per-cluster state) and the library pops keys
+    out of the OPTIONS it is given. lazy_connect + retry_connect: the process starts with Cassandra
+    down and connects on first use, retrying on later uses until it succeeds. The reconnection
+    policy caps the driver's retry delay for a node that went down at 5 s (the default grows to
+    10 min), so the service heals by itself within seconds of Cassandra's return."""
+    replication = (
+        {"strategy_class": "SimpleStrategy", "replication_factor": CASSANDRA_REPLICATION["replication_factor"]}
+        if CASSANDRA_REPLICATION["class"] == "SimpleStrategy"
+        else {"strategy_class": "NetworkTopologyStrategy"}
+        | {dc: rf for dc, rf in CASSANDRA_REPLICATION.items() if dc != "class"}
+    )
+    return {
+        "ENGINE": "django_cassandra_engine",
+        "NAME": keyspace,
+        "HOST": ",".join(CASSANDRA_HOSTS),
+        "OPTIONS": {
+            "replication": replication,
+            "connection": {
+                "port": CASSANDRA_PORT,
+                "lazy_connect": True,
+                "retry_connect": True,
+                "connect_timeout": CASSANDRA_REQUEST_TIMEOUT,
+                "control_connection_timeout": CASSANDRA_REQUEST_TIMEOUT,
+                "reconnection_policy": ExponentialReconnectionPolicy(base_delay=0.5, max_delay=5.0),
+                # Token aware: each statement goes straight to a replica of its partition.
+                "load_balancing_policy": TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=CASSANDRA_LOCAL_DC)),
+            },
+            # Applied by django-cassandra-engine to the driver's Session: bounds statement
+            # preparation too (the store passes the same timeout to each execute).
+            "session": {"default_timeout": CASSANDRA_REQUEST_TIMEOUT},
+        },
+    }
+
+
+# keyspace -> DATABASES entry; the schema command and the store's tests connect through it.
+CASSANDRA_DATABASE_FOR = _cassandra_database
+if CHAT_MESSAGE_STORE == "cassandra":
+    DATABASES["cassandra"] = _cassandra_database(CASSANDRA_KEYSPACE)
+    # For its `sync_cassandra` command, the library's equivalent of `manage.py cassandra_schema`.
+    INSTALLED_APPS.append("django_cassandra_engine")
+# ============================ end of Cassandra message store settings ============================
