@@ -62,6 +62,13 @@ class SendResult:
     rate: RateDecision | None = None
 
 
+def now_ms():
+    """The current time at the precision every message store keeps (Cassandra: milliseconds), so a
+    message reads back exactly as it was acknowledged."""
+    now = timezone.now()
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
 def check_message_input(
     *, content: object, message_type: object = "text", is_encrypted: object = False, metadata: object = None
 ) -> MessageInput:
@@ -183,7 +190,7 @@ def message_send(
                 message_type=body.message_type,
                 is_encrypted=body.is_encrypted,
                 metadata=body.metadata,
-                sent_at=timezone.now(),
+                sent_at=now_ms(),
             )
             store.insert(message, idempotency_key=idempotency_key)
             # Your own message is read by you: unread counts never include it.
