@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 # so no client can make the server buffer more than that.
 DAPHNE_ARGS ?= --websocket-max-message-size 2097152 --websocket-max-frame-size 2097152
 
-.PHONY: run test install migrate services services-stop services-status clean
+.PHONY: run test install migrate cassandra-schema services services-stop services-status clean
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -23,8 +23,12 @@ migrate: install
 	$(PY) manage.py migrate --noinput
 
 run: migrate
+	@if [ "$$CHAT_MESSAGE_STORE" = cassandra ]; then $(PY) manage.py cassandra_schema; fi
 	$(PY) manage.py collectstatic --noinput --verbosity 0
 	$(VENV)/bin/daphne $(DAPHNE_ARGS) -b $(HOST) -p $(PORT) chatproject.asgi:application
+
+cassandra-schema: install
+	$(PY) manage.py cassandra_schema
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -60,6 +60,46 @@ class Ban(models.Model):
         constraints = [models.UniqueConstraint(fields=["conversation", "user"], name="ban_unique")]
 
 
+
+class Report(models.Model):
+    """A participant's report of a message, queued for the moderators in the admin."""
+
+    class Status(models.TextChoices):
+        OPEN = "open"
+        RESOLVED = "resolved"
+        DISMISSED = "dismissed"
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="reports")
+    seq = models.BigIntegerField()
+    message_id = models.UUIDField()
+    # The reported message's author and content as they were when reported: the sender may edit or
+    # delete the message afterwards, and the moderator must still see what was reported.
+    sender = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    reported_content = models.TextField()
+    reporter = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    reason = models.CharField(max_length=1000)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.OPEN)
+    created_at = models.DateTimeField(auto_now_add=True)
+    handled_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    handled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            # One open report per reporter and message: reporting again does not flood the queue.
+            models.UniqueConstraint(
+                fields=["conversation", "seq", "reporter"],
+                condition=models.Q(status="open"),
+                name="report_open_unique",
+            )
+        ]
+        indexes = [models.Index(fields=["status", "created_at"], name="report_queue")]
+
+    def __str__(self) -> str:
+        return f"Report #{self.pk} on message {self.seq} of {self.conversation_id}"
+
+
 # Tables of the `sql` message store (chat.store.sql). The `cassandra` store keeps the same data in
 # Cassandra; these stay empty there.
 
@@ -91,3 +131,7 @@ class SqlIdempotencyKey(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["sender_id", "key"], name="sqlidempotency_sender_key")]
+
+# The Cassandra tables (cqlengine models) must be attributes of this module: django-cassandra-engine's
+# `sync_cassandra` looks for them only in each app's models module.
+from chat.cassandra_models import CassandraConversationBucket, CassandraIdempotencyKey, CassandraMessage, CassandraMessageById  # noqa: F401,E402,E501

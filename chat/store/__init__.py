@@ -95,6 +95,21 @@ class MessageStore(abc.ABC):
         newest `limit` below before_seq (or overall). has_more: more exist in the paged direction."""
 
     @abc.abstractmethod
+    def edit(
+        self, conversation_id: uuid.UUID, seq: int, content: str, edited_at: datetime
+    ) -> Message | None:
+        """Replace the content of a message and stamp edited_at; returns the message as stored now.
+
+        None for an unknown message. A deleted message stays a tombstone: it is returned unchanged."""
+
+    @abc.abstractmethod
+    def tombstone(self, conversation_id: uuid.UUID, seq: int) -> Message | None:
+        """Delete a message's content, keeping its place: content "", metadata {} (it describes the
+        content: file names, sizes, links), deleted=True; id, seq, sender and times stay.
+
+        Returns the tombstone (also when it already was one), or None for an unknown message."""
+
+    @abc.abstractmethod
     def claim_idempotency(
         self, *, sender_id: uuid.UUID, key: str, request_hash: str, message_id: uuid.UUID
     ) -> IdempotencyRecord | None:

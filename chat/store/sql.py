@@ -89,6 +89,24 @@ class SqlMessageStore(MessageStore):
             raise StoreError(str(exc)) from exc
         return HistoryPage(messages=[_to_message(row) for row in page], has_more=has_more)
 
+    def edit(self, conversation_id, seq, content, edited_at) -> Message | None:
+        try:
+            SqlMessage.objects.filter(conversation_id=conversation_id, seq=seq, deleted=False).update(
+                content=content, edited_at=edited_at
+            )
+            return self.get(conversation_id, seq)
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def tombstone(self, conversation_id, seq) -> Message | None:
+        try:
+            SqlMessage.objects.filter(conversation_id=conversation_id, seq=seq).update(
+                content="", metadata={}, deleted=True
+            )
+            return self.get(conversation_id, seq)
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+
     def claim_idempotency(self, *, sender_id, key, request_hash, message_id) -> IdempotencyRecord | None:
         now = timezone.now()
         try:

@@ -1,0 +1,107 @@
+"""The Cassandra schema of the message store, as cqlengine models (docs/cassandra.md).
+
+The models only describe the tables: the store (chat.store.cassandra) reads and writes them with
+prepared statements, which are much cheaper per call than cqlengine queries. `sync_schema` is the
+one place that creates the schema: `manage.py cassandra_schema` and the contract tests both call it.
+chat.models imports these classes so that django-cassandra-engine's `sync_cassandra` finds them too.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from cassandra.cqlengine import columns, management
+from cassandra.cqlengine.models import Model
+
+if TYPE_CHECKING:
+    from django_cassandra_engine.connection import CassandraConnection
+
+
+class CassandraMessage(Model):
+    """messages_by_conversation: history pages are clustering-key range scans of one partition.
+
+    The partition is (conversation, bucket) with bucket = seq // bucket size, so a busy conversation
+    spreads over many bounded partitions instead of one that grows forever."""
+
+    __table_name__ = "messages_by_conversation"
+
+    conversation_id = columns.UUID(partition_key=True)
+    bucket = columns.BigInt(partition_key=True)
+    seq = columns.BigInt(primary_key=True, clustering_order="ASC")
+    message_id = columns.UUID(required=True)
+    sender_id = columns.UUID(required=True)
+    content = columns.Text(required=True)
+    message_type = columns.Text(required=True)
+    is_encrypted = columns.Boolean(required=True)
+    # JSON text: Cassandra has no JSON column type, and a map<text,text> cannot nest.
+    metadata = columns.Text(required=True)
+    sent_at = columns.DateTime(required=True)
+    edited_at = columns.DateTime()
+    deleted = columns.Boolean(required=True)
+
+
+class CassandraMessageById(Model):
+    """messages_by_id: where a message id lives. A pointer, not a copy, so edits and tombstones
+    write one row and get_by_id can never return a stale copy."""
+
+    __table_name__ = "messages_by_id"
+
+    message_id = columns.UUID(partition_key=True)
+    conversation_id = columns.UUID(required=True)
+    seq = columns.BigInt(required=True)
+
+
+class CassandraConversationBucket(Model):
+    """conversation_buckets: the buckets of a conversation that hold messages, newest first.
+
+    The newest page reads the first row to know where to start; page walks list the buckets in
+    their range, so a bucket with no messages costs nothing. One row per bucket (about one write
+    per bucket size messages), so the partition stays tiny."""
+
+    __table_name__ = "conversation_buckets"
+
+    conversation_id = columns.UUID(partition_key=True)
+    bucket = columns.BigInt(primary_key=True, clustering_order="DESC")
+
+
+class CassandraIdempotencyKey(Model):
+    """idempotency_keys: one claim per (sender, key), written with a TTL and changed only by
+    lightweight transactions, so concurrent requests with one key agree on a single winner."""
+
+    __table_name__ = "idempotency_keys"
+
+    sender_id = columns.UUID(partition_key=True)
+    key = columns.Text(partition_key=True)
+    request_hash = columns.Text(required=True)
+    message_id = columns.UUID(required=True)
+    completed = columns.Boolean(required=True)
+    created_at = columns.DateTime(required=True)
+
+
+SCHEMA_MODELS: tuple[type[Model], ...] = (
+    CassandraMessage,
+    CassandraMessageById,
+    CassandraConversationBucket,
+    CassandraIdempotencyKey,
+)
+
+
+def replication_cql(replication: dict[str, str | int]) -> str:
+    """A CQL replication map literal, e.g. {'class': 'SimpleStrategy', 'replication_factor': 1}."""
+    return "{" + ", ".join(f"'{name}': {value!r}" for name, value in replication.items()) + "}"
+
+
+def sync_schema(connection: CassandraConnection, replication: dict[str, str | int]) -> list[str]:
+    """Create the keyspace (if missing) and create or extend every table; safe to run again.
+
+    Returns the names of the tables synced. An existing keyspace keeps its replication: changing
+    replication on a live cluster is an operator's ALTER KEYSPACE plus a repair, not a side effect."""
+    # cqlengine refuses schema changes without it (a warning today, an error in future versions).
+    os.environ.setdefault(management.CQLENG_ALLOW_SCHEMA_MANAGEMENT, "1")
+    keyspace = connection.keyspace
+    connection.session.execute(
+        f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication_cql(replication)}"
+    )
+    for model in SCHEMA_MODELS:
+        management.sync_table(model, keyspaces=[keyspace], connections=[connection.alias])
+    return [model.__table_name__ for model in SCHEMA_MODELS]

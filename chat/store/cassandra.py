@@ -1,0 +1,405 @@
+"""The `cassandra` message store (production). Same contract as chat.store.sql; schema and design
+in chat/cassandra_models.py and docs/cassandra.md.
+
+The connection comes from django-cassandra-engine (the `cassandra` database alias); the hot path
+uses statements prepared once per store instance. Every driver failure becomes StoreError within
+CASSANDRA_REQUEST_TIMEOUT, so a send fails fast with 503 and the driver keeps reconnecting behind.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone as dt_timezone
+from typing import Any
+
+from cassandra import ConsistencyLevel, DriverException, OperationTimedOut
+from cassandra.cluster import NoHostAvailable, ResponseFuture, ResultSet, Session
+from cassandra.connection import ConnectionException
+from cassandra.cqlengine import CQLEngineException
+from cassandra.query import PreparedStatement
+from django.conf import settings
+from django.utils import timezone
+from django_cassandra_engine.connection import CassandraConnection
+
+from chat.store import (
+    IDEMPOTENCY_CLAIM_LEASE_SECONDS,
+    IDEMPOTENCY_TTL_SECONDS,
+    HistoryPage,
+    IdempotencyRecord,
+    Message,
+    MessageStore,
+    StoreError,
+)
+
+# Messages per partition of messages_by_conversation. A text message is at most 10 kB and
+# typically well under 1 kB, so a full bucket is about 0.1-1 MB: far below the partition sizes
+# where Cassandra compaction and repair suffer, while a 50-message page touches one or two
+# partitions. Fixed for the life of a keyspace: bucket = seq // BUCKET_SIZE is how rows are found.
+BUCKET_SIZE = 1000
+DATABASE_ALIAS = "cassandra"
+
+# Everything the driver raises for an unreachable, overloaded or misconfigured cluster.
+DRIVER_ERRORS = (DriverException, NoHostAvailable, OperationTimedOut, ConnectionException, CQLEngineException, OSError)
+# After a failed connection attempt, calls fail at once for this long instead of each trying to
+# connect again: a burst of sends during an outage must not queue up behind connect timeouts.
+_CONNECT_RETRY_SECONDS = 1.0
+_MAX_SEQ = 2**63 - 1
+# Bucket ids are read from conversation_buckets in chunks of this many rows.
+_BUCKET_CHUNK = 100
+# (conversation, bucket) pairs this process has already recorded in conversation_buckets.
+_MARKED_BUCKETS_CACHED = 100_000
+_MESSAGE_COLUMNS = (
+    "conversation_id, seq, message_id, sender_id, content, message_type, is_encrypted, metadata, "
+    "sent_at, edited_at, deleted"
+)
+_IDEMPOTENCY_COLUMNS = "request_hash, message_id, completed, created_at"
+
+
+def open_connection(alias: str, keyspace: str) -> CassandraConnection:
+    """A django-cassandra-engine connection to `keyspace` with the project's CASSANDRA_* settings,
+    for code that must not depend on the `cassandra` database alias (schema command, tests)."""
+    return CassandraConnection(alias, **settings.CASSANDRA_DATABASE_FOR(keyspace))
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # The driver returns naive datetimes in UTC.
+    return value.replace(tzinfo=dt_timezone.utc) if value is not None else None
+
+
+def _to_message(row: dict[str, Any]) -> Message:
+    return Message(
+        message_id=row["message_id"],
+        conversation_id=row["conversation_id"],
+        seq=row["seq"],
+        sender_id=row["sender_id"],
+        content=row["content"],
+        message_type=row["message_type"],
+        is_encrypted=row["is_encrypted"],
+        metadata=json.loads(row["metadata"]),
+        sent_at=_utc(row["sent_at"]),
+        edited_at=_utc(row["edited_at"]),
+        deleted=row["deleted"],
+    )
+
+
+@dataclass(frozen=True)
+class _Statements:
+    insert_message: PreparedStatement
+    insert_pointer: PreparedStatement
+    insert_bucket: PreparedStatement
+    get_message: PreparedStatement
+    get_pointer: PreparedStatement
+    page_ascending: PreparedStatement
+    page_descending: PreparedStatement
+    buckets_ascending: PreparedStatement
+    buckets_descending: PreparedStatement
+    edit: PreparedStatement
+    tombstone: PreparedStatement
+    claim: PreparedStatement
+    complete: PreparedStatement
+    take_over: PreparedStatement
+    read_claim: PreparedStatement
+    release: PreparedStatement
+
+
+class CassandraMessageStore(MessageStore):
+    def __init__(
+        self,
+        *,
+        connection: CassandraConnection | None = None,
+        bucket_size: int = BUCKET_SIZE,
+        clock: Callable[[], datetime] = timezone.now,
+    ) -> None:
+        """`connection` defaults to the `cassandra` database alias; `bucket_size` and `clock` exist
+        for tests (small buckets to cross boundaries, a clock to age idempotency claims)."""
+        self._connection = connection
+        self._bucket_size = bucket_size
+        self._clock = clock
+        self._consistency = ConsistencyLevel.name_to_value[settings.CASSANDRA_CONSISTENCY]
+        self._timeout = settings.CASSANDRA_REQUEST_TIMEOUT
+        self._lock = threading.Lock()
+        self._session: Session | None = None
+        self._statements: _Statements | None = None
+        self._connect_failed_at = float("-inf")
+        self._marked_buckets: OrderedDict[tuple[uuid.UUID, int], None] = OrderedDict()
+
+    # --- connection and statements -------------------------------------------------------------
+
+    def _prepared(self) -> _Statements:
+        statements = self._statements
+        if statements is not None:
+            return statements
+        with self._lock:
+            if self._statements is None:
+                if time.monotonic() - self._connect_failed_at < _CONNECT_RETRY_SECONDS:
+                    raise StoreError("Cassandra is unreachable (last connection attempt failed just now)")
+                try:
+                    connection = self._connection
+                    if connection is None:
+                        from django.db import connections
+
+                        connection = connections[DATABASE_ALIAS].connection
+                    session = connection.session
+                    self._statements = self._prepare(session, connection.keyspace)
+                    self._session = session
+                except DRIVER_ERRORS as exc:
+                    self._connect_failed_at = time.monotonic()
+                    raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
+            return self._statements
+
+    def _prepare(self, session: Session, keyspace: str) -> _Statements:
+        def prepare(cql: str, *, lwt: bool = False) -> PreparedStatement:
+            statement = session.prepare(cql.replace("{ks}", keyspace))
+            statement.consistency_level = self._consistency
+            if lwt:
+                statement.serial_consistency_level = ConsistencyLevel.LOCAL_SERIAL
+            return statement
+
+        by_conversation = "{ks}.messages_by_conversation"
+        page = (
+            f"SELECT {_MESSAGE_COLUMNS} FROM {by_conversation} WHERE conversation_id = ? AND bucket = ? "
+            "AND seq > ? AND seq < ? ORDER BY seq {order} LIMIT ?"
+        )
+        buckets = (
+            "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation_id = ? AND bucket >= ? "
+            "AND bucket <= ? ORDER BY bucket {order} LIMIT ?"
+        )
+        read_claim = prepare(
+            f"SELECT {_IDEMPOTENCY_COLUMNS} FROM {{ks}}.idempotency_keys WHERE sender_id = ? AND key = ?"
+        )
+        # A linearizable read: it sees every lightweight transaction that won before it.
+        read_claim.consistency_level = ConsistencyLevel.LOCAL_SERIAL
+        return _Statements(
+            insert_message=prepare(
+                f"INSERT INTO {by_conversation} (bucket, {_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            insert_pointer=prepare(
+                "INSERT INTO {ks}.messages_by_id (message_id, conversation_id, seq) VALUES (?, ?, ?)"
+            ),
+            insert_bucket=prepare("INSERT INTO {ks}.conversation_buckets (conversation_id, bucket) VALUES (?, ?)"),
+            get_message=prepare(
+                f"SELECT {_MESSAGE_COLUMNS} FROM {by_conversation} WHERE conversation_id = ? AND bucket = ? AND seq = ?"
+            ),
+            get_pointer=prepare("SELECT conversation_id, seq FROM {ks}.messages_by_id WHERE message_id = ?"),
+            page_ascending=prepare(page.replace("{order}", "ASC")),
+            page_descending=prepare(page.replace("{order}", "DESC")),
+            buckets_ascending=prepare(buckets.replace("{order}", "ASC")),
+            buckets_descending=prepare(buckets.replace("{order}", "DESC")),
+            # Conditional, so that an edit cannot bring back the content of a tombstone and neither
+            # can create a row for an unknown seq (an UPDATE is an upsert in Cassandra).
+            edit=prepare(
+                f"UPDATE {by_conversation} SET content = ?, edited_at = ? "
+                "WHERE conversation_id = ? AND bucket = ? AND seq = ? IF deleted = false",
+                lwt=True,
+            ),
+            tombstone=prepare(
+                f"UPDATE {by_conversation} SET content = '', metadata = '{{}}', deleted = true "
+                "WHERE conversation_id = ? AND bucket = ? AND seq = ? IF EXISTS",
+                lwt=True,
+            ),
+            # Every write to idempotency_keys is a lightweight transaction: mixing them with plain
+            # writes on the same row would let a plain write slip past a Paxos decision.
+            claim=prepare(
+                "INSERT INTO {ks}.idempotency_keys (sender_id, key, request_hash, message_id, completed, created_at) "
+                "VALUES (?, ?, ?, ?, false, ?) IF NOT EXISTS USING TTL ?",
+                lwt=True,
+            ),
+            # Only the claim of this very message: one taken over by a retry is not ours to complete.
+            complete=prepare(
+                "UPDATE {ks}.idempotency_keys USING TTL ? SET completed = true "
+                "WHERE sender_id = ? AND key = ? IF message_id = ?",
+                lwt=True,
+            ),
+            # Rewrites every cell, so that the whole row gets the new TTL.
+            take_over=prepare(
+                "UPDATE {ks}.idempotency_keys USING TTL ? "
+                "SET request_hash = ?, message_id = ?, created_at = ?, completed = false "
+                "WHERE sender_id = ? AND key = ? IF completed = false AND created_at = ?",
+                lwt=True,
+            ),
+            read_claim=read_claim,
+            release=prepare(
+                "DELETE FROM {ks}.idempotency_keys WHERE sender_id = ? AND key = ? IF completed = false", lwt=True
+            ),
+        )
+
+    def _execute(self, statement: PreparedStatement, params: tuple[Any, ...]) -> ResultSet:
+        try:
+            return self._session.execute(statement, params, timeout=self._timeout)
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
+
+    def _execute_all(self, requests: list[tuple[PreparedStatement, tuple[Any, ...]]]) -> None:
+        """Run independent writes concurrently: the call costs the slowest one, not their sum."""
+        try:
+            futures: list[ResponseFuture] = [
+                self._session.execute_async(statement, params, timeout=self._timeout) for statement, params in requests
+            ]
+            for future in futures:
+                future.result()
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
+
+    # --- messages --------------------------------------------------------------------------------
+
+    def insert(self, message: Message, *, idempotency_key: str | None = None) -> None:
+        statements = self._prepared()
+        bucket = message.seq // self._bucket_size
+        writes = [
+            (
+                statements.insert_message,
+                (
+                    bucket,
+                    message.conversation_id,
+                    message.seq,
+                    message.message_id,
+                    message.sender_id,
+                    message.content,
+                    message.message_type,
+                    message.is_encrypted,
+                    json.dumps(message.metadata, separators=(",", ":"), ensure_ascii=False),
+                    message.sent_at,
+                    message.edited_at,
+                    message.deleted,
+                ),
+            ),
+            (statements.insert_pointer, (message.message_id, message.conversation_id, message.seq)),
+        ]
+        marker = (message.conversation_id, bucket)
+        # Recorded when this process first writes to a bucket; re-recording one is harmless (an
+        # upsert of the same row), forgetting one would hide its messages from the newest page.
+        if marker not in self._marked_buckets:
+            writes.append((statements.insert_bucket, marker))
+        self._execute_all(writes)
+        with self._lock:
+            self._marked_buckets[marker] = None
+            if len(self._marked_buckets) > _MARKED_BUCKETS_CACHED:
+                self._marked_buckets.popitem(last=False)
+        if idempotency_key is not None:
+            # The claim's other cells expire IDEMPOTENCY_TTL_SECONDS after the claim; the completed
+            # flag must not outlive them (a row of nothing but `completed` would answer later claims
+            # with no hash), so it expires a lease earlier. In that last stretch the claim looks
+            # stale, and a stale claim whose message exists is reported completed anyway.
+            self._execute(
+                statements.complete,
+                (IDEMPOTENCY_TTL_SECONDS - IDEMPOTENCY_CLAIM_LEASE_SECONDS, message.sender_id, idempotency_key, message.message_id),
+            )
+
+    def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None:
+        statements = self._prepared()
+        row = self._execute(statements.get_message, (conversation_id, seq // self._bucket_size, seq)).one()
+        return _to_message(row) if row else None
+
+    def get_by_id(self, message_id: uuid.UUID) -> Message | None:
+        statements = self._prepared()
+        pointer = self._execute(statements.get_pointer, (message_id,)).one()
+        if pointer is None:
+            return None
+        message = self.get(pointer["conversation_id"], pointer["seq"])
+        # A send whose relational transaction rolled back after this insert leaves a pointer to a
+        # seq that the next send reuses: that row is then another message.
+        return message if message is not None and message.message_id == message_id else None
+
+    def history(
+        self,
+        conversation_id: uuid.UUID,
+        *,
+        after_seq: int | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> HistoryPage:
+        statements = self._prepared()
+        forward = after_seq is not None
+        low = after_seq if after_seq is not None else -1  # exclusive bounds
+        high = before_seq if before_seq is not None else _MAX_SEQ
+        if high - low <= 1:
+            return HistoryPage()
+        # One row more than asked for tells whether more exist in the paged direction.
+        wanted = limit + 1
+        page_statement = statements.page_ascending if forward else statements.page_descending
+        rows: list[dict[str, Any]] = []
+        buckets = self._buckets(
+            statements.buckets_ascending if forward else statements.buckets_descending,
+            conversation_id,
+            (low + 1) // self._bucket_size,
+            (high - 1) // self._bucket_size,
+        )
+        for bucket in buckets:
+            rows.extend(self._execute(page_statement, (conversation_id, bucket, low, high, wanted - len(rows))))
+            if len(rows) >= wanted:
+                break
+        messages = [_to_message(row) for row in rows[:limit]]
+        if not forward:
+            messages.reverse()
+        return HistoryPage(messages=messages, has_more=len(rows) > limit)
+
+    def _buckets(self, statement: PreparedStatement, conversation_id: uuid.UUID, first: int, last: int) -> Iterator[int]:
+        """The conversation's buckets within [first, last], in the statement's order, read in chunks."""
+        ascending = statement is self._prepared().buckets_ascending
+        while first <= last:
+            chunk = [row["bucket"] for row in self._execute(statement, (conversation_id, first, last, _BUCKET_CHUNK))]
+            yield from chunk
+            if len(chunk) < _BUCKET_CHUNK:
+                return
+            if ascending:
+                first = chunk[-1] + 1
+            else:
+                last = chunk[-1] - 1
+
+    def edit(self, conversation_id: uuid.UUID, seq: int, content: str, edited_at: datetime) -> Message | None:
+        statements = self._prepared()
+        self._execute(statements.edit, (content, edited_at, conversation_id, seq // self._bucket_size, seq))
+        # Not applied means unknown (None) or a tombstone (returned unchanged): the read tells which.
+        return self.get(conversation_id, seq)
+
+    def tombstone(self, conversation_id: uuid.UUID, seq: int) -> Message | None:
+        statements = self._prepared()
+        self._execute(statements.tombstone, (conversation_id, seq // self._bucket_size, seq))
+        return self.get(conversation_id, seq)
+
+    # --- idempotency -----------------------------------------------------------------------------
+
+    def claim_idempotency(
+        self, *, sender_id: uuid.UUID, key: str, request_hash: str, message_id: uuid.UUID
+    ) -> IdempotencyRecord | None:
+        statements = self._prepared()
+        now = self._clock()
+        row = self._execute(
+            statements.claim, (sender_id, key, request_hash, message_id, now, IDEMPOTENCY_TTL_SECONDS)
+        ).one()
+        if row["[applied]"]:
+            return None
+        # A claim that lost returns the row that won.
+        created_at = _utc(row["created_at"])
+        record = IdempotencyRecord(row["request_hash"], row["message_id"], completed=bool(row["completed"]))
+        if record.completed or created_at > now - timedelta(seconds=IDEMPOTENCY_CLAIM_LEASE_SECONDS):
+            return record
+        if self.get_by_id(record.message_id) is not None:
+            # The earlier request persisted its message and died before completing the claim. The
+            # flag expires with the rest of the row (see insert), never after it.
+            remaining = IDEMPOTENCY_TTL_SECONDS - int((now - created_at).total_seconds()) - 1
+            self._execute(statements.complete, (max(remaining, 1), sender_id, key, record.message_id))
+            return IdempotencyRecord(record.request_hash, record.message_id, completed=True)
+        # Take over the stale claim; the condition on created_at makes concurrent retries race fairly.
+        taken = self._execute(
+            statements.take_over,
+            (IDEMPOTENCY_TTL_SECONDS, request_hash, message_id, now, sender_id, key, row["created_at"]),
+        ).one()
+        if taken["[applied]"]:
+            return None
+        current = self._execute(statements.read_claim, (sender_id, key)).one()
+        if current is None:
+            # Released between our two steps: the key is free again.
+            return self.claim_idempotency(sender_id=sender_id, key=key, request_hash=request_hash, message_id=message_id)
+        return IdempotencyRecord(current["request_hash"], current["message_id"], completed=bool(current["completed"]))
+
+    def release_idempotency(self, *, sender_id: uuid.UUID, key: str) -> None:
+        try:
+            self._execute(self._prepared().release, (sender_id, key))
+        except StoreError:
+            pass  # The claim then expires by its lease.
