@@ -1,11 +1,14 @@
 import itertools
+import uuid
 
 import pytest
+from django.conf import settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from accounts.models import User
 from chat import services
+from tests.services import cassandra_available, require
 
 _names = itertools.count(1)
 
@@ -57,3 +60,20 @@ def make_group(make_user):
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(scope="session")
+def cassandra_connection():
+    """A connection to a Cassandra keyspace created for this test session and dropped after it
+    (skipped locally without Cassandra, failing in CI)."""
+    require("Cassandra", cassandra_available())
+    from chat.cassandra_models import sync_schema
+    from chat.store.cassandra import open_connection
+
+    # A keyspace of its own per session: parallel runs on one server cannot drop each other's.
+    keyspace = f"test_{settings.CASSANDRA_KEYSPACE}_{uuid.uuid4().hex[:8]}"
+    connection = open_connection(alias="test_cassandra", keyspace=keyspace)
+    sync_schema(connection, {"class": "SimpleStrategy", "replication_factor": 1})
+    yield connection
+    connection.session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+    connection.unregister()

@@ -253,34 +253,3 @@ def test_concurrent_senders_get_distinct_consecutive_seqs(make_user, make_group,
     stored = get_message_store().history(conversation.id, after_seq=0, limit=100).messages
     assert [m.seq for m in stored] == list(range(1, 41))
 
-
-@pytest.mark.django_db(transaction=True)
-def test_simultaneous_requests_with_one_key_create_one_message(make_user, make_group, monkeypatch):
-    monkeypatch.setattr(events, "publish", lambda *a: True)
-    alice, bob = make_user(), make_user()
-    conversation = make_group(alice, bob)
-    barrier = threading.Barrier(8)
-    outcomes = []
-
-    def attempt():
-        barrier.wait()
-        try:
-            result = services.message_send(
-                sender=alice, conversation_id=conversation.id, content="once", idempotency_key="same-key"
-            )
-            outcomes.append(("replayed" if result.replayed else "created", result.message.message_id))
-        except IdempotencyInFlight:
-            outcomes.append(("in_flight", None))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=attempt) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    created = [message_id for kind, message_id in outcomes if kind == "created"]
-    assert len(outcomes) == 8 and len(created) == 1
-    assert all(message_id == created[0] for kind, message_id in outcomes if kind == "replayed")
-    assert Conversation.objects.get(pk=conversation.pk).last_seq == 1  # no seq burned
-    assert [m.message_id for m in get_message_store().history(conversation.id).messages] == created

@@ -1,0 +1,66 @@
+"""N simultaneous sends with one idempotency key, on both message stores (Cassandra: the real
+server, where the claim is a lightweight transaction): exactly one message, no seq burned."""
+import threading
+
+import pytest
+from django.db import connection
+
+from chat import events, services
+from chat.exceptions import IdempotencyInFlight
+from chat.models import Conversation
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SENDERS = 8
+
+
+@pytest.fixture(params=["sql", "cassandra"])
+def store(request, monkeypatch):
+    if request.param == "sql":
+        from chat.store.sql import SqlMessageStore
+
+        chosen = SqlMessageStore()
+    else:
+        from chat.store.cassandra import CassandraMessageStore
+
+        chosen = CassandraMessageStore(connection=request.getfixturevalue("cassandra_connection"))
+    monkeypatch.setattr(services, "get_message_store", lambda: chosen)
+    monkeypatch.setattr(events, "publish", lambda *args: True)
+    return chosen
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_one_key_many_simultaneous_requests(store, make_user, make_group, round_):
+    alice, bob = make_user(), make_user()
+    conversation = make_group(alice, bob)
+    barrier = threading.Barrier(SENDERS)
+    outcomes, errors = [], []
+
+    def attempt():
+        barrier.wait()
+        try:
+            result = services.message_send(
+                sender=alice, conversation_id=conversation.id, content="once", idempotency_key="same-key"
+            )
+            outcomes.append(("replayed" if result.replayed else "created", result.message))
+        except IdempotencyInFlight:
+            outcomes.append(("in_flight", None))
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=attempt) for _ in range(SENDERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    created = [message for kind, message in outcomes if kind == "created"]
+    assert len(created) == 1
+    assert all(message == created[0] for kind, message in outcomes if kind == "replayed")
+    assert Conversation.objects.get(pk=conversation.pk).last_seq == 1
+    assert [m.message_id for m in store.history(conversation.id).messages] == [created[0].message_id]
+    # Once the first request is done, every retry is a replay of it.
+    again = services.message_send(sender=alice, conversation_id=conversation.id, content="once", idempotency_key="same-key")
+    assert again.replayed and again.message == created[0]
