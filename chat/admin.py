@@ -1,7 +1,45 @@
-from django.contrib import admin
+"""Moderation in the Django admin: conversations with their participants, a message browser per
+conversation (read from the configured message store, so it works the same on Cassandra), bans,
+the report queue, and the admin log where every moderation action lands.
 
+Writes go through chat.services, which emits the live events and writes the admin log, and checks
+the moderator's Django permissions again on the write path.
+"""
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.contrib.admin.models import LogEntry
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.text import Truncator
+from django.views.decorators.http import require_POST
+
+from accounts.models import User
 from chat import services
-from chat.models import Ban, Conversation, Participant
+from chat.exceptions import ChatError
+from chat.models import Ban, Conversation, Participant, Report
+from chat.store import StoreError, get_message_store
+
+# Messages per page of the message browser.
+MESSAGE_PAGE_SIZE = 50
+# Characters of a message shown in lists; the full text is on the browser page.
+PREVIEW_CHARS = 200
+
+
+def _preview(content: str, limit: int = PREVIEW_CHARS) -> str:
+    return Truncator(content).chars(limit)
+
+
+def _int_param(request: HttpRequest, name: str) -> int | None:
+    value = request.GET.get(name, "")
+    # Bounded like the store's integer seq column: a longer number is no seq.
+    return int(value) if value.isdigit() and len(value) < 19 else None
 
 
 class ParticipantInline(admin.TabularInline):
@@ -13,11 +51,101 @@ class ParticipantInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ["id", "kind", "title", "last_seq", "last_activity_at", "created_at"]
+    list_display = ["id", "kind", "title", "last_seq", "last_activity_at", "created_at", "messages_link"]
     list_filter = ["kind"]
     search_fields = ["=id", "title", "participants__user__username"]
     readonly_fields = ["last_seq", "last_activity_at", "created_at", "direct_key"]
     inlines = [ParticipantInline]
+
+    @admin.display(description="messages")
+    def messages_link(self, conversation: Conversation) -> str:
+        url = reverse("admin:chat_conversation_messages", args=[conversation.pk])
+        return format_html('<a href="{}">browse</a>', url)
+
+    def get_urls(self):
+        return [
+            path(
+                "<path:object_id>/messages/",
+                self.admin_site.admin_view(self.messages_view),
+                name="chat_conversation_messages",
+            ),
+            path(
+                "<path:object_id>/messages/<int:seq>/delete/",
+                self.admin_site.admin_view(require_POST(self.message_delete_view)),
+                name="chat_conversation_message_delete",
+            ),
+        ] + super().get_urls()
+
+    def _conversation_or_404(self, request: HttpRequest, object_id: str) -> Conversation:
+        conversation = self.get_object(request, unquote(object_id))
+        if conversation is None:
+            raise Http404("No such conversation.")
+        return conversation
+
+    def messages_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """One page of the conversation's messages in seq order, newest page first, with delete
+        buttons for moderators who may change conversations."""
+        conversation = self._conversation_or_404(request, object_id)
+        if not self.has_view_or_change_permission(request, conversation):
+            raise PermissionDenied
+        after_seq, before_seq = _int_param(request, "after_seq"), _int_param(request, "before_seq")
+        page_messages = []
+        try:
+            page_messages = get_message_store().history(
+                conversation.id, after_seq=after_seq, before_seq=before_seq, limit=MESSAGE_PAGE_SIZE
+            ).messages
+        except StoreError:
+            messages.error(request, "The message store is unavailable; try again shortly.")
+        senders = User.objects.in_bulk({message.sender_id for message in page_messages})
+        open_reports: dict[int, int] = {}
+        for seq in Report.objects.filter(
+            conversation=conversation, seq__in=[m.seq for m in page_messages], status=Report.Status.OPEN
+        ).values_list("seq", flat=True):
+            open_reports[seq] = open_reports.get(seq, 0) + 1
+        browser_url = reverse("admin:chat_conversation_messages", args=[conversation.pk])
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": f"Messages of {conversation}",
+            "conversation": conversation,
+            "rows": [
+                {
+                    "message": message,
+                    "sender": senders.get(message.sender_id),
+                    "open_reports": open_reports.get(message.seq, 0),
+                }
+                for message in page_messages
+            ],
+            # Seqs start at 1 and end at the conversation's counter: the edges tell what lies beyond.
+            "older_url": f"{browser_url}?before_seq={page_messages[0].seq}"
+            if page_messages and page_messages[0].seq > 1
+            else None,
+            "newer_url": f"{browser_url}?after_seq={page_messages[-1].seq}"
+            if page_messages and page_messages[-1].seq < conversation.last_seq
+            else None,
+            "newest_url": browser_url,
+            "can_delete": self.has_change_permission(request, conversation),
+            "current_url": request.get_full_path(),
+            "reports_url": reverse("admin:chat_report_changelist") + f"?conversation__id__exact={conversation.pk}",
+        }
+        return TemplateResponse(request, "admin/chat/conversation/messages.html", context)
+
+    def message_delete_view(self, request: HttpRequest, object_id: str, seq: int) -> HttpResponse:
+        conversation = self._conversation_or_404(request, object_id)
+        if not self.has_change_permission(request, conversation):
+            raise PermissionDenied
+        try:
+            services.message_moderate_delete(moderator=request.user, conversation=conversation, seq=seq)
+        except ChatError as exc:
+            messages.error(request, f"Message {seq} was not deleted: {exc.detail}")
+        else:
+            messages.success(request, f"Message {seq} deleted; connected clients were told.")
+        back = request.POST.get("next", "")
+        if not url_has_allowed_host_and_scheme(
+            back, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+        ):
+            back = reverse("admin:chat_conversation_messages", args=[conversation.pk])
+        return HttpResponseRedirect(back)
 
 
 @admin.register(Ban)
@@ -34,3 +162,119 @@ class BanAdmin(admin.ModelAdmin):
         # Through the service, so the banned user's open sockets close at once.
         banned = services.ban_create(actor=request.user, conversation=obj.conversation, user=obj.user, reason=obj.reason)
         obj.pk = banned.pk
+
+
+@admin.register(Report)
+class ReportAdmin(admin.ModelAdmin):
+    """The report queue. Reports come from participants over the API; here they are handled with
+    the actions, each of which resolves the report and is written to the admin log."""
+
+    list_display = [
+        "id", "created_at", "status", "conversation", "seq", "reported_message", "sender", "reporter", "reason"
+    ]
+    list_display_links = ["id", "reported_message"]
+    list_filter = ["status"]
+    list_select_related = ["conversation", "sender", "reporter"]
+    search_fields = ["reason", "sender__username", "reporter__username", "=conversation__id"]
+    ordering = ["-created_at"]
+    actions = ["resolve", "dismiss", "delete_message", "ban_sender"]
+    fields = [
+        "status", "conversation", "seq", "message_id", "sender", "reported_content", "message_now", "reporter",
+        "reason", "created_at", "handled_by", "handled_at",
+    ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Report | None = None) -> list[str]:
+        return self.fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Report | None = None) -> bool:
+        return False  # a handled report is part of the moderation record
+
+    def has_delete_message_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perms([services.HANDLE_REPORTS_PERMISSION, services.MODERATE_MESSAGES_PERMISSION])
+
+    def has_ban_sender_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perms([services.HANDLE_REPORTS_PERMISSION, services.BAN_PERMISSION])
+
+    @admin.display(description="reported message")
+    def reported_message(self, report: Report) -> str:
+        return _preview(report.reported_content)
+
+    @admin.display(description="message now")
+    def message_now(self, report: Report) -> str:
+        """The message as the store has it now (it may have been edited or deleted since)."""
+        link = reverse("admin:chat_conversation_messages", args=[report.conversation_id])
+        link += f"?after_seq={report.seq - 1}#seq-{report.seq}"
+        try:
+            message = get_message_store().get(report.conversation_id, report.seq)
+        except StoreError:
+            return format_html('(message store unavailable) <a href="{}">open in the message browser</a>', link)
+        if message is None or message.message_id != report.message_id:
+            state = "(no longer in the store)"
+        elif message.deleted:
+            state = "(deleted)"
+        elif message.edited_at is not None:
+            state = f"(edited {message.edited_at:%Y-%m-%d %H:%M:%S} UTC) {_preview(message.content)}"
+        else:
+            state = "(unchanged)"
+        return format_html('{} <a href="{}">open in the message browser</a>', state, link)
+
+    def _each(self, request: HttpRequest, queryset: QuerySet[Report], handle, done: str) -> None:
+        """Apply `handle` to each selected report; one summary, and the failures by report."""
+        count = 0
+        for report in queryset.select_related("conversation", "sender"):
+            try:
+                if handle(report) is not False:
+                    count += 1
+            except ChatError as exc:
+                self.message_user(request, f"Report #{report.pk}: {exc.detail}", messages.ERROR)
+        self.message_user(request, f"{done}: {count} report(s).", messages.SUCCESS)
+
+    @admin.action(description="Resolve selected reports", permissions=["change"])
+    def resolve(self, request: HttpRequest, queryset: QuerySet[Report]) -> None:
+        self._each(request, queryset, lambda r: services.report_resolve(moderator=request.user, report=r), "Resolved")
+
+    @admin.action(description="Dismiss selected reports", permissions=["change"])
+    def dismiss(self, request: HttpRequest, queryset: QuerySet[Report]) -> None:
+        self._each(request, queryset, lambda r: services.report_dismiss(moderator=request.user, report=r), "Dismissed")
+
+    @admin.action(description="Delete the reported messages (resolves their reports)", permissions=["delete_message"])
+    def delete_message(self, request: HttpRequest, queryset: QuerySet[Report]) -> None:
+        self._each(
+            request,
+            queryset,
+            lambda r: services.report_delete_message(moderator=request.user, report=r),
+            "Deleted the messages of",
+        )
+
+    @admin.action(
+        description="Ban the senders from the conversations (resolves the reports)", permissions=["ban_sender"]
+    )
+    def ban_sender(self, request: HttpRequest, queryset: QuerySet[Report]) -> None:
+        self._each(
+            request,
+            queryset,
+            lambda r: services.report_ban_sender(moderator=request.user, report=r),
+            "Banned the senders of",
+        )
+
+
+@admin.register(LogEntry)
+class LogEntryAdmin(admin.ModelAdmin):
+    """The admin log, read-only: who did what, when, including every moderation action."""
+
+    list_display = ["action_time", "user", "content_type", "object_repr", "action_flag", "get_change_message"]
+    list_filter = ["action_flag", "content_type"]
+    search_fields = ["object_repr", "change_message", "user__username"]
+    date_hierarchy = "action_time"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: LogEntry | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: LogEntry | None = None) -> bool:
+        return False

@@ -339,6 +339,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise
         metrics.message_delivery_duration.labels(step="deliver").observe(time.perf_counter() - started)
 
+    async def message_updated(self, event: dict) -> None:
+        message = event["message"]
+        async with self.delivery_lock:
+            if message["seq"] in self.pending:
+                # Not delivered yet: it goes out in its place in the seq order, already edited.
+                self.pending[message["seq"]] = message
+                return
+        await self._send_json({"type": "message.updated", "message": message})
+
+    async def message_deleted(self, event: dict) -> None:
+        seq = event["seq"]
+        async with self.delivery_lock:
+            if seq in self.pending:
+                # Not delivered yet: it goes out in its place as the tombstone it now is, so the
+                # client never sees the deleted content.
+                self.pending[seq] = {**self.pending[seq], "content": "", "metadata": {}, "deleted": True}
+                return
+        await self._send_json({"type": "message.deleted", "conversation_id": event["conversation_id"], "seq": seq})
+
     async def typing(self, event: dict) -> None:
         if event["user_id"] != str(self.user.pk):
             await self._send_json({"type": "typing", "user_id": event["user_id"]})

@@ -74,6 +74,16 @@ def message_new(message: Message) -> bool:
     return publish(message.conversation_id, {"type": "message.new", "message": message.as_dict()})
 
 
+def message_updated(message: Message) -> bool:
+    return publish(message.conversation_id, {"type": "message.updated", "message": message.as_dict()})
+
+
+def message_deleted(conversation_id: uuid.UUID, seq: int) -> bool:
+    return publish(
+        conversation_id, {"type": "message.deleted", "conversation_id": str(conversation_id), "seq": seq}
+    )
+
+
 def read_marker(conversation_id: uuid.UUID, user_id: uuid.UUID, seq: int) -> bool:
     return publish(conversation_id, {"type": "read", "user_id": str(user_id), "seq": seq})
 

@@ -59,6 +59,9 @@ class Ban(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["conversation", "user"], name="ban_unique")]
 
+    def __str__(self) -> str:
+        return f"{self.user} banned from {self.conversation}"
+
 
 
 class Report(models.Model):

@@ -88,7 +88,7 @@ class SendRateLimiter:
         if redis_url:
             import redis
 
-            client = redis.Redis.from_url(redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
+            client = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
             self._redis_hit = client.register_script(_LUA_HIT)
 
     def check(self, user_id: object) -> Decision:

@@ -2,8 +2,8 @@
 chat.services."""
 from rest_framework import serializers
 
-from chat.models import Conversation, Participant
-from chat.services import MESSAGE_TYPES
+from chat.models import Conversation, Participant, Report
+from chat.services import MAX_REPORT_REASON_LENGTH, MESSAGE_TYPES
 
 
 class ConversationCreateInput(serializers.Serializer):
@@ -55,6 +55,23 @@ class MessageSendInput(serializers.Serializer):
     message_type = serializers.ChoiceField(choices=MESSAGE_TYPES, default="text")
     is_encrypted = serializers.BooleanField(default=False)
     metadata = serializers.DictField(required=False, default=dict, help_text="JSON object, at most 16 KiB.")
+
+
+class MessageEditInput(serializers.Serializer):
+    # Limits depend on the message's type, which an edit keeps: checked by the service.
+    content = serializers.CharField(trim_whitespace=False)
+
+
+class MessageReportInput(serializers.Serializer):
+    reason = serializers.CharField(max_length=MAX_REPORT_REASON_LENGTH)
+
+
+class ReportOutput(serializers.ModelSerializer):
+    conversation_id = serializers.UUIDField()
+
+    class Meta:
+        model = Report
+        fields = ["id", "conversation_id", "seq", "message_id", "reason", "status", "created_at"]
 
 
 class MessageOutput(serializers.Serializer):

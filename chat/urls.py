@@ -17,5 +17,15 @@ urlpatterns = [
     ),
     path("conversations/<uuid:conversation_id>/read/", views.ReadMarkerView.as_view(), name="read-marker"),
     path("conversations/<uuid:conversation_id>/messages/", views.MessageHistoryView.as_view(), name="message-history"),
+    path(
+        "conversations/<uuid:conversation_id>/messages/<int:seq>/",
+        views.MessageDetailView.as_view(),
+        name="message-detail",
+    ),
+    path(
+        "conversations/<uuid:conversation_id>/messages/<int:seq>/report/",
+        views.MessageReportView.as_view(),
+        name="message-report",
+    ),
     path("messages/", views.MessageSendView.as_view(), name="message-send"),
 ]

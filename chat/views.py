@@ -17,11 +17,14 @@ from chat.serializers import (
     ConversationUpdateInput,
     HistoryOutput,
     HistoryQuery,
+    MessageEditInput,
     MessageOutput,
+    MessageReportInput,
     MessageSendInput,
     ParticipantAddInput,
     ParticipantOutput,
     ReadMarkerInput,
+    ReportOutput,
 )
 from chat.store import get_message_store
 
@@ -160,3 +163,42 @@ class MessageHistoryView(APIView):
         conversation, _ = request.conversation_access
         page = get_message_store().history(conversation.id, **query.validated_data)
         return Response({"results": [m.as_dict() for m in page.messages], "has_more": page.has_more})
+
+
+class MessageDetailView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(request=MessageEditInput, responses=MessageOutput)
+    def patch(self, request, conversation_id, seq):
+        """Edit your own message: new content (same limits as a send of its type), edited_at set;
+        message_type, is_encrypted and metadata stay. Connected clients get message.updated.
+        A deleted message cannot be edited (400)."""
+        data = MessageEditInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        message = services.message_edit(
+            editor=request.user, conversation_id=conversation_id, seq=seq, content=data.validated_data["content"]
+        )
+        return Response(message.as_dict())
+
+    @extend_schema(responses=MessageOutput)
+    def delete(self, request, conversation_id, seq):
+        """Delete a message (its sender, the conversation's owner or admins, staff moderators). It
+        stays as a tombstone: deleted=true, content and metadata removed; the tombstone is returned.
+        Connected clients get message.deleted."""
+        message = services.message_delete(actor=request.user, conversation_id=conversation_id, seq=seq)
+        return Response(message.as_dict())
+
+
+class MessageReportView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(request=MessageReportInput, responses={201: ReportOutput, 200: ReportOutput})
+    def post(self, request, conversation_id, seq):
+        """Report someone else's message to the moderators. While your earlier report of the same
+        message is open, it is returned with 200."""
+        data = MessageReportInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        report, created = services.message_report(
+            reporter=request.user, conversation_id=conversation_id, seq=seq, reason=data.validated_data["reason"]
+        )
+        return Response(ReportOutput(report).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
