@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 # so no client can make the server buffer more than that.
 DAPHNE_ARGS ?= --websocket-max-message-size 2097152 --websocket-max-frame-size 2097152
 
-.PHONY: run test install migrate cassandra-schema services services-stop services-status clean
+.PHONY: run test install migrate cassandra-schema services services-stop services-status bench bench-smoke clean
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -32,6 +32,14 @@ cassandra-schema: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The benchmark (docs/performance.md): needs `make services`; about 8 minutes.
+bench: install
+	$(PY) -m bench.run --out bench/results $(BENCH_ARGS)
+
+# A short run of every scenario; fails on a gap, a duplicate or a broken harness (CI runs it).
+bench-smoke: install
+	$(PY) -m bench.run --smoke --out $${TMPDIR:-/tmp}/bench-smoke $(BENCH_ARGS)
 
 services:
 	scripts/services.sh start

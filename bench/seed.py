@@ -1,0 +1,63 @@
+"""Create benchmark users, tokens and group conversations in the database named by DATABASE_URL.
+
+    DATABASE_URL=sqlite:////tmp/x.sqlite3 .venv/bin/python -m bench.seed --groups 200 --size 10 \
+        --pairs 20 --out fixture.json
+
+Users get unusable passwords and a DRF token each (bulk inserts: seconds for thousands); the
+conversations go through chat.services.conversation_create, the same code as the REST endpoint.
+Writes {"groups": [[conv_id, [[user_id, token], ...]], ...], "pairs": [...]} to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--groups", type=int, required=True, help="group conversations")
+    parser.add_argument("--size", type=int, default=10, help="participants per group")
+    parser.add_argument("--pairs", type=int, default=0, help="two-person groups (persist scenario)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
+    import django
+
+    django.setup()
+    from rest_framework.authtoken.models import Token
+
+    from accounts.models import User
+    from chat.services import conversation_create
+
+    run = uuid.uuid4().hex[:6]
+    count = max(args.groups * args.size, args.pairs * 2)
+    users = [User(username=f"bench-{run}-{i}") for i in range(count)]
+    for user in users:
+        user.set_unusable_password()
+    User.objects.bulk_create(users, batch_size=500)
+    tokens = [Token(key=Token.generate_key(), user=user) for user in users]
+    Token.objects.bulk_create(tokens, batch_size=500)
+    credentials = [[str(t.user.pk), t.key] for t in tokens]
+
+    def group(members: list[int]) -> list:
+        conversation, _ = conversation_create(
+            creator=users[members[0]], kind="group", participant_ids=[users[i].pk for i in members[1:]],
+            title="bench",
+        )
+        return [str(conversation.pk), [credentials[i] for i in members]]
+
+    fixture = {
+        "groups": [group(list(range(g * args.size, (g + 1) * args.size))) for g in range(args.groups)],
+        "pairs": [group([2 * p, 2 * p + 1]) for p in range(args.pairs)],
+    }
+    with open(args.out, "w") as handle:
+        json.dump(fixture, handle)
+    print(f"seeded {count} users, {args.groups} groups of {args.size}, {args.pairs} pairs", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
