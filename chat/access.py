@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import uuid
 
+from django.db.models import Exists
+
 from chat.exceptions import AccessDenied
 from chat.models import Ban, Conversation, Participant
 
@@ -24,9 +26,14 @@ def access_conversation(*, user, conversation_id: object) -> tuple[Conversation,
     if user is None or not user.is_authenticated or not user.is_active:
         raise AccessDenied()
     conversation_id = parse_conversation_id(conversation_id)
+    # One query: the participation, the account still active (the user object a socket holds may
+    # be stale), and no ban.
     participant = (
-        Participant.objects.select_related("conversation").filter(conversation_id=conversation_id, user=user).first()
+        Participant.objects.select_related("conversation")
+        .filter(conversation_id=conversation_id, user_id=user.pk, user__is_active=True)
+        .annotate(banned=Exists(Ban.objects.filter(conversation_id=conversation_id, user_id=user.pk)))
+        .first()
     )
-    if participant is None or Ban.objects.filter(conversation_id=conversation_id, user=user).exists():
+    if participant is None or participant.banned:
         raise AccessDenied()
     return participant.conversation, participant

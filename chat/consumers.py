@@ -14,8 +14,10 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs
 
+import orjson
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -24,7 +26,6 @@ from chat import events, metrics
 from chat.access import access_conversation
 from chat.exceptions import AccessDenied, ChatError, ValidationFailed
 from chat.models import Conversation
-from chat.presence import REFRESH_SECONDS as PRESENCE_REFRESH_SECONDS
 from chat.presence import get_presence
 from chat.services import message_send, read_marker_set
 from chat.store import get_message_store
@@ -43,6 +44,16 @@ SLOW_CLIENT_GRACE_SECONDS = 2.0
 CLOSE_MEMBERSHIP_REVOKED = 4403
 CLOSE_TOO_SLOW = 4008
 CLOSE_TRY_AGAIN_LATER = 1013
+
+# Blocking work (ORM, store, driver) runs here, many sockets at once. channels' default
+# (thread_sensitive) would funnel every socket of the process through one thread, one send after
+# another, each waiting on its round trips.
+_blocking_pool = ThreadPoolExecutor(max_workers=settings.CHAT_WORKER_THREADS, thread_name_prefix="chat-io")
+
+
+def in_thread(func):
+    return database_sync_to_async(func, thread_sensitive=False, executor=_blocking_pool)
+
 
 # Per-process connection accounting for CHAT_MAX_CONNECTIONS(_PER_USER).
 _open_connections: Counter = Counter()
@@ -76,7 +87,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
     holds_slot = False
     counted = False
     presence_joined = False
-    presence_task: asyncio.Task | None = None
     closing = False
     backlog = 0  # this connection's share of chat_client_send_channel_length
 
@@ -99,7 +109,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not self._reserve_slot():
             return await self._refuse("connection limit")
         try:
-            conversation, _ = await database_sync_to_async(access_conversation)(
+            conversation, _ = await in_thread(access_conversation)(
                 user=self.user, conversation_id=_query_param(self.scope, "conversation_id")
             )
         except AccessDenied:
@@ -124,7 +134,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         metrics.redis_subscription_active.inc()
         metrics.websocket_connections.inc()
         self.counted = True
-        last_seq = await database_sync_to_async(
+        last_seq = await in_thread(
             lambda: Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.id)
         )()
         replay_from = int(after_seq) if after_seq is not None else None
@@ -142,7 +152,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             }
         )
         if replay_from is not None and recovered and last_seq > replay_from:
-            page = await database_sync_to_async(get_message_store().history)(
+            page = await in_thread(get_message_store().history)(
                 conversation.id, after_seq=replay_from, limit=settings.CHAT_MAX_REPLAY
             )
             metrics.replayed_messages.inc(len(page.messages))
@@ -165,32 +175,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # Best effort: a presence failure (Redis down) is logged and never costs the connection.
     async def _presence_join(self) -> None:
         presence = get_presence()
+        self.presence_joined = True  # before the call: a failed join is still left on disconnect
         try:
             if await presence.join(self.conversation_id, self.user.pk, self.channel_name):
                 await events.presence(self.conversation_id, self.user.pk, online=True)
-            self.presence_joined = True
             for user_id in await presence.online(self.conversation_id):
                 if user_id != self.user.pk:
                     await self._send_json({"type": "presence", "user_id": str(user_id), "online": True})
         except Exception:
             logger.warning("presence: join failed", exc_info=True)
-        self.presence_task = asyncio.create_task(self._presence_heartbeat())
-
-    async def _presence_heartbeat(self) -> None:
-        presence = get_presence()
-        while True:
-            await asyncio.sleep(PRESENCE_REFRESH_SECONDS)
-            try:
-                # Also announces the users whose sockets died with their process.
-                for user_id in await presence.refresh(self.conversation_id, self.user.pk, self.channel_name):
-                    await events.presence(self.conversation_id, user_id, online=False)
-            except Exception:
-                logger.warning("presence: refresh failed", exc_info=True)
 
     async def _presence_leave(self) -> None:
-        if self.presence_task is not None:
-            self.presence_task.cancel()
-            self.presence_task = None
         if not self.presence_joined:
             return
         self.presence_joined = False
@@ -251,7 +246,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             metrics.client_message_dropped.inc()
             self.closing = True
             return await self.close(code=CLOSE_TOO_SLOW)
-        await self.send(text_data=json.dumps(frame, separators=(",", ":"), ensure_ascii=False))
+        try:
+            text = orjson.dumps(frame).decode()
+        except TypeError:  # integers beyond 64 bits in client metadata: orjson refuses them
+            text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+        await self.send(text_data=text)
 
     async def _wait_for_client(self) -> bool:
         """Backpressure: hold this connection's output while the client has more than
@@ -300,7 +299,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 if not self.pending:
                     break
                 upto = min(self.pending)
-                page = await database_sync_to_async(get_message_store().history)(
+                page = await in_thread(get_message_store().history)(
                     self.conversation_id,
                     after_seq=self.next_seq - 1,
                     before_seq=upto,
@@ -402,7 +401,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _on_message_send(self, frame: dict) -> None:
         client_message_id = frame.get("client_message_id")
         try:
-            result = await database_sync_to_async(message_send)(
+            result = await in_thread(message_send)(
                 sender=self.user,
                 conversation_id=self.conversation_id,
                 content=frame.get("content"),
@@ -427,7 +426,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _on_read(self, frame: dict) -> None:
         try:
-            await database_sync_to_async(read_marker_set)(
+            await in_thread(read_marker_set)(
                 user=self.user, conversation_id=self.conversation_id, seq=frame.get("seq")
             )
         except ChatError as exc:

@@ -1,9 +1,10 @@
 """Who is online in a conversation, across processes.
 
 Each open socket holds an entry "<user hex>:<channel name>" in a Redis sorted set per conversation,
-scored by when it expires; the socket refreshes it while open. A user is online while any of their
-entries is live. When a process dies its entries stop being refreshed and expire, and the next
-sweep by any live socket of the conversation announces those users offline. Without Redis the
+scored by when it expires; one task per process refreshes all of its sockets' entries, one call
+per conversation. A user is online while any of their entries is live. When a process dies its
+entries stop being refreshed and expire, and the next refresh by any other process holding a
+socket on the conversation announces those users offline. Without Redis the
 same rules run in this process (one process: its death takes every socket with it).
 """
 from __future__ import annotations
@@ -45,15 +46,15 @@ end
 return 1
 """
 
-# KEYS[1]; ARGV: member, expires, now, key ttl ms. Refreshes the entry, drops expired ones and
-# returns the users (hex) who have no live entry left.
+# KEYS[1]; ARGV: expires, now, key ttl ms, then the members this process holds. Refreshes them,
+# drops expired entries and returns the users (hex) who have no live entry left.
 _SWEEP = """
-redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+for i = 4, #ARGV do redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
 if #expired == 0 then return {} end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')
 local alive = {}
 for _, m in ipairs(live) do alive[string.sub(m, 1, 32)] = true end
 local gone, seen = {}, {}
@@ -74,10 +75,14 @@ def _member(user_id: uuid.UUID, channel: str) -> str:
 
 
 class RedisPresence:
-    def __init__(self, url: str, ttl: float = ENTRY_TTL_SECONDS) -> None:
+    def __init__(self, url: str, ttl: float = ENTRY_TTL_SECONDS, refresh_every: float = REFRESH_SECONDS) -> None:
         self.url = url
         self.ttl = ttl
+        self.refresh_every = refresh_every
+        # The entries of this process's open sockets, by conversation.
+        self._held: dict[uuid.UUID, set[str]] = defaultdict(set)
         self._clients: dict[asyncio.AbstractEventLoop, object] = {}
+        self._refreshers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
 
     def _client(self):
         # redis.asyncio clients belong to the event loop they were made on.
@@ -89,29 +94,55 @@ class RedisPresence:
         return self._clients[loop]
 
     async def join(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
+        member = _member(user_id, channel)
+        self._held[conversation_id].add(member)
+        self._start_refresher()
         now = time.time()
         result = await self._client().eval(
-            _JOIN, 1, _key(conversation_id), _member(user_id, channel), now + self.ttl, now,
-            f"{user_id.hex}:", int(self.ttl * 2000),
+            _JOIN, 1, _key(conversation_id), member, now + self.ttl, now, f"{user_id.hex}:", int(self.ttl * 2000)
         )
         return result == 1
 
     async def leave(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
-        result = await self._client().eval(
-            _LEAVE, 1, _key(conversation_id), _member(user_id, channel), time.time(), f"{user_id.hex}:"
-        )
+        member = _member(user_id, channel)
+        held = self._held.get(conversation_id, set())
+        held.discard(member)
+        if not held:
+            self._held.pop(conversation_id, None)
+        result = await self._client().eval(_LEAVE, 1, _key(conversation_id), member, time.time(), f"{user_id.hex}:")
         return result == 1
 
-    async def refresh(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> list[uuid.UUID]:
-        now = time.time()
-        gone = await self._client().eval(
-            _SWEEP, 1, _key(conversation_id), _member(user_id, channel), now + self.ttl, now, int(self.ttl * 2000)
-        )
-        return [uuid.UUID(user.decode() if isinstance(user, bytes) else user) for user in gone]
+    async def refresh(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        """Refresh every entry this process holds; (conversation, user) for each user found gone."""
+        gone = []
+        for conversation_id, members in list(self._held.items()):
+            now = time.time()
+            users = await self._client().eval(
+                _SWEEP, 1, _key(conversation_id), now + self.ttl, now, int(self.ttl * 2000), *members
+            )
+            gone += [(conversation_id, uuid.UUID(u.decode() if isinstance(u, bytes) else u)) for u in users]
+        return gone
 
     async def online(self, conversation_id: uuid.UUID) -> set[uuid.UUID]:
         members = await self._client().zrangebyscore(_key(conversation_id), time.time(), "+inf")
         return {uuid.UUID((m.decode() if isinstance(m, bytes) else m)[:32]) for m in members}
+
+    def _start_refresher(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = self._refreshers.get(loop)
+        if task is None or task.done():
+            self._refreshers[loop] = loop.create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        from chat import events
+
+        while self._held:
+            await asyncio.sleep(self.refresh_every)
+            try:
+                for conversation_id, user_id in await self.refresh():
+                    await events.presence(conversation_id, user_id, online=False)
+            except Exception:  # Redis down: entries may lapse; the next refresh re-adds nothing
+                logger.warning("presence: refresh failed", exc_info=True)
 
 
 class LocalPresence:
@@ -134,9 +165,6 @@ class LocalPresence:
         if not users:
             del self._channels[conversation_id]
         return True
-
-    async def refresh(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> list[uuid.UUID]:
-        return []
 
     async def online(self, conversation_id: uuid.UUID) -> set[uuid.UUID]:
         return set(self._channels.get(conversation_id, {}))

@@ -211,6 +211,8 @@ CHAT_MAX_REPLAY = env_int("CHAT_MAX_REPLAY", 1000)
 CHAT_MAX_OUTBOUND_BYTES = env_int("CHAT_MAX_OUTBOUND_BYTES", 16 * 1024 * 1024)
 CHAT_WS_TICKET_TTL = 60
 CHAT_MAX_GROUP_PARTICIPANTS = env_int("CHAT_MAX_GROUP_PARTICIPANTS", 1000)
+# Threads per process for the WebSocket path's blocking work (each holds a database connection).
+CHAT_WORKER_THREADS = env_int("CHAT_WORKER_THREADS", 16)
 
 LOGGING = {
     "version": 1,
