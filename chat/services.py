@@ -3,13 +3,15 @@
 `message_send` is the only way a message is created: the REST view and the WebSocket consumer both
 call it, so validation, rate limiting, authorization and idempotency cannot be skipped by any
 transport. Lifecycle: validate -> rate-limit -> authorize -> idempotency -> allocate seq + persist
--> publish -> enqueue notifications.
+(+ the notification outbox entry, in the same transaction) -> publish.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -178,7 +180,8 @@ def message_send(
     try:
         # Allocating the seq and persisting in one relational transaction: a failed persist rolls
         # the counter back (no seq is burned), and seqs become durable in the order they are taken.
-        with transaction.atomic():
+        # The outbox entry commits with them, so a sent message never lacks its notifications.
+        with _relational_writer(), transaction.atomic():
             Conversation.objects.filter(pk=conversation.pk).update(
                 last_seq=F("last_seq") + 1, last_activity_at=timezone.now()
             )
@@ -197,6 +200,7 @@ def message_send(
             store.insert(message, idempotency_key=idempotency_key)
             # Your own message is read by you: unread counts never include it.
             Participant.objects.filter(pk=participant.pk, last_read_seq__lt=seq).update(last_read_seq=seq)
+            _enqueue_notifications(message)
     except (StoreError, DatabaseError) as exc:
         metrics.message_persisted.labels(status="error").inc()
         logger.error("persist failed for conversation %s: %s", conversation.id, exc)
@@ -208,19 +212,30 @@ def message_send(
     metrics.message_created.labels(message_type=message.message_type, is_encrypted=str(message.is_encrypted).lower()).inc()
 
     events.message_new(message)
+    return SendResult(message=message, replayed=False, rate=rate)
 
-    started = time.perf_counter()
+
+# SQLite has one writer at a time and makes the others poll for the lock with growing sleeps (up
+# to 100 ms a wait): queueing this process's senders on a lock hands the database over at once.
+_sqlite_writer = threading.Lock()
+
+
+def _relational_writer():
+    return _sqlite_writer if connection.vendor == "sqlite" else contextlib.nullcontext()
+
+
+def _enqueue_notifications(message: Message) -> None:
+    """Write the outbox entry; a failure is logged and counted and never fails the send."""
     from notifications.services import notification_enqueue  # notifications depends on chat, not back
 
+    started = time.perf_counter()
     try:
-        # A savepoint: a failed outbox write must not poison a surrounding transaction.
-        with transaction.atomic():
+        with transaction.atomic():  # a savepoint: the send's transaction survives a failed insert
             notification_enqueue(message=message)
     except Exception:
         metrics.notification_enqueue_error.inc()
         logger.exception("notification enqueue failed for message %s", message.message_id)
     metrics.message_delivery_duration.labels(step="notify").observe(time.perf_counter() - started)
-    return SendResult(message=message, replayed=False, rate=rate)
 
 
 def conversation_create(
