@@ -301,7 +301,7 @@ class Bench:
         env.update(
             DJANGO_SETTINGS_MODULE="chatproject.settings",
             DJANGO_SECRET_KEY="bench-secret-key-not-for-production",
-            DATABASE_URL=f"sqlite:///{self.work / 'bench.sqlite3'}",
+            DATABASE_URL=self.args.database_url or f"sqlite:///{self.work / 'bench.sqlite3'}",
             DATABASE_CONN_MAX_AGE=str(self.args.conn_max_age),
             REDIS_URL=self.args.redis,
             CHAT_MESSAGE_STORE=self.args.store,
@@ -315,7 +315,7 @@ class Bench:
 
     def prepare(self) -> None:
         env = self.service_env()
-        log("migrating a temporary SQLite database")
+        log(f"migrating {'the relational database' if self.args.database_url else 'a temporary SQLite database'}")
         subprocess.run([PY, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
         if self.args.store == "cassandra":
             log(f"cassandra_schema --keyspace {self.args.keyspace}")
@@ -839,6 +839,9 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the service during an extra fan-out phase")
     parser.add_argument("--gen-procs", type=int, default=1, help="load generator processes")
+    parser.add_argument("--database-url", default="",
+                        help="relational database of the service (default: a temporary SQLite file); "
+                        "an empty PostgreSQL database for the production configuration")
     parser.add_argument("--conn-max-age", type=int, default=60, help="DATABASE_CONN_MAX_AGE of the service")
     args = parser.parse_args()
     if args.store is None:

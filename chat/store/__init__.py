@@ -116,8 +116,9 @@ class MessageStore(abc.ABC):
         """Claim (sender, key) for a message about to be created with `message_id`.
 
         Returns None when the claim is ours, or the earlier record when the key is taken. A claim
-        left uncompleted for longer than the lease is taken over, unless its message exists (the
-        earlier request died after persisting), in which case it is completed and returned."""
+        whose message exists is completed and returned as completed (the earlier request persisted
+        and its completion is late or was lost); one left without a message for longer than the
+        lease is taken over."""
 
     @abc.abstractmethod
     def release_idempotency(self, *, sender_id: uuid.UUID, key: str) -> None:

@@ -8,6 +8,7 @@ CASSANDRA_REQUEST_TIMEOUT, so a send fails fast with 503 and the driver keeps re
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -35,6 +36,8 @@ from chat.store import (
     MessageStore,
     StoreError,
 )
+
+logger = logging.getLogger(__name__)
 
 # Messages per partition of messages_by_conversation. A text message is at most 10 kB and
 # typically well under 1 kB, so a full bucket is about 0.1-1 MB: far below the partition sizes
@@ -284,10 +287,17 @@ class CassandraMessageStore(MessageStore):
             # The claim's other cells expire IDEMPOTENCY_TTL_SECONDS after the claim; the completed
             # flag must not outlive them (a row of nothing but `completed` would answer later claims
             # with no hash), so it expires a lease earlier. In that last stretch the claim looks
-            # stale, and a stale claim whose message exists is reported completed anyway.
-            self._execute(
+            # stale, and a claim whose message exists is reported completed anyway.
+            # Not waited for: the message is durable now, and until this Paxos round lands a claim
+            # whose message exists already reads as completed (claim_idempotency). Waiting would
+            # hold the send's relational transaction open for four more round trips.
+            future = self._session.execute_async(
                 statements.complete,
                 (IDEMPOTENCY_TTL_SECONDS - IDEMPOTENCY_CLAIM_LEASE_SECONDS, message.sender_id, idempotency_key, message.message_id),
+                timeout=self._timeout,
+            )
+            future.add_errback(
+                lambda exc: logger.warning("idempotency claim %s not marked completed: %s", idempotency_key, exc)
             )
 
     def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None:
@@ -377,14 +387,17 @@ class CassandraMessageStore(MessageStore):
         # A claim that lost returns the row that won.
         created_at = _utc(row["created_at"])
         record = IdempotencyRecord(row["request_hash"], row["message_id"], completed=bool(row["completed"]))
-        if record.completed or created_at > now - timedelta(seconds=IDEMPOTENCY_CLAIM_LEASE_SECONDS):
+        if record.completed:
             return record
         if self.get_by_id(record.message_id) is not None:
-            # The earlier request persisted its message and died before completing the claim. The
-            # flag expires with the rest of the row (see insert), never after it.
+            # The earlier request persisted its message and its completion has not landed yet (see
+            # insert), or it died before completing the claim. The flag expires with the rest of
+            # the row (see insert), never after it.
             remaining = IDEMPOTENCY_TTL_SECONDS - int((now - created_at).total_seconds()) - 1
             self._execute(statements.complete, (max(remaining, 1), sender_id, key, record.message_id))
             return IdempotencyRecord(record.request_hash, record.message_id, completed=True)
+        if created_at > now - timedelta(seconds=IDEMPOTENCY_CLAIM_LEASE_SECONDS):
+            return record  # in flight
         # Take over the stale claim; the condition on created_at makes concurrent retries race fairly.
         taken = self._execute(
             statements.take_over,

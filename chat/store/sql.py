@@ -120,12 +120,14 @@ class SqlMessageStore(MessageStore):
         except DatabaseError as exc:
             raise StoreError(str(exc)) from exc
         existing = SqlIdempotencyKey.objects.get(sender_id=sender_id, key=key)
-        if existing.completed or existing.created_at > now - timedelta(seconds=IDEMPOTENCY_CLAIM_LEASE_SECONDS):
+        if existing.completed:
             return _to_record(existing)
         if self.get_by_id(existing.message_id) is not None:
             # The earlier request persisted its message and died before completing the claim.
             SqlIdempotencyKey.objects.filter(pk=existing.pk).update(completed=True)
             return IdempotencyRecord(existing.request_hash, existing.message_id, completed=True)
+        if existing.created_at > now - timedelta(seconds=IDEMPOTENCY_CLAIM_LEASE_SECONDS):
+            return _to_record(existing)  # in flight
         # Take over the stale claim; the conditional update makes concurrent retries race fairly.
         taken = SqlIdempotencyKey.objects.filter(pk=existing.pk, created_at=existing.created_at, completed=False).update(
             request_hash=request_hash, message_id=message_id, created_at=now
