@@ -24,6 +24,13 @@ class ChatConfig(AppConfig):
 
     def ready(self) -> None:
         setting_changed.connect(_reset_configured_singletons, dispatch_uid="chat-reset-singletons")
+        from django.db.models.signals import post_delete, post_save
+
+        from chat import services
+        from chat.models import Ban, Participant
+
+        post_delete.connect(services.revoke_on_participant_delete, sender=Participant, dispatch_uid="chat-revoke-participant")
+        post_save.connect(services.revoke_on_ban_save, sender=Ban, dispatch_uid="chat-revoke-ban")
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several processes share one metrics directory: a process that exits must take its
             # live gauges (connections, subscriptions) with it.

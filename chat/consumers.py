@@ -93,7 +93,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- handshake -------------------------------------------------------------------------
     async def connect(self) -> None:
         self.user = self.scope.get("user")
-        self.groups: list[str] = []
+        self.cleaned_up = False
+        self.subscribed: list[str] = []
         self.next_seq = 1
         self.pending: dict[int, dict] = {}
         self.delivery_lock = asyncio.Lock()
@@ -123,7 +124,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             for group in groups:
                 await events.retry_once(lambda: self.channel_layer.group_add(group, self.channel_name))
-                self.groups.append(group)
+                self.subscribed.append(group)
         except Exception:
             logger.warning("websocket: channel layer unavailable, closing with 1013", exc_info=True)
             await self._unsubscribe()
@@ -134,11 +135,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
         metrics.redis_subscription_active.inc()
         metrics.websocket_connections.inc()
         self.counted = True
-        last_seq = await in_thread(
-            lambda: Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.id)
-        )()
+        # Authorize again now that revocations reach this socket: a ban or removal committed
+        # between the first check and the subscription was published where we could not hear it.
+        # This read is also where the conversation stands (last_seq).
+        try:
+            conversation, _ = await in_thread(access_conversation)(user=self.user, conversation_id=conversation.id)
+        except AccessDenied:
+            await self._cleanup()
+            return await self._refuse("revoked during the handshake")
+        last_seq = conversation.last_seq
         replay_from = int(after_seq) if after_seq is not None else None
-        recovered = replay_from is None or last_seq - replay_from <= settings.CHAT_MAX_REPLAY
+        # An after_seq from the future (another conversation's, say) cannot be honoured either.
+        recovered = replay_from is None or 0 <= last_seq - replay_from <= settings.CHAT_MAX_REPLAY
         self.next_seq = replay_from + 1 if replay_from is not None and recovered else last_seq + 1
 
         await self.accept()
@@ -153,7 +161,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
         if replay_from is not None and recovered and last_seq > replay_from:
             page = await in_thread(get_message_store().history)(
-                conversation.id, after_seq=replay_from, limit=settings.CHAT_MAX_REPLAY
+                conversation.id, after_seq=replay_from, before_seq=last_seq + 1, limit=settings.CHAT_MAX_REPLAY
             )
             metrics.replayed_messages.inc(len(page.messages))
             for message in page.messages:
@@ -196,8 +204,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.warning("presence: leave failed", exc_info=True)
 
     async def _unsubscribe(self) -> None:
-        while self.groups:
-            group = self.groups.pop()
+        while self.subscribed:
+            group = self.subscribed.pop()
             try:
                 await self.channel_layer.group_discard(group, self.channel_name)
             except Exception:  # the layer has already dropped its local membership
@@ -219,7 +227,23 @@ class ChatConsumer(AsyncWebsocketConsumer):
         logger.info("websocket refused: %s", reason)
         await self.close()  # before accept(): daphne answers the handshake with HTTP 403
 
+    async def __call__(self, scope, receive, send):
+        # channels runs disconnect() only for a clean websocket.disconnect; a consumer that dies
+        # of an exception (or is cancelled at shutdown) must release its slot, groups and presence
+        # all the same.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
+
     async def disconnect(self, code: int) -> None:
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        """Release everything this connection holds; safe to run more than once."""
+        if getattr(self, "cleaned_up", True):
+            return
+        self.cleaned_up = True
         await self._presence_leave()
         metrics.client_send_channel_length.dec(self.backlog)
         self.backlog = 0
@@ -396,7 +420,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         }.get(frame["type"])
         if handler is None:
             return await self._error("bad_request", f"Unknown frame type {frame['type'][:50]!r}.")
-        await handler(frame)
+        try:
+            await handler(frame)
+        except Exception:  # a bug or an unexpected outage must cost this frame, not the connection
+            logger.exception("websocket: %s frame failed", frame["type"])
+            await self._error("unavailable", "The frame could not be processed; retry later.", frame.get("client_message_id"))
 
     async def _on_message_send(self, frame: dict) -> None:
         client_message_id = frame.get("client_message_id")

@@ -46,10 +46,10 @@ end
 return 1
 """
 
-# KEYS[1]; ARGV: expires, now, key ttl ms, then the members this process holds. Refreshes them,
-# drops expired entries and returns the users (hex) who have no live entry left.
+# KEYS[1]; ARGV: expires, now, key ttl ms, then the members this process holds. Refreshes them
+# (re-adding any that Redis lost, e.g. in a restart), drops expired entries and returns the users (hex) who have no live entry left.
 _SWEEP = """
-for i = 4, #ARGV do redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i]) end
+for i = 4, #ARGV do redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
 if #expired == 0 then return {} end

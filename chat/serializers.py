@@ -89,8 +89,8 @@ class MessageOutput(serializers.Serializer):
 
 
 class HistoryQuery(serializers.Serializer):
-    after_seq = serializers.IntegerField(min_value=0, required=False)
-    before_seq = serializers.IntegerField(min_value=1, required=False)
+    after_seq = serializers.IntegerField(min_value=0, max_value=2**63 - 1, required=False)
+    before_seq = serializers.IntegerField(min_value=1, max_value=2**63 - 1, required=False)
     limit = serializers.IntegerField(min_value=1, max_value=200, default=50)
 
 

@@ -73,6 +73,17 @@ def now_ms():
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+def _utf8(text: str) -> bytes | None:
+    """The UTF-8 bytes of `text`, or None when no store can keep it: JSON lets a lone surrogate
+    through, and PostgreSQL refuses NUL in text."""
+    if "\x00" in text:
+        return None
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return None
+
+
 def check_message_input(
     *, content: object, message_type: object = "text", is_encrypted: object = False, metadata: object = None
 ) -> MessageInput:
@@ -86,15 +97,23 @@ def check_message_input(
         metadata = {}
     if not isinstance(metadata, dict):
         errors["metadata"] = ["Must be a JSON object."]
-    elif len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
-        errors["metadata"] = [f"At most {MAX_METADATA_BYTES} bytes when serialized."]
+    else:
+        encoded = _utf8(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False))
+        if encoded is None:
+            errors["metadata"] = ["Must be valid Unicode (no lone surrogates or NUL characters)."]
+        elif len(encoded) > MAX_METADATA_BYTES:
+            errors["metadata"] = [f"At most {MAX_METADATA_BYTES} bytes when serialized."]
     if not isinstance(content, str) or content == "":
         errors["content"] = ["Must be a non-empty string."]
     else:
         limit = MAX_TEXT_BYTES if message_type == "text" else MAX_MEDIA_BYTES
-        # Cheap bounds before encoding: a character is 1 to 4 bytes in UTF-8.
-        if len(content) > limit or (len(content) * 4 > limit and len(content.encode()) > limit):
+        # A character is 1 to 4 bytes in UTF-8: a string over the limit in characters is over it
+        # in bytes, and is refused before it is encoded.
+        encoded = None if len(content) > limit else _utf8(content)
+        if len(content) > limit or (encoded is not None and len(encoded) > limit):
             errors["content"] = [f"At most {limit} bytes (UTF-8) for {message_type} messages."]
+        elif encoded is None:
+            errors["content"] = ["Must be valid Unicode (no lone surrogates or NUL characters)."]
     if errors:
         raise ValidationFailed(errors)
     return MessageInput(content, message_type, is_encrypted, metadata)
@@ -123,7 +142,10 @@ def _request_hash(conversation_id: uuid.UUID, body: MessageInput) -> str:
 def _replay(record, request_hash: str, rate: RateDecision) -> SendResult:
     if record.request_hash != request_hash:
         raise IdempotencyMismatch()
-    message = get_message_store().get_by_id(record.message_id) if record.completed else None
+    try:
+        message = get_message_store().get_by_id(record.message_id) if record.completed else None
+    except StoreError as exc:
+        raise StoreUnavailable() from exc
     if message is None:
         raise IdempotencyInFlight()
     metrics.idempotency_hit.inc()
@@ -205,7 +227,7 @@ def message_send(
         metrics.message_persisted.labels(status="error").inc()
         logger.error("persist failed for conversation %s: %s", conversation.id, exc)
         if idempotency_key is not None:
-            store.release_idempotency(sender_id=sender.pk, key=idempotency_key)
+            store.release_idempotency(sender_id=sender.pk, key=idempotency_key, message_id=message_id)
         raise StoreUnavailable() from exc
     metrics.message_persisted.labels(status="success").inc()
     metrics.message_delivery_duration.labels(step="persist").observe(time.perf_counter() - started)
@@ -345,10 +367,9 @@ def participant_remove(*, actor: User, conversation_id: object, user_id: uuid.UU
         if not allowed:
             raise NotAllowed("You may not remove this participant.")
     with transaction.atomic():
-        target.delete()
+        target.delete()  # closes the removed user's sockets: see revoke_on_participant_delete
         if target.role == Participant.Role.OWNER:
             _hand_over_ownership(conversation)
-    transaction.on_commit(lambda: events.membership_revoked(conversation.id, target.user_id))
 
 
 def _hand_over_ownership(conversation: Conversation) -> None:
@@ -364,11 +385,21 @@ def ban_create(*, actor: User | None, conversation: Conversation, user: User, re
     """Ban a user from a conversation; their open sockets on it close (4403) at once.
 
     The participant row stays, so lifting the ban restores their access and read position."""
-    ban, _ = Ban.objects.get_or_create(
+    ban, _ = Ban.objects.get_or_create(  # closes the user's sockets: see revoke_on_ban_save
         conversation=conversation, user=user, defaults={"banned_by": actor, "reason": reason}
     )
-    transaction.on_commit(lambda: events.membership_revoked(conversation.id, user.pk))
     return ban
+
+
+# Access is revoked by model signals rather than by each service, so every path that removes a
+# participant or bans someone (services, the admin's inline and forms, cascades from a deleted
+# user or conversation) closes the affected sockets, once the change is committed.
+def revoke_on_participant_delete(sender, instance: Participant, **kwargs) -> None:
+    transaction.on_commit(lambda: events.membership_revoked(instance.conversation_id, instance.user_id))
+
+
+def revoke_on_ban_save(sender, instance: Ban, **kwargs) -> None:
+    transaction.on_commit(lambda: events.membership_revoked(instance.conversation_id, instance.user_id))
 
 
 def read_marker_set(*, user: User, conversation_id: object, seq: object) -> Participant:

@@ -161,7 +161,11 @@ class MessageHistoryView(APIView):
         query = HistoryQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
         conversation, _ = request.conversation_access
-        page = get_message_store().history(conversation.id, **query.validated_data)
+        params = query.validated_data
+        # Never past the committed counter: a store row above it belongs to a send whose
+        # transaction did not commit (its seq is reused by the next send).
+        params["before_seq"] = min(params.get("before_seq", conversation.last_seq + 1), conversation.last_seq + 1)
+        page = get_message_store().history(conversation.id, **params)
         return Response({"results": [m.as_dict() for m in page.messages], "has_more": page.has_more})
 
 

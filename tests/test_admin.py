@@ -66,3 +66,17 @@ def test_conversation_admin_pages_render(client, moderator, make_user, make_grou
     assert client.get("/admin/chat/conversation/").status_code == 200
     assert client.get(f"/admin/chat/conversation/{conversation.pk}/change/").status_code == 200
     assert client.get("/admin/chat/conversation/", {"q": "team"}).status_code == 200
+
+
+def test_every_way_of_removing_a_participant_closes_their_sockets(make_user, make_group, published, django_capture_on_commit_callbacks):
+    """The admin's inline, a queryset delete, a deleted account: all revoke, not only the service."""
+    from chat.models import Participant
+
+    alice, bob, carol = make_user(), make_user(), make_user()
+    conversation = make_group(alice, bob, carol)
+    expected = {str(bob.pk), str(carol.pk)}
+    with django_capture_on_commit_callbacks(execute=True):
+        Participant.objects.filter(conversation=conversation, user=bob).delete()
+        carol.delete()
+    revoked = {e["user_id"] for e in published if isinstance(e, dict) and e["type"] == "membership.revoked"}
+    assert revoked == expected

@@ -121,8 +121,9 @@ class MessageStore(abc.ABC):
         lease is taken over."""
 
     @abc.abstractmethod
-    def release_idempotency(self, *, sender_id: uuid.UUID, key: str) -> None:
-        """Drop an uncompleted claim after a failed send, so a retry is not refused as in flight."""
+    def release_idempotency(self, *, sender_id: uuid.UUID, key: str, message_id: uuid.UUID) -> None:
+        """Drop our uncompleted claim (the one made for `message_id`) after a failed send, so a
+        retry is not refused as in flight. A claim a retry has taken over is not ours to drop."""
 
 
 @cache

@@ -227,7 +227,8 @@ class CassandraMessageStore(MessageStore):
             ),
             read_claim=read_claim,
             release=prepare(
-                "DELETE FROM {ks}.idempotency_keys WHERE sender_id = ? AND key = ? IF completed = false", lwt=True
+                "DELETE FROM {ks}.idempotency_keys WHERE sender_id = ? AND key = ? IF completed = false AND message_id = ?",
+                lwt=True,
             ),
         )
 
@@ -411,8 +412,8 @@ class CassandraMessageStore(MessageStore):
             return self.claim_idempotency(sender_id=sender_id, key=key, request_hash=request_hash, message_id=message_id)
         return IdempotencyRecord(current["request_hash"], current["message_id"], completed=bool(current["completed"]))
 
-    def release_idempotency(self, *, sender_id: uuid.UUID, key: str) -> None:
+    def release_idempotency(self, *, sender_id: uuid.UUID, key: str, message_id: uuid.UUID) -> None:
         try:
-            self._execute(self._prepared().release, (sender_id, key))
+            self._execute(self._prepared().release, (sender_id, key, message_id))
         except StoreError:
             pass  # The claim then expires by its lease.

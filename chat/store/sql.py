@@ -56,9 +56,11 @@ class SqlMessageStore(MessageStore):
                     deleted=message.deleted,
                 )
                 if idempotency_key is not None:
-                    SqlIdempotencyKey.objects.filter(sender_id=message.sender_id, key=idempotency_key).update(
-                        completed=True
-                    )
+                    # Only our own claim: one a retry took over after our lease ran out is not ours
+                    # to complete (the same condition as Cassandra's IF message_id = ?).
+                    SqlIdempotencyKey.objects.filter(
+                        sender_id=message.sender_id, key=idempotency_key, message_id=message.message_id
+                    ).update(completed=True)
         except DatabaseError as exc:
             raise StoreError(str(exc)) from exc
 
@@ -119,7 +121,9 @@ class SqlMessageStore(MessageStore):
             pass
         except DatabaseError as exc:
             raise StoreError(str(exc)) from exc
-        existing = SqlIdempotencyKey.objects.get(sender_id=sender_id, key=key)
+        existing = SqlIdempotencyKey.objects.filter(sender_id=sender_id, key=key).first()
+        if existing is None:  # released between our insert and this read: the key is free again
+            return self.claim_idempotency(sender_id=sender_id, key=key, request_hash=request_hash, message_id=message_id)
         if existing.completed:
             return _to_record(existing)
         if self.get_by_id(existing.message_id) is not None:
@@ -136,8 +140,8 @@ class SqlMessageStore(MessageStore):
             return None
         return _to_record(SqlIdempotencyKey.objects.get(pk=existing.pk))
 
-    def release_idempotency(self, *, sender_id, key) -> None:
+    def release_idempotency(self, *, sender_id, key, message_id) -> None:
         try:
-            SqlIdempotencyKey.objects.filter(sender_id=sender_id, key=key, completed=False).delete()
+            SqlIdempotencyKey.objects.filter(sender_id=sender_id, key=key, message_id=message_id, completed=False).delete()
         except DatabaseError:
             pass  # The claim then expires by its lease.

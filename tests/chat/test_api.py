@@ -238,6 +238,12 @@ class TestMessages:
         response = self.send(client_for(owner), conversation, **body)
         assert response.status_code == 400 and field in response.data
 
+    def test_lone_surrogate_is_a_400_not_a_500(self, people, client_for, make_group):
+        conversation = make_group(people[0])
+        body = '{"conversation_id": "%s", "content": "\\ud800%s"}' % (conversation.pk, "x" * 3000)
+        response = client_for(people[0]).post("/api/v1/messages/", body, content_type="application/json")
+        assert response.status_code == 400 and "content" in response.data
+
     def test_missing_or_malformed_conversation_id_is_400(self, people, client_for):
         client = client_for(people[0])
         assert "conversation_id" in client.post("/api/v1/messages/", {"content": "x"}, format="json").data
@@ -298,7 +304,9 @@ class TestMessages:
         assert seqs(after_seq=1, before_seq=5) == ([2, 3, 4], False)
         assert seqs(after_seq=7) == ([], False)
 
-    @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 201}, {"after_seq": -1}, {"before_seq": "x"}])
+    @pytest.mark.parametrize(
+        "params", [{"limit": 0}, {"limit": 201}, {"after_seq": -1}, {"before_seq": "x"}, {"after_seq": 2**63}]
+    )
     def test_history_rejects_bad_params(self, people, client_for, make_group, params):
         conversation = make_group(people[0])
         response = client_for(people[0]).get(f"/api/v1/conversations/{conversation.pk}/messages/", params)

@@ -209,6 +209,53 @@ class TestDelivery:
         assert [m["seq"] for m in await receive_messages(b, 1)] == [6]
         await b.disconnect()
 
+    async def test_resume_from_the_future_is_not_recovered_and_goes_live(self, trio):
+        alice, bob, _, conversation = trio
+        await send_over_rest_path(alice, conversation, "one")
+        b, _ = await open_socket(bob, conversation, after_seq=50)
+        ready = await receive(b)
+        assert (ready["last_seq"], ready["recovered"]) == (1, False)
+        await send_over_rest_path(alice, conversation, "two")
+        assert [m["seq"] for m in await receive_messages(b, 1)] == [2]
+        await b.disconnect()
+
+    async def test_a_failing_frame_costs_the_frame_not_the_connection(self, trio, monkeypatch):
+        alice, _, _, conversation = trio
+        a, _ = await open_socket(alice, conversation)
+        await receive(a)
+
+        def broken(**kwargs):
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(consumers, "read_marker_set", broken)
+        await a.send_json_to({"type": "read", "seq": 0})
+        assert (await receive(a))["code"] == "unavailable"
+        await a.send_json_to({"type": "ping"})
+        assert await receive(a) == {"type": "pong"}
+        await a.disconnect()
+
+    async def test_a_consumer_that_dies_still_releases_what_it_held(self, trio, monkeypatch):
+        alice, _, _, conversation = trio
+        calls = []
+        real = consumers.access_conversation
+
+        def second_check_explodes(**kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("database gone")
+            return real(**kwargs)
+
+        monkeypatch.setattr(consumers, "access_conversation", second_check_explodes)
+        communicator = WebsocketCommunicator(
+            application,
+            f"/ws/chat/?conversation_id={conversation.id}",
+            headers=await database_sync_to_async(token_headers)(alice),
+        )
+        with pytest.raises(RuntimeError):
+            await communicator.connect()
+        assert consumers._open_connections == {}
+        assert get_channel_layer().groups.get(events.conversation_group(conversation.id), {}) == {}
+
     async def test_resume_beyond_max_replay_is_not_recovered(self, trio, settings):
         settings.CHAT_MAX_REPLAY = 3
         alice, bob, _, conversation = trio

@@ -114,6 +114,11 @@ class TestLimits:
             ({"content": "x", "metadata": ["not", "an", "object"]}, "metadata"),
             ({"content": "x", "metadata": {"k": "v" * (16 * 1024 - 8)}}, None),  # exactly 16 KiB serialized
             ({"content": "x", "metadata": {"k": "v" * (16 * 1024 - 7)}}, "metadata"),
+            # JSON lets these through; no store can keep them
+            ({"content": "\ud800"}, "content"),
+            ({"content": "\ud800" * 3000}, "content"),
+            ({"content": "a\x00b"}, "content"),
+            ({"content": "x", "metadata": {"k": "\udfff"}}, "metadata"),
         ],
     )
     def test_body_limits(self, pair, published, body, field):

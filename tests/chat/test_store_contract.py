@@ -317,9 +317,11 @@ def test_a_claim_in_flight_within_the_lease_is_not_taken_over(store, clock):
 
 
 def test_release_frees_the_key_and_spares_completed_claims(store):
-    sender_id = uuid.uuid4()
-    claim(store, sender_id, "failed", "hash-a")
-    store.release_idempotency(sender_id=sender_id, key="failed")
+    sender_id, failed_id = uuid.uuid4(), uuid.uuid4()
+    claim(store, sender_id, "failed", "hash-a", failed_id)
+    store.release_idempotency(sender_id=sender_id, key="failed", message_id=uuid.uuid4())  # not ours
+    assert claim(store, sender_id, "failed", "hash-a") == IdempotencyRecord("hash-a", failed_id, completed=False)
+    store.release_idempotency(sender_id=sender_id, key="failed", message_id=failed_id)
     retry_id = uuid.uuid4()
     assert claim(store, sender_id, "failed", "hash-b", retry_id) is None
     assert claim(store, sender_id, "failed", "hash-b") == IdempotencyRecord("hash-b", retry_id, completed=False)
@@ -327,9 +329,9 @@ def test_release_frees_the_key_and_spares_completed_claims(store):
     done_id = uuid.uuid4()
     claim(store, sender_id, "done", "hash-a", done_id)
     store.insert(make_message(uuid.uuid4(), 1, message_id=done_id, sender_id=sender_id), idempotency_key="done")
-    store.release_idempotency(sender_id=sender_id, key="done")
+    store.release_idempotency(sender_id=sender_id, key="done", message_id=done_id)
     assert claim(store, sender_id, "done", "hash-a") == IdempotencyRecord("hash-a", done_id, completed=True)
-    store.release_idempotency(sender_id=uuid.uuid4(), key="never-claimed")
+    store.release_idempotency(sender_id=uuid.uuid4(), key="never-claimed", message_id=uuid.uuid4())
 
 
 def test_a_stale_claim_is_taken_over_once(store, clock):
