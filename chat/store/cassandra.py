@@ -147,13 +147,26 @@ class CassandraMessageStore(MessageStore):
                         from django.db import connections
 
                         connection = connections[DATABASE_ALIAS].connection
-                    session = connection.session
+                    session = self._wait_for_session(connection)
                     self._statements = self._prepare(session, connection.keyspace)
                     self._session = session
                 except DRIVER_ERRORS as exc:
                     self._connect_failed_at = time.monotonic()
                     raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
             return self._statements
+
+    def _wait_for_session(self, connection: CassandraConnection) -> Session:
+        """cqlengine's lazy connect lets the first thread connect and hands every other thread a
+        None session meanwhile (any thread may trigger it, e.g. Django's close_old_connections):
+        wait, within the request timeout, for that connection to finish."""
+        deadline = time.monotonic() + self._timeout
+        session = connection.session
+        while session is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            session = connection.session
+        if session is None:
+            raise StoreError("Cassandra: the connection is still being set up")
+        return session
 
     def _prepare(self, session: Session, keyspace: str) -> _Statements:
         def prepare(cql: str, *, lwt: bool = False) -> PreparedStatement:
