@@ -69,4 +69,4 @@ class IdempotencyMismatch(ChatError):
 class StoreUnavailable(ChatError):
     status = 503
     code = "unavailable"
-    default_detail = "The message store is unavailable; the message was not sent. Retry later."
+    default_detail = "The message store is unavailable; nothing was changed. Retry later."

@@ -431,9 +431,6 @@ def _require_permission(user: User, *permissions: str) -> None:
         raise NotAllowed()
 
 
-def _store_unavailable() -> StoreUnavailable:
-    return StoreUnavailable("The message store is unavailable; nothing was changed. Retry later.")
-
 
 def _message_at(conversation: Conversation, seq: object) -> Message:
     """The conversation's message at `seq`, or NotFound."""
@@ -444,7 +441,7 @@ def _message_at(conversation: Conversation, seq: object) -> Message:
     try:
         message = get_message_store().get(conversation.id, seq)
     except StoreError as exc:
-        raise _store_unavailable() from exc
+        raise StoreUnavailable() from exc
     if message is None:
         raise NotFound("No such message.")
     return message
@@ -485,7 +482,7 @@ def message_edit(*, editor: User, conversation_id: object, seq: object, content:
     try:
         edited = get_message_store().edit(conversation.id, message.seq, body.content, now_ms())
     except StoreError as exc:
-        raise _store_unavailable() from exc
+        raise StoreUnavailable() from exc
     if edited is None:
         raise NotFound("No such message.")
     if edited.deleted:
@@ -499,7 +496,7 @@ def _tombstone(conversation: Conversation, message: Message) -> Message:
     try:
         tombstone = get_message_store().tombstone(conversation.id, message.seq)
     except StoreError as exc:
-        raise _store_unavailable() from exc
+        raise StoreUnavailable() from exc
     if tombstone is None:
         raise NotFound("No such message.")
     if not message.deleted:

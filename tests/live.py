@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -113,6 +114,14 @@ class LiveServer:
             except ValueError:
                 parsed = raw.decode(errors="replace")
             return error.code, parsed, error.headers
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """A sample of the server's /metrics (0 when absent); labels as they print: 'a="x",b="y"'."""
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        series = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "")
+        match = re.search(r"^" + series + r" ([0-9.e+-]+)$", text, re.M)
+        return float(match.group(1)) if match else 0.0
 
     def signup(self, username: str, password: str = "long-enough-pass-42") -> tuple[str, str]:
         """Register a user over HTTP; (user id, token)."""

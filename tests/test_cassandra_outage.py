@@ -2,12 +2,10 @@
 queued), and work again when it is back, without restarting the service."""
 import asyncio
 import json
-import re
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 
 import pytest
@@ -19,13 +17,6 @@ from tests.services import cassandra_available, require
 pytestmark = pytest.mark.live_server_process
 
 SERVICES = str(ROOT / "scripts" / "services.sh")
-
-
-def metric(server, name, labels=""):
-    with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)", text)
-    return float(match.group(1)) if match else 0.0
 
 
 def outbox_rows(database) -> int:
@@ -68,8 +59,8 @@ async def test_cassandra_down_fails_sends_fast_and_cleanly_then_heals(cassandra_
         assert json.loads(await socket.recv())["message"] == before
 
         subprocess.run([SERVICES, "stop", "cassandra"], check=True)
-        errors = metric(server, "chat_message_persisted_total", 'status="error"')
-        published = metric(server, "chat_message_published_total", 'status="success"')
+        errors = server.metric("chat_message_persisted_total", 'status="error"')
+        published = server.metric("chat_message_published_total", 'status="success"')
         queued = outbox_rows(database)
         for attempt in range(3):
             started = time.monotonic()
@@ -77,8 +68,8 @@ async def test_cassandra_down_fails_sends_fast_and_cleanly_then_heals(cassandra_
             elapsed = time.monotonic() - started
             assert status == 503 and body["code"] == "unavailable"
             assert elapsed < 5, f"a send took {elapsed:.1f} s to fail"
-        assert metric(server, "chat_message_persisted_total", 'status="error"') == errors + 3
-        assert metric(server, "chat_message_published_total", 'status="success"') == published
+        assert server.metric("chat_message_persisted_total", 'status="error"') == errors + 3
+        assert server.metric("chat_message_published_total", 'status="success"') == published
         assert outbox_rows(database) == queued
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(socket.recv(), 0.5)  # nothing was published

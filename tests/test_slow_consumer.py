@@ -4,9 +4,7 @@ import asyncio
 import base64
 import json
 import os
-import re
 import socket
-import urllib.request
 
 import pytest
 from websockets.asyncio.client import connect
@@ -40,12 +38,6 @@ def stalled_websocket(server, path: str, token: str) -> socket.socket:
     return sock
 
 
-def dropped_total(server) -> float:
-    with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as response:
-        match = re.search(r"^chat_client_message_dropped_total ([0-9.e+]+)$", response.read().decode(), re.M)
-    return float(match.group(1))
-
-
 async def test_stalled_client_is_closed_4008_and_resumes_without_loss(tmp_path):
     env = server_env(tmp_path / "db.sqlite3", CHAT_MAX_OUTBOUND_BYTES=str(OUTBOUND_LIMIT))
     migrate(env)
@@ -75,9 +67,9 @@ async def test_stalled_client_is_closed_4008_and_resumes_without_loss(tmp_path):
             assert received == list(range(1, MESSAGES + 1))
         # The stalled client gets a grace period to catch up, then is closed.
         deadline = asyncio.get_running_loop().time() + 10
-        while dropped_total(server) < 1 and asyncio.get_running_loop().time() < deadline:
+        while server.metric("chat_client_message_dropped_total") < 1 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.2)
-        assert dropped_total(server) >= 1
+        assert server.metric("chat_client_message_dropped_total") >= 1
         stalled.close()
 
         async with connect(server.ws + path + "&after_seq=0", additional_headers={"Authorization": f"Token {bob}"}, max_size=None) as resumed:
@@ -92,12 +84,6 @@ async def test_stalled_client_is_closed_4008_and_resumes_without_loss(tmp_path):
         server.stop()
 
 
-def open_connections(server) -> float:
-    with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as response:
-        match = re.search(r"^chat_websocket_connections ([0-9.e+]+)$", response.read().decode(), re.M)
-    return float(match.group(1))
-
-
 async def test_dead_peer_is_closed_by_protocol_pings_and_cleaned_up(tmp_path):
     env = server_env(tmp_path / "db.sqlite3")
     migrate(env)
@@ -106,11 +92,11 @@ async def test_dead_peer_is_closed_by_protocol_pings_and_cleaned_up(tmp_path):
         alice_id, alice = server.signup("alice")
         _, created, _ = server.request("POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": []}, token=alice)
         dead = stalled_websocket(server, f"/ws/chat/?conversation_id={created['id']}", alice)  # never answers a ping
-        assert open_connections(server) == 1
+        assert server.metric("chat_websocket_connections") == 1
         deadline = asyncio.get_running_loop().time() + 10
-        while open_connections(server) and asyncio.get_running_loop().time() < deadline:
+        while server.metric("chat_websocket_connections") and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.25)
-        assert open_connections(server) == 0
+        assert server.metric("chat_websocket_connections") == 0
         dead.close()
     finally:
         server.stop()

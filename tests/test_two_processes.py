@@ -5,10 +5,8 @@ the server actually killed mid-test and started again.
 """
 import asyncio
 import json
-import re
 import threading
 import time
-import urllib.request
 
 import pytest
 from websockets.asyncio.client import connect
@@ -75,14 +73,6 @@ async def frames_of_type(socket, kind, count, timeout=10):
     return found
 
 
-def metric(server, name, labels=""):
-    with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
-    match = re.search(pattern, text)
-    return float(match.group(1)) if match else 0.0
-
-
 def send(server, token, conversation, content, **headers):
     return server.request(
         "POST", "/api/v1/messages/", {"conversation_id": conversation, "content": content}, token=token, headers=headers
@@ -131,10 +121,10 @@ def test_rate_limit_holds_across_processes(cluster):
 def test_metrics_sum_over_processes(cluster, people):
     a, b = cluster
     series = ("chat_message_created_total", 'is_encrypted="false",message_type="text"')
-    before = metric(a, *series)
+    before = a.metric(*series)
     assert send(a, people["bob"], people["conversation"], "counted on a")[0] == 201
     assert send(b, people["bob"], people["conversation"], "counted on b")[0] == 201
-    assert metric(a, *series) == metric(b, *series) == before + 2
+    assert a.metric(*series) == b.metric(*series) == before + 2
 
 
 async def test_redis_outage_keeps_sends_durable_and_nothing_is_lost(cluster, people, redis_server):
@@ -143,7 +133,7 @@ async def test_redis_outage_keeps_sends_durable_and_nothing_is_lost(cluster, peo
     headers = {"Authorization": f"Token {people['bob']}"}
     status, page, _ = a.request("GET", f"/api/v1/conversations/{conversation}/messages/?limit=1", token=people["bob"])
     last_seen = page["results"][-1]["seq"] if page["results"] else 0
-    errors_before = metric(b, "chat_redis_publish_error_total")
+    errors_before = b.metric("chat_redis_publish_error_total")
 
     async with connect(ws_url(a, conversation), additional_headers=headers) as open_through_outage:
         assert json.loads(await open_through_outage.recv())["type"] == "ready"
@@ -157,7 +147,7 @@ async def test_redis_outage_keeps_sends_durable_and_nothing_is_lost(cluster, peo
         )
         assert [m["message_id"] for m in page["results"]] == [during["message_id"]]
         # At least this message's publish failed (presence events published meanwhile count too).
-        assert metric(b, "chat_redis_publish_error_total") >= errors_before + 1
+        assert b.metric("chat_redis_publish_error_total") >= errors_before + 1
 
         redis_server.start()  # same port: the service reconnects by itself, no restart
         await wait_until_sockets_work(a, conversation, headers)
