@@ -59,6 +59,10 @@ async def test_cassandra_down_fails_sends_fast_and_cleanly_then_heals(cassandra_
         assert json.loads(await socket.recv())["message"] == before
 
         subprocess.run([SERVICES, "stop", "cassandra"], check=True)
+        assert not cassandra_available(), (
+            "Cassandra still answers: it was not started by this checkout's scripts/services.sh, "
+            "so this test cannot stop it (run `make services` from this checkout)"
+        )
         errors = server.metric("chat_message_persisted_total", 'status="error"')
         published = server.metric("chat_message_published_total", 'status="success"')
         queued = outbox_rows(database)
