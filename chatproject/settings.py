@@ -177,12 +177,13 @@ SPECTACULAR_SETTINGS = {
 # Channel layer: in-process for one process, Redis for several.
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if REDIS_URL:
-    # The pub/sub layer: one PUBLISH per message whatever the group size, no per-process capacity
-    # that silently drops, and consumers survive a Redis restart (docs/channel-layer.md has the
-    # measurements). Short socket timeouts so a hung Redis cannot hold sends behind it.
+    # channels-redis' pub/sub layer: one PUBLISH per message whatever the group size, no
+    # per-process capacity that silently drops, and consumers survive a Redis restart
+    # (docs/channel-layer.md has the measurements); chat.channel_layer lets a process's publishes
+    # run side by side. Short socket timeouts so a hung Redis cannot hold sends behind it.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "BACKEND": "chat.channel_layer.ConcurrentPublishChannelLayer",
             "CONFIG": {
                 "hosts": [
                     {
@@ -266,6 +267,10 @@ CASSANDRA_LOCAL_DC = os.environ.get("CASSANDRA_LOCAL_DC", "")
 # Seconds: the longest a store call waits for Cassandra (each request, and each connection attempt)
 # before the send fails fast with 503 instead of holding a worker.
 CASSANDRA_REQUEST_TIMEOUT = float(os.environ.get("CASSANDRA_REQUEST_TIMEOUT") or 2.0)
+# Native protocol version. v5 wraps every frame in checksummed segments that the Python driver
+# builds and verifies in Python, a fifth of its CPU per request here (docs/performance.md); v4
+# leaves integrity to TCP, as every release before Cassandra 4.0 did.
+CASSANDRA_PROTOCOL_VERSION = env_int("CASSANDRA_PROTOCOL_VERSION", 4)
 
 
 def _cassandra_database(keyspace: str) -> dict[str, Any]:
@@ -289,6 +294,7 @@ def _cassandra_database(keyspace: str) -> dict[str, Any]:
             "replication": replication,
             "connection": {
                 "port": CASSANDRA_PORT,
+                "protocol_version": CASSANDRA_PROTOCOL_VERSION,
                 "lazy_connect": True,
                 "retry_connect": True,
                 "connect_timeout": CASSANDRA_REQUEST_TIMEOUT,
