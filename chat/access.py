@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import uuid
 
-from django.db.models import Exists
-
+from chat import sql
 from chat.exceptions import AccessDenied
-from chat.models import Ban, Conversation, Participant
+from chat.models import Conversation, Participant
 
 
 def parse_conversation_id(value: object) -> uuid.UUID:
@@ -21,19 +20,25 @@ def parse_conversation_id(value: object) -> uuid.UUID:
         raise AccessDenied() from None
 
 
-def access_conversation(*, user, conversation_id: object) -> tuple[Conversation, Participant]:
-    """Fetch the conversation and the caller's participation, or raise AccessDenied."""
+def access_participant_id(*, user, conversation_id: object) -> tuple[uuid.UUID, int]:
+    """The rule itself: (conversation id, the caller's participant id), or AccessDenied.
+
+    One statement (chat.sql): the participation, the account still active (the user object a
+    socket holds may be stale), and no ban. Every message send runs it."""
     if user is None or not user.is_authenticated or not user.is_active:
         raise AccessDenied()
     conversation_id = parse_conversation_id(conversation_id)
-    # One query: the participation, the account still active (the user object a socket holds may
-    # be stale), and no ban.
-    participant = (
-        Participant.objects.select_related("conversation")
-        .filter(conversation_id=conversation_id, user_id=user.pk, user__is_active=True)
-        .annotate(banned=Exists(Ban.objects.filter(conversation_id=conversation_id, user_id=user.pk)))
-        .first()
-    )
-    if participant is None or participant.banned:
+    participant_id = sql.allowed_participant_id(user.pk, conversation_id)
+    if participant_id is None:
         raise AccessDenied()
+    return conversation_id, participant_id
+
+
+def access_conversation(*, user, conversation_id: object) -> tuple[Conversation, Participant]:
+    """Fetch the conversation and the caller's participation, or raise AccessDenied."""
+    _, participant_id = access_participant_id(user=user, conversation_id=conversation_id)
+    try:
+        participant = Participant.objects.select_related("conversation").get(pk=participant_id)
+    except Participant.DoesNotExist:  # removed since the check
+        raise AccessDenied() from None
     return participant.conversation, participant

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs
 
 import orjson
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -25,9 +26,8 @@ from django.conf import settings
 from chat import events, metrics
 from chat.access import access_conversation
 from chat.exceptions import AccessDenied, ChatError, ValidationFailed
-from chat.models import Conversation
 from chat.presence import get_presence
-from chat.services import message_send, read_marker_set
+from chat.services import amessage_send, read_marker_set
 from chat.store import get_message_store
 
 logger = logging.getLogger(__name__)
@@ -226,6 +226,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         metrics.websocket_connection_unauthorized.inc()
         logger.info("websocket refused: %s", reason)
         await self.close()  # before accept(): daphne answers the handshake with HTTP 403
+
+    async def dispatch(self, message: dict) -> None:
+        # channels' AsyncConsumer.dispatch first closes stale database connections through
+        # sync_to_async: a hop to its one thread-sensitive thread for every event of every socket,
+        # so under fan-out each process's deliveries queued one by one behind that thread. This
+        # consumer never uses the database on the event loop; its blocking work runs through
+        # in_thread, which cleans up its own thread's connections around each call.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def __call__(self, scope, receive, send):
         # channels runs disconnect() only for a clean websocket.disconnect; a consumer that dies
@@ -429,7 +440,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _on_message_send(self, frame: dict) -> None:
         client_message_id = frame.get("client_message_id")
         try:
-            result = await in_thread(message_send)(
+            result = await amessage_send(
+                run_blocking=in_thread,
                 sender=self.user,
                 conversation_id=self.conversation_id,
                 content=frame.get("content"),

@@ -70,8 +70,16 @@ publish = async_to_sync(apublish)
 _publish_to = async_to_sync(_apublish_to)
 
 
+def _message_new_event(message: Message) -> dict[str, Any]:
+    return {"type": "message.new", "message": message.as_dict()}
+
+
 def message_new(message: Message) -> bool:
-    return publish(message.conversation_id, {"type": "message.new", "message": message.as_dict()})
+    return publish(message.conversation_id, _message_new_event(message))
+
+
+async def amessage_new(message: Message) -> bool:
+    return await apublish(message.conversation_id, _message_new_event(message))
 
 
 def message_updated(message: Message) -> bool:

@@ -14,18 +14,18 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
 from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from accounts.models import User
-from chat import events, metrics
-from chat.access import access_conversation
+from chat import events, metrics, sql
+from chat.access import access_conversation, access_participant_id
 from chat.exceptions import (
     AccessDenied,
     IdempotencyInFlight,
@@ -164,6 +164,48 @@ def message_send(
     idempotency_field: str = "Idempotency-Key",
     transport: str = "rest",
 ) -> SendResult:
+    """Send a message (the REST path, and any sync caller): persist it, then publish it."""
+    result = _message_persist(
+        sender=sender,
+        conversation_id=conversation_id,
+        content=content,
+        message_type=message_type,
+        is_encrypted=is_encrypted,
+        metadata=metadata,
+        idempotency_key=idempotency_key,
+        idempotency_field=idempotency_field,
+        transport=transport,
+    )
+    if not result.replayed:
+        events.message_new(result.message)
+    return result
+
+
+async def amessage_send(*, run_blocking: Callable, **kwargs: Any) -> SendResult:
+    """message_send for the event loop (the WebSocket path): the blocking part (ORM, store) runs
+    through `run_blocking` (a thread pool), the publish runs on the loop itself, so no thread
+    waits for the loop and the loop never waits for a thread to publish."""
+    result = await run_blocking(_message_persist)(**kwargs)
+    if not result.replayed:
+        await events.amessage_new(result.message)
+    return result
+
+
+def _message_persist(
+    *,
+    sender: User,
+    conversation_id: object,
+    content: object,
+    message_type: object,
+    is_encrypted: object,
+    metadata: object,
+    idempotency_key: str | None,
+    idempotency_field: str,
+    transport: str,
+) -> SendResult:
+    """Everything of a send up to and including the commit: validate, rate-limit, authorize,
+    claim the idempotency key, allocate the seq and persist (message, outbox entry). The callers
+    publish what it returns."""
     body = check_message_input(
         content=content, message_type=message_type, is_encrypted=is_encrypted, metadata=metadata
     )
@@ -177,7 +219,7 @@ def message_send(
 
     started = time.perf_counter()
     try:
-        conversation, participant = access_conversation(user=sender, conversation_id=conversation_id)
+        conversation_id, participant_id = access_participant_id(user=sender, conversation_id=conversation_id)
     except AccessDenied:
         metrics.message_send_unauthorized.inc()
         raise
@@ -186,7 +228,7 @@ def message_send(
     store = get_message_store()
     message_id = uuid.uuid4()
     if idempotency_key is not None:
-        request_hash = _request_hash(conversation.id, body)
+        request_hash = _request_hash(conversation_id, body)
         try:
             earlier = store.claim_idempotency(
                 sender_id=sender.pk, key=idempotency_key, request_hash=request_hash, message_id=message_id
@@ -204,13 +246,10 @@ def message_send(
         # the counter back (no seq is burned), and seqs become durable in the order they are taken.
         # The outbox entry commits with them, so a sent message never lacks its notifications.
         with _relational_writer(), transaction.atomic():
-            Conversation.objects.filter(pk=conversation.pk).update(
-                last_seq=F("last_seq") + 1, last_activity_at=timezone.now()
-            )
-            seq = Conversation.objects.values_list("last_seq", flat=True).get(pk=conversation.pk)
+            seq = sql.allocate_seq(conversation_id, timezone.now())
             message = Message(
                 message_id=message_id,
-                conversation_id=conversation.id,
+                conversation_id=conversation_id,
                 seq=seq,
                 sender_id=sender.pk,
                 content=body.content,
@@ -221,19 +260,17 @@ def message_send(
             )
             store.insert(message, idempotency_key=idempotency_key)
             # Your own message is read by you: unread counts never include it.
-            Participant.objects.filter(pk=participant.pk, last_read_seq__lt=seq).update(last_read_seq=seq)
+            sql.advance_read_marker(participant_id, seq)
             _enqueue_notifications(message)
     except (StoreError, DatabaseError) as exc:
         metrics.message_persisted.labels(status="error").inc()
-        logger.error("persist failed for conversation %s: %s", conversation.id, exc)
+        logger.error("persist failed for conversation %s: %s", conversation_id, exc)
         if idempotency_key is not None:
             store.release_idempotency(sender_id=sender.pk, key=idempotency_key, message_id=message_id)
         raise StoreUnavailable() from exc
     metrics.message_persisted.labels(status="success").inc()
     metrics.message_delivery_duration.labels(step="persist").observe(time.perf_counter() - started)
     metrics.message_created.labels(message_type=message.message_type, is_encrypted=str(message.is_encrypted).lower()).inc()
-
-    events.message_new(message)
     return SendResult(message=message, replayed=False, rate=rate)
 
 

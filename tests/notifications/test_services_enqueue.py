@@ -27,9 +27,16 @@ def test_enqueue_is_a_single_insert(django_assert_num_queries):
         sent_at=timezone.now(),
     )
     with django_assert_num_queries(1) as captured:
-        entry = notification_enqueue(message=message)
+        notification_enqueue(message=message)
     assert captured.captured_queries[0]["sql"].startswith("INSERT")
-    assert (entry.message_id, entry.seq, entry.status, entry.attempts) == (message.message_id, 7, "pending", 0)
+    entry = OutboxEntry.objects.get()
+    assert (entry.message_id, entry.conversation_id, entry.seq, entry.sender_id) == (
+        message.message_id, message.conversation_id, 7, message.sender_id
+    )
+    assert (entry.status, entry.attempts, entry.claimed_by, entry.last_error) == ("pending", 0, "", "")
+    assert entry.claimed_until is None and entry.finished_at is None
+    assert abs((timezone.now() - entry.next_attempt_at).total_seconds()) < 5
+    assert abs((timezone.now() - entry.created_at).total_seconds()) < 5
 
 
 def test_send_with_the_receiver_down_returns_201_and_makes_no_network_call(
