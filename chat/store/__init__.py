@@ -74,7 +74,8 @@ IDEMPOTENCY_TTL_SECONDS = 48 * 3600
 class MessageStore(abc.ABC):
     @abc.abstractmethod
     def insert(self, message: Message, *, idempotency_key: str | None = None) -> None:
-        """Persist a new message; with a key, also mark that key's claim completed."""
+        """Persist a new message. With a key, the claim made for this message reads as completed
+        from now on (the sql store marks it in the same transaction; cassandra when a retry asks)."""
 
     @abc.abstractmethod
     def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None: ...

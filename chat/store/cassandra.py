@@ -297,22 +297,9 @@ class CassandraMessageStore(MessageStore):
             self._marked_buckets[marker] = None
             if len(self._marked_buckets) > _MARKED_BUCKETS_CACHED:
                 self._marked_buckets.popitem(last=False)
-        if idempotency_key is not None:
-            # The claim's other cells expire IDEMPOTENCY_TTL_SECONDS after the claim; the completed
-            # flag must not outlive them (a row of nothing but `completed` would answer later claims
-            # with no hash), so it expires a lease earlier. In that last stretch the claim looks
-            # stale, and a claim whose message exists is reported completed anyway.
-            # Not waited for: the message is durable now, and until this Paxos round lands a claim
-            # whose message exists already reads as completed (claim_idempotency). Waiting would
-            # hold the send's relational transaction open for four more round trips.
-            future = self._session.execute_async(
-                statements.complete,
-                (IDEMPOTENCY_TTL_SECONDS - IDEMPOTENCY_CLAIM_LEASE_SECONDS, message.sender_id, idempotency_key, message.message_id),
-                timeout=self._timeout,
-            )
-            future.add_errback(
-                lambda exc: logger.warning("idempotency claim %s not marked completed: %s", idempotency_key, exc)
-            )
+        # A key's claim is not marked completed here: a claim whose message exists already reads as
+        # completed (claim_idempotency marks it then, on the rare retry). Marking it on every send
+        # would cost a Paxos round per message.
 
     def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None:
         statements = self._prepared()

@@ -329,6 +329,8 @@ def test_release_frees_the_key_and_spares_completed_claims(store):
     done_id = uuid.uuid4()
     claim(store, sender_id, "done", "hash-a", done_id)
     store.insert(make_message(uuid.uuid4(), 1, message_id=done_id, sender_id=sender_id), idempotency_key="done")
+    # A retry finds the message: from then on the claim is completed in every store.
+    assert claim(store, sender_id, "done", "hash-a") == IdempotencyRecord("hash-a", done_id, completed=True)
     store.release_idempotency(sender_id=sender_id, key="done", message_id=done_id)
     assert claim(store, sender_id, "done", "hash-a") == IdempotencyRecord("hash-a", done_id, completed=True)
     store.release_idempotency(sender_id=uuid.uuid4(), key="never-claimed", message_id=uuid.uuid4())
