@@ -90,7 +90,12 @@ class RedisPresence:
         if loop not in self._clients:
             import redis.asyncio
 
-            self._clients[loop] = redis.asyncio.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+            # A blocking pool: when hundreds of sockets close at once, their leaves wait for a
+            # connection instead of failing with "Too many connections".
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self.url, max_connections=32, timeout=2, socket_timeout=1, socket_connect_timeout=1
+            )
+            self._clients[loop] = redis.asyncio.Redis(connection_pool=pool)
         return self._clients[loop]
 
     async def join(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
