@@ -119,7 +119,6 @@ def receiver_main(kind, cfg, proc_index, groups, members, conn, fault):
 
 async def _receiver(kind, cfg, proc_index, groups, members, conn, fault):
     layer = make_layer(kind, cfg)
-    loop = asyncio.get_running_loop()
     channels = []  # (channel, group)
     for g in groups:
         for _ in range(members):

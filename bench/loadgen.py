@@ -253,7 +253,6 @@ class Generator:
     async def run_phase(self, command: dict) -> dict:
         self.reset()
         cpu0 = time.process_time()
-        started = time.monotonic()
         if command["cmd"] == "open":
             await self.open_loop(command["phase"], command["rate"], command["duration"], command["start_at"])
         else:

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run --out bench/results                  # full run, Cassandra + Redis (~12 min)
     .venv/bin/python -m bench.run --smoke --out /tmp/bench-smoke       # every scenario tiny (<60 s), SQL store
     options: --store sql|cassandra  --scenarios fanout,ramp,idle,persist  --no-baseline  --profile
-             --redis redis://127.0.0.1:6379/13  --gen-procs N
+             --redis redis://127.0.0.1:6379/13  --gen-procs N  --service-env NAME=VALUE
 
 Writes results.json, results.md and latency.png under --out. Exits 1 when any scenario shows a
 gap, a duplicate, a lost message or a broken harness (the smoke's pass criterion; missed
@@ -311,6 +311,7 @@ class Bench:
             CHAT_MAX_CONNECTIONS_PER_USER="1000",
             LOG_LEVEL="WARNING",
         )
+        env.update(item.split("=", 1) for item in self.args.service_env)
         return env
 
     def prepare(self) -> None:
@@ -557,7 +558,7 @@ class Bench:
         for scenario in scenarios:
             entry = self.results["scenarios"].setdefault(scenario, {})
             if scenario == "persist":
-                entry["ours"] = self._guard(f"persist/ours", self.persist)
+                entry["ours"] = self._guard("persist/ours", self.persist)
                 continue
             for which in reversed(targets):  # baseline first: the machine's floor, then the service
                 entry[which] = self._guard(f"{scenario}/{which}", getattr(self, scenario), which, makers[which])
@@ -843,6 +844,8 @@ def main() -> int:
                         help="relational database of the service (default: a temporary SQLite file); "
                         "an empty PostgreSQL database for the production configuration")
     parser.add_argument("--conn-max-age", type=int, default=60, help="DATABASE_CONN_MAX_AGE of the service")
+    parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="one more environment variable for the service (repeatable), e.g. CHAT_WORKER_THREADS=4")
     args = parser.parse_args()
     if args.store is None:
         args.store = "sql" if args.smoke else "cassandra"
