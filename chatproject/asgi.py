@@ -3,15 +3,16 @@ import sys
 
 from django.core.asgi import get_asgi_application
 
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
+django_asgi_app = get_asgi_application()  # before importing anything that touches models
+
+from django.conf import settings  # noqa: E402
+
 # The event loop and the threads doing blocking work (ORM, Cassandra) share one GIL. A thread whose
 # database or Cassandra call returns must take the GIL back, and with CPython's default 5 ms switch
 # interval it waits up to 5 ms for a busy loop to let go: once per SQL statement and per driver
-# reply, while holding a transaction. A shorter interval trades a little switching overhead for
-# that latency (docs/performance.md has the measurements).
-sys.setswitchinterval(float(os.environ.get("CHAT_GIL_SWITCH_INTERVAL", "0.0005")))
-
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
-django_asgi_app = get_asgi_application()  # before importing anything that touches models
+# reply, while holding a transaction (docs/performance.md has the measurements).
+sys.setswitchinterval(settings.CHAT_GIL_SWITCH_INTERVAL)
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 

@@ -214,6 +214,8 @@ CHAT_WS_TICKET_TTL = 60
 CHAT_MAX_GROUP_PARTICIPANTS = env_int("CHAT_MAX_GROUP_PARTICIPANTS", 1000)
 # Threads per process for the WebSocket path's blocking work (each holds a database connection).
 CHAT_WORKER_THREADS = env_int("CHAT_WORKER_THREADS", 16)
+# Seconds; the server process's sys.setswitchinterval (chatproject/asgi.py).
+CHAT_GIL_SWITCH_INTERVAL = float(os.environ.get("CHAT_GIL_SWITCH_INTERVAL") or 0.0005)
 
 LOGGING = {
     "version": 1,
