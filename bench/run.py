@@ -15,9 +15,11 @@ Scenarios (same generator, same clients, against both servers unless noted):
            duplicates, lost, server CPU and RSS.
   ramp     the same clients, rising send rates in steps; saturation = the highest step with
            p99 < 100 ms, everything acked and delivered, no gap or duplicate.
-  idle     (full: 2,000) authenticated connections held open: RSS per connection (RSS after minus
-           RSS before, over the count) and server CPU while idle (a 30 s window: includes daphne's
-           20 s protocol pings and the 20 s presence refresh).
+  idle     (full: 2,000) authenticated connections held open, opened in two halves: RSS per
+           connection = the second half's RSS growth over its count (what one more connection
+           costs, without what the first ones warm once: pools' database connections, caches);
+           the average over all of them is reported too. Server CPU while idle: a 30 s window
+           (includes daphne's 20 s protocol pings and the 20 s presence refresh).
   persist  (the service only) closed-loop senders in two-person conversations (one side
            connected): acked sends/s through the whole send pipeline on the chosen store, ack
            latency, and a read-back of every acked seq from the store; plus bench/store_persist.py's
@@ -55,6 +57,7 @@ FULL = {
     "idle": {"groups": 200, "size": 10, "window": 30, "settle": 5},
     "persist": {"pairs": 20, "duration": 15, "store_count": 500},
     "profile_seconds": 20,
+    "profile_rate": 40,
 }
 SMOKE = {
     "fanout": {"groups": 2, "size": 10, "rate": 20, "warmup": 1, "duration": 2},
@@ -62,6 +65,7 @@ SMOKE = {
     "idle": {"groups": 4, "size": 10, "window": 2, "settle": 1},
     "persist": {"pairs": 4, "duration": 2, "store_count": 0},
     "profile_seconds": 3,
+    "profile_rate": 20,
 }
 TARGETS = {"fanout_p99_ms": 50.0, "fanout_p99_vs_baseline": 3.0, "saturation_vs_baseline": 1 / 3,
            "idle_rss_vs_baseline": 3.0, "idle_cpu_cores": 0.05, "p99_saturation_ms": 100.0}
@@ -227,9 +231,15 @@ class Generators:
         self.ps = [psutil.Process(p.pid) for p in self.procs]
 
     def command(self, cmd: dict, timeout: float) -> list[dict]:
+        self.send(cmd)
+        return self.collect(cmd, timeout)
+
+    def send(self, cmd: dict) -> None:
         for p in self.procs:
             p.stdin.write(json.dumps(cmd) + "\n")
             p.stdin.flush()
+
+    def collect(self, cmd: dict, timeout: float) -> list[dict]:
         answers = []
         deadline = time.monotonic() + timeout
         for p in self.procs:
@@ -396,7 +406,7 @@ class Bench:
             self.open_phase(gens, server, s["rate"] / 4, s["warmup"])  # warm-up at a quarter rate, not reported
             result = self.open_phase(gens, server, s["rate"], s["duration"])
             if which == "ours" and self.args.profile:
-                result["profile"] = self.profile(gens, server, s["rate"])
+                result["profile"] = self.profile(gens, server, self.scale["profile_rate"])
         result["connect"] = connect
         self.samples[f"fanout/{which}"] = result.pop("_samples")
         self.check(f"fanout/{which}", result)
@@ -407,14 +417,16 @@ class Bench:
         return result
 
     def profile(self, gens: Generators, server: Server, rate: float) -> dict:
-        """py-spy on the server during an extra fan-out phase (not the measured one)."""
+        """py-spy on the server during an extra fan-out phase (not the measured one), at a rate the
+        server sustains (an overloaded one profiles its queues). Only samples that hold the GIL:
+        where the process's Python CPU goes, not where its threads wait."""
         seconds = self.scale["profile_seconds"]
         raw = self.out / "profile-fanout.txt"
         pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
         if not Path(pyspy).exists():
             return {"error": "py-spy not installed"}
         spy = subprocess.Popen([pyspy, "record", "--pid", str(server.process.pid), "--rate", "100", "--duration",
-                                str(int(seconds)), "--nonblocking", "--format", "raw", "--output", str(raw)],
+                                str(int(seconds)), "--nonblocking", "--gil", "--format", "raw", "--output", str(raw)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)
         self.open_phase(gens, server, rate, seconds)
@@ -466,17 +478,33 @@ class Bench:
                 warm.command({"cmd": "connect"}, timeout=60)
                 time.sleep(1)
                 rss_before = Usage([server.ps]).rss()
-                with Generators(server.url, clients[1:], self.args.gen_procs, self.work, 50) as gens:
-                    connect = merge(gens.command({"cmd": "connect"}, timeout=600))
+                # In two halves: the second half's growth is what one more connection costs, without
+                # what the first connections warm once (thread pools' database connections and
+                # caches, interned strings, allocator arenas).
+                half = 1 + (len(clients) - 1) // 2
+                with Generators(server.url, clients[1:half], self.args.gen_procs, self.work, 50) as first, \
+                        Generators(server.url, clients[half:], self.args.gen_procs, self.work, 50) as gens:
+                    connect_first = first.command({"cmd": "connect"}, timeout=600)
+                    time.sleep(s["settle"])
+                    rss_half = Usage([server.ps]).rss()
+                    connect_second = gens.command({"cmd": "connect"}, timeout=600)
+                    connect = merge(connect_first + connect_second)
+                    connect["seconds"] = round(merge(connect_first)["seconds"] + merge(connect_second)["seconds"], 3)
                     log(f"{which} idle: {connect['connected']}/{len(clients) - 1} connected in {connect['seconds']} s")
                     time.sleep(s["settle"])
-                    with Usage([server.ps]) as use, Usage(gens.ps) as gen_use:
-                        answer = merge(gens.command({"cmd": "idle", "duration": s["window"]}, timeout=s["window"] + 30))
+                    with Usage([server.ps]) as use, Usage(first.ps + gens.ps) as gen_use:
+                        idle = {"cmd": "idle", "duration": s["window"]}
+                        first.send(idle)
+                        gens.send(idle)
+                        answer = merge(first.collect(idle, s["window"] + 30) + gens.collect(idle, s["window"] + 30))
         n = connect["connected"]
+        second_half = len(clients) - half
         result = {
             "connections": n + 1, "connect_seconds": connect["seconds"], "connect_failed": connect["failed"],
-            "rss_before_mib": round(rss_before / 2**20, 1), "rss_after_mib": round(use.end_rss / 2**20, 1),
-            "rss_per_connection_kib": round((use.end_rss - rss_before) / max(n, 1) / 1024, 1),
+            "rss_before_mib": round(rss_before / 2**20, 1), "rss_half_mib": round(rss_half / 2**20, 1),
+            "rss_after_mib": round(use.end_rss / 2**20, 1),
+            "rss_per_connection_kib": round((use.end_rss - rss_half) / max(second_half, 1) / 1024, 1),
+            "rss_per_connection_average_kib": round((use.end_rss - rss_before) / max(n, 1) / 1024, 1),
             "idle_cpu_cores": round(use.cores, 4), "window_seconds": round(use.seconds, 1),
             "generator_cpu_cores": round(gen_use.cores, 4), "machine_cpu_cores": round(use.machine_cores, 3),
             "closed": answer.get("closed"), "errors": answer["errors"],
@@ -751,8 +779,11 @@ def markdown(results: dict) -> str:
         lines += ["## Idle connections", "", "| | chat service | baseline relay |", "|---|---|---|"]
         o, b = sc["idle"].get("ours", {}), sc["idle"].get("baseline", {})
         for label, key in (("connections", "connections"), ("connect time (s)", "connect_seconds"),
-                           ("RSS before (MiB)", "rss_before_mib"), ("RSS after (MiB)", "rss_after_mib"),
-                           ("RSS per connection (KiB)", "rss_per_connection_kib"),
+                           ("RSS with 1 connection (MiB)", "rss_before_mib"),
+                           ("RSS with half the connections (MiB)", "rss_half_mib"),
+                           ("RSS with all (MiB)", "rss_after_mib"),
+                           ("RSS per connection, second half (KiB)", "rss_per_connection_kib"),
+                           ("RSS per connection, average over all (KiB)", "rss_per_connection_average_kib"),
                            ("idle CPU (cores)", "idle_cpu_cores"), ("window (s)", "window_seconds"),
                            ("whole machine CPU (cores, of 2)", "machine_cpu_cores")):
             lines.append(f"| {label} | {v(o.get(key))} | {v(b.get(key))} |")

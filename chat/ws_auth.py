@@ -64,7 +64,10 @@ def keep_server_send(inner):
     the socket's unsent backlog through it (chat.consumers.socket_backlog_probe)."""
 
     async def app(scope, receive, send):
-        return await inner(dict(scope, server_send=send), receive, send)
+        # In place: this is the outermost application and the scope is the server's, made for this
+        # connection; a copy would stay alive as long as the socket.
+        scope["server_send"] = send
+        return await inner(scope, receive, send)
 
     return app
 
