@@ -23,7 +23,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import events, metrics
+from chat import events, metrics, overload
 from chat.access import access_conversation
 from chat.exceptions import AccessDenied, ChatError, ValidationFailed
 from chat.presence import get_presence
@@ -149,6 +149,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         recovered = replay_from is None or 0 <= last_seq - replay_from <= settings.CHAT_MAX_REPLAY
         self.next_seq = replay_from + 1 if replay_from is not None and recovered else last_seq + 1
 
+        overload.loop_lag.start()
         await self.accept()
         await self._send_json(
             {
@@ -439,19 +440,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _on_message_send(self, frame: dict) -> None:
         client_message_id = frame.get("client_message_id")
-        try:
-            result = await amessage_send(
-                run_blocking=in_thread,
-                sender=self.user,
-                conversation_id=self.conversation_id,
-                content=frame.get("content"),
-                message_type=frame.get("message_type", "text"),
-                is_encrypted=frame.get("is_encrypted", False),
-                metadata=frame.get("metadata"),
-                idempotency_key=client_message_id,
-                idempotency_field="client_message_id",
-                transport="websocket",
+        if overload.overloaded():
+            metrics.message_shed.inc()
+            return await self._error(
+                "unavailable", "The server is busy; retry with the same client_message_id.", client_message_id
             )
+        try:
+            with overload.sends_in_flight.held():
+                result = await amessage_send(
+                    run_blocking=in_thread,
+                    sender=self.user,
+                    conversation_id=self.conversation_id,
+                    content=frame.get("content"),
+                    message_type=frame.get("message_type", "text"),
+                    is_encrypted=frame.get("is_encrypted", False),
+                    metadata=frame.get("metadata"),
+                    idempotency_key=client_message_id,
+                    idempotency_field="client_message_id",
+                    transport="websocket",
+                )
         except ChatError as exc:
             return await self._error_for(exc, client_message_id)
         await self._send_json(

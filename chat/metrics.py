@@ -42,6 +42,9 @@ websocket_connections = Gauge(
     "chat_websocket_connections", "Open WebSocket connections.", multiprocess_mode="livesum"
 )
 send_rate_limited = Counter("chat_message_rate_limited_total", "Sends refused by the rate limit.", ["transport"])
+message_shed = Counter(
+    "chat_message_shed_total", "WebSocket sends refused because the process's event loop was overloaded (chat.overload)."
+)
 rate_limit_degraded = Counter(
     "chat_rate_limit_degraded_total", "Rate-limit checks answered per process because Redis failed."
 )

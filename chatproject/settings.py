@@ -214,6 +214,11 @@ CHAT_WS_TICKET_TTL = 60
 CHAT_MAX_GROUP_PARTICIPANTS = env_int("CHAT_MAX_GROUP_PARTICIPANTS", 1000)
 # Threads per process for the WebSocket path's blocking work (each holds a database connection).
 CHAT_WORKER_THREADS = env_int("CHAT_WORKER_THREADS", 16)
+# Load shedding (chat/overload.py): new WebSocket sends get an `unavailable` error frame while this
+# many sends of the process are in flight, or while its event loop runs this many seconds late
+# (smoothed; 0 turns that check off).
+CHAT_MAX_SENDS_IN_FLIGHT = env_int("CHAT_MAX_SENDS_IN_FLIGHT", 64)
+CHAT_MAX_LOOP_LAG = float(os.environ.get("CHAT_MAX_LOOP_LAG") or 0.5)
 # Seconds; the server process's sys.setswitchinterval (chatproject/asgi.py).
 CHAT_GIL_SWITCH_INTERVAL = float(os.environ.get("CHAT_GIL_SWITCH_INTERVAL") or 0.0005)
 
