@@ -29,6 +29,10 @@ import time
 
 from websockets.asyncio.client import connect
 
+# An unfinished drain with no delivery for this long: the server stopped delivering (lost), it is
+# not merely working through a backlog (late).
+STALL_SECONDS = 5.0
+
 try:
     import orjson
 
@@ -83,6 +87,7 @@ class Generator:
         self.sent = 0
         self.acked = 0
         self.late_sends = 0
+        self.stalled = False
 
     # --- receiving -----------------------------------------------------------------------------
     async def reader(self, client: Client) -> None:
@@ -221,8 +226,13 @@ class Generator:
         await asyncio.gather(*(worker(c) for c in self.clients if c.ready.is_set()))
 
     async def drain(self, timeout: float) -> bool:
-        """Until every send is answered and every receiver holds its conversation's last acked seq."""
+        """Until every send is answered and every receiver holds its conversation's last acked seq.
+
+        Sets self.stalled when nothing arrived in the last STALL_SECONDS of an unfinished drain: a
+        server still working through a backlog is late, one that stopped delivering lost messages."""
         deadline = time.monotonic() + timeout
+        last_progress, last_received = time.monotonic(), self.received
+        self.stalled = False
         while time.monotonic() < deadline:
             outstanding = sum(len(c.pending) for c in self.clients)
             behind = sum(
@@ -231,17 +241,20 @@ class Generator:
             )
             if outstanding == 0 and behind == 0:
                 return True
+            if self.received != last_received:
+                last_progress, last_received = time.monotonic(), self.received
             await asyncio.sleep(0.05)
+        self.stalled = time.monotonic() - last_progress >= STALL_SECONDS
         return False
 
     def report(self, phase: int, drained: bool, seconds: float, cpu: float) -> dict:
-        # Behind at the drain deadline: lost if the run drained otherwise (every send answered),
-        # merely late (undelivered) when the server is still working through a backlog.
+        # Behind at the drain deadline: lost if every send was answered and deliveries had stopped
+        # (stalled), merely late (undelivered) while the server is still working through a backlog.
         behind = sum(
             max(0, self.conv_acked_max[c.conv] - c.last_seq) for c in self.clients if c.ready.is_set()
         )
         outstanding = sum(len(c.pending) for c in self.clients)
-        lost = behind if outstanding == 0 and not drained else 0
+        lost = behind if outstanding == 0 and not drained and self.stalled else 0
         return {
             "sent": self.sent, "acked": self.acked, "received": self.received, "gaps": self.gaps,
             "dups": self.dups, "lost": lost, "undelivered": behind, "unanswered": outstanding, "errors": dict(self.errors), "drained": drained,

@@ -366,8 +366,11 @@ class Bench:
         problems = [f"{k}={r[k]}" for k in ("gaps", "dups", "lost") if r.get(k)]
         if r.get("drained") is False and self.args.smoke:
             problems.append("not drained")
-        if r.get("drained") and r.get("acked") is not None and r["acked"] != r.get("sent"):
-            problems.append(f"acked {r['acked']} of {r['sent']}")
+        # Every send is answered: acked, or refused with `unavailable` by the service's load
+        # shedding (the client is told; it retries). Anything else went missing.
+        shed = r.get("errors", {}).get("unavailable", 0)
+        if r.get("drained") and r.get("acked") is not None and r["acked"] + shed != r.get("sent"):
+            problems.append(f"acked {r['acked']} (and {shed} shed) of {r['sent']}")
         if problems:
             self.failures.append(f"{label}: {', '.join(problems)}")
 
