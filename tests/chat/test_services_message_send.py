@@ -5,6 +5,7 @@ import uuid
 import pytest
 from django.db import connection
 
+from accounts.models import User
 from chat import events, services
 from chat.exceptions import (
     AccessDenied,
@@ -92,6 +93,22 @@ class TestSend:
         bob.save()
         with pytest.raises(AccessDenied):
             send(bob, conversation)
+
+    def test_a_stale_user_object_of_a_deactivated_account_is_denied(self, pair, published):
+        # A socket keeps the User it authenticated with; the account may be deactivated since.
+        alice, bob, conversation = pair
+        User.objects.filter(pk=bob.pk).update(is_active=False)
+        assert bob.is_active
+        with pytest.raises(AccessDenied):
+            send(bob, conversation)
+        assert published == []
+
+    def test_a_removed_participant_is_denied(self, pair, published):
+        alice, bob, conversation = pair
+        Participant.objects.filter(conversation=conversation, user=bob).delete()
+        with pytest.raises(AccessDenied):
+            send(bob, conversation)
+        assert published == []
 
 
 @pytest.mark.django_db
