@@ -64,3 +64,31 @@ def test_one_key_many_simultaneous_requests(store, make_user, make_group, round_
     # Once the first request is done, every retry is a replay of it.
     again = services.message_send(sender=alice, conversation_id=conversation.id, content="once", idempotency_key="same-key")
     assert again.replayed and again.message == created[0]
+
+
+def test_a_send_whose_commit_fails_after_the_store_write_is_retried_not_replayed(store, make_user, make_group, monkeypatch):
+    # The message reached the store, then the relational transaction failed: the send failed, so
+    # the retry must create the message (at the same seq, none burned), not replay the orphan.
+    from django.db import DatabaseError
+
+    from chat.exceptions import StoreUnavailable
+
+    alice, bob = make_user(), make_user()
+    conversation = make_group(alice, bob)
+
+    def commit_breaks(*args):
+        raise DatabaseError("the relational database went away")
+
+    monkeypatch.setattr(services.sql, "advance_read_marker", commit_breaks)
+    with pytest.raises(StoreUnavailable):
+        services.message_send(sender=alice, conversation_id=conversation.id, content="hi", idempotency_key="k")
+    monkeypatch.undo()
+    monkeypatch.setattr(services, "get_message_store", lambda: store)
+    monkeypatch.setattr(events, "publish", lambda *args: True)
+
+    result = services.message_send(sender=alice, conversation_id=conversation.id, content="hi", idempotency_key="k")
+    assert not result.replayed and result.message.seq == 1
+    assert [m.message_id for m in store.history(conversation.id).messages] == [result.message.message_id]
+    assert services.message_send(
+        sender=alice, conversation_id=conversation.id, content="hi", idempotency_key="k"
+    ).replayed
