@@ -43,7 +43,7 @@ websocket_connections = Gauge(
 )
 send_rate_limited = Counter("chat_message_rate_limited_total", "Sends refused by the rate limit.", ["transport"])
 message_shed = Counter(
-    "chat_message_shed_total", "WebSocket sends refused because the process's event loop was overloaded (chat.overload)."
+    "chat_message_shed_total", "WebSocket sends refused because the process was overloaded (chat.overload)."
 )
 rate_limit_degraded = Counter(
     "chat_rate_limit_degraded_total", "Rate-limit checks answered per process because Redis failed."
