@@ -11,7 +11,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import User, WebSocketTicket
-from chat.exceptions import ValidationFailed
+from accounts.signals import user_deactivated
+from core.errors import ValidationFailed
 
 
 def user_register(*, username: str, password: str) -> User:
@@ -32,11 +33,9 @@ def user_register(*, username: str, password: str) -> User:
 def user_deactivate(*, user: User) -> None:
     """Deactivate an account: its tokens, session and tickets stop working, and every socket it has
     open, on any conversation, closes (4403)."""
-    from chat import events
-
     User.objects.filter(pk=user.pk).update(is_active=False)
     user.is_active = False
-    transaction.on_commit(lambda: events.user_deactivated(user.pk))
+    user_deactivated.send(sender=User, user_id=user.pk)
 
 
 def _ticket_hash(ticket: str) -> str:

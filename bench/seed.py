@@ -4,7 +4,7 @@
         --pairs 20 --out fixture.json
 
 Users get unusable passwords and a DRF token each (bulk inserts: seconds for thousands); the
-conversations go through chat.services.conversation_create, the same code as the REST endpoint.
+conversations go through chat.services.conversations.conversation_create, the same code as the REST endpoint.
 Writes {"groups": [[conv_id, [[user_id, token], ...]], ...], "pairs": [...]} to --out.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     from rest_framework.authtoken.models import Token
 
     from accounts.models import User
-    from chat.services import conversation_create
+    from chat.services.conversations import conversation_create
 
     run = uuid.uuid4().hex[:6]
     count = max(args.groups * args.size, args.pairs * 2)

@@ -63,9 +63,11 @@ def main() -> None:
     from django.utils import timezone
 
     from accounts.models import User
-    from chat import services, sql
+    from chat import sql
+    from chat.services.conversations import conversation_create
+    from chat.services.send import SendRequest, SendResult, _message_persist
     from chat.access import access_participant_id
-    from chat.ratelimit import get_send_rate_limiter
+    from core.ratelimit import get_send_rate_limiter
     from chat.store import get_message_store
     from notifications.services import notification_enqueue
 
@@ -75,15 +77,17 @@ def main() -> None:
     run = uuid.uuid4().hex[:8]
     alice = User.objects.create_user(username=f"alice-{run}", password="x")
     bob = User.objects.create_user(username=f"bob-{run}", password="x")
-    conversation, _ = services.conversation_create(creator=alice, kind="group", participant_ids=[bob.pk], title="bench")
+    conversation, _ = conversation_create(creator=alice, kind="group", participant_ids=[bob.pk], title="bench")
     _, participant_id = access_participant_id(user=alice, conversation_id=conversation.id)
     store = get_message_store()
 
-    def send() -> services.SendResult:
-        return services._message_persist(
-            sender=alice, conversation_id=conversation.id, content="hello", message_type="text",
-            is_encrypted=False, metadata={"bench_ts": time.time_ns()}, idempotency_key=uuid.uuid4().hex,
-            idempotency_field="client_message_id", transport="websocket",
+    def send() -> SendResult:
+        return _message_persist(
+            SendRequest(
+                sender=alice, conversation_id=conversation.id, content="hello", message_type="text",
+                is_encrypted=False, metadata={"bench_ts": time.time_ns()}, idempotency_key=uuid.uuid4().hex,
+                idempotency_field="client_message_id", transport="websocket",
+            )
         )
 
     last = send().message

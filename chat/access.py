@@ -1,16 +1,32 @@
-"""The one membership rule, used by the DRF permissions, the WebSocket consumer and the services.
+"""The one membership rule: who may read or write a conversation.
 
 A caller may read or write a conversation when they are an active user, a current participant,
 and not banned from it. Everything else, including an unknown conversation id, is AccessDenied:
 the same answer, so nobody can probe which conversations exist.
+
+The rule is defined once, as `allowed_participants()`: the participations that grant access.
+Everything that decides who sees a conversation builds on it: the DRF permission and the
+WebSocket handshake (through `access_conversation`), the conversation list, the notification
+worker's recipients and its check before every attempt. The send path runs the same rule as one
+hand-written statement (chat.sql.allowed_participant_id) for speed;
+tests/chat/test_access.py holds the two to agreement over every state a participation can be in.
 """
 from __future__ import annotations
 
 import uuid
 
+from django.db.models import Exists, OuterRef, QuerySet
+
 from chat import sql
-from chat.exceptions import AccessDenied
-from chat.models import Conversation, Participant
+from chat.models import Ban, Conversation, Participant
+from core.errors import AccessDenied
+
+
+def allowed_participants() -> QuerySet[Participant]:
+    """The participations that grant access: the account is active and not banned from the
+    conversation (a ban keeps the participant row, so lifting it restores access)."""
+    banned = Ban.objects.filter(conversation_id=OuterRef("conversation_id"), user_id=OuterRef("user_id"))
+    return Participant.objects.filter(user__is_active=True).filter(~Exists(banned))
 
 
 def parse_conversation_id(value: object) -> uuid.UUID:
@@ -21,10 +37,9 @@ def parse_conversation_id(value: object) -> uuid.UUID:
 
 
 def access_participant_id(*, user, conversation_id: object) -> tuple[uuid.UUID, int]:
-    """The rule itself: (conversation id, the caller's participant id), or AccessDenied.
-
-    One statement (chat.sql): the participation, the account still active (the user object a
-    socket holds may be stale), and no ban. Every message send runs it."""
+    """(conversation id, the caller's participant id), or AccessDenied: the rule as one
+    statement (chat.sql), for the send path. The account is checked in the database too: the user
+    object a socket holds may be stale."""
     if user is None or not user.is_authenticated or not user.is_active:
         raise AccessDenied()
     conversation_id = parse_conversation_id(conversation_id)
@@ -36,9 +51,12 @@ def access_participant_id(*, user, conversation_id: object) -> tuple[uuid.UUID, 
 
 def access_conversation(*, user, conversation_id: object) -> tuple[Conversation, Participant]:
     """Fetch the conversation and the caller's participation, or raise AccessDenied."""
-    _, participant_id = access_participant_id(user=user, conversation_id=conversation_id)
-    try:
-        participant = Participant.objects.select_related("conversation").get(pk=participant_id)
-    except Participant.DoesNotExist:  # removed since the check
-        raise AccessDenied() from None
+    if user is None or not user.is_authenticated or not user.is_active:
+        raise AccessDenied()
+    conversation_id = parse_conversation_id(conversation_id)
+    participant = (
+        allowed_participants().filter(conversation_id=conversation_id, user_id=user.pk).select_related("conversation").first()
+    )
+    if participant is None:
+        raise AccessDenied()
     return participant.conversation, participant

@@ -2,7 +2,7 @@
 conversation (read from the configured message store, so it works the same on Cassandra), bans,
 the report queue, and the admin log where every moderation action lands.
 
-Writes go through chat.services, which emits the live events and writes the admin log, and checks
+Writes go through chat.services (conversations, moderation), which emits the live events and writes the admin log, and checks
 the moderator's Django permissions again on the write path.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ from django.utils.text import Truncator
 from django.views.decorators.http import require_POST
 
 from accounts.models import User
-from chat import services
-from chat.exceptions import ChatError
+from chat import selectors
+from chat.services import conversations, moderation
+from core.errors import ChatError, NotFound, StoreUnavailable
 from chat.models import Ban, Conversation, Participant, Report
-from chat.store import StoreError, get_message_store
 
 # Messages per page of the message browser.
 MESSAGE_PAGE_SIZE = 50
@@ -91,10 +91,10 @@ class ConversationAdmin(admin.ModelAdmin):
         after_seq, before_seq = _int_param(request, "after_seq"), _int_param(request, "before_seq")
         page_messages = []
         try:
-            page_messages = get_message_store().history(
-                conversation.id, after_seq=after_seq, before_seq=before_seq, limit=MESSAGE_PAGE_SIZE
+            page_messages = selectors.message_history(
+                conversation=conversation, after_seq=after_seq, before_seq=before_seq, limit=MESSAGE_PAGE_SIZE
             ).messages
-        except StoreError:
+        except StoreUnavailable:
             messages.error(request, "The message store is unavailable; try again shortly.")
         senders = User.objects.in_bulk({message.sender_id for message in page_messages})
         open_reports: dict[int, int] = {}
@@ -135,7 +135,7 @@ class ConversationAdmin(admin.ModelAdmin):
         if not self.has_change_permission(request, conversation):
             raise PermissionDenied
         try:
-            services.message_moderate_delete(moderator=request.user, conversation=conversation, seq=seq)
+            moderation.message_moderate_delete(moderator=request.user, conversation=conversation, seq=seq)
         except ChatError as exc:
             messages.error(request, f"Message {seq} was not deleted: {exc.detail}")
         else:
@@ -160,7 +160,7 @@ class BanAdmin(admin.ModelAdmin):
             super().save_model(request, obj, form, change)
             return
         # Through the service, so the banned user's open sockets close at once.
-        banned = services.ban_create(actor=request.user, conversation=obj.conversation, user=obj.user, reason=obj.reason)
+        banned = conversations.ban_create(actor=request.user, conversation=obj.conversation, user=obj.user, reason=obj.reason)
         obj.pk = banned.pk
 
 
@@ -193,10 +193,10 @@ class ReportAdmin(admin.ModelAdmin):
         return False  # a handled report is part of the moderation record
 
     def has_delete_message_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perms([services.HANDLE_REPORTS_PERMISSION, services.MODERATE_MESSAGES_PERMISSION])
+        return request.user.has_perms([moderation.HANDLE_REPORTS_PERMISSION, moderation.MODERATE_MESSAGES_PERMISSION])
 
     def has_ban_sender_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perms([services.HANDLE_REPORTS_PERMISSION, services.BAN_PERMISSION])
+        return request.user.has_perms([moderation.HANDLE_REPORTS_PERMISSION, moderation.BAN_PERMISSION])
 
     @admin.display(description="reported message")
     def reported_message(self, report: Report) -> str:
@@ -208,8 +208,10 @@ class ReportAdmin(admin.ModelAdmin):
         link = reverse("admin:chat_conversation_messages", args=[report.conversation_id])
         link += f"?after_seq={report.seq - 1}#seq-{report.seq}"
         try:
-            message = get_message_store().get(report.conversation_id, report.seq)
-        except StoreError:
+            message = selectors.message_at(conversation=report.conversation, seq=report.seq)
+        except NotFound:
+            message = None
+        except StoreUnavailable:
             return format_html('(message store unavailable) <a href="{}">open in the message browser</a>', link)
         if message is None or message.message_id != report.message_id:
             state = "(no longer in the store)"
@@ -234,18 +236,18 @@ class ReportAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resolve selected reports", permissions=["change"])
     def resolve(self, request: HttpRequest, queryset: QuerySet[Report]) -> None:
-        self._each(request, queryset, lambda r: services.report_resolve(moderator=request.user, report=r), "Resolved")
+        self._each(request, queryset, lambda r: moderation.report_resolve(moderator=request.user, report=r), "Resolved")
 
     @admin.action(description="Dismiss selected reports", permissions=["change"])
     def dismiss(self, request: HttpRequest, queryset: QuerySet[Report]) -> None:
-        self._each(request, queryset, lambda r: services.report_dismiss(moderator=request.user, report=r), "Dismissed")
+        self._each(request, queryset, lambda r: moderation.report_dismiss(moderator=request.user, report=r), "Dismissed")
 
     @admin.action(description="Delete the reported messages (resolves their reports)", permissions=["delete_message"])
     def delete_message(self, request: HttpRequest, queryset: QuerySet[Report]) -> None:
         self._each(
             request,
             queryset,
-            lambda r: services.report_delete_message(moderator=request.user, report=r),
+            lambda r: moderation.report_delete_message(moderator=request.user, report=r),
             "Deleted the messages of",
         )
 
@@ -256,7 +258,7 @@ class ReportAdmin(admin.ModelAdmin):
         self._each(
             request,
             queryset,
-            lambda r: services.report_ban_sender(moderator=request.user, report=r),
+            lambda r: moderation.report_ban_sender(moderator=request.user, report=r),
             "Banned the senders of",
         )
 

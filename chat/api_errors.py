@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 
+from rest_framework.exceptions import ErrorDetail
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from chat.exceptions import ChatError, RateLimited, StoreUnavailable, ValidationFailed
+from core.errors import ChatError, RateLimited, StoreUnavailable, ValidationFailed
 from chat.store import StoreError
 
 
@@ -21,4 +22,9 @@ def exception_handler(exc, context):
             for name, value in exc.decision.headers().items():
                 response[name] = value
         return response
-    return drf_exception_handler(exc, context)
+    response = drf_exception_handler(exc, context)
+    detail = getattr(exc, "detail", None)
+    if response is not None and isinstance(response.data, dict) and isinstance(detail, ErrorDetail):
+        # One shape for every error that is not about fields: {"detail", "code"}.
+        response.data["code"] = detail.code
+    return response

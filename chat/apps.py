@@ -8,13 +8,10 @@ from django.core.signals import setting_changed
 def _reset_configured_singletons(*, setting, **kwargs):
     # Tests (and anything else) that change these settings get objects built from the new values.
     from chat.presence import get_presence
-    from chat.ratelimit import get_send_rate_limiter
     from chat.store import get_message_store
 
     if setting in {"CHAT_MESSAGE_STORE"}:
         get_message_store.cache_clear()
-    if setting in {"CHAT_SEND_RATE", "REDIS_URL"}:
-        get_send_rate_limiter.cache_clear()
     if setting == "REDIS_URL":
         get_presence.cache_clear()
 
@@ -26,11 +23,13 @@ class ChatConfig(AppConfig):
         setting_changed.connect(_reset_configured_singletons, dispatch_uid="chat-reset-singletons")
         from django.db.models.signals import post_delete, post_save
 
-        from chat import services
+        from accounts.signals import user_deactivated
         from chat.models import Ban, Participant
+        from chat.services import conversations
 
-        post_delete.connect(services.revoke_on_participant_delete, sender=Participant, dispatch_uid="chat-revoke-participant")
-        post_save.connect(services.revoke_on_ban_save, sender=Ban, dispatch_uid="chat-revoke-ban")
+        post_delete.connect(conversations.revoke_on_participant_delete, sender=Participant, dispatch_uid="chat-revoke-participant")
+        post_save.connect(conversations.revoke_on_ban_save, sender=Ban, dispatch_uid="chat-revoke-ban")
+        user_deactivated.connect(conversations.revoke_on_user_deactivated, dispatch_uid="chat-revoke-deactivated")
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several processes share one metrics directory: a process that exits must take its
             # live gauges (connections, subscriptions) with it.

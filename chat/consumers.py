@@ -14,21 +14,21 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs
 
 import orjson
 from channels.consumer import get_handler_name
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import events, metrics, overload
 from chat.access import access_conversation
-from chat.exceptions import AccessDenied, ChatError, ValidationFailed
+from core.errors import AccessDenied, ChatError, ValidationFailed
 from chat.presence import get_presence
-from chat.services import amessage_send, read_marker_set
-from chat.store import get_message_store
+from core.threads import in_thread
+from chat.services.conversations import read_marker_set
+from chat.services.send import SendRequest, amessage_send
+from chat.selectors import message_range
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +44,6 @@ SLOW_CLIENT_GRACE_SECONDS = 2.0
 CLOSE_MEMBERSHIP_REVOKED = 4403
 CLOSE_TOO_SLOW = 4008
 CLOSE_TRY_AGAIN_LATER = 1013
-
-# Blocking work (ORM, store, driver) runs here, many sockets at once. channels' default
-# (thread_sensitive) would funnel every socket of the process through one thread, one send after
-# another, each waiting on its round trips.
-_blocking_pool = ThreadPoolExecutor(max_workers=settings.CHAT_WORKER_THREADS, thread_name_prefix="chat-io")
-
-
-def in_thread(func):
-    return database_sync_to_async(func, thread_sensitive=False, executor=_blocking_pool)
-
 
 # Per-process connection accounting for CHAT_MAX_CONNECTIONS(_PER_USER).
 _open_connections: Counter = Counter()
@@ -161,8 +151,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             }
         )
         if replay_from is not None and recovered and last_seq > replay_from:
-            page = await in_thread(get_message_store().history)(
-                conversation.id, after_seq=replay_from, before_seq=last_seq + 1, limit=settings.CHAT_MAX_REPLAY
+            page = await in_thread(message_range)(
+                conversation_id=conversation.id,
+                after_seq=replay_from,
+                before_seq=last_seq + 1,
+                limit=settings.CHAT_MAX_REPLAY,
             )
             metrics.replayed_messages.inc(len(page.messages))
             for message in page.messages:
@@ -335,8 +328,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 if not self.pending:
                     break
                 upto = min(self.pending)
-                page = await in_thread(get_message_store().history)(
-                    self.conversation_id,
+                page = await in_thread(message_range)(
+                    conversation_id=self.conversation_id,
                     after_seq=self.next_seq - 1,
                     before_seq=upto,
                     limit=min(upto - self.next_seq, settings.CHAT_MAX_REPLAY),
@@ -448,16 +441,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             with overload.sends_in_flight.held():
                 result = await amessage_send(
-                    run_blocking=in_thread,
-                    sender=self.user,
-                    conversation_id=self.conversation_id,
-                    content=frame.get("content"),
-                    message_type=frame.get("message_type", "text"),
-                    is_encrypted=frame.get("is_encrypted", False),
-                    metadata=frame.get("metadata"),
-                    idempotency_key=client_message_id,
-                    idempotency_field="client_message_id",
-                    transport="websocket",
+                    SendRequest(
+                        sender=self.user,
+                        conversation_id=self.conversation_id,
+                        content=frame.get("content"),
+                        message_type=frame.get("message_type", "text"),
+                        is_encrypted=frame.get("is_encrypted", False),
+                        metadata=frame.get("metadata"),
+                        idempotency_key=client_message_id,
+                        idempotency_field="client_message_id",
+                        transport="websocket",
+                    )
                 )
         except ChatError as exc:
             return await self._error_for(exc, client_message_id)

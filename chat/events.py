@@ -1,8 +1,16 @@
-"""Realtime events: the only code that talks to the channel layer, called only from services and
-only after the change they announce is durable."""
+"""Realtime events: the only code that talks to the channel layer.
+
+Every event that announces a change is published after the change commits, in one way: the
+functions below hand it to `transaction.on_commit` (outside a transaction it goes at once), as
+Zulip's send_event_on_commit does. A rolled-back change announces nothing. A caller on the event
+loop runs its blocking work under `collecting()`, which keeps the events the work committed and
+hands them back, to be published from the loop with `apublish_collected()`. Typing and presence
+announce no stored change and are published directly from the loop.
+"""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -12,6 +20,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import transaction
 
 from chat import metrics
 from chat.store import Message
@@ -66,34 +75,64 @@ async def _apublish_to(group: str, event: dict[str, Any]) -> bool:
     return True
 
 
-publish = async_to_sync(apublish)
-_publish_to = async_to_sync(_apublish_to)
+def _publish_to(group: str, event: dict[str, Any]) -> bool:
+    """_apublish_to for code off the event loop (a sync view, the admin, a management command)."""
+    return async_to_sync(_apublish_to)(group, event)
+
+# Set by `collecting()` for the blocking work of one event-loop caller: committed events land here.
+_collected: contextvars.ContextVar[list[tuple[str, dict[str, Any]]] | None] = contextvars.ContextVar(
+    "chat_collected_events", default=None
+)
 
 
-def _message_new_event(message: Message) -> dict[str, Any]:
-    return {"type": "message.new", "message": message.as_dict()}
+def send_event_on_commit(group: str, event: dict[str, Any]) -> None:
+    """Publish `event` to `group` once the current transaction commits."""
+    collected = _collected.get()
+    if collected is not None:
+        transaction.on_commit(lambda: collected.append((group, event)))
+    else:
+        transaction.on_commit(lambda: _publish_to(group, event))
 
 
-def message_new(message: Message) -> bool:
-    return publish(message.conversation_id, _message_new_event(message))
+def collecting(func: Callable[..., Any]) -> Callable[..., tuple[Any, list[tuple[str, dict[str, Any]]]]]:
+    """`func` returning (its result, the events it committed) instead of publishing them; for
+    blocking work run from the event loop, whose caller then awaits `apublish_collected`."""
+
+    def run(*args: Any, **kwargs: Any):
+        events: list[tuple[str, dict[str, Any]]] = []
+        token = _collected.set(events)
+        try:
+            return func(*args, **kwargs), events
+        finally:
+            _collected.reset(token)
+
+    return run
 
 
-async def amessage_new(message: Message) -> bool:
-    return await apublish(message.conversation_id, _message_new_event(message))
+async def apublish_collected(events: list[tuple[str, dict[str, Any]]]) -> None:
+    for group, event in events:
+        await _apublish_to(group, event)
 
 
-def message_updated(message: Message) -> bool:
-    return publish(message.conversation_id, {"type": "message.updated", "message": message.as_dict()})
+def message_new(message: Message) -> None:
+    send_event_on_commit(conversation_group(message.conversation_id), {"type": "message.new", "message": message.as_dict()})
 
 
-def message_deleted(conversation_id: uuid.UUID, seq: int) -> bool:
-    return publish(
-        conversation_id, {"type": "message.deleted", "conversation_id": str(conversation_id), "seq": seq}
+def message_updated(message: Message) -> None:
+    send_event_on_commit(
+        conversation_group(message.conversation_id), {"type": "message.updated", "message": message.as_dict()}
     )
 
 
-def read_marker(conversation_id: uuid.UUID, user_id: uuid.UUID, seq: int) -> bool:
-    return publish(conversation_id, {"type": "read", "user_id": str(user_id), "seq": seq})
+def message_deleted(conversation_id: uuid.UUID, seq: int) -> None:
+    send_event_on_commit(
+        conversation_group(conversation_id),
+        {"type": "message.deleted", "conversation_id": str(conversation_id), "seq": seq},
+    )
+
+
+def read_marker(conversation_id: uuid.UUID, user_id: uuid.UUID, seq: int) -> None:
+    send_event_on_commit(conversation_group(conversation_id), {"type": "read", "user_id": str(user_id), "seq": seq})
 
 
 async def typing(conversation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
@@ -104,11 +143,11 @@ async def presence(conversation_id: uuid.UUID, user_id: uuid.UUID, *, online: bo
     return await apublish(conversation_id, {"type": "presence", "user_id": str(user_id), "online": online})
 
 
-def membership_revoked(conversation_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+def membership_revoked(conversation_id: uuid.UUID, user_id: uuid.UUID) -> None:
     """Tell the user's connections to this conversation to close (4403)."""
-    return publish(conversation_id, {"type": "membership.revoked", "user_id": str(user_id)})
+    send_event_on_commit(conversation_group(conversation_id), {"type": "membership.revoked", "user_id": str(user_id)})
 
 
-def user_deactivated(user_id: uuid.UUID) -> bool:
+def user_deactivated(user_id: uuid.UUID) -> None:
     """Tell all of the user's connections, on every conversation, to close (4403)."""
-    return _publish_to(user_group(user_id), {"type": "membership.revoked", "user_id": str(user_id)})
+    send_event_on_commit(user_group(user_id), {"type": "membership.revoked", "user_id": str(user_id)})

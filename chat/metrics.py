@@ -45,9 +45,6 @@ send_rate_limited = Counter("chat_message_rate_limited_total", "Sends refused by
 message_shed = Counter(
     "chat_message_shed_total", "WebSocket sends refused because the process was overloaded (chat.overload)."
 )
-rate_limit_degraded = Counter(
-    "chat_rate_limit_degraded_total", "Rate-limit checks answered per process because Redis failed."
-)
 replayed_messages = Counter("chat_websocket_replayed_messages_total", "Messages replayed from the store on connect.")
 gap_fills = Counter("chat_websocket_gap_fills_total", "Out-of-order arrivals filled from the store.")
 notification_enqueue_error = Counter(

@@ -1,6 +1,8 @@
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.permissions import BasePermission
 
 from chat.access import access_conversation
+from core.errors import AccessDenied
 
 
 class IsConversationParticipant(BasePermission):
@@ -11,8 +13,12 @@ class IsConversationParticipant(BasePermission):
     """
 
     def has_permission(self, request, view) -> bool:
-        # AccessDenied propagates and becomes the same 403 for unknown and foreign conversations.
-        request.conversation_access = access_conversation(
-            user=request.user, conversation_id=view.kwargs["conversation_id"]
-        )
+        try:
+            request.conversation_access = access_conversation(
+                user=request.user, conversation_id=view.kwargs["conversation_id"]
+            )
+        except AccessDenied as exc:
+            # DRF's own exception, not the domain one: the browsable API runs the permission again
+            # while it renders the 403 (for its forms) and handles only DRF's exceptions there.
+            raise PermissionDenied(detail=str(exc.detail), code=exc.code) from None
         return True

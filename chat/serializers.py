@@ -3,7 +3,8 @@ chat.services."""
 from rest_framework import serializers
 
 from chat.models import Conversation, Participant, Report
-from chat.services import MAX_REPORT_REASON_LENGTH, MESSAGE_TYPES
+from chat.services.moderation import MAX_REPORT_REASON_LENGTH
+from chat.services.send import MESSAGE_TYPES
 
 
 class ConversationCreateInput(serializers.Serializer):

@@ -7,7 +7,9 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from chat import selectors, services
+from chat import selectors
+from chat.services import conversations, moderation
+from chat.services.send import SendRequest, message_send
 from chat.models import Participant
 from chat.permissions import IsConversationParticipant
 from chat.serializers import (
@@ -26,7 +28,6 @@ from chat.serializers import (
     ReadMarkerInput,
     ReportOutput,
 )
-from chat.store import get_message_store
 
 MEMBER_ONLY = [IsAuthenticated, IsConversationParticipant]
 
@@ -51,7 +52,7 @@ class ConversationListView(ListAPIView):
         exists for the pair is returned with 200."""
         data = ConversationCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
-        conversation, created = services.conversation_create(creator=request.user, **data.validated_data)
+        conversation, created = conversations.conversation_create(creator=request.user, **data.validated_data)
         return Response(
             ConversationOutput(conversation).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )
@@ -69,7 +70,7 @@ class ConversationDetailView(APIView):
     def patch(self, request, conversation_id):
         data = ConversationUpdateInput(data=request.data)
         data.is_valid(raise_exception=True)
-        conversation = services.conversation_update(
+        conversation = conversations.conversation_update(
             actor=request.user, conversation_id=conversation_id, **data.validated_data
         )
         return Response(ConversationOutput(conversation).data)
@@ -88,7 +89,7 @@ class ParticipantListView(ListAPIView):
         """Add a participant (owner or admin; only the owner appoints admins)."""
         data = ParticipantAddInput(data=request.data)
         data.is_valid(raise_exception=True)
-        participant, created = services.participant_add(
+        participant, created = conversations.participant_add(
             actor=request.user, conversation_id=conversation_id, **data.validated_data
         )
         return Response(
@@ -102,7 +103,7 @@ class ParticipantDetailView(APIView):
     @extend_schema(responses={204: None})
     def delete(self, request, conversation_id, user_id):
         """Remove a participant: anyone may leave; the owner removes anyone; an admin removes members."""
-        services.participant_remove(actor=request.user, conversation_id=conversation_id, user_id=user_id)
+        conversations.participant_remove(actor=request.user, conversation_id=conversation_id, user_id=user_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -114,7 +115,7 @@ class ReadMarkerView(APIView):
         """Move your read marker forward; it never moves backwards."""
         data = ReadMarkerInput(data=request.data)
         data.is_valid(raise_exception=True)
-        participant = services.read_marker_set(
+        participant = conversations.read_marker_set(
             user=request.user, conversation_id=conversation_id, seq=data.validated_data["seq"]
         )
         return Response(ParticipantOutput(participant).data)
@@ -138,10 +139,10 @@ class MessageSendView(APIView):
         """Send a message to a conversation you participate in."""
         data = MessageSendInput(data=request.data)
         data.is_valid(raise_exception=True)
-        result = services.message_send(
-            sender=request.user,
-            idempotency_key=request.headers.get("Idempotency-Key"),
-            **data.validated_data,
+        result = message_send(
+            SendRequest(
+                sender=request.user, idempotency_key=request.headers.get("Idempotency-Key"), **data.validated_data
+            )
         )
         response = Response(result.message.as_dict(), status=status.HTTP_201_CREATED)
         if result.replayed:
@@ -161,11 +162,7 @@ class MessageHistoryView(APIView):
         query = HistoryQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
         conversation, _ = request.conversation_access
-        params = query.validated_data
-        # Never past the committed counter: a store row above it belongs to a send whose
-        # transaction did not commit (its seq is reused by the next send).
-        params["before_seq"] = min(params.get("before_seq", conversation.last_seq + 1), conversation.last_seq + 1)
-        page = get_message_store().history(conversation.id, **params)
+        page = selectors.message_history(conversation=conversation, **query.validated_data)
         return Response({"results": [m.as_dict() for m in page.messages], "has_more": page.has_more})
 
 
@@ -179,7 +176,7 @@ class MessageDetailView(APIView):
         A deleted message cannot be edited (400)."""
         data = MessageEditInput(data=request.data)
         data.is_valid(raise_exception=True)
-        message = services.message_edit(
+        message = moderation.message_edit(
             editor=request.user, conversation_id=conversation_id, seq=seq, content=data.validated_data["content"]
         )
         return Response(message.as_dict())
@@ -189,7 +186,7 @@ class MessageDetailView(APIView):
         """Delete a message (its sender, the conversation's owner or admins, staff moderators). It
         stays as a tombstone: deleted=true, content and metadata removed; the tombstone is returned.
         Connected clients get message.deleted."""
-        message = services.message_delete(actor=request.user, conversation_id=conversation_id, seq=seq)
+        message = moderation.message_delete(actor=request.user, conversation_id=conversation_id, seq=seq)
         return Response(message.as_dict())
 
 
@@ -202,7 +199,7 @@ class MessageReportView(APIView):
         message is open, it is returned with 200."""
         data = MessageReportInput(data=request.data)
         data.is_valid(raise_exception=True)
-        report, created = services.message_report(
+        report, created = moderation.message_report(
             reporter=request.user, conversation_id=conversation_id, seq=seq, reason=data.validated_data["reason"]
         )
         return Response(ReportOutput(report).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from urllib.parse import parse_qs
 
 from channels.auth import get_user
-from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
 from channels.security.websocket import OriginValidator
 from channels.sessions import CookieMiddleware, SessionMiddleware
@@ -12,6 +11,7 @@ from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 
 from chat import metrics
+from core.threads import in_thread
 
 
 class ChatOriginValidator(OriginValidator):
@@ -26,7 +26,7 @@ class ChatOriginValidator(OriginValidator):
         return valid
 
 
-@database_sync_to_async
+@in_thread
 def _user_for_token(key: str):
     from rest_framework.authtoken.models import Token
 
@@ -34,7 +34,7 @@ def _user_for_token(key: str):
     return token.user if token is not None and token.user.is_active else AnonymousUser()
 
 
-@database_sync_to_async
+@in_thread
 def _user_for_ticket(ticket: str):
     from accounts.services import ws_ticket_redeem
 
@@ -55,7 +55,8 @@ class ChatAuthMiddleware(BaseMiddleware):
         elif tickets:
             scope["user"] = await _user_for_ticket(tickets[0])
         else:
-            scope["user"] = await get_user(scope)
+            # channels' get_user, run in our pool rather than channels' single thread.
+            scope["user"] = await in_thread(get_user.func)(scope)
         return await super().__call__(scope, receive, send)
 
 

@@ -3,3 +3,10 @@ from django.apps import AppConfig
 
 class NotificationsConfig(AppConfig):
     name = "notifications"
+
+    def ready(self) -> None:
+        # The send path reaches the outbox through chat's signal: chat never imports this app.
+        from chat.signals import message_persisted
+        from notifications.services import enqueue_on_message_persisted
+
+        message_persisted.connect(enqueue_on_message_persisted, dispatch_uid="notifications-enqueue")

@@ -12,7 +12,7 @@ from django.db.models import QuerySet
 
 from accounts.models import User
 from chat import sql
-from chat.exceptions import NotFound, ValidationFailed
+from core.errors import NotFound, ValidationFailed
 from chat.store import Message
 from notifications import conf, metrics, queue
 from notifications.models import Delivery, Device, OutboxEntry
@@ -30,6 +30,11 @@ def notification_enqueue(*, message: Message) -> None:
             sender_id=message.sender_id,
         )
     )
+
+
+def enqueue_on_message_persisted(sender, message: Message, **kwargs) -> None:
+    """chat.signals.message_persisted: inside the send's transaction."""
+    notification_enqueue(message=message)
 
 
 def _b64url_bytes(value: str) -> bytes | None:

@@ -4,7 +4,7 @@ from rest_framework.generics import ListAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from chat.exceptions import NotFound
+from core.errors import NotFound
 from notifications import conf, services
 from notifications.backends.webpush import vapid_public_key
 from notifications.models import Device

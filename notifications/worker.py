@@ -4,7 +4,8 @@ Each round: claim due outbox entries and expand each into per-device deliveries 
 worker on creation, so they go out in the same round), claim due deliveries left from earlier
 rounds (retries, or jobs of a worker that died), and deliver them one by one. Who gets a
 notification is decided twice: at expansion (participants but the sender, not muted, not having
-read the message, active) and again right before each attempt, since a retry can come hours later.
+read the message, and allowed by the one membership rule, chat.access) and again right before
+each attempt, since a retry can come hours later.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from django.db.models import Count, Exists, Min, OuterRef
 from django.utils import timezone
 
 from accounts.models import User
-from chat.models import Conversation, Participant
-from chat.store import Message, get_message_store
+from chat.access import allowed_participants
+from chat.models import Conversation
+from chat.selectors import message_by_id
+from chat.store import Message
 from notifications import metrics, queue
 from notifications.backends import DeliveryError, DeviceGone, PushBackend
 from notifications.conf import NotificationConfig
@@ -122,12 +125,8 @@ class Worker:
                 if not queue.finish(entry, worker_id=self.worker_id, status=Status.DONE):
                     return []
                 recipients = (
-                    Participant.objects.filter(
-                        conversation_id=entry.conversation_id,
-                        muted=False,
-                        last_read_seq__lt=entry.seq,
-                        user__is_active=True,
-                    )
+                    allowed_participants()
+                    .filter(conversation_id=entry.conversation_id, muted=False, last_read_seq__lt=entry.seq)
                     .exclude(user_id=entry.sender_id)
                     .values("user_id")
                 )
@@ -226,20 +225,19 @@ class Worker:
         if delivery.device.user_id != delivery.user_id:
             return "device_reassigned", {}
         participant = (
-            Participant.objects.filter(conversation_id=entry.conversation_id, user_id=delivery.user_id)
-            .values("muted", "last_read_seq", "user__is_active")
+            allowed_participants()
+            .filter(conversation_id=entry.conversation_id, user_id=delivery.user_id)
+            .values("muted", "last_read_seq")
             .first()
         )
-        if participant is None:
-            return "left", {}
-        if not participant["user__is_active"]:
-            return "inactive", {}
+        if participant is None:  # left, removed, banned or deactivated since the send
+            return "no_access", {}
         if participant["muted"]:
             return "muted", {}
         if participant["last_read_seq"] >= entry.seq:
             return "read", {}
         if entry.message_id not in cache.messages:
-            cache.messages[entry.message_id] = get_message_store().get_by_id(entry.message_id)
+            cache.messages[entry.message_id] = message_by_id(message_id=entry.message_id)
         message = cache.messages[entry.message_id]
         if message is None:
             # The outbox is written only after the message persisted: missing means the store is

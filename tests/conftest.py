@@ -1,4 +1,5 @@
 import itertools
+import sys
 import uuid
 
 import pytest
@@ -7,7 +8,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from accounts.models import User
-from chat import services
+from chat.services import conversations, moderation, send as sending
 from tests.services import cassandra_available, require
 
 _names = itertools.count(1)
@@ -49,7 +50,7 @@ def client_for():
 @pytest.fixture
 def make_group(make_user):
     def make(owner: User, *members: User, title: str = "team"):
-        conversation, _ = services.conversation_create(
+        conversation, _ = conversations.conversation_create(
             creator=owner, kind="group", title=title, participant_ids=[m.pk for m in members]
         )
         return conversation
@@ -77,3 +78,42 @@ def cassandra_connection():
     yield connection
     connection.session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
     connection.unregister()
+
+
+class PublishedEvents(list):
+    """The events handed to the channel layer, in order; `groups` pairs each with its group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[tuple[str, dict]] = []
+
+    async def record(self, group: str, event: dict) -> bool:
+        self.append(event)
+        self.groups.append((group, event))
+        return True
+
+
+@pytest.fixture
+def published(monkeypatch) -> PublishedEvents:
+    """Capture what the code under test publishes. Events go out on commit (chat.events): a test
+    that is not transactional runs its action under django_capture_on_commit_callbacks(execute=True)."""
+    from chat import events
+
+    captured = PublishedEvents()
+    monkeypatch.setattr(events, "_apublish_to", captured.record)
+    return captured
+
+
+async def nothing_published(group: str, event: dict) -> bool:
+    """In place of chat.events._apublish_to, for tests that need no channel layer."""
+    return True
+
+
+def use_message_store(monkeypatch, store) -> None:
+    """Put `store` in place of the configured message store for every module that reads it."""
+    import chat.store
+
+    configured = chat.store.get_message_store
+    for module in [m for name, m in sys.modules.items() if name.split(".")[0] in ("chat", "notifications")]:
+        if getattr(module, "get_message_store", None) is configured:
+            monkeypatch.setattr(module, "get_message_store", lambda: store)

@@ -9,11 +9,6 @@ from chat.models import Ban, Conversation, Participant
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def published(monkeypatch):
-    captured = []
-    monkeypatch.setattr(events, "publish", lambda conversation_id, event: captured.append(event) or True)
-    return captured
 
 
 @pytest.fixture
@@ -181,6 +176,7 @@ class TestParticipants:
 
 
 class TestReadMarker:
+    @pytest.mark.django_db(transaction=True)  # its events go out on commit
     def test_never_moves_backwards_and_is_bounded(self, people, client_for, make_group, published):
         owner, member, _ = people
         conversation = make_group(owner, member)
@@ -202,6 +198,7 @@ class TestMessages:
             "/api/v1/messages/", {"conversation_id": str(conversation.pk), **body}, format="json", headers=headers
         )
 
+    @pytest.mark.django_db(transaction=True)  # its events go out on commit
     def test_member_sends_201(self, people, client_for, make_group, published):
         owner, member, _ = people
         conversation = make_group(owner, member)
@@ -329,6 +326,23 @@ def test_browsable_api_works_for_a_logged_in_user(client, make_user):
     client.force_login(user)
     page = client.get("/api/v1/conversations/", HTTP_ACCEPT="text/html")
     assert page.status_code == 200 and b"Conversation List" in page.content
+
+
+@pytest.mark.parametrize("page", ["", "messages/", "participants/", "read/", "messages/1/"])
+@pytest.mark.parametrize("conversation_is", ["foreign", "unknown"])
+def test_browsable_api_answers_an_outsider_with_403_not_500(client, make_user, make_group, page, conversation_is):
+    """DRF's HTML renderer runs the permission again while it renders the 403 (for its forms): the
+    permission must raise DRF's own PermissionDenied there, not the domain error."""
+    owner, member, outsider = make_user(), make_user(), make_user()
+    conversation_id = make_group(owner, member).pk if conversation_is == "foreign" else uuid.uuid4()
+    client.force_login(outsider)
+    response = client.get(f"/api/v1/conversations/{conversation_id}/{page}", HTTP_ACCEPT="text/html")
+    assert response.status_code == 403
+    assert b"You are not a participant of this conversation." in response.content
+    as_json = client.get(f"/api/v1/conversations/{conversation_id}/{page}", HTTP_ACCEPT="application/json")
+    assert (as_json.status_code, as_json.json()) == (
+        403, {"detail": "You are not a participant of this conversation.", "code": "forbidden"}
+    )
 
 
 def test_oversized_request_body_is_refused_cleanly(make_user, client_for):

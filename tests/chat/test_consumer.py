@@ -9,7 +9,9 @@ from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from rest_framework.authtoken.models import Token
 
-from chat import consumers, events, services
+from chat import consumers, events
+
+from chat.services import conversations, moderation, send as sending
 from chat.store import get_message_store
 from chatproject.asgi import application
 
@@ -71,9 +73,9 @@ def trio(make_user, make_group):
 
 
 async def send_over_rest_path(user, conversation, content="hi", **kwargs):
-    return await database_sync_to_async(services.message_send)(
+    return await database_sync_to_async(sending.message_send)(sending.SendRequest(
         sender=user, conversation_id=conversation.id, content=content, **kwargs
-    )
+    ))
 
 
 class TestHandshake:
@@ -271,15 +273,14 @@ class TestDelivery:
         alice, bob, _, conversation = trio
         b, _ = await open_socket(bob, conversation)
         await receive(b)
-        real = events.apublish
+        real = events._apublish_to
 
-        async def lose_first(conversation_id, event):
+        async def lose_first(group, event):
             if event.get("type") == "message.new" and event["message"]["seq"] == 1:
                 return False
-            return await real(conversation_id, event)
+            return await real(group, event)
 
-        monkeypatch.setattr(events, "apublish", lose_first)
-        monkeypatch.setattr(events, "publish", lambda *a: __import__("asgiref.sync").sync.async_to_sync(lose_first)(*a))
+        monkeypatch.setattr(events, "_apublish_to", lose_first)
         await send_over_rest_path(alice, conversation, "lost")
         await send_over_rest_path(alice, conversation, "arrives")
         assert [m["content"] for m in await receive_messages(b, 2)] == ["lost", "arrives"]
@@ -304,7 +305,7 @@ class TestDelivery:
         alice, bob, _, conversation = trio
         b, _ = await open_socket(bob, conversation)
         await receive(b)
-        await database_sync_to_async(services.participant_remove)(
+        await database_sync_to_async(conversations.participant_remove)(
             actor=alice, conversation_id=conversation.id, user_id=bob.pk
         )
         await expect_close(b, 4403, timeout=2)
@@ -411,7 +412,7 @@ class TestRevocation:
         b, _ = await open_socket(bob, conversation)
         await receive(b)
         started = asyncio.get_running_loop().time()
-        await database_sync_to_async(services.ban_create)(actor=alice, conversation=conversation, user=bob)
+        await database_sync_to_async(conversations.ban_create)(actor=alice, conversation=conversation, user=bob)
         await expect_close(b, 4403)
         assert asyncio.get_running_loop().time() - started < 1
         await b.disconnect(code=4403)

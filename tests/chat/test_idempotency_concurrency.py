@@ -5,8 +5,11 @@ import threading
 import pytest
 from django.db import connection
 
-from chat import events, services
-from chat.exceptions import IdempotencyInFlight
+from chat import events
+
+from tests.conftest import nothing_published, use_message_store
+from chat.services import conversations, moderation, send as sending
+from core.errors import IdempotencyInFlight
 from chat.models import Conversation
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -24,8 +27,8 @@ def store(request, monkeypatch):
         from chat.store.cassandra import CassandraMessageStore
 
         chosen = CassandraMessageStore(connection=request.getfixturevalue("cassandra_connection"))
-    monkeypatch.setattr(services, "get_message_store", lambda: chosen)
-    monkeypatch.setattr(events, "publish", lambda *args: True)
+    use_message_store(monkeypatch, chosen)
+    monkeypatch.setattr(events, "_apublish_to", nothing_published)
     return chosen
 
 
@@ -39,9 +42,9 @@ def test_one_key_many_simultaneous_requests(store, make_user, make_group, round_
     def attempt():
         barrier.wait()
         try:
-            result = services.message_send(
+            result = sending.message_send(sending.SendRequest(
                 sender=alice, conversation_id=conversation.id, content="once", idempotency_key="same-key"
-            )
+            ))
             outcomes.append(("replayed" if result.replayed else "created", result.message))
         except IdempotencyInFlight:
             outcomes.append(("in_flight", None))
@@ -62,7 +65,7 @@ def test_one_key_many_simultaneous_requests(store, make_user, make_group, round_
     assert Conversation.objects.get(pk=conversation.pk).last_seq == 1
     assert [m.message_id for m in store.history(conversation.id).messages] == [created[0].message_id]
     # Once the first request is done, every retry is a replay of it.
-    again = services.message_send(sender=alice, conversation_id=conversation.id, content="once", idempotency_key="same-key")
+    again = sending.message_send(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="once", idempotency_key="same-key"))
     assert again.replayed and again.message == created[0]
 
 
@@ -71,7 +74,7 @@ def test_a_send_whose_commit_fails_after_the_store_write_is_retried_not_replayed
     # the retry must create the message (at the same seq, none burned), not replay the orphan.
     from django.db import DatabaseError
 
-    from chat.exceptions import StoreUnavailable
+    from core.errors import StoreUnavailable
 
     alice, bob = make_user(), make_user()
     conversation = make_group(alice, bob)
@@ -79,16 +82,16 @@ def test_a_send_whose_commit_fails_after_the_store_write_is_retried_not_replayed
     def commit_breaks(*args):
         raise DatabaseError("the relational database went away")
 
-    monkeypatch.setattr(services.sql, "advance_read_marker", commit_breaks)
+    monkeypatch.setattr(sending.sql, "advance_read_marker", commit_breaks)
     with pytest.raises(StoreUnavailable):
-        services.message_send(sender=alice, conversation_id=conversation.id, content="hi", idempotency_key="k")
+        sending.message_send(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="hi", idempotency_key="k"))
     monkeypatch.undo()
-    monkeypatch.setattr(services, "get_message_store", lambda: store)
-    monkeypatch.setattr(events, "publish", lambda *args: True)
+    use_message_store(monkeypatch, store)
+    monkeypatch.setattr(events, "_apublish_to", nothing_published)
 
-    result = services.message_send(sender=alice, conversation_id=conversation.id, content="hi", idempotency_key="k")
+    result = sending.message_send(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="hi", idempotency_key="k"))
     assert not result.replayed and result.message.seq == 1
     assert [m.message_id for m in store.history(conversation.id).messages] == [result.message.message_id]
-    assert services.message_send(
+    assert sending.message_send(sending.SendRequest(
         sender=alice, conversation_id=conversation.id, content="hi", idempotency_key="k"
-    ).replayed
+    )).replayed

@@ -4,8 +4,10 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from prometheus_client import REGISTRY
 
-from chat import consumers, events, services
-from chat.exceptions import AccessDenied, StoreUnavailable
+from chat import consumers, events
+
+from chat.services import conversations, moderation, send as sending
+from core.errors import AccessDenied, StoreUnavailable
 from chat.store import StoreError, get_message_store
 from tests.chat.test_consumer import open_socket, receive, receive_messages
 
@@ -36,7 +38,7 @@ def pair(make_user, make_group):
     return alice, bob, make_group(alice, bob)
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # the publish happens on commit
 def test_send_path_series(pair, make_user):
     alice, bob, conversation = pair
     names = [
@@ -48,14 +50,14 @@ def test_send_path_series(pair, make_user):
         S("chat_message_send_unauthorized_total"),
     ] + [S("chat_message_delivery_duration_seconds_count", step=step) for step in ("authorize", "persist", "publish", "notify")]
     delta = Delta(*names)
-    services.message_send(
+    sending.message_send(sending.SendRequest(
         sender=alice, conversation_id=conversation.id, content="x", message_type="image", is_encrypted=True, idempotency_key="k"
-    )
-    services.message_send(
+    ))
+    sending.message_send(sending.SendRequest(
         sender=alice, conversation_id=conversation.id, content="x", message_type="image", is_encrypted=True, idempotency_key="k"
-    )
+    ))
     with pytest.raises(AccessDenied):
-        services.message_send(sender=make_user(), conversation_id=conversation.id, content="x")
+        sending.message_send(sending.SendRequest(sender=make_user(), conversation_id=conversation.id, content="x"))
     assert {n: delta[(n, l)] for n, l in names if not n.endswith("_count")} == {
         "chat_message_created_total": 1,
         "chat_message_persisted_total": 1,
@@ -69,7 +71,7 @@ def test_send_path_series(pair, make_user):
         assert delta[S("chat_message_delivery_duration_seconds_count", step=step)] == 1
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # the publish happens on commit
 def test_failure_series(pair, monkeypatch):
     alice, _, conversation = pair
     persisted_error = S("chat_message_persisted_total", status="error")
@@ -81,14 +83,14 @@ def test_failure_series(pair, monkeypatch):
 
     monkeypatch.setattr(get_message_store(), "insert", store_down)
     with pytest.raises(StoreUnavailable):
-        services.message_send(sender=alice, conversation_id=conversation.id, content="x")
+        sending.message_send(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="x"))
     monkeypatch.undo()
 
     async def layer_down(*args, **kwargs):
         raise ConnectionError("down")
 
     monkeypatch.setattr(get_channel_layer(), "group_send", layer_down)
-    services.message_send(sender=alice, conversation_id=conversation.id, content="x")
+    sending.message_send(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="x"))
     assert (delta[persisted_error], delta[published_error]) == (1, 1)
 
 
@@ -107,16 +109,19 @@ async def test_connection_and_delivery_series(pair, monkeypatch):
     await receive(socket)
     assert (delta[subscriptions], delta[connections]) == (1, 1)
 
-    first = await database_sync_to_async(services.message_send)(sender=alice, conversation_id=conversation.id, content="1")
+    first = await database_sync_to_async(sending.message_send)(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="1"))
     await receive_messages(socket, 1)
     assert delta[delivered] == 1
+
+    async def publish_lost(group, event):
+        return False
 
     # A duplicate is dropped; an early arrival is buffered until the gap is filled from the store.
     group = events.conversation_group(conversation.id)
     await get_channel_layer().group_send(group, {"type": "message.new", "message": first.message.as_dict()})
-    monkeypatch.setattr(events, "publish", lambda *a: False)
-    await database_sync_to_async(services.message_send)(sender=alice, conversation_id=conversation.id, content="2")
-    third = await database_sync_to_async(services.message_send)(sender=alice, conversation_id=conversation.id, content="3")
+    monkeypatch.setattr(events, "_apublish_to", publish_lost)
+    await database_sync_to_async(sending.message_send)(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="2"))
+    third = await database_sync_to_async(sending.message_send)(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="3"))
     await get_channel_layer().group_send(group, {"type": "message.new", "message": third.message.as_dict()})
     await socket.receive_nothing(0.05)
     assert delta[buffered] == 1
@@ -141,7 +146,7 @@ async def test_broadcast_panic_is_counted(pair, monkeypatch):
         raise RuntimeError("bug while delivering")
 
     monkeypatch.setattr(consumers.ChatConsumer, "_emit", explode)
-    await database_sync_to_async(services.message_send)(sender=alice, conversation_id=conversation.id, content="x")
+    await database_sync_to_async(sending.message_send)(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="x"))
     with pytest.raises(RuntimeError):
         await socket.wait(2)
     assert delta[panics] == 1

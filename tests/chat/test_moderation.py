@@ -14,14 +14,19 @@ from channels.layers import get_channel_layer
 from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
 from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
+from django.db import DatabaseError
 from django.test import Client
 
 import chat.store
-from chat import events, services
-from chat.exceptions import NotAllowed
+from chat import events, sql
+from chat.services import conversations, moderation, send as sending
+from core.errors import NotAllowed, StoreUnavailable
 from chat.models import Ban, Conversation, Report
 from chat.store import MessageStore
+from tests.conftest import use_message_store
 from tests.chat.test_consumer import expect_close, nothing_but_presence, open_socket, receive, receive_messages
+
+real_advance_read_marker = sql.advance_read_marker
 
 # Small Cassandra buckets, so a page of the message browser spans several partitions.
 CASSANDRA_BUCKET_SIZE = 10
@@ -40,18 +45,10 @@ def message_store(request, monkeypatch) -> MessageStore:
         store = CassandraMessageStore(
             connection=request.getfixturevalue("cassandra_connection"), bucket_size=CASSANDRA_BUCKET_SIZE
         )
-    configured = chat.store.get_message_store
-    for module in [m for name, m in sys.modules.items() if name.split(".")[0] in ("chat", "notifications")]:
-        if getattr(module, "get_message_store", None) is configured:
-            monkeypatch.setattr(module, "get_message_store", lambda: store)
+    use_message_store(monkeypatch, store)
     return store
 
 
-@pytest.fixture
-def published(monkeypatch):
-    captured = []
-    monkeypatch.setattr(events, "publish", lambda conversation_id, event: captured.append(event) or True)
-    return captured
 
 
 @pytest.fixture
@@ -84,7 +81,7 @@ def staff_client(django_user_model):
 
 
 def send(user, conversation, content="hello", **fields):
-    return services.message_send(sender=user, conversation_id=conversation.id, content=content, **fields).message
+    return sending.message_send(sending.SendRequest(sender=user, conversation_id=conversation.id, content=content, **fields)).message
 
 
 def message_url(conversation, seq, suffix=""):
@@ -110,6 +107,7 @@ def report_message(client_for, reporter, conversation, seq, reason="spam"):
 
 @pytest.mark.django_db
 class TestEdit:
+    @pytest.mark.django_db(transaction=True)  # its events go out on commit
     def test_the_sender_edits_content_and_the_rest_stays(self, message_store, trio, client_for, published):
         alice, bob, _, conversation = trio
         sent = send(bob, conversation, "helo", message_type="file", metadata={"name": "a.txt"})
@@ -127,7 +125,7 @@ class TestEdit:
         _, bob, _, conversation = trio
         send(bob, conversation, "short")
         send(bob, conversation, "file", message_type="file")
-        too_long_for_text = "x" * (services.MAX_TEXT_BYTES + 1)
+        too_long_for_text = "x" * (sending.MAX_TEXT_BYTES + 1)
         response = client_for(bob).patch(message_url(conversation, 1), {"content": too_long_for_text}, format="json")
         assert response.status_code == 400 and "content" in response.json()
         assert message_store.get(conversation.id, 1).content == "short"
@@ -159,6 +157,7 @@ class TestEdit:
 
 @pytest.mark.django_db
 class TestDelete:
+    @pytest.mark.django_db(transaction=True)  # its events go out on commit
     def test_the_sender_deletes_and_a_tombstone_stays(self, message_store, trio, client_for, published):
         alice, bob, _, conversation = trio
         sent = send(bob, conversation, "secret", metadata={"link": "x"})
@@ -202,7 +201,7 @@ class TestDelete:
         _, without = staff_client()
         _, moderator = staff_client("change_conversation")
         for user in (without, moderator):
-            services.participant_add(actor=alice, conversation_id=conversation.id, user_id=user.pk)
+            conversations.participant_add(actor=alice, conversation_id=conversation.id, user_id=user.pk)
         assert client_for(without).delete(message_url(conversation, 1)).status_code == 403
         assert client_for(moderator).delete(message_url(conversation, 2)).status_code == 200
         assert [message_store.get(conversation.id, seq).deleted for seq in (1, 2)] == [False, True]
@@ -220,7 +219,7 @@ class TestReport:
         assert (report.status, report.sender, report.reporter, report.reason) == ("open", bob, alice, "spam")
         assert (report.message_id, report.reported_content) == (sent.message_id, "buy pills")
         # The evidence stays when the sender edits the message afterwards.
-        services.message_edit(editor=bob, conversation_id=conversation.id, seq=1, content="nothing to see")
+        moderation.message_edit(editor=bob, conversation_id=conversation.id, seq=1, content="nothing to see")
         report.refresh_from_db()
         assert report.reported_content == "buy pills"
 
@@ -236,7 +235,7 @@ class TestReport:
         alice, bob, carol, conversation = trio
         send(bob, conversation)
         send(bob, conversation)
-        services.message_delete(actor=bob, conversation_id=conversation.id, seq=2)
+        moderation.message_delete(actor=bob, conversation_id=conversation.id, seq=2)
         assert client_for(carol).post(message_url(conversation, 1, "report/"), {"reason": "x"}).status_code == 403
         assert client_for(alice).post(message_url(conversation, 9, "report/"), {"reason": "x"}).status_code == 404
         assert client_for(bob).post(message_url(conversation, 1, "report/"), {"reason": "x"}).status_code == 400
@@ -269,6 +268,30 @@ class TestMessageBrowser:
             browser_url(conversation).encode()
         ) == 1
 
+    def test_shows_no_message_whose_send_did_not_commit(self, message_store, trio, moderator_client, client_for, monkeypatch):
+        """On Cassandra the store write happens before the relational commit: a send whose commit
+        failed leaves a row above last_seq, which nobody acknowledged. The browser, like REST
+        history, reads no further than the committed counter."""
+        client, _ = moderator_client
+        alice, _, _, conversation = trio
+        send(alice, conversation, "acknowledged")
+
+        def commit_breaks(*args):
+            raise DatabaseError("the relational database went away")
+
+        monkeypatch.setattr(sql, "advance_read_marker", commit_breaks)
+        with pytest.raises(StoreUnavailable):
+            send(alice, conversation, "never acknowledged")
+        monkeypatch.setattr(sql, "advance_read_marker", real_advance_read_marker)
+
+        history = client_for(alice).get(f"/api/v1/conversations/{conversation.pk}/messages/").data["results"]
+        assert [m["content"] for m in history] == ["acknowledged"]
+        for query in ({}, {"after_seq": 0}, {"before_seq": 3}):
+            page = client.get(browser_url(conversation), query)
+            assert [row["message"].content for row in page.context["rows"]] == ["acknowledged"]
+            assert b"never acknowledged" not in page.content
+
+    @pytest.mark.django_db(transaction=True)  # its events go out on commit
     def test_delete_tombstones_announces_logs_and_resolves_open_reports(
         self, message_store, trio, moderator_client, client_for, published
     ):
@@ -359,6 +382,7 @@ class TestReportQueue:
         reported.refresh_from_db()
         assert reported.status == status and len(log_messages(reported)) == 1
 
+    @pytest.mark.django_db(transaction=True)  # its events go out on commit
     def test_delete_message(self, reported, moderator_client, published, message_store):
         client, _ = moderator_client
         assert self.act(client, "delete_message", reported).status_code == 302
@@ -402,11 +426,11 @@ class TestReportQueue:
     def test_the_services_check_the_permissions_too(self, reported, staff_client):
         _, handler = staff_client("change_report")
         with pytest.raises(NotAllowed):
-            services.report_ban_sender(moderator=handler, report=reported)
+            moderation.report_ban_sender(moderator=handler, report=reported)
         with pytest.raises(NotAllowed):
-            services.report_delete_message(moderator=handler, report=reported)
+            moderation.report_delete_message(moderator=handler, report=reported)
         with pytest.raises(NotAllowed):
-            services.message_moderate_delete(moderator=handler, conversation=reported.conversation, seq=1)
+            moderation.message_moderate_delete(moderator=handler, conversation=reported.conversation, seq=1)
         assert not Ban.objects.exists()
 
     def test_reports_cannot_be_added_or_deleted_in_the_admin(self, reported, moderator_client):

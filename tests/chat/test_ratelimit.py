@@ -4,8 +4,8 @@ import uuid
 
 import pytest
 
-from chat import metrics
-from chat.ratelimit import Rate, SendRateLimiter, parse_rate
+from core import ratelimit
+from core.ratelimit import Rate, RateLimiter, parse_rate
 from tests.services import REDIS_URL, redis_available, require
 
 
@@ -24,7 +24,7 @@ def test_parse_rate_rejects_nonsense(text):
 
 
 def test_local_window_allows_exactly_the_limit_and_then_refuses():
-    limiter = SendRateLimiter(Rate(3, 60))
+    limiter = RateLimiter(Rate(3, 60))
     decisions = [limiter.check("u1") for _ in range(4)]
     assert [d.allowed for d in decisions] == [True, True, True, False]
     assert [d.remaining for d in decisions] == [2, 1, 0, 0]
@@ -39,8 +39,8 @@ def redis_limiter():
 
     redis.Redis.from_url(REDIS_URL).flushdb()
 
-    def make(rate: Rate) -> SendRateLimiter:
-        return SendRateLimiter(rate, REDIS_URL)
+    def make(rate: Rate) -> RateLimiter:
+        return RateLimiter(rate, REDIS_URL)
 
     return make
 
@@ -75,8 +75,8 @@ def test_redis_window_expires(redis_limiter):
 
 def test_redis_down_degrades_to_a_per_process_limit():
     """An unreachable Redis never fails a check and never removes the limit."""
-    limiter = SendRateLimiter(Rate(2, 60), "redis://127.0.0.1:1/0")
-    before = metrics.rate_limit_degraded._value.get()
+    limiter = RateLimiter(Rate(2, 60), "redis://127.0.0.1:1/0")
+    before = ratelimit.rate_limit_degraded._value.get()
     decisions = [limiter.check("u").allowed for _ in range(3)]
     assert decisions == [True, True, False]
-    assert metrics.rate_limit_degraded._value.get() == before + 3
+    assert ratelimit.rate_limit_degraded._value.get() == before + 3

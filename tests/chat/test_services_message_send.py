@@ -6,8 +6,10 @@ import pytest
 from django.db import connection
 
 from accounts.models import User
-from chat import events, services
-from chat.exceptions import (
+from chat import events
+from tests.conftest import nothing_published
+from chat.services import conversations, moderation, send as sending
+from core.errors import (
     AccessDenied,
     IdempotencyInFlight,
     IdempotencyMismatch,
@@ -26,26 +28,14 @@ def pair(make_user, make_group):
     return alice, bob, make_group(alice, bob)
 
 
-@pytest.fixture
-def published(monkeypatch):
-    """Captures what services publish, instead of a channel layer."""
-    captured = []
-
-    def capture(conversation_id, event):
-        captured.append(event)
-        return True
-
-    monkeypatch.setattr(events, "publish", capture)
-    return captured
-
-
 def send(sender, conversation, **body):
     body.setdefault("content", "hello")
-    return services.message_send(sender=sender, conversation_id=conversation.id, **body)
+    return sending.message_send(sending.SendRequest(sender=sender, conversation_id=conversation.id, **body))
 
 
 @pytest.mark.django_db
 class TestSend:
+    @pytest.mark.django_db(transaction=True)  # its events go out on commit
     def test_member_send_persists_publishes_and_queues_a_notification(self, pair, published):
         alice, bob, conversation = pair
         result = send(alice, conversation, content="hi bob", metadata={"k": "v"})
@@ -79,7 +69,7 @@ class TestSend:
 
     def test_unknown_conversation_is_the_same_denial(self, pair, published):
         with pytest.raises(AccessDenied):
-            services.message_send(sender=pair[0], conversation_id=uuid.uuid4(), content="x")
+            sending.message_send(sending.SendRequest(sender=pair[0], conversation_id=uuid.uuid4(), content="x"))
 
     def test_banned_participant_is_denied(self, pair, published):
         alice, bob, conversation = pair
@@ -174,6 +164,7 @@ class TestLimits:
 
 @pytest.mark.django_db
 class TestIdempotency:
+    @pytest.mark.django_db(transaction=True)  # its events go out on commit
     def test_same_key_same_body_replays(self, pair, published):
         alice, _, conversation = pair
         first = send(alice, conversation, idempotency_key="k1")
@@ -196,11 +187,11 @@ class TestIdempotency:
     def test_in_flight_key_conflicts(self, pair, published):
         alice, _, conversation = pair
         store = get_message_store()
-        body = services.check_message_input(content="hello")
+        body = sending.check_message_input(content="hello")
         store.claim_idempotency(
             sender_id=alice.pk,
             key="k1",
-            request_hash=services._request_hash(conversation.id, body),
+            request_hash=sending._request_hash(conversation.id, body),
             message_id=uuid.uuid4(),
         )
         with pytest.raises(IdempotencyInFlight):
@@ -238,6 +229,7 @@ class TestFailureIsolation:
         result = send(alice, conversation)
         assert get_message_store().get(conversation.id, result.message.seq) == result.message
 
+    @pytest.mark.django_db(transaction=True)  # its events go out on commit
     def test_notification_failure_does_not_fail_the_send(self, pair, published, monkeypatch):
         alice, _, conversation = pair
 
@@ -251,7 +243,7 @@ class TestFailureIsolation:
 
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_senders_get_distinct_consecutive_seqs(make_user, make_group, monkeypatch):
-    monkeypatch.setattr(events, "publish", lambda *a: True)
+    monkeypatch.setattr(events, "_apublish_to", nothing_published)
     senders = [make_user() for _ in range(4)]
     conversation = make_group(senders[0], *senders[1:])
     seqs, errors = [], []
@@ -259,7 +251,7 @@ def test_concurrent_senders_get_distinct_consecutive_seqs(make_user, make_group,
     def worker(user):
         try:
             for _ in range(10):
-                seqs.append(services.message_send(sender=user, conversation_id=conversation.id, content="x").message.seq)
+                seqs.append(sending.message_send(sending.SendRequest(sender=user, conversation_id=conversation.id, content="x")).message.seq)
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
         finally:

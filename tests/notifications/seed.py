@@ -16,19 +16,19 @@ def main(messages: int, devices: int) -> None:
     django.setup()
 
     from accounts.models import User
-    from chat import services
+    from chat.services import conversations, moderation, send as sending
     from notifications.models import Device
 
     suffix = uuid.uuid4().hex[:8]
     alice = User.objects.create_user(username=f"alice-{suffix}", password="long-enough-pass-42")
     bob = User.objects.create_user(username=f"bob-{suffix}", password="long-enough-pass-42")
-    conversation, _ = services.conversation_create(
+    conversation, _ = conversations.conversation_create(
         creator=alice, kind="group", title="seeded", participant_ids=[bob.pk]
     )
     for index in range(devices):
         Device.objects.create(user=bob, kind=Device.Kind.FCM, token=f"token-{suffix}-{index}")
     for index in range(messages):
-        services.message_send(sender=alice, conversation_id=conversation.pk, content=f"message {index}")
+        sending.message_send(sending.SendRequest(sender=alice, conversation_id=conversation.pk, content=f"message {index}"))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import pytest
 from django.contrib.admin.models import LogEntry
 from django.utils import timezone
 
-from chat import services as chat_services
+from chat.services import conversations, send as sending
 from notifications.models import Delivery, Job, OutboxEntry
 from tests.notifications.conftest import make_due
 
@@ -19,7 +19,7 @@ def dead_delivery(webhook, make_user, make_group, make_device, make_worker, monk
     monkeypatch.setenv("CHAT_NOTIFICATION_MAX_ATTEMPTS", "2")
     alice, bob = make_user(), make_user()
     make_device(bob)
-    chat_services.message_send(sender=alice, conversation_id=make_group(alice, bob).pk, content="hi")
+    sending.message_send(sending.SendRequest(sender=alice, conversation_id=make_group(alice, bob).pk, content="hi"))
     webhook.status = 500
     worker = make_worker()
     worker.run(once=True)
@@ -68,7 +68,7 @@ def test_a_dead_letter_requeued_from_the_admin_is_delivered(admin_client, dead_d
 
 def test_a_job_being_delivered_right_now_is_not_requeued(admin_client, make_user, make_group):
     alice, bob = make_user(), make_user()
-    chat_services.message_send(sender=alice, conversation_id=make_group(alice, bob).pk, content="hi")
+    sending.message_send(sending.SendRequest(sender=alice, conversation_id=make_group(alice, bob).pk, content="hi"))
     in_flight = timezone.now() + timedelta(seconds=30)
     OutboxEntry.objects.update(claimed_by="busy-worker", claimed_until=in_flight, attempts=1)
 
@@ -86,7 +86,7 @@ def test_a_job_being_delivered_right_now_is_not_requeued(admin_client, make_user
 def test_a_dead_outbox_entry_can_be_requeued(admin_client, make_user, make_group, make_device, make_worker, webhook):
     alice, bob = make_user(), make_user()
     make_device(bob)
-    chat_services.message_send(sender=alice, conversation_id=make_group(alice, bob).pk, content="hi")
+    sending.message_send(sending.SendRequest(sender=alice, conversation_id=make_group(alice, bob).pk, content="hi"))
     OutboxEntry.objects.update(status=Status.DEAD, attempts=10, last_error="boom")
 
     admin_client.post(

@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 from py_vapid import Vapid02
 from py_vapid import jwt as vapid_jwt
 
-from chat import services as chat_services
+from chat.services import conversations, send as sending
 from notifications import conf
 from notifications.backends import get_backend
 from notifications.backends.webpush import vapid_public_key
@@ -32,7 +32,7 @@ def b64url(data: bytes) -> str:
 
 def send(sender, conversation, **fields):
     fields.setdefault("content", "see you at 6")
-    return chat_services.message_send(sender=sender, conversation_id=conversation.pk, **fields).message
+    return sending.message_send(sending.SendRequest(sender=sender, conversation_id=conversation.pk, **fields)).message
 
 
 class TestWebhook:
@@ -83,7 +83,7 @@ class TestWebhook:
     ):
         alice, bob = make_user("alice"), make_user("bob")
         make_device(bob)
-        direct, _ = chat_services.conversation_create(creator=alice, kind="direct", participant_ids=[bob.pk])
+        direct, _ = conversations.conversation_create(creator=alice, kind="direct", participant_ids=[bob.pk])
         send(alice, direct, content="b64:c2VjcmV0LWNpcGhlcnRleHQ=", is_encrypted=True)
 
         make_worker().run(once=True)

@@ -10,7 +10,8 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from chat import services as chat_services
+from chat.services import conversations, send as sending
+from accounts.models import User
 from chat.models import Participant
 from chat.store import get_message_store
 from notifications import queue
@@ -23,7 +24,7 @@ Status = Job.Status
 
 
 def send(sender, conversation, content="hello"):
-    return chat_services.message_send(sender=sender, conversation_id=conversation.pk, content=content).message
+    return sending.message_send(sending.SendRequest(sender=sender, conversation_id=conversation.pk, content=content)).message
 
 
 def tokens_received(receiver) -> list[str]:
@@ -62,7 +63,7 @@ def test_a_recipient_who_reads_before_the_retry_is_not_notified_again(
     webhook.status = 503
     worker = make_worker()
     worker.run(once=True)
-    chat_services.read_marker_set(user=bob, conversation_id=conversation.pk, seq=message.seq)
+    conversations.read_marker_set(user=bob, conversation_id=conversation.pk, seq=message.seq)
     before = sample("chat_notification_skipped_total", reason="read")
 
     make_due()
@@ -371,3 +372,47 @@ def test_worker_stops_when_asked_and_after_max_idle(make_worker):
     started = time.monotonic()
     make_worker().run(max_idle=0.3)
     assert 0.3 <= time.monotonic() - started < 3
+
+
+def test_a_banned_participant_gets_no_push(webhook, make_user, make_group, make_device, make_worker):
+    """A ban keeps the participant row; the worker's recipients come from the membership rule,
+    so the banned member's devices get nothing (the excerpt of the message included)."""
+    alice, bob, carol = make_user(), make_user(), make_user()
+    conversation = make_group(alice, bob, carol)
+    make_device(bob, token="bob-phone")
+    make_device(carol, token="carol-phone")
+    conversations.ban_create(actor=None, conversation=conversation, user=bob)
+    send(alice, conversation, "for members only")
+
+    make_worker().run(once=True)
+
+    assert tokens_received(webhook) == ["carol-phone"]
+
+
+@pytest.mark.parametrize("loses_access", ["banned", "removed", "deactivated"])
+def test_losing_access_before_a_retry_stops_the_push(
+    loses_access, webhook, make_user, make_group, make_device, make_worker
+):
+    alice, bob = make_user(), make_user()
+    conversation = make_group(alice, bob)
+    make_device(bob)
+    send(alice, conversation)
+    webhook.status = 503
+    worker = make_worker()
+    worker.run(once=True)
+    if loses_access == "banned":
+        conversations.ban_create(actor=None, conversation=conversation, user=bob)
+    elif loses_access == "removed":
+        conversations.participant_remove(actor=bob, conversation_id=conversation.pk, user_id=bob.pk)
+    else:
+        User.objects.filter(pk=bob.pk).update(is_active=False)
+    before = sample("chat_notification_skipped_total", reason="no_access")
+
+    webhook.status = 201
+    make_due()
+    worker.run(once=True)
+
+    delivery = Delivery.objects.get()
+    assert (delivery.status, delivery.last_error) == (Status.SKIPPED, "skipped: no_access")
+    assert len(webhook.received) == 1  # only the refused first attempt
+    assert sample("chat_notification_skipped_total", reason="no_access") == before + 1

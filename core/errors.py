@@ -49,7 +49,7 @@ class RateLimited(ChatError):
     default_detail = "Too many messages; slow down."
 
     def __init__(self, decision):
-        self.decision = decision  # chat.ratelimit.Decision
+        self.decision = decision  # core.ratelimit.Decision
         self.retry_after = decision.reset
         super().__init__(f"Too many messages; retry in {math.ceil(decision.reset)} s.")
 

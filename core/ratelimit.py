@@ -1,4 +1,5 @@
-"""Send rate limit: CHAT_SEND_RATE per user, across REST and WebSocket and across processes.
+"""Rate limits shared by processes: the send rate (CHAT_SEND_RATE per user, across REST and
+WebSocket) and the authentication throttles use the same limiter under different scopes.
 
 Fixed windows counted atomically in Redis (one Lua call: INCR, and PEXPIRE on the first hit) when
 REDIS_URL is set; counted in this process otherwise, and also when Redis fails, so an outage
@@ -16,9 +17,13 @@ from functools import cache
 
 from django.conf import settings
 
-from chat import metrics
+from prometheus_client import Counter
 
 logger = logging.getLogger(__name__)
+
+rate_limit_degraded = Counter(
+    "chat_rate_limit_degraded_total", "Rate-limit checks answered per process because Redis failed."
+)
 
 _UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
 
@@ -78,9 +83,10 @@ return {n, redis.call('PTTL', KEYS[1])}
 """
 
 
-class SendRateLimiter:
-    def __init__(self, rate: Rate, redis_url: str = "") -> None:
+class RateLimiter:
+    def __init__(self, rate: Rate, redis_url: str = "", *, scope: str = "send") -> None:
         self.rate = rate
+        self.scope = scope
         self._local = LocalWindowCounter()
         self._redis_hit = None
         # After a Redis failure, count locally for a moment instead of paying a timeout per send.
@@ -91,10 +97,10 @@ class SendRateLimiter:
             client = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
             self._redis_hit = client.register_script(_LUA_HIT)
 
-    def check(self, user_id: object) -> Decision:
-        """Count a send by `user_id` and say whether it may go ahead."""
+    def check(self, subject: object) -> Decision:
+        """Count one hit by `subject` (a user id, an address) and say whether it may go ahead."""
         now = time.time()
-        key = f"chat:rate:send:{user_id}"
+        key = f"chat:rate:{self.scope}:{subject}"
         count, remaining = None, 0.0
         if self._redis_hit is not None and now >= self._redis_retry_at:
             window = int(now // self.rate.period)
@@ -106,7 +112,7 @@ class SendRateLimiter:
                 logger.warning("rate limit: Redis unavailable (%s); counting per process", exc)
         if count is None:
             if self._redis_hit is not None:
-                metrics.rate_limit_degraded.inc()
+                rate_limit_degraded.inc()
             count, remaining = self._local.hit(key, self.rate.period, now)
         return Decision(
             allowed=count <= self.rate.limit,
@@ -117,5 +123,14 @@ class SendRateLimiter:
 
 
 @cache
-def get_send_rate_limiter() -> SendRateLimiter:
-    return SendRateLimiter(parse_rate(settings.CHAT_SEND_RATE), settings.REDIS_URL)
+def _limiter(scope: str, rate: str, redis_url: str) -> RateLimiter:
+    return RateLimiter(parse_rate(rate), redis_url, scope=scope)
+
+
+def limiter_for(scope: str, rate: str) -> RateLimiter:
+    """The process's limiter for `scope` at `rate` (e.g. "100/min"), shared through REDIS_URL."""
+    return _limiter(scope, rate, settings.REDIS_URL)
+
+
+def get_send_rate_limiter() -> RateLimiter:
+    return limiter_for("send", settings.CHAT_SEND_RATE)

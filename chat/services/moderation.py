@@ -1,0 +1,219 @@
+"""Moderation: edit, delete and report messages over the API, and the moderators' actions in the
+admin (delete, resolve, dismiss, ban). Moderators' Django permissions are checked here, on the
+write path, so no caller can skip them; every moderation action lands in the admin log."""
+from __future__ import annotations
+
+import uuid
+
+from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts.models import User
+from chat import events
+from chat.access import access_conversation
+from chat.models import Ban, Conversation, Report
+from chat.selectors import message_at
+from chat.services.conversations import ban_create
+from chat.services.send import check_message_input, now_ms
+from chat.store import Message, StoreError, get_message_store
+from core.errors import NotAllowed, NotFound, StoreUnavailable, ValidationFailed
+
+MAX_REPORT_REASON_LENGTH = 1000
+
+# Moderators act in the Django admin; these permissions are checked here too, on the write path,
+# so no other caller can skip them. Superusers have every permission.
+MODERATE_MESSAGES_PERMISSION = "chat.change_conversation"
+HANDLE_REPORTS_PERMISSION = "chat.change_report"
+BAN_PERMISSION = "chat.add_ban"
+
+
+def can_moderate(user: User, permission: str) -> bool:
+    return user.is_active and user.is_staff and user.has_perm(permission)
+
+
+def _require_permission(user: User, *permissions: str) -> None:
+    if not all(can_moderate(user, permission) for permission in permissions):
+        raise NotAllowed()
+
+
+
+def _message_was_deleted() -> ValidationFailed:
+    return ValidationFailed({"non_field_errors": ["This message was deleted."]})
+
+
+def _admin_log(actor: User, obj: Conversation | Report | Ban, action_flag: int, change_message: str) -> None:
+    """Record a moderation action where moderators look for it: the admin log ("Recent actions")."""
+    LogEntry.objects.log_actions(
+        user_id=actor.pk, queryset=[obj], action_flag=action_flag, change_message=change_message, single_object=True
+    )
+
+
+def _username(user_id: uuid.UUID) -> str:
+    return User.objects.filter(pk=user_id).values_list("username", flat=True).first() or str(user_id)
+
+
+def message_edit(*, editor: User, conversation_id: object, seq: object, content: object) -> Message:
+    """Replace the content of your own message and stamp edited_at; emits message.updated.
+
+    message_type, is_encrypted and metadata stay: an edit corrects what was said, it does not turn
+    a text into a file. The new content obeys the same limits as a send of that type."""
+    conversation, _ = access_conversation(user=editor, conversation_id=conversation_id)
+    message = message_at(conversation=conversation, seq=seq)
+    if message.sender_id != editor.pk:
+        raise NotAllowed("Only the sender may edit a message.")
+    if message.deleted:
+        raise _message_was_deleted()
+    body = check_message_input(
+        content=content,
+        message_type=message.message_type,
+        is_encrypted=message.is_encrypted,
+        metadata=message.metadata,
+    )
+    try:
+        edited = get_message_store().edit(conversation.id, message.seq, body.content, now_ms())
+    except StoreError as exc:
+        raise StoreUnavailable() from exc
+    if edited is None:
+        raise NotFound("No such message.")
+    if edited.deleted:
+        raise _message_was_deleted()  # deleted between the read and the edit; the store kept the tombstone
+    events.message_updated(edited)
+    return edited
+
+
+def _tombstone(conversation: Conversation, message: Message) -> Message:
+    """Delete the message's content in the store and announce it (once: a tombstone stays one)."""
+    try:
+        tombstone = get_message_store().tombstone(conversation.id, message.seq)
+    except StoreError as exc:
+        raise StoreUnavailable() from exc
+    if tombstone is None:
+        raise NotFound("No such message.")
+    if not message.deleted:
+        events.message_deleted(conversation.id, message.seq)
+    return tombstone
+
+
+def message_delete(*, actor: User, conversation_id: object, seq: object) -> Message:
+    """Delete a message over the API, leaving a tombstone; emits message.deleted.
+
+    Allowed to its sender, the conversation's owner and admins, and staff moderators who are
+    participants (elsewhere staff moderate in the admin: message_moderate_delete). Deleting someone
+    else's message is a moderation action and goes to the admin log."""
+    conversation, participant = access_conversation(user=actor, conversation_id=conversation_id)
+    message = message_at(conversation=conversation, seq=seq)
+    own = message.sender_id == actor.pk
+    if not (own or participant.can_manage or can_moderate(actor, MODERATE_MESSAGES_PERMISSION)):
+        raise NotAllowed("Only the sender, the conversation's owner or admins, or a moderator may delete it.")
+    tombstone = _tombstone(conversation, message)
+    if not own and not message.deleted:
+        _admin_log(
+            actor,
+            conversation,
+            CHANGE,
+            f"Deleted message {message.seq} by {_username(message.sender_id)} over the API "
+            f"(as conversation {participant.role}).",
+        )
+    return tombstone
+
+
+def message_moderate_delete(*, moderator: User, conversation: Conversation, seq: int) -> Message:
+    """A moderator deletes a message of any conversation (the admin's message browser and report
+    queue); emits message.deleted. The open reports about the message are resolved with it: what
+    they reported is gone. Everything goes to the admin log."""
+    _require_permission(moderator, MODERATE_MESSAGES_PERMISSION)
+    message = message_at(conversation=conversation, seq=seq)
+    tombstone = _tombstone(conversation, message)
+    if not message.deleted:
+        _admin_log(moderator, conversation, CHANGE, f"Deleted message {seq} by {_username(message.sender_id)}.")
+    for report in Report.objects.filter(conversation=conversation, seq=seq, status=Report.Status.OPEN):
+        _report_close(moderator, report, Report.Status.RESOLVED, f"Resolved: message {seq} deleted.")
+    return tombstone
+
+
+def message_report(*, reporter: User, conversation_id: object, seq: object, reason: object) -> tuple[Report, bool]:
+    """Report someone else's message to the moderators; (report, created).
+
+    Reporting a message again while your earlier report of it is open returns that report."""
+    conversation, _ = access_conversation(user=reporter, conversation_id=conversation_id)
+    reason = reason.strip() if isinstance(reason, str) else reason
+    if not isinstance(reason, str) or not reason or len(reason) > MAX_REPORT_REASON_LENGTH:
+        raise ValidationFailed(
+            {"reason": [f"Must be a non-empty string of at most {MAX_REPORT_REASON_LENGTH} characters."]}
+        )
+    message = message_at(conversation=conversation, seq=seq)
+    if message.deleted:
+        raise _message_was_deleted()
+    if message.sender_id == reporter.pk:
+        raise ValidationFailed({"non_field_errors": ["You cannot report your own message."]})
+    open_reports = Report.objects.filter(
+        conversation=conversation, seq=message.seq, reporter=reporter, status=Report.Status.OPEN
+    )
+    existing = open_reports.first()
+    if existing is not None:
+        return existing, False
+    try:
+        with transaction.atomic():
+            report = Report.objects.create(
+                conversation=conversation,
+                seq=message.seq,
+                message_id=message.message_id,
+                sender=User.objects.filter(pk=message.sender_id).first(),
+                reported_content=message.content,
+                reporter=reporter,
+                reason=reason,
+            )
+    except IntegrityError:
+        # The same report, submitted twice at the same moment.
+        return open_reports.get(), False
+    return report, True
+
+
+def _report_close(moderator: User, report: Report, status: str, change_message: str) -> bool:
+    # Conditional, so that two moderators handling one report log it once.
+    closed = Report.objects.filter(pk=report.pk, status=Report.Status.OPEN).update(
+        status=status, handled_by=moderator, handled_at=timezone.now()
+    )
+    if closed:
+        report.refresh_from_db(fields=["status", "handled_by", "handled_at"])
+        _admin_log(moderator, report, CHANGE, change_message)
+    return bool(closed)
+
+
+def report_resolve(*, moderator: User, report: Report) -> bool:
+    """Close an open report as handled; False if it was no longer open."""
+    _require_permission(moderator, HANDLE_REPORTS_PERMISSION)
+    return _report_close(moderator, report, Report.Status.RESOLVED, "Resolved.")
+
+
+def report_dismiss(*, moderator: User, report: Report) -> bool:
+    """Close an open report as unfounded; False if it was no longer open."""
+    _require_permission(moderator, HANDLE_REPORTS_PERMISSION)
+    return _report_close(moderator, report, Report.Status.DISMISSED, "Dismissed.")
+
+
+def report_delete_message(*, moderator: User, report: Report) -> Message:
+    """Delete the reported message; this report and the others about it are resolved."""
+    _require_permission(moderator, HANDLE_REPORTS_PERMISSION, MODERATE_MESSAGES_PERMISSION)
+    return message_moderate_delete(moderator=moderator, conversation=report.conversation, seq=report.seq)
+
+
+def report_ban_sender(*, moderator: User, report: Report) -> Ban:
+    """Ban the reported message's sender from its conversation (their sockets close with 4403) and
+    resolve the report."""
+    _require_permission(moderator, HANDLE_REPORTS_PERMISSION, BAN_PERMISSION)
+    if report.sender is None:
+        raise ValidationFailed({"sender": ["The sender's account no longer exists."]})
+    with transaction.atomic():
+        already_banned = Ban.objects.filter(conversation=report.conversation, user=report.sender).exists()
+        ban = ban_create(
+            actor=moderator,
+            conversation=report.conversation,
+            user=report.sender,
+            reason=f"Report #{report.pk}: {report.reason}"[: Ban._meta.get_field("reason").max_length],
+        )
+        if not already_banned:
+            _admin_log(moderator, ban, ADDITION, f"Banned {report.sender} from the conversation (report #{report.pk}).")
+        _report_close(moderator, report, Report.Status.RESOLVED, f"Resolved: sender {report.sender} banned.")
+    return ban

@@ -1,0 +1,279 @@
+"""Sending a message: the only way a message is created.
+
+The REST view and the WebSocket consumer both send through here, so validation, rate limiting,
+authorization and idempotency cannot be skipped by any transport. Lifecycle: validate ->
+rate-limit -> authorize -> idempotency -> allocate seq + persist (+ whatever must commit with the
+message: chat.signals.message_persisted) -> publish, after commit.
+
+This is the hot path (docs/performance.md): the per-message statements are hand-written
+(chat.sql) and nothing here reads more than it must.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
+
+from accounts.models import User
+from chat import events, metrics, sql
+from chat.access import access_participant_id
+from chat.selectors import message_by_id
+from chat.signals import message_persisted
+from chat.store import Message, StoreError, get_message_store
+from core.errors import (
+    AccessDenied,
+    IdempotencyInFlight,
+    IdempotencyMismatch,
+    RateLimited,
+    StoreUnavailable,
+    ValidationFailed,
+)
+from core.ratelimit import Decision as RateDecision
+from core.ratelimit import get_send_rate_limiter
+from core.threads import in_thread
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_TYPES = ("text", "image", "video", "file")
+MAX_TEXT_BYTES = 10_000
+MAX_MEDIA_BYTES = 10 * 1024 * 1024
+MAX_METADATA_BYTES = 16 * 1024
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """One send as a transport received it; nothing in it is trusted yet (`check_message_input`
+    and `check_idempotency_key` validate it on the send path)."""
+
+    sender: User
+    conversation_id: object
+    content: object
+    message_type: object = "text"
+    is_encrypted: object = False
+    metadata: object = None
+    idempotency_key: object = None
+    # Where an idempotency key error is reported: the REST header or the frame's field.
+    idempotency_field: str = "Idempotency-Key"
+    transport: str = "rest"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInput:
+    content: str
+    message_type: str
+    is_encrypted: bool
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    message: Message
+    replayed: bool
+    rate: RateDecision | None = None
+
+
+def now_ms():
+    """The current time at the precision every message store keeps (Cassandra: milliseconds), so a
+    message reads back exactly as it was acknowledged."""
+    now = timezone.now()
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _utf8(text: str) -> bytes | None:
+    """The UTF-8 bytes of `text`, or None when no store can keep it: JSON lets a lone surrogate
+    through, and PostgreSQL refuses NUL in text."""
+    if "\x00" in text:
+        return None
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return None
+
+
+def check_message_input(
+    *, content: object, message_type: object = "text", is_encrypted: object = False, metadata: object = None
+) -> MessageInput:
+    """Validate a message body against SPEC limits; raise ValidationFailed with field errors."""
+    errors: dict[str, list[str]] = {}
+    if message_type not in MESSAGE_TYPES:
+        errors["message_type"] = [f"Must be one of: {', '.join(MESSAGE_TYPES)}."]
+    if not isinstance(is_encrypted, bool):
+        errors["is_encrypted"] = ["Must be a boolean."]
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        errors["metadata"] = ["Must be a JSON object."]
+    else:
+        encoded = _utf8(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False))
+        if encoded is None:
+            errors["metadata"] = ["Must be valid Unicode (no lone surrogates or NUL characters)."]
+        elif len(encoded) > MAX_METADATA_BYTES:
+            errors["metadata"] = [f"At most {MAX_METADATA_BYTES} bytes when serialized."]
+    if not isinstance(content, str) or content == "":
+        errors["content"] = ["Must be a non-empty string."]
+    else:
+        limit = MAX_TEXT_BYTES if message_type == "text" else MAX_MEDIA_BYTES
+        # A character is 1 to 4 bytes in UTF-8: a string over the limit in characters is over it
+        # in bytes, and is refused before it is encoded.
+        encoded = None if len(content) > limit else _utf8(content)
+        if len(content) > limit or (encoded is not None and len(encoded) > limit):
+            errors["content"] = [f"At most {limit} bytes (UTF-8) for {message_type} messages."]
+        elif encoded is None:
+            errors["content"] = ["Must be valid Unicode (no lone surrogates or NUL characters)."]
+    if errors:
+        raise ValidationFailed(errors)
+    return MessageInput(content, message_type, is_encrypted, metadata)
+
+
+def check_idempotency_key(key: object, *, field: str) -> str:
+    if (
+        not isinstance(key, str)
+        or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+        or not all(" " <= ch <= "~" for ch in key)
+    ):
+        raise ValidationFailed({field: [f"Must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters."]})
+    return key
+
+
+def _request_hash(conversation_id: uuid.UUID, body: MessageInput) -> str:
+    canonical = json.dumps(
+        [str(conversation_id), body.content, body.message_type, body.is_encrypted, body.metadata],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(record, request_hash: str, rate: RateDecision) -> SendResult:
+    if record.request_hash != request_hash:
+        raise IdempotencyMismatch()
+    message = message_by_id(message_id=record.message_id) if record.completed else None
+    if message is None:
+        raise IdempotencyInFlight()
+    metrics.idempotency_hit.inc()
+    return SendResult(message=message, replayed=True, rate=rate)
+
+
+def message_send(request: SendRequest) -> SendResult:
+    """Send a message (the REST path, and any sync caller). Its message.new event goes out when
+    the send commits (chat.events)."""
+    return _message_persist(request)
+
+
+async def amessage_send(request: SendRequest) -> SendResult:
+    """message_send for the event loop (the WebSocket path): the blocking part (ORM, store) runs
+    in the thread pool, and the events the send committed are published from the loop itself, so
+    no thread waits for the loop and the loop never waits for a thread to publish."""
+    result, committed_events = await in_thread(events.collecting(_message_persist))(request)
+    await events.apublish_collected(committed_events)
+    return result
+
+
+def _message_persist(request: SendRequest) -> SendResult:
+    """Everything of a send up to and including the commit: validate, rate-limit, authorize,
+    claim the idempotency key, allocate the seq and persist (message, and what commits with it)."""
+    body = check_message_input(
+        content=request.content,
+        message_type=request.message_type,
+        is_encrypted=request.is_encrypted,
+        metadata=request.metadata,
+    )
+    key = request.idempotency_key
+    if key is not None:
+        check_idempotency_key(key, field=request.idempotency_field)
+    sender = request.sender
+
+    rate = get_send_rate_limiter().check(sender.pk)
+    if not rate.allowed:
+        metrics.send_rate_limited.labels(transport=request.transport).inc()
+        raise RateLimited(rate)
+
+    started = time.perf_counter()
+    try:
+        conversation_id, participant_id = access_participant_id(user=sender, conversation_id=request.conversation_id)
+    except AccessDenied:
+        metrics.message_send_unauthorized.inc()
+        raise
+    metrics.message_delivery_duration.labels(step="authorize").observe(time.perf_counter() - started)
+
+    store = get_message_store()
+    message_id = uuid.uuid4()
+    if key is not None:
+        request_hash = _request_hash(conversation_id, body)
+        try:
+            earlier = store.claim_idempotency(
+                sender_id=sender.pk, key=key, request_hash=request_hash, message_id=message_id
+            )
+        except StoreError as exc:
+            metrics.message_persisted.labels(status="error").inc()
+            raise StoreUnavailable() from exc
+        if earlier is not None:
+            return _replay(earlier, request_hash, rate)
+        metrics.idempotency_miss.inc()
+
+    started = time.perf_counter()
+    try:
+        # Allocating the seq and persisting in one relational transaction: a failed persist rolls
+        # the counter back (no seq is burned), and seqs become durable in the order they are taken.
+        # The outbox entry commits with them, so a sent message never lacks its notifications.
+        with _relational_writer(), transaction.atomic():
+            seq = sql.allocate_seq(conversation_id, timezone.now())
+            message = Message(
+                message_id=message_id,
+                conversation_id=conversation_id,
+                seq=seq,
+                sender_id=sender.pk,
+                content=body.content,
+                message_type=body.message_type,
+                is_encrypted=body.is_encrypted,
+                metadata=body.metadata,
+                sent_at=now_ms(),
+            )
+            store.insert(message, idempotency_key=key)
+            # Your own message is read by you: unread counts never include it.
+            sql.advance_read_marker(participant_id, seq)
+            _announce_persisted(message)
+            events.message_new(message)
+    except (StoreError, DatabaseError) as exc:
+        metrics.message_persisted.labels(status="error").inc()
+        logger.error("persist failed for conversation %s: %s", conversation_id, exc)
+        if key is not None:
+            store.release_idempotency(sender_id=sender.pk, key=key, message_id=message_id)
+        raise StoreUnavailable() from exc
+    metrics.message_persisted.labels(status="success").inc()
+    metrics.message_delivery_duration.labels(step="persist").observe(time.perf_counter() - started)
+    metrics.message_created.labels(message_type=message.message_type, is_encrypted=str(message.is_encrypted).lower()).inc()
+    return SendResult(message=message, replayed=False, rate=rate)
+
+
+# SQLite has one writer at a time and makes the others poll for the lock with growing sleeps (up
+# to 100 ms a wait): queueing this process's senders on a lock hands the database over at once.
+_sqlite_writer = threading.Lock()
+
+
+def _relational_writer():
+    return _sqlite_writer if connection.vendor == "sqlite" else contextlib.nullcontext()
+
+
+def _announce_persisted(message: Message) -> None:
+    """Let other apps write what commits with the message (the notification outbox); a failure is
+    logged and counted and never fails the send."""
+    started = time.perf_counter()
+    try:
+        with transaction.atomic():  # a savepoint: the send's transaction survives a failed receiver
+            message_persisted.send(sender=Message, message=message)
+    except Exception:
+        metrics.notification_enqueue_error.inc()
+        logger.exception("a message_persisted receiver failed for message %s", message.message_id)
+    metrics.message_delivery_duration.labels(step="notify").observe(time.perf_counter() - started)
