@@ -20,7 +20,9 @@ TAG = "configuration"
 def problem_errors(problems: Iterable[Problem]) -> list[checks.Error]:
     """One error per environment variable whose value the settings could not use."""
     return [
-        checks.Error(str(problem), hint=f"Fix or unset {problem.name}; docs/configuration.md lists every variable.", id="chat.E001")
+        checks.Error(
+            str(problem), hint=f"Fix or unset {problem.name}; docs/configuration.md lists every variable.", id="chat.E001"
+        )
         for problem in problems
     ]
 

@@ -21,7 +21,9 @@ T = TypeVar("T")
 TRUE = frozenset({"1", "true", "yes", "on"})
 FALSE = frozenset({"0", "false", "no", "off"})
 
-RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+RATE_UNITS = {
+    "s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400
+}
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*")
 
 
@@ -60,7 +62,8 @@ class EnvReader:
         self.problems.append(Problem(name, self.HIDDEN if secret else value, expected))
 
     def _read(
-        self, name: str, default: T, parse: Callable[[str], T], expected: str, *, secret: bool = False, strip: bool = True
+        self, name: str, default: T, parse: Callable[[str], T], expected: str, *,
+        secret: bool = False, strip: bool = True,
     ) -> T:
         self.defaults[name] = default
         raw = self._environ.get(name, "")
