@@ -2,6 +2,7 @@ import atexit
 import os
 
 from django.apps import AppConfig
+from django.conf import settings
 from django.core.signals import setting_changed
 
 
@@ -21,6 +22,7 @@ class ChatConfig(AppConfig):
 
     def ready(self) -> None:
         setting_changed.connect(_reset_configured_singletons, dispatch_uid="chat-reset-singletons")
+        import chatproject.checks  # noqa: F401  (registers the configuration checks)
         from django.db.models.signals import post_delete, post_save
 
         from accounts.signals import user_deactivated
@@ -30,7 +32,7 @@ class ChatConfig(AppConfig):
         post_delete.connect(conversations.revoke_on_participant_delete, sender=Participant, dispatch_uid="chat-revoke-participant")
         post_save.connect(conversations.revoke_on_ban_save, sender=Ban, dispatch_uid="chat-revoke-ban")
         user_deactivated.connect(conversations.revoke_on_user_deactivated, dispatch_uid="chat-revoke-deactivated")
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if settings.PROMETHEUS_MULTIPROC_DIR:
             # Several processes share one metrics directory: a process that exits must take its
             # live gauges (connections, subscriptions) with it.
             from prometheus_client import multiprocess

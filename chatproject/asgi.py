@@ -8,6 +8,11 @@ django_asgi_app = get_asgi_application()  # before importing anything that touch
 
 from django.conf import settings  # noqa: E402
 
+from chatproject.checks import refuse_to_start_on_errors  # noqa: E402
+
+# daphne runs no system checks of its own: a bad environment variable stops it here, naming the variable.
+refuse_to_start_on_errors()
+
 # The event loop and the threads doing blocking work (ORM, Cassandra) share one GIL. A thread whose
 # database or Cassandra call returns must take the GIL back, and with CPython's default 5 ms switch
 # interval it waits up to 5 ms for a busy loop to let go: once per SQL statement and per driver

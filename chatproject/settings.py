@@ -13,29 +13,26 @@ from pathlib import Path
 
 import dj_database_url
 
+from chatproject.environment import EnvReader
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
-def env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
-
-
-def env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
-
-
-def env_list(name: str, default: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+# The only place the service reads its environment: one typed reader per kind of value, each recording
+# the variable (docs/configuration.md lists them all; tests/test_configuration.py holds the two
+# together) and any bad value, which chatproject/checks.py reports before the server starts.
+env = EnvReader(os.environ)
+env_str, env_int, env_float, env_bool, env_list, env_rate = env.str, env.int, env.float, env.bool, env.list, env.rate
+# Every variable read, with its default, and every bad value; the same objects the readers fill in,
+# so variables read further down are in them too.
+ENVIRONMENT_VARIABLES = env.defaults
+ENVIRONMENT_PROBLEMS = env.problems
 
 
 def _secret_key() -> str:
     # Production passes DJANGO_SECRET_KEY; a local install keeps a generated key next to the
     # code so sessions and tokens survive restarts without any secret living in the repository.
-    key = os.environ.get("DJANGO_SECRET_KEY")
+    key = env_str("DJANGO_SECRET_KEY", secret=True, strip=False)
     if key:
         return key
     path = BASE_DIR / ".secret_key"
@@ -101,12 +98,15 @@ TEMPLATES = [
 ]
 
 # Relational database: users, conversations, participants, bans, reports, notification outbox.
-DATABASES = {
-    "default": dj_database_url.parse(
-        os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
-    )
-}
+# DATABASE_URL may hold a password: a bad value is reported without it.
+DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}", secret=True)
+DATABASE_CONN_MAX_AGE = env_int("DATABASE_CONN_MAX_AGE", 0, minimum=0)
+try:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=DATABASE_CONN_MAX_AGE)}
+except ValueError:
+    env.invalid("DATABASE_URL", DATABASE_URL, "a database URL such as postgres://user:pass@host/chat", secret=True)
+    # Nothing can use the database until the checks have stopped the process.
+    DATABASES = {"default": {"ENGINE": "django.db.backends.dummy"}}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Writers queue on SQLite's lock instead of failing with "database is locked"; WAL lets
     # readers (history, WebSocket catch-up) run while a send commits.
@@ -175,7 +175,7 @@ SPECTACULAR_SETTINGS = {
 }
 
 # Channel layer: in-process for one process, Redis for several.
-REDIS_URL = os.environ.get("REDIS_URL", "")
+REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:
     # channels-redis' pub/sub layer: one PUBLISH per message whatever the group size, no
     # per-process capacity that silently drops, and consumers survive a Redis restart
@@ -200,34 +200,60 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 1000}}}
 
 # Chat knobs (SPEC section 3).
-CHAT_MESSAGE_STORE = os.environ.get("CHAT_MESSAGE_STORE", "sql")
-CHAT_SEND_RATE = os.environ.get("CHAT_SEND_RATE", "100/min")
-CHAT_MAX_CONNECTIONS = env_int("CHAT_MAX_CONNECTIONS", 10000)
-CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 20)
+CHAT_MESSAGE_STORE = env_str("CHAT_MESSAGE_STORE", "sql", choices=("sql", "cassandra"))
+CHAT_SEND_RATE = env_rate("CHAT_SEND_RATE", "100/min")
+CHAT_MAX_CONNECTIONS = env_int("CHAT_MAX_CONNECTIONS", 10000, minimum=1)
+CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 20, minimum=1)
 CHAT_ALLOW_REGISTRATION = env_bool("CHAT_ALLOW_REGISTRATION", True)
-CHAT_PUSH_BACKEND = os.environ.get("CHAT_PUSH_BACKEND", "log")
-CHAT_MAX_REPLAY = env_int("CHAT_MAX_REPLAY", 1000)
+CHAT_PUSH_BACKEND = env_str("CHAT_PUSH_BACKEND", "log", choices=("log", "webhook", "webpush"))
+CHAT_MAX_REPLAY = env_int("CHAT_MAX_REPLAY", 1000, minimum=0)
 # Unread bytes a client may leave on the server before it is closed with 4008. Above the largest
 # frame (a 10 MiB message) so a healthy client on a slow link is not cut off by one big message.
-CHAT_MAX_OUTBOUND_BYTES = env_int("CHAT_MAX_OUTBOUND_BYTES", 16 * 1024 * 1024)
+CHAT_MAX_OUTBOUND_BYTES = env_int("CHAT_MAX_OUTBOUND_BYTES", 16 * 1024 * 1024, minimum=1)
 CHAT_WS_TICKET_TTL = 60
-CHAT_MAX_GROUP_PARTICIPANTS = env_int("CHAT_MAX_GROUP_PARTICIPANTS", 1000)
+CHAT_MAX_GROUP_PARTICIPANTS = env_int("CHAT_MAX_GROUP_PARTICIPANTS", 1000, minimum=1)
 # Threads per process for the WebSocket path's blocking work (each holds a database connection).
-CHAT_WORKER_THREADS = env_int("CHAT_WORKER_THREADS", 16)
+CHAT_WORKER_THREADS = env_int("CHAT_WORKER_THREADS", 16, minimum=1)
 # Load shedding (chat/overload.py): new WebSocket sends get an `unavailable` error frame while this
 # many sends of the process are in flight, or while its event loop runs this many seconds late
 # (smoothed; 0 turns that check off).
-CHAT_MAX_SENDS_IN_FLIGHT = env_int("CHAT_MAX_SENDS_IN_FLIGHT", 64)
-CHAT_MAX_LOOP_LAG = float(os.environ.get("CHAT_MAX_LOOP_LAG") or 0.5)
+CHAT_MAX_SENDS_IN_FLIGHT = env_int("CHAT_MAX_SENDS_IN_FLIGHT", 64, minimum=1)
+CHAT_MAX_LOOP_LAG = env_float("CHAT_MAX_LOOP_LAG", 0.5, minimum=0)
 # Seconds; the server process's sys.setswitchinterval (chatproject/asgi.py).
-CHAT_GIL_SWITCH_INTERVAL = float(os.environ.get("CHAT_GIL_SWITCH_INTERVAL") or 0.0005)
+CHAT_GIL_SWITCH_INTERVAL = env_float("CHAT_GIL_SWITCH_INTERVAL", 0.0005, positive=True)
 
+# Push notifications (docs/notifications.md); notifications.conf.load() gathers and cross-checks them.
+CHAT_NOTIFICATION_MAX_ATTEMPTS = env_int("CHAT_NOTIFICATION_MAX_ATTEMPTS", 10, minimum=1)
+CHAT_NOTIFICATION_BACKOFF_BASE = env_float("CHAT_NOTIFICATION_BACKOFF_BASE", 5.0, positive=True)
+CHAT_NOTIFICATION_BACKOFF_MAX = env_float("CHAT_NOTIFICATION_BACKOFF_MAX", 3600.0, positive=True)
+CHAT_NOTIFICATION_BACKOFF_JITTER = env_float("CHAT_NOTIFICATION_BACKOFF_JITTER", 0.5, minimum=0)
+CHAT_NOTIFICATION_TIMEOUT = env_float("CHAT_NOTIFICATION_TIMEOUT", 5.0, positive=True)
+CHAT_NOTIFICATION_LEASE_SECONDS = env_float("CHAT_NOTIFICATION_LEASE_SECONDS", 60.0, positive=True)
+CHAT_NOTIFICATION_BATCH_SIZE = env_int("CHAT_NOTIFICATION_BATCH_SIZE", 20, minimum=1)
+CHAT_NOTIFICATION_POLL_INTERVAL = env_float("CHAT_NOTIFICATION_POLL_INTERVAL", 1.0, positive=True)
+CHAT_NOTIFICATION_RETENTION_DAYS = env_int("CHAT_NOTIFICATION_RETENTION_DAYS", 7, minimum=0)
+# Defaults of run_notifications' --metrics-port (0: off) and --metrics-addr.
+CHAT_NOTIFICATION_METRICS_PORT = env_int("CHAT_NOTIFICATION_METRICS_PORT", 0, minimum=0, maximum=65535)
+CHAT_NOTIFICATION_METRICS_ADDR = env_str("CHAT_NOTIFICATION_METRICS_ADDR", "127.0.0.1")
+CHAT_MAX_DEVICES_PER_USER = env_int("CHAT_MAX_DEVICES_PER_USER", 20, minimum=1)
+CHAT_WEBHOOK_URL = env_str("CHAT_WEBHOOK_URL")
+CHAT_WEBHOOK_SECRET = env_str("CHAT_WEBHOOK_SECRET", secret=True)
+CHAT_VAPID_PRIVATE_KEY = env_str("CHAT_VAPID_PRIVATE_KEY", secret=True)
+CHAT_VAPID_SUBJECT = env_str("CHAT_VAPID_SUBJECT")
+CHAT_WEBPUSH_TTL = env_int("CHAT_WEBPUSH_TTL", 86400, minimum=0)
+CHAT_WEBPUSH_ALLOW_HTTP = env_bool("CHAT_WEBPUSH_ALLOW_HTTP", False)
+
+# Metrics: set when several processes share one Prometheus directory (prometheus_client reads it
+# too); each process then marks its live gauges dead as it exits.
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR")
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {"django.channels.server": {"level": "WARNING"}},
 }
 
@@ -238,14 +264,14 @@ LOGGING = {
 from typing import Any  # noqa: E402
 
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy  # noqa: E402
-from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 
-CASSANDRA_CONSISTENCY_LEVELS = {"ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE"}
+CASSANDRA_CONSISTENCY_LEVELS = ("ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE")
 
 
 def _cassandra_replication(value: str) -> dict[str, str | int]:
-    """CASSANDRA_REPLICATION as a CQL replication map. Formats: `SimpleStrategy:<rf>` (one data
-    centre) or `NetworkTopologyStrategy:<dc>=<rf>[,<dc>=<rf>...]`, e.g. `NetworkTopologyStrategy:dc1=3`."""
+    """CASSANDRA_REPLICATION as a CQL replication map (ValueError if it is none). Formats:
+    `SimpleStrategy:<rf>` (one data centre) or `NetworkTopologyStrategy:<dc>=<rf>[,<dc>=<rf>...]`,
+    e.g. `NetworkTopologyStrategy:dc1=3`."""
     strategy, _, factors = value.strip().partition(":")
     try:
         if strategy == "SimpleStrategy":
@@ -255,29 +281,30 @@ def _cassandra_replication(value: str) -> dict[str, str | int]:
             return {"class": strategy, **{dc.strip(): int(rf) for dc, rf in per_dc}}
     except ValueError:
         pass
-    raise ImproperlyConfigured(
-        f"CASSANDRA_REPLICATION={value!r}: use SimpleStrategy:<rf> or NetworkTopologyStrategy:<dc>=<rf>[,...]"
-    )
+    raise ValueError(value)
 
 
 CASSANDRA_HOSTS = env_list("CASSANDRA_HOSTS", "127.0.0.1")
-CASSANDRA_PORT = env_int("CASSANDRA_PORT", 9042)
-CASSANDRA_KEYSPACE = os.environ.get("CASSANDRA_KEYSPACE") or "chat"
-CASSANDRA_REPLICATION = _cassandra_replication(os.environ.get("CASSANDRA_REPLICATION") or "SimpleStrategy:1")
+CASSANDRA_PORT = env_int("CASSANDRA_PORT", 9042, minimum=1, maximum=65535)
+CASSANDRA_KEYSPACE = env_str("CASSANDRA_KEYSPACE", "chat")
+_replication = env_str("CASSANDRA_REPLICATION", "SimpleStrategy:1")
+try:
+    CASSANDRA_REPLICATION = _cassandra_replication(_replication)
+except ValueError:
+    env.invalid("CASSANDRA_REPLICATION", _replication, "SimpleStrategy:<rf> or NetworkTopologyStrategy:<dc>=<rf>[,...]")
+    CASSANDRA_REPLICATION = _cassandra_replication("SimpleStrategy:1")
 # Used for every read and write; lightweight transactions add LOCAL_SERIAL for their Paxos round.
-CASSANDRA_CONSISTENCY = (os.environ.get("CASSANDRA_CONSISTENCY") or "LOCAL_QUORUM").upper()
-if CASSANDRA_CONSISTENCY not in CASSANDRA_CONSISTENCY_LEVELS:
-    raise ImproperlyConfigured(f"CASSANDRA_CONSISTENCY must be one of {sorted(CASSANDRA_CONSISTENCY_LEVELS)}")
+CASSANDRA_CONSISTENCY = env_str("CASSANDRA_CONSISTENCY", "LOCAL_QUORUM", choices=CASSANDRA_CONSISTENCY_LEVELS)
 # The data centre this process lives in (LOCAL_QUORUM counts its replicas); empty = the first
 # contact point's, which is right when CASSANDRA_HOSTS lists local nodes only.
-CASSANDRA_LOCAL_DC = os.environ.get("CASSANDRA_LOCAL_DC", "")
+CASSANDRA_LOCAL_DC = env_str("CASSANDRA_LOCAL_DC")
 # Seconds: the longest a store call waits for Cassandra (each request, and each connection attempt)
 # before the send fails fast with 503 instead of holding a worker.
-CASSANDRA_REQUEST_TIMEOUT = float(os.environ.get("CASSANDRA_REQUEST_TIMEOUT") or 2.0)
+CASSANDRA_REQUEST_TIMEOUT = env_float("CASSANDRA_REQUEST_TIMEOUT", 2.0, positive=True)
 # Native protocol version. v5 wraps every frame in checksummed segments that the Python driver
 # builds and verifies in Python (1.8 % of the server's Python CPU under load, docs/performance.md);
 # v4 leaves integrity to TCP, as every release before Cassandra 4.0 did.
-CASSANDRA_PROTOCOL_VERSION = env_int("CASSANDRA_PROTOCOL_VERSION", 4)
+CASSANDRA_PROTOCOL_VERSION = env_int("CASSANDRA_PROTOCOL_VERSION", 4, choices=(3, 4, 5))
 
 
 def _cassandra_database(keyspace: str) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -19,14 +18,13 @@ from django.conf import settings
 
 from prometheus_client import Counter
 
+from chatproject import environment
+
 logger = logging.getLogger(__name__)
 
 rate_limit_degraded = Counter(
     "chat_rate_limit_degraded_total", "Rate-limit checks answered per process because Redis failed."
 )
-
-_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
-
 
 @dataclass(frozen=True)
 class Rate:
@@ -51,10 +49,8 @@ class Decision:
 
 
 def parse_rate(text: str) -> Rate:
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*", text.lower())
-    if not match or match.group(3) not in _UNITS or int(match.group(1)) < 1:
-        raise ValueError(f"invalid rate {text!r}; expected e.g. '100/min'")
-    return Rate(int(match.group(1)), int(match.group(2) or 1) * _UNITS[match.group(3)])
+    """ValueError on a bad rate; the settings validate CHAT_SEND_RATE with the same grammar."""
+    return Rate(*environment.parse_rate(text))
 
 
 class LocalWindowCounter:

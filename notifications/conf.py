@@ -1,43 +1,17 @@
-"""Configuration of push notifications: environment variables with documented defaults.
+"""Configuration of push notifications, gathered from settings and checked as a whole.
 
-Read at call time rather than at import, so the worker, the web process and tests each see the
-environment they run with. The backend itself is `settings.CHAT_PUSH_BACKEND` (SPEC section 3);
-everything else specific to notifications lives here (docs/notifications.md lists it all).
+Every value is a Django setting read from its environment variable in chatproject/settings.py
+(docs/configuration.md lists them all); `load()` reads them at call time, so tests that override
+settings see their values. The backend itself is `settings.CHAT_PUSH_BACKEND` (SPEC section 3).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 BACKENDS = ("log", "webhook", "webpush")
-
-
-def _env_str(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    try:
-        return int(value) if value else default
-    except ValueError:
-        raise ImproperlyConfigured(f"{name} must be an integer, not {value!r}") from None
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name, "").strip()
-    try:
-        return float(value) if value else default
-    except ValueError:
-        raise ImproperlyConfigured(f"{name} must be a number, not {value!r}") from None
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    return value in {"1", "true", "yes", "on"} if value else default
 
 
 @dataclass(frozen=True)
@@ -73,22 +47,22 @@ def load() -> NotificationConfig:
     """The current configuration, validated; raises ImproperlyConfigured on a bad value."""
     config = NotificationConfig(
         backend=settings.CHAT_PUSH_BACKEND,
-        max_attempts=_env_int("CHAT_NOTIFICATION_MAX_ATTEMPTS", 10),
-        backoff_base=_env_float("CHAT_NOTIFICATION_BACKOFF_BASE", 5.0),
-        backoff_max=_env_float("CHAT_NOTIFICATION_BACKOFF_MAX", 3600.0),
-        backoff_jitter=_env_float("CHAT_NOTIFICATION_BACKOFF_JITTER", 0.5),
-        timeout=_env_float("CHAT_NOTIFICATION_TIMEOUT", 5.0),
-        lease_seconds=_env_float("CHAT_NOTIFICATION_LEASE_SECONDS", 60.0),
-        batch_size=_env_int("CHAT_NOTIFICATION_BATCH_SIZE", 20),
-        poll_interval=_env_float("CHAT_NOTIFICATION_POLL_INTERVAL", 1.0),
-        retention_days=_env_int("CHAT_NOTIFICATION_RETENTION_DAYS", 7),
-        max_devices_per_user=_env_int("CHAT_MAX_DEVICES_PER_USER", 20),
-        webhook_url=_env_str("CHAT_WEBHOOK_URL", ""),
-        webhook_secret=_env_str("CHAT_WEBHOOK_SECRET", ""),
-        vapid_private_key=_env_str("CHAT_VAPID_PRIVATE_KEY", ""),
-        vapid_subject=_env_str("CHAT_VAPID_SUBJECT", ""),
-        webpush_ttl=_env_int("CHAT_WEBPUSH_TTL", 86400),
-        webpush_allow_http=_env_bool("CHAT_WEBPUSH_ALLOW_HTTP", False),
+        max_attempts=settings.CHAT_NOTIFICATION_MAX_ATTEMPTS,
+        backoff_base=settings.CHAT_NOTIFICATION_BACKOFF_BASE,
+        backoff_max=settings.CHAT_NOTIFICATION_BACKOFF_MAX,
+        backoff_jitter=settings.CHAT_NOTIFICATION_BACKOFF_JITTER,
+        timeout=settings.CHAT_NOTIFICATION_TIMEOUT,
+        lease_seconds=settings.CHAT_NOTIFICATION_LEASE_SECONDS,
+        batch_size=settings.CHAT_NOTIFICATION_BATCH_SIZE,
+        poll_interval=settings.CHAT_NOTIFICATION_POLL_INTERVAL,
+        retention_days=settings.CHAT_NOTIFICATION_RETENTION_DAYS,
+        max_devices_per_user=settings.CHAT_MAX_DEVICES_PER_USER,
+        webhook_url=settings.CHAT_WEBHOOK_URL,
+        webhook_secret=settings.CHAT_WEBHOOK_SECRET,
+        vapid_private_key=settings.CHAT_VAPID_PRIVATE_KEY,
+        vapid_subject=settings.CHAT_VAPID_SUBJECT,
+        webpush_ttl=settings.CHAT_WEBPUSH_TTL,
+        webpush_allow_http=settings.CHAT_WEBPUSH_ALLOW_HTTP,
     )
     _validate(config)
     return config

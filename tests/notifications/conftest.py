@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,13 +19,13 @@ _tokens = itertools.count(1)
 
 
 @pytest.fixture(autouse=True)
-def notification_env(monkeypatch, settings) -> None:
-    """Known notification settings whatever the environment says; timeouts short for tests."""
-    for name in list(os.environ):
+def notification_env(settings) -> None:
+    """Known notification settings whatever the environment says: the defaults, timeouts short for tests."""
+    for name, default in settings.ENVIRONMENT_VARIABLES.items():
         if name.startswith(("CHAT_NOTIFICATION_", "CHAT_WEBHOOK_", "CHAT_VAPID_", "CHAT_WEBPUSH_", "CHAT_MAX_DEVICES")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("CHAT_NOTIFICATION_TIMEOUT", "2")
-    monkeypatch.setenv("CHAT_NOTIFICATION_LEASE_SECONDS", "30")
+            setattr(settings, name, default)
+    settings.CHAT_NOTIFICATION_TIMEOUT = 2.0
+    settings.CHAT_NOTIFICATION_LEASE_SECONDS = 30.0
     settings.CHAT_PUSH_BACKEND = "log"
 
 
@@ -38,11 +37,11 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def webhook(monkeypatch, settings, receiver) -> Receiver:
+def webhook(settings, receiver) -> Receiver:
     """The webhook backend, pointed at a live local receiver."""
     settings.CHAT_PUSH_BACKEND = "webhook"
-    monkeypatch.setenv("CHAT_WEBHOOK_URL", receiver.url + "/hook")
-    monkeypatch.setenv("CHAT_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    settings.CHAT_WEBHOOK_URL = receiver.url + "/hook"
+    settings.CHAT_WEBHOOK_SECRET = WEBHOOK_SECRET
     return receiver
 
 

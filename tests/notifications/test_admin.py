@@ -14,9 +14,9 @@ Status = Job.Status
 
 
 @pytest.fixture
-def dead_delivery(webhook, make_user, make_group, make_device, make_worker, monkeypatch):
+def dead_delivery(webhook, make_user, make_group, make_device, make_worker, settings):
     """A delivery dead-lettered after two refused attempts."""
-    monkeypatch.setenv("CHAT_NOTIFICATION_MAX_ATTEMPTS", "2")
+    settings.CHAT_NOTIFICATION_MAX_ATTEMPTS = 2
     alice, bob = make_user(), make_user()
     make_device(bob)
     sending.message_send(sending.SendRequest(sender=alice, conversation_id=make_group(alice, bob).pk, content="hi"))

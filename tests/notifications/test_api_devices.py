@@ -103,14 +103,14 @@ def test_invalid_registrations_are_refused_with_field_errors(make_user, client_f
     assert not Device.objects.exists()
 
 
-def test_plain_http_endpoints_only_when_allowed(make_user, client_for, monkeypatch):
-    monkeypatch.setenv("CHAT_WEBPUSH_ALLOW_HTTP", "true")
+def test_plain_http_endpoints_only_when_allowed(make_user, client_for, settings):
+    settings.CHAT_WEBPUSH_ALLOW_HTTP = True
     response = client_for(make_user()).post(DEVICES, subscription("http://127.0.0.1:8080/push"), format="json")
     assert response.status_code == 201
 
 
-def test_devices_per_user_are_capped(make_user, client_for, monkeypatch):
-    monkeypatch.setenv("CHAT_MAX_DEVICES_PER_USER", "2")
+def test_devices_per_user_are_capped(make_user, client_for, settings):
+    settings.CHAT_MAX_DEVICES_PER_USER = 2
     api = client_for(make_user())
     statuses = [api.post(DEVICES, {"kind": "fcm", "token": f"t{i}"}, format="json").status_code for i in range(3)]
     assert statuses == [201, 201, 400]
@@ -124,13 +124,13 @@ def test_unauthenticated_requests_are_refused(make_user):
     assert api.post(DEVICES, {"kind": "fcm", "token": "t"}, format="json").status_code == 401
 
 
-def test_the_vapid_public_key_is_published_when_web_push_is_configured(make_user, client_for, monkeypatch):
+def test_the_vapid_public_key_is_published_when_web_push_is_configured(make_user, client_for, settings):
     api = client_for(make_user())
     assert api.get("/api/v1/push/vapid-public-key/").status_code == 404
 
     vapid = Vapid02()
     vapid.generate_keys()
-    monkeypatch.setenv("CHAT_VAPID_PRIVATE_KEY", vapid.private_pem().decode())
+    settings.CHAT_VAPID_PRIVATE_KEY = vapid.private_pem().decode()
     response = api.get("/api/v1/push/vapid-public-key/")
 
     point = vapid.public_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)

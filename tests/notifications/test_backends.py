@@ -10,6 +10,7 @@ import http_ece
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 from py_vapid import Vapid02
@@ -106,13 +107,13 @@ class TestWebhook:
         bodies = sorted((json.loads(r.body)["notification"]["body"] for r in webhook.received), key=len)
         assert bodies == ["alice: Sent a photo", "alice: " + "x" * 139 + "…"]
 
-    def test_the_worker_refuses_to_start_without_url_or_secret(self, settings, monkeypatch):
+    def test_the_worker_refuses_to_start_without_url_or_secret(self, settings):
         settings.CHAT_PUSH_BACKEND = "webhook"
-        monkeypatch.setenv("CHAT_WEBHOOK_URL", "http://127.0.0.1:9/hook")
+        settings.CHAT_WEBHOOK_URL = "http://127.0.0.1:9/hook"
         with pytest.raises(ImproperlyConfigured, match="CHAT_WEBHOOK_SECRET"):
             get_backend(conf.load())
-        monkeypatch.setenv("CHAT_WEBHOOK_SECRET", "s")
-        monkeypatch.delenv("CHAT_WEBHOOK_URL")
+        settings.CHAT_WEBHOOK_SECRET = "s"
+        settings.CHAT_WEBHOOK_URL = ""
         with pytest.raises(CommandError, match="CHAT_WEBHOOK_URL"):
             call_command("run_notifications", "--once")
 
@@ -125,13 +126,13 @@ def vapid():
 
 
 @pytest.fixture
-def webpush(settings, monkeypatch, receiver, vapid):
+def webpush(settings, receiver, vapid):
     settings.CHAT_PUSH_BACKEND = "webpush"
     raw = vapid.private_key.private_numbers().private_value.to_bytes(32, "big")
-    monkeypatch.setenv("CHAT_VAPID_PRIVATE_KEY", b64url(raw))
-    monkeypatch.setenv("CHAT_VAPID_SUBJECT", "mailto:ops@example.com")
-    monkeypatch.setenv("CHAT_WEBPUSH_TTL", "600")
-    monkeypatch.setenv("CHAT_WEBPUSH_ALLOW_HTTP", "true")
+    settings.CHAT_VAPID_PRIVATE_KEY = b64url(raw)
+    settings.CHAT_VAPID_SUBJECT = "mailto:ops@example.com"
+    settings.CHAT_WEBPUSH_TTL = 600
+    settings.CHAT_WEBPUSH_ALLOW_HTTP = True
     return receiver
 
 
@@ -181,7 +182,7 @@ class TestWebPush:
         scheme, params = request.headers["authorization"].split(" ", 1)
         fields = dict(part.split("=", 1) for part in params.split(","))
         assert scheme == "vapid"
-        public_key = vapid_public_key(os.environ["CHAT_VAPID_PRIVATE_KEY"])
+        public_key = vapid_public_key(settings.CHAT_VAPID_PRIVATE_KEY)
         assert fields["k"] == public_key
         claims = vapid_jwt.decode(fields["t"], public_key)  # raises unless signed by our key
         assert claims["aud"] == webpush.url and claims["sub"] == "mailto:ops@example.com"
@@ -242,17 +243,18 @@ def test_the_log_backend_logs_ids_but_not_content(make_user, make_group, make_de
     assert f"delivery={delivery.pk}" in line and "secret" not in line
 
 
+# A value that is no number at all never reaches a setting: tests/test_configuration.py covers that.
 @pytest.mark.parametrize(
     "name, value, error",
     [
-        ("CHAT_NOTIFICATION_LEASE_SECONDS", "2", "CHAT_NOTIFICATION_LEASE_SECONDS"),
-        ("CHAT_NOTIFICATION_MAX_ATTEMPTS", "0", "CHAT_NOTIFICATION_MAX_ATTEMPTS"),
-        ("CHAT_NOTIFICATION_BACKOFF_JITTER", "1.5", "CHAT_NOTIFICATION_BACKOFF_JITTER"),
-        ("CHAT_NOTIFICATION_BATCH_SIZE", "many", "CHAT_NOTIFICATION_BATCH_SIZE"),
+        ("CHAT_NOTIFICATION_LEASE_SECONDS", 2.0, "CHAT_NOTIFICATION_LEASE_SECONDS"),
+        ("CHAT_NOTIFICATION_MAX_ATTEMPTS", 0, "CHAT_NOTIFICATION_MAX_ATTEMPTS"),
+        ("CHAT_NOTIFICATION_BACKOFF_JITTER", 1.5, "CHAT_NOTIFICATION_BACKOFF_JITTER"),
+        ("CHAT_NOTIFICATION_BATCH_SIZE", 0, "CHAT_NOTIFICATION_BATCH_SIZE"),
     ],
 )
-def test_bad_configuration_is_refused(monkeypatch, name, value, error):
-    monkeypatch.setenv(name, value)
+def test_bad_configuration_is_refused(settings, name, value, error):
+    setattr(settings, name, value)
     with pytest.raises(ImproperlyConfigured, match=error):
         conf.load()
 

@@ -43,8 +43,8 @@ def test_send_with_the_receiver_down_returns_201_and_makes_no_network_call(
     make_user, make_group, make_device, client_for, make_worker, monkeypatch, settings
 ):
     settings.CHAT_PUSH_BACKEND = "webhook"
-    monkeypatch.setenv("CHAT_WEBHOOK_URL", f"http://127.0.0.1:{unused_port()}/hook")
-    monkeypatch.setenv("CHAT_WEBHOOK_SECRET", "s")
+    settings.CHAT_WEBHOOK_URL = f"http://127.0.0.1:{unused_port()}/hook"
+    settings.CHAT_WEBHOOK_SECRET = "s"
     alice, bob = make_user(), make_user()
     make_device(bob)
     conversation = make_group(alice, bob)

@@ -97,12 +97,12 @@ def test_only_the_failed_device_is_retried(webhook, make_user, make_group, make_
 
 
 def test_retries_follow_exponential_backoff_then_dead_letter(
-    webhook, make_user, make_group, make_device, make_worker, monkeypatch
+    webhook, make_user, make_group, make_device, make_worker, settings
 ):
-    monkeypatch.setenv("CHAT_NOTIFICATION_MAX_ATTEMPTS", "4")
-    monkeypatch.setenv("CHAT_NOTIFICATION_BACKOFF_BASE", "10")
-    monkeypatch.setenv("CHAT_NOTIFICATION_BACKOFF_MAX", "25")
-    monkeypatch.setenv("CHAT_NOTIFICATION_BACKOFF_JITTER", "0.5")
+    settings.CHAT_NOTIFICATION_MAX_ATTEMPTS = 4
+    settings.CHAT_NOTIFICATION_BACKOFF_BASE = 10.0
+    settings.CHAT_NOTIFICATION_BACKOFF_MAX = 25.0
+    settings.CHAT_NOTIFICATION_BACKOFF_JITTER = 0.5
     alice, bob = make_user(), make_user()
     make_device(bob)
     send(alice, make_group(alice, bob))

@@ -6,6 +6,7 @@ import signal
 import threading
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from prometheus_client import start_http_server
@@ -30,13 +31,13 @@ class Command(BaseCommand):
         parser.add_argument(
             "--metrics-port",
             type=int,
-            default=int(os.environ.get("CHAT_NOTIFICATION_METRICS_PORT") or 0),
+            default=settings.CHAT_NOTIFICATION_METRICS_PORT,
             help="Serve this worker's Prometheus metrics on this port "
             "(default CHAT_NOTIFICATION_METRICS_PORT; 0: off).",
         )
         parser.add_argument(
             "--metrics-addr",
-            default=os.environ.get("CHAT_NOTIFICATION_METRICS_ADDR") or "127.0.0.1",
+            default=settings.CHAT_NOTIFICATION_METRICS_ADDR,
             help="Address for --metrics-port (default CHAT_NOTIFICATION_METRICS_ADDR or 127.0.0.1).",
         )
 
@@ -66,7 +67,7 @@ class Command(BaseCommand):
         try:
             worker.run(once=options["once"], max_idle=options["max_idle"])
         finally:
-            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            if settings.PROMETHEUS_MULTIPROC_DIR:
                 from prometheus_client import multiprocess
 
                 # Drops this process's live gauges from the aggregate /metrics.
