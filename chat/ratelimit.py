@@ -11,6 +11,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -79,8 +80,10 @@ return {n, redis.call('PTTL', KEYS[1])}
 
 
 class SendRateLimiter:
-    def __init__(self, rate: Rate, redis_url: str = "") -> None:
+    def __init__(self, rate: Rate, redis_url: str = "", clock: Callable[[], float] = time.time) -> None:
         self.rate = rate
+        # Wall-clock seconds: windows are numbered from it, and every process must agree on them.
+        self.clock = clock
         self._local = LocalWindowCounter()
         self._redis_hit = None
         # After a Redis failure, count locally for a moment instead of paying a timeout per send.
@@ -93,7 +96,7 @@ class SendRateLimiter:
 
     def check(self, user_id: object) -> Decision:
         """Count a send by `user_id` and say whether it may go ahead."""
-        now = time.time()
+        now = self.clock()
         key = f"chat:rate:send:{user_id}"
         count, remaining = None, 0.0
         if self._redis_hit is not None and now >= self._redis_retry_at:
