@@ -1,8 +1,9 @@
 """The WebSocket endpoint: handshake authorization, catch-up, in-order delivery, client frames.
 
-Per connection, messages go out exactly once and in strictly increasing seq: duplicates (replay
-overlapping live delivery) are dropped, an early arrival waits briefly for the missing seqs, which
-are then read from the store (a publish may be lost or overtaken; the store has every message).
+Per connection, messages go out exactly once and in strictly increasing seq through a
+chat.delivery.SeqGate: duplicates (replay overlapping live delivery) are dropped, an early arrival
+waits briefly for the missing seqs, which are then read from the store (a publish may be lost or
+overtaken; the store has every message).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from django.conf import settings
 
 from chat import events, metrics, overload
 from chat.access import access_conversation
+from chat.delivery import SeqGate
 from core.errors import AccessDenied, ChatError, ValidationFailed
 from chat.presence import get_presence
 from core.threads import in_thread
@@ -33,10 +35,6 @@ from chat.selectors import message_range
 logger = logging.getLogger(__name__)
 
 MAX_INBOUND_FRAME_BYTES = 1024 * 1024
-# How long an out-of-order message waits for the seqs before it before they are read from the store.
-GAP_WAIT_SECONDS = 0.25
-# How long a seq that is in no store is waited for before it is skipped (its send failed).
-GAP_GIVE_UP_SECONDS = 5.0
 TYPING_MIN_INTERVAL_SECONDS = 1.0
 # How long a client may sit on more than CHAT_MAX_OUTBOUND_BYTES unread before it is closed (4008).
 SLOW_CLIENT_GRACE_SECONDS = 2.0
@@ -78,6 +76,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     counted = False
     presence_joined = False
     closing = False
+    gate: SeqGate | None = None  # from the end of the handshake on
     backlog = 0  # this connection's share of chat_client_send_channel_length
 
     # --- handshake -------------------------------------------------------------------------
@@ -85,10 +84,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.user = self.scope.get("user")
         self.cleaned_up = False
         self.subscribed: list[str] = []
-        self.next_seq = 1
-        self.pending: dict[int, dict] = {}
-        self.delivery_lock = asyncio.Lock()
-        self.gap_task: asyncio.Task | None = None
         self.last_typing = 0.0
         self.backlog_probe = socket_backlog_probe(self.scope.get("server_send"))
 
@@ -137,7 +132,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         replay_from = int(after_seq) if after_seq is not None else None
         # An after_seq from the future (another conversation's, say) cannot be honoured either.
         recovered = replay_from is None or 0 <= last_seq - replay_from <= settings.CHAT_MAX_REPLAY
-        self.next_seq = replay_from + 1 if replay_from is not None and recovered else last_seq + 1
+        self.gate = SeqGate(
+            # Looked up on each call, not bound now: tests replace _emit on a connected socket.
+            emit=lambda message: self._emit(message),
+            fetch=self._read_messages,
+            next_seq=replay_from + 1 if replay_from is not None and recovered else last_seq + 1,
+            max_fetch=settings.CHAT_MAX_REPLAY,
+            name=conversation.id,
+        )
 
         overload.loop_lag.start()
         await self.accept()
@@ -151,15 +153,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             }
         )
         if replay_from is not None and recovered and last_seq > replay_from:
-            page = await in_thread(message_range)(
-                conversation_id=conversation.id,
-                after_seq=replay_from,
-                before_seq=last_seq + 1,
-                limit=settings.CHAT_MAX_REPLAY,
-            )
-            metrics.replayed_messages.inc(len(page.messages))
-            for message in page.messages:
-                await self._deliver(message.as_dict())
+            messages = await self._read_messages(replay_from, last_seq + 1, settings.CHAT_MAX_REPLAY)
+            metrics.replayed_messages.inc(len(messages))
+            for message in messages:
+                await self.gate.deliver(message)
         await self._presence_join()
 
     def _reserve_slot(self) -> bool:
@@ -252,10 +249,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._presence_leave()
         metrics.client_send_channel_length.dec(self.backlog)
         self.backlog = 0
-        if self.gap_task is not None:
-            self.gap_task.cancel()
-        metrics.broadcast_channel_length.dec(len(self.pending))
-        self.pending.clear()
+        if self.gate is not None:
+            self.gate.close()
         await self._unsubscribe()
         if self.counted:
             metrics.redis_subscription_active.dec()
@@ -295,72 +290,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 return False
             await asyncio.sleep(0.01)
 
-    async def _deliver(self, message: dict) -> None:
-        async with self.delivery_lock:
-            seq = message["seq"]
-            if seq < self.next_seq or seq in self.pending:
-                metrics.broadcast_dropped.inc()
-                return
-            if seq > self.next_seq:
-                self.pending[seq] = message
-                metrics.broadcast_channel_length.inc()
-                if self.gap_task is None:
-                    self.gap_task = asyncio.create_task(self._fill_gaps())
-                return
-            await self._emit(message)
-            await self._drain_pending()
-
     async def _emit(self, message: dict) -> None:
         await self._send_json({"type": "message.new", "message": message})
-        self.next_seq = message["seq"] + 1
 
-    async def _drain_pending(self) -> None:
-        while self.next_seq in self.pending:
-            metrics.broadcast_channel_length.dec()
-            await self._emit(self.pending.pop(self.next_seq))
-
-    async def _fill_gaps(self) -> None:
-        """Wait for the missing seqs; then read them from the store; at last skip what no store has."""
-        try:
-            started = time.monotonic()
-            while self.pending:
-                await asyncio.sleep(GAP_WAIT_SECONDS)
-                if not self.pending:
-                    break
-                upto = min(self.pending)
-                page = await in_thread(message_range)(
-                    conversation_id=self.conversation_id,
-                    after_seq=self.next_seq - 1,
-                    before_seq=upto,
-                    limit=min(upto - self.next_seq, settings.CHAT_MAX_REPLAY),
-                )
-                async with self.delivery_lock:
-                    for message in page.messages:
-                        if message.seq >= self.next_seq:
-                            metrics.gap_fills.inc()
-                            await self._emit(message.as_dict())
-                    if self.pending and time.monotonic() - started > GAP_GIVE_UP_SECONDS:
-                        logger.warning(
-                            "conversation %s: seqs %d..%d are in no store; skipping",
-                            self.conversation_id, self.next_seq, min(self.pending) - 1,
-                        )
-                        self.next_seq = min(self.pending)
-                    await self._drain_pending()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            metrics.broadcast_panic.inc()
-            logger.exception("gap fill failed on conversation %s", self.conversation_id)
-        finally:
-            self.gap_task = None
-            if self.pending:  # a failed fill retries rather than leaving messages stranded
-                self.gap_task = asyncio.create_task(self._fill_gaps())
+    async def _read_messages(self, after_seq: int, before_seq: int, limit: int) -> list[dict]:
+        """The stored messages strictly between the two seqs, ascending: the catch-up replay and
+        the gate's gap fills both read here."""
+        page = await in_thread(message_range)(
+            conversation_id=self.conversation_id, after_seq=after_seq, before_seq=before_seq, limit=limit
+        )
+        return [message.as_dict() for message in page.messages]
 
     # --- channel-layer events ----------------------------------------------------------------
     async def message_new(self, event: dict) -> None:
         started = time.perf_counter()
         try:
-            await self._deliver(event["message"])
+            await self.gate.deliver(event["message"])
         except Exception:
             metrics.broadcast_panic.inc()
             logger.exception("delivery failed on conversation %s", self.conversation_id)
@@ -369,21 +314,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def message_updated(self, event: dict) -> None:
         message = event["message"]
-        async with self.delivery_lock:
-            if message["seq"] in self.pending:
-                # Not delivered yet: it goes out in its place in the seq order, already edited.
-                self.pending[message["seq"]] = message
-                return
+        if await self.gate.update(message):  # not delivered yet: it goes out edited, in its place
+            return
         await self._send_json({"type": "message.updated", "message": message})
 
     async def message_deleted(self, event: dict) -> None:
         seq = event["seq"]
-        async with self.delivery_lock:
-            if seq in self.pending:
-                # Not delivered yet: it goes out in its place as the tombstone it now is, so the
-                # client never sees the deleted content.
-                self.pending[seq] = {**self.pending[seq], "content": "", "metadata": {}, "deleted": True}
-                return
+        if await self.gate.delete(seq):  # not delivered yet: it goes out as its tombstone, in its place
+            return
         await self._send_json({"type": "message.deleted", "conversation_id": event["conversation_id"], "seq": seq})
 
     async def typing(self, event: dict) -> None:

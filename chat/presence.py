@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from functools import cache
 
 from django.conf import settings
@@ -75,8 +76,18 @@ def _member(user_id: uuid.UUID, channel: str) -> str:
 
 
 class RedisPresence:
-    def __init__(self, url: str, ttl: float = ENTRY_TTL_SECONDS, refresh_every: float = REFRESH_SECONDS) -> None:
+    def __init__(
+        self,
+        url: str,
+        ttl: float = ENTRY_TTL_SECONDS,
+        refresh_every: float = REFRESH_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.url = url
+        # Wall-clock seconds: every process scores entries on one shared scale. Whether an entry
+        # is live is decided by comparing its score with this "now", which the scripts take as an
+        # argument; only the whole key's safety-net PEXPIRE runs on Redis's own clock.
+        self.clock = clock
         self.ttl = ttl
         self.refresh_every = refresh_every
         # The entries of this process's open sockets, by conversation.
@@ -102,7 +113,7 @@ class RedisPresence:
         member = _member(user_id, channel)
         self._held[conversation_id].add(member)
         self._start_refresher()
-        now = time.time()
+        now = self.clock()
         result = await self._client().eval(
             _JOIN, 1, _key(conversation_id), member, now + self.ttl, now, f"{user_id.hex}:", int(self.ttl * 2000)
         )
@@ -114,14 +125,14 @@ class RedisPresence:
         held.discard(member)
         if not held:
             self._held.pop(conversation_id, None)
-        result = await self._client().eval(_LEAVE, 1, _key(conversation_id), member, time.time(), f"{user_id.hex}:")
+        result = await self._client().eval(_LEAVE, 1, _key(conversation_id), member, self.clock(), f"{user_id.hex}:")
         return result == 1
 
     async def refresh(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
         """Refresh every entry this process holds; (conversation, user) for each user found gone."""
         gone = []
         for conversation_id, members in list(self._held.items()):
-            now = time.time()
+            now = self.clock()
             users = await self._client().eval(
                 _SWEEP, 1, _key(conversation_id), now + self.ttl, now, int(self.ttl * 2000), *members
             )
@@ -129,7 +140,7 @@ class RedisPresence:
         return gone
 
     async def online(self, conversation_id: uuid.UUID) -> set[uuid.UUID]:
-        members = await self._client().zrangebyscore(_key(conversation_id), time.time(), "+inf")
+        members = await self._client().zrangebyscore(_key(conversation_id), self.clock(), "+inf")
         return {uuid.UUID((m.decode() if isinstance(m, bytes) else m)[:32]) for m in members}
 
     def _start_refresher(self) -> None:

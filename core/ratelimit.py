@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -80,9 +81,13 @@ return {n, redis.call('PTTL', KEYS[1])}
 
 
 class RateLimiter:
-    def __init__(self, rate: Rate, redis_url: str = "", *, scope: str = "send") -> None:
+    def __init__(
+        self, rate: Rate, redis_url: str = "", *, scope: str = "send", clock: Callable[[], float] = time.time
+    ) -> None:
         self.rate = rate
         self.scope = scope
+        # Wall-clock seconds: windows are numbered from it, and every process must agree on them.
+        self.clock = clock
         self._local = LocalWindowCounter()
         self._redis_hit = None
         # After a Redis failure, count locally for a moment instead of paying a timeout per send.
@@ -95,7 +100,7 @@ class RateLimiter:
 
     def check(self, subject: object) -> Decision:
         """Count one hit by `subject` (a user id, an address) and say whether it may go ahead."""
-        now = time.time()
+        now = self.clock()
         key = f"chat:rate:{self.scope}:{subject}"
         count, remaining = None, 0.0
         if self._redis_hit is not None and now >= self._redis_retry_at:

@@ -1,5 +1,10 @@
-"""Presence across processes on a real Redis: entries, devices, and users whose process died."""
-import asyncio
+"""Presence across processes on a real Redis: entries, devices, and users whose process died.
+
+Entry lifetimes are decided by the "now" each call passes to Redis, so these tests move an
+injected clock instead of sleeping. Only the whole key's safety-net expiry runs on Redis's own
+clock; it is checked by its PTTL, not waited for.
+"""
+import time
 import uuid
 
 import pytest
@@ -7,12 +12,27 @@ import pytest
 from chat.presence import RedisPresence
 from tests.services import REDIS_URL, redis_available, require
 
+TTL = 60
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
 
 @pytest.fixture
-def make_presence():
-    """One RedisPresence per simulated process, with a short entry lifetime."""
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def make_presence(clock):
+    """One RedisPresence per simulated process, all on the test's clock."""
     require("Redis", redis_available())
-    return lambda: RedisPresence(REDIS_URL, ttl=0.5, refresh_every=3600)
+    return lambda: RedisPresence(REDIS_URL, ttl=TTL, refresh_every=3600, clock=clock)
 
 
 async def test_devices_and_leaving(make_presence):
@@ -26,27 +46,48 @@ async def test_devices_and_leaving(make_presence):
     assert await presence.online(conversation) == set()
 
 
-async def test_users_of_a_dead_process_expire_and_are_announced_once(make_presence):
+async def test_users_of_a_dead_process_expire_and_are_announced_once(make_presence, clock):
     alive_process, dead_process = make_presence(), make_presence()
     conversation, alive, dead = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     await alive_process.join(conversation, alive, "alive-socket")
     await dead_process.join(conversation, dead, "socket-on-a-process-that-died")
-    await asyncio.sleep(0.3)
+    clock.now += TTL * 0.6
     assert await alive_process.refresh() == []  # one call refreshes everything this process holds
-    await asyncio.sleep(0.3)  # the dead process never refreshed: its entry expired
+    assert await alive_process.online(conversation) == {alive, dead}  # not expired yet
+    clock.now += TTL * 0.6  # the dead process never refreshed: its entry expired
     assert await alive_process.online(conversation) == {alive}
     assert await alive_process.refresh() == [(conversation, dead)]
     assert await alive_process.refresh() == []  # announced once
     assert await dead_process.join(conversation, dead, "reconnected") is True
 
 
-async def test_refresh_covers_every_conversation_and_socket_held(make_presence):
+async def test_an_expired_entry_of_another_device_does_not_keep_the_user_online(make_presence, clock):
+    dead_process, live_process = make_presence(), make_presence()
+    conversation, user = uuid.uuid4(), uuid.uuid4()
+    await dead_process.join(conversation, user, "phone-on-a-dead-process")
+    clock.now += TTL + 1
+    assert await live_process.join(conversation, user, "laptop") is True  # online again, announced
+    assert await live_process.leave(conversation, user, "laptop") is True  # and offline with it
+
+
+async def test_refresh_covers_every_conversation_and_socket_held(make_presence, clock):
     presence = make_presence()
     first, second, user = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     for conversation in (first, second):
         await presence.join(conversation, user, "socket-a")
         await presence.join(conversation, user, "socket-b")
     for _ in range(3):
-        await asyncio.sleep(0.3)
+        clock.now += TTL * 0.6  # three refreshes span well past one lifetime
         assert await presence.refresh() == []
     assert await presence.online(first) == await presence.online(second) == {user}
+
+
+async def test_the_key_expires_on_its_own_when_nobody_refreshes_it(make_presence):
+    """The safety net for a conversation whose every process died: Redis's own TTL, two lifetimes."""
+    import redis
+
+    presence = make_presence()
+    conversation = uuid.uuid4()
+    await presence.join(conversation, uuid.uuid4(), "socket")
+    ttl_ms = redis.Redis.from_url(REDIS_URL).pttl(f"chat:presence:{conversation.hex}")
+    assert TTL * 1000 < ttl_ms <= TTL * 2000
