@@ -10,7 +10,7 @@ from rest_framework.views import APIView
 from chat import selectors
 from chat.services import conversations, moderation
 from chat.services.send import SendRequest, message_send
-from chat.models import Participant
+from chat.access import allowed_participants
 from chat.permissions import IsConversationParticipant
 from chat.serializers import (
     ConversationCreateInput,
@@ -82,7 +82,9 @@ class ParticipantListView(ListAPIView):
     pagination_class = None
 
     def get_queryset(self):
-        return Participant.objects.filter(conversation_id=self.kwargs["conversation_id"]).select_related("user")
+        # Who is in the conversation, by the membership rule: a banned or deactivated account's
+        # row stays (a lifted ban restores it) but it is not a participant meanwhile.
+        return allowed_participants().filter(conversation_id=self.kwargs["conversation_id"]).select_related("user")
 
     @extend_schema(request=ParticipantAddInput, responses={201: ParticipantOutput, 200: ParticipantOutput})
     def post(self, request, conversation_id):

@@ -8,7 +8,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from accounts.models import User
-from chat.services import conversations, moderation, send as sending
+from chat.services import conversations
 from tests.services import cassandra_available, require
 
 _names = itertools.count(1)

@@ -3,7 +3,8 @@ import uuid
 
 import pytest
 
-from chat import events
+from accounts.models import User
+from chat.services import conversations
 from chat.models import Ban, Conversation, Participant
 
 pytestmark = pytest.mark.django_db
@@ -107,6 +108,15 @@ class TestParticipants:
     def url(self, conversation, user=None):
         base = f"/api/v1/conversations/{conversation.pk}/participants/"
         return f"{base}{user.pk}/" if user else base
+
+    def test_the_list_follows_the_membership_rule(self, people, make_user, client_for, make_group):
+        owner, member, outsider = people
+        inactive = make_user()
+        conversation = make_group(owner, member, outsider, inactive)
+        conversations.ban_create(actor=owner, conversation=conversation, user=outsider)
+        User.objects.filter(pk=inactive.pk).update(is_active=False)
+        listed = {p["user_id"] for p in client_for(owner).get(self.url(conversation)).data}
+        assert listed == {str(owner.pk), str(member.pk)}
 
     def test_owner_adds_and_lists(self, people, client_for, make_group):
         owner, member, outsider = people

@@ -11,7 +11,7 @@ from rest_framework.authtoken.models import Token
 
 from chat import consumers, events
 
-from chat.services import conversations, moderation, send as sending
+from chat.services import conversations, send as sending
 from chat.store import get_message_store
 from chatproject.asgi import application
 

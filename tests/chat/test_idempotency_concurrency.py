@@ -8,7 +8,7 @@ from django.db import connection
 from chat import events
 
 from tests.conftest import nothing_published, use_message_store
-from chat.services import conversations, moderation, send as sending
+from chat.services import send as sending
 from core.errors import IdempotencyInFlight
 from chat.models import Conversation
 

@@ -6,7 +6,7 @@ from prometheus_client import REGISTRY
 
 from chat import consumers, events
 
-from chat.services import conversations, moderation, send as sending
+from chat.services import send as sending
 from core.errors import AccessDenied, StoreUnavailable
 from chat.store import StoreError, get_message_store
 from tests.chat.test_consumer import open_socket, receive, receive_messages

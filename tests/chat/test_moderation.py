@@ -6,7 +6,6 @@ services and the consumer all read and write the Cassandra keyspace in the `cass
 """
 from __future__ import annotations
 
-import sys
 
 import pytest
 from channels.db import database_sync_to_async
@@ -17,7 +16,6 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import DatabaseError
 from django.test import Client
 
-import chat.store
 from chat import events, sql
 from chat.services import conversations, moderation, send as sending
 from core.errors import NotAllowed, StoreUnavailable

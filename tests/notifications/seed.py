@@ -16,7 +16,7 @@ def main(messages: int, devices: int) -> None:
     django.setup()
 
     from accounts.models import User
-    from chat.services import conversations, moderation, send as sending
+    from chat.services import conversations, send as sending
     from notifications.models import Device
 
     suffix = uuid.uuid4().hex[:8]

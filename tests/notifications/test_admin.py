@@ -5,7 +5,7 @@ import pytest
 from django.contrib.admin.models import LogEntry
 from django.utils import timezone
 
-from chat.services import conversations, send as sending
+from chat.services import send as sending
 from notifications.models import Delivery, Job, OutboxEntry
 from tests.notifications.conftest import make_due
 
