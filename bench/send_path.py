@@ -105,9 +105,7 @@ def main() -> None:
         "persist (the whole step, with a client_message_id)": send,
         "rate limit": lambda: get_send_rate_limiter().check(alice.pk),
         "authorize": lambda: access_participant_id(user=alice, conversation_id=conversation.id),
-        "idempotency claim": lambda: store.claim_idempotency(
-            sender_id=alice.pk, key=uuid.uuid4().hex, request_hash="h", message_id=uuid.uuid4()
-        ),
+        "idempotency record lookup": lambda: sql.idempotency_record_id(alice.pk, uuid.uuid4().hex),
         "seq allocation (own transaction)": seq_in_transaction,
         "message store insert": store_insert,
         "read marker": lambda: sql.advance_read_marker(participant_id, 0),

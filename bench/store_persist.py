@@ -5,8 +5,6 @@
 
 Cassandra runs in a throwaway keyspace (created with `sync_schema`, dropped afterwards), SQL in a
 temporary database file migrated for the run: the bench never touches the service's data.
---idempotency-key claims a key before each insert and measures the insert that completes it (the
-REST path with an Idempotency-Key header: on Cassandra that adds a lightweight transaction).
 """
 from __future__ import annotations
 
@@ -36,7 +34,6 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sql", "cassandra"], required=True)
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--idempotency-key", action="store_true")
     args = parser.parse_args()
 
     workdir = tempfile.TemporaryDirectory()
@@ -85,12 +82,8 @@ def main() -> None:
                 metadata={"client": "bench"},
                 sent_at=datetime.now(timezone.utc),
             )
-            key = None
-            if args.idempotency_key:
-                key = f"bench-{seq}"
-                store.claim_idempotency(sender_id=sender_id, key=key, request_hash="h", message_id=message.message_id)
             started = time.perf_counter()
-            store.insert(message, idempotency_key=key)
+            store.insert(message)
             if seq > args.warmup:
                 samples.append((time.perf_counter() - started) * 1000)
     finally:
@@ -104,7 +97,6 @@ def main() -> None:
             {
                 "backend": args.backend,
                 "target": target,
-                "idempotency_key": args.idempotency_key,
                 "inserts": len(samples),
                 "warmup": args.warmup,
                 "p50_ms": round(percentile(ordered, 0.50), 3),

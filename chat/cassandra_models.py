@@ -40,17 +40,6 @@ class CassandraMessage(Model):
     deleted = columns.Boolean(required=True)
 
 
-class CassandraMessageById(Model):
-    """messages_by_id: where a message id lives. A pointer, not a copy, so edits and tombstones
-    write one row and get_by_id can never return a stale copy."""
-
-    __table_name__ = "messages_by_id"
-
-    message_id = columns.UUID(partition_key=True)
-    conversation_id = columns.UUID(required=True)
-    seq = columns.BigInt(required=True)
-
-
 class CassandraConversationBucket(Model):
     """conversation_buckets: the buckets of a conversation that hold messages, newest first.
 
@@ -64,26 +53,11 @@ class CassandraConversationBucket(Model):
     bucket = columns.BigInt(primary_key=True, clustering_order="DESC")
 
 
-class CassandraIdempotencyKey(Model):
-    """idempotency_keys: one claim per (sender, key), written with a TTL and changed only by
-    lightweight transactions, so concurrent requests with one key agree on a single winner."""
-
-    __table_name__ = "idempotency_keys"
-
-    sender_id = columns.UUID(partition_key=True)
-    key = columns.Text(partition_key=True)
-    request_hash = columns.Text(required=True)
-    message_id = columns.UUID(required=True)
-    completed = columns.Boolean(required=True)
-    created_at = columns.DateTime(required=True)
-
-
-SCHEMA_MODELS: tuple[type[Model], ...] = (
-    CassandraMessage,
-    CassandraMessageById,
-    CassandraConversationBucket,
-    CassandraIdempotencyKey,
-)
+# Messages are read by (conversation, seq) only; idempotency records live in the relational
+# database, in the send's own transaction (chat.models.IdempotencyKey). Deployments that ran an
+# earlier version may still have messages_by_id and idempotency_keys: nothing reads them, and an
+# operator may drop them.
+SCHEMA_MODELS: tuple[type[Model], ...] = (CassandraMessage, CassandraConversationBucket)
 
 
 def replication_cql(replication: dict[str, str | int]) -> str:

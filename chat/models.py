@@ -124,17 +124,23 @@ class SqlMessage(models.Model):
         constraints = [models.UniqueConstraint(fields=["conversation_id", "seq"], name="sqlmessage_conversation_seq")]
 
 
-class SqlIdempotencyKey(models.Model):
+class IdempotencyKey(models.Model):
+    """What a send with an idempotency key created, committed in the send's own transaction beside
+    the seq it allocated (whatever the message store): a retry finds it and gets the same message;
+    a send that rolls back leaves none. Kept IDEMPOTENCY_TTL (48 h), then purged."""
+
     sender_id = models.UUIDField()
     key = models.CharField(max_length=255)
     request_hash = models.CharField(max_length=64)
+    conversation_id = models.UUIDField()
+    seq = models.BigIntegerField()
     message_id = models.UUIDField()
-    completed = models.BooleanField(default=False)
     created_at = models.DateTimeField(db_index=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["sender_id", "key"], name="sqlidempotency_sender_key")]
+        constraints = [models.UniqueConstraint(fields=["sender_id", "key"], name="idempotency_sender_key")]
+
 
 # The Cassandra tables (cqlengine models) must be attributes of this module: django-cassandra-engine's
 # `sync_cassandra` looks for them only in each app's models module.
-from chat.cassandra_models import CassandraConversationBucket, CassandraIdempotencyKey, CassandraMessage, CassandraMessageById  # noqa: F401,E402,E501
+from chat.cassandra_models import CassandraConversationBucket, CassandraMessage  # noqa: F401,E402

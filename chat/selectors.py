@@ -68,10 +68,12 @@ def message_at(*, conversation: Conversation, seq: object) -> Message:
     return message
 
 
-def message_by_id(*, message_id: uuid.UUID) -> Message | None:
-    """A message by id (idempotency replays, the notification worker's payloads: both name a
-    message whose send committed), or None."""
+def message_of(*, conversation_id: uuid.UUID, seq: int, message_id: uuid.UUID) -> Message | None:
+    """The message a committed record names (an idempotency record, a notification outbox entry:
+    both commit with their message, so its seq is below the counter), or None if the store does
+    not have that very message."""
     try:
-        return get_message_store().get_by_id(message_id)
+        message = get_message_store().get(conversation_id, seq)
     except StoreError as exc:
         raise StoreUnavailable() from exc
+    return message if message is not None and message.message_id == message_id else None

@@ -15,7 +15,7 @@ from functools import cache
 from django.contrib.auth import get_user_model
 from django.db import connection, models
 
-from chat.models import Ban, Conversation, Participant
+from chat.models import Ban, Conversation, IdempotencyKey, Participant
 
 
 def _table(model) -> str:
@@ -108,3 +108,21 @@ def _insert_sql(model: type[models.Model], vendor: str) -> tuple[list, str]:
     fields = [field for field in model._meta.concrete_fields if not field.primary_key]
     columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
     return fields, f"INSERT INTO {_table(model)} ({columns}) VALUES ({', '.join(['%s'] * len(fields))})"
+
+
+@cache
+def _idempotency_record_id_sql(vendor: str) -> str:
+    return (
+        f"SELECT {_column(IdempotencyKey, 'id')} FROM {_table(IdempotencyKey)} "
+        f"WHERE {_column(IdempotencyKey, 'sender_id')} = %s AND {_column(IdempotencyKey, 'key')} = %s"
+    )
+
+
+def idempotency_record_id(sender_id: uuid.UUID, key: str) -> int | None:
+    """The id of the sender's idempotency record for `key`, or None: every keyed send asks, and
+    almost always hears None (a retry is what finds one, and then reads it with the ORM)."""
+    params = [_value(IdempotencyKey, "sender_id", sender_id), _value(IdempotencyKey, "key", key)]
+    with connection.cursor() as cursor:
+        cursor.execute(_idempotency_record_id_sql(connection.vendor), params)
+        row = cursor.fetchone()
+    return row[0] if row else None

@@ -54,12 +54,6 @@ class RateLimited(ChatError):
         super().__init__(f"Too many messages; retry in {math.ceil(decision.reset)} s.")
 
 
-class IdempotencyInFlight(ChatError):
-    status = 409
-    code = "conflict"
-    default_detail = "A request with this idempotency key is still being processed."
-
-
 class IdempotencyMismatch(ChatError):
     status = 422
     code = "conflict"

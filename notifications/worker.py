@@ -27,7 +27,8 @@ from django.utils import timezone
 from accounts.models import User
 from chat.access import allowed_participants
 from chat.models import Conversation
-from chat.selectors import message_by_id
+from chat.selectors import message_of
+from chat.services.send import idempotency_keys_purge
 from chat.store import Message
 from notifications import metrics, queue
 from notifications.backends import DeliveryError, DeviceGone, PushBackend
@@ -80,6 +81,8 @@ class Worker:
                     next_gauges = time.monotonic() + GAUGE_INTERVAL_SECONDS
                 if time.monotonic() >= next_purge:
                     self.purge_finished()
+                    # The service's one background process also sweeps expired idempotency records.
+                    idempotency_keys_purge()
                     next_purge = time.monotonic() + PURGE_INTERVAL_SECONDS
                 worked = self.run_once()
             except DatabaseError:
@@ -237,7 +240,9 @@ class Worker:
         if participant["last_read_seq"] >= entry.seq:
             return "read", {}
         if entry.message_id not in cache.messages:
-            cache.messages[entry.message_id] = message_by_id(message_id=entry.message_id)
+            cache.messages[entry.message_id] = message_of(
+                conversation_id=entry.conversation_id, seq=entry.seq, message_id=entry.message_id
+            )
         message = cache.messages[entry.message_id]
         if message is None:
             # The outbox is written only after the message persisted: missing means the store is

@@ -18,20 +18,21 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 from accounts.models import User
 from chat import events, metrics, sql
 from chat.access import access_participant_id
-from chat.selectors import message_by_id
+from chat.models import IdempotencyKey
+from chat.selectors import message_of
 from chat.signals import message_persisted
 from chat.store import Message, StoreError, get_message_store
 from core.errors import (
     AccessDenied,
-    IdempotencyInFlight,
     IdempotencyMismatch,
     RateLimited,
     StoreUnavailable,
@@ -48,6 +49,8 @@ MAX_TEXT_BYTES = 10_000
 MAX_MEDIA_BYTES = 10 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# How long a key answers with its first send's message (SPEC: at least 24 h).
+IDEMPOTENCY_TTL = timedelta(hours=48)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,14 +158,38 @@ def _request_hash(conversation_id: uuid.UUID, body: MessageInput) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _replay(record, request_hash: str, rate: RateDecision) -> SendResult:
+def _replay(record: IdempotencyKey, request_hash: str, rate: RateDecision) -> SendResult:
+    """The answer to a retry: the message the key's first send created (it committed with the
+    record, so it is there), or 422 for a different request under the same key."""
     if record.request_hash != request_hash:
         raise IdempotencyMismatch()
-    message = message_by_id(message_id=record.message_id) if record.completed else None
-    if message is None:
-        raise IdempotencyInFlight()
+    message = message_of(conversation_id=record.conversation_id, seq=record.seq, message_id=record.message_id)
+    if message is None:  # the store lost a committed message: a fault, never a new send
+        raise StoreUnavailable()
     metrics.idempotency_hit.inc()
     return SendResult(message=message, replayed=True, rate=rate)
+
+
+def _earlier_send(sender_id: uuid.UUID, key: str, now: datetime) -> IdempotencyKey | None:
+    """The sender's record for `key` within its lifetime. An expired one is deleted here, in the
+    send's transaction, so that the key can be used again."""
+    record_id = sql.idempotency_record_id(sender_id, key)
+    if record_id is None:
+        return None
+    record = IdempotencyKey.objects.get(pk=record_id)
+    if record.created_at > now - IDEMPOTENCY_TTL:
+        return record
+    record.delete()
+    return None
+
+
+def idempotency_keys_purge(*, now: datetime | None = None, batch: int = 1000) -> int:
+    """Delete up to `batch` idempotency records past their lifetime; the number deleted. The
+    notification worker calls it with its other housekeeping; a send also drops an expired record
+    it runs into."""
+    cutoff = (now or timezone.now()) - IDEMPOTENCY_TTL
+    ids = list(IdempotencyKey.objects.filter(created_at__lt=cutoff).values_list("pk", flat=True)[:batch])
+    return IdempotencyKey.objects.filter(pk__in=ids).delete()[0] if ids else 0
 
 
 def message_send(request: SendRequest) -> SendResult:
@@ -181,8 +208,9 @@ async def amessage_send(request: SendRequest) -> SendResult:
 
 
 def _message_persist(request: SendRequest) -> SendResult:
-    """Everything of a send up to and including the commit: validate, rate-limit, authorize,
-    claim the idempotency key, allocate the seq and persist (message, and what commits with it)."""
+    """Everything of a send up to and including the commit: validate, rate-limit, authorize, then
+    in one transaction: look for an earlier send with the same key, allocate the seq, record the
+    key, persist (the message, and what commits with it)."""
     body = check_message_input(
         content=request.content,
         message_type=request.message_type,
@@ -207,54 +235,80 @@ def _message_persist(request: SendRequest) -> SendResult:
         raise
     metrics.message_delivery_duration.labels(step="authorize").observe(time.perf_counter() - started)
 
-    store = get_message_store()
-    message_id = uuid.uuid4()
-    if key is not None:
-        request_hash = _request_hash(conversation_id, body)
-        try:
-            earlier = store.claim_idempotency(
-                sender_id=sender.pk, key=key, request_hash=request_hash, message_id=message_id
-            )
-        except StoreError as exc:
-            metrics.message_persisted.labels(status="error").inc()
-            raise StoreUnavailable() from exc
-        if earlier is not None:
-            return _replay(earlier, request_hash, rate)
-        metrics.idempotency_miss.inc()
-
+    request_hash = _request_hash(conversation_id, body) if key is not None else ""
     started = time.perf_counter()
     try:
-        # Allocating the seq and persisting in one relational transaction: a failed persist rolls
-        # the counter back (no seq is burned), and seqs become durable in the order they are taken.
-        # The outbox entry commits with them, so a sent message never lacks its notifications.
+        # One relational transaction allocates the seq, records the idempotency key beside it and
+        # persists: a failed persist rolls the counter back (no seq is burned) and leaves no
+        # record, and seqs become durable in the order they are taken. What other apps write for
+        # the message (the notification outbox entry) commits with it too.
         with _relational_writer(), transaction.atomic():
-            seq = sql.allocate_seq(conversation_id, timezone.now())
-            message = Message(
-                message_id=message_id,
-                conversation_id=conversation_id,
-                seq=seq,
-                sender_id=sender.pk,
-                content=body.content,
-                message_type=body.message_type,
-                is_encrypted=body.is_encrypted,
-                metadata=body.metadata,
-                sent_at=now_ms(),
-            )
-            store.insert(message, idempotency_key=key)
-            # Your own message is read by you: unread counts never include it.
-            sql.advance_read_marker(participant_id, seq)
-            _announce_persisted(message)
-            events.message_new(message)
+            now = timezone.now()
+            earlier = _earlier_send(sender.pk, key, now) if key is not None else None
+            if earlier is None:
+                message = _persist(request, body, conversation_id, participant_id, key, request_hash, now)
+    except IntegrityError:
+        # The same key committed by a concurrent send a moment ago (its record's unique key):
+        # everything of ours rolled back, and the retry gets what that send created.
+        earlier = IdempotencyKey.objects.filter(sender_id=sender.pk, key=key).first()
+        if earlier is None:
+            raise StoreUnavailable() from None
     except (StoreError, DatabaseError) as exc:
         metrics.message_persisted.labels(status="error").inc()
         logger.error("persist failed for conversation %s: %s", conversation_id, exc)
-        if key is not None:
-            store.release_idempotency(sender_id=sender.pk, key=key, message_id=message_id)
         raise StoreUnavailable() from exc
+    if earlier is not None:
+        return _replay(earlier, request_hash, rate)
+    if key is not None:
+        metrics.idempotency_miss.inc()
     metrics.message_persisted.labels(status="success").inc()
     metrics.message_delivery_duration.labels(step="persist").observe(time.perf_counter() - started)
     metrics.message_created.labels(message_type=message.message_type, is_encrypted=str(message.is_encrypted).lower()).inc()
     return SendResult(message=message, replayed=False, rate=rate)
+
+
+def _persist(
+    request: SendRequest,
+    body: MessageInput,
+    conversation_id: uuid.UUID,
+    participant_id: int,
+    key: str | None,
+    request_hash: str,
+    now: datetime,
+) -> Message:
+    """Inside the send's transaction: the seq, the idempotency record, the message, the sender's
+    read marker, what other apps commit with it, and the message.new event (on commit)."""
+    seq = sql.allocate_seq(conversation_id, now)
+    message = Message(
+        message_id=uuid.uuid4(),
+        conversation_id=conversation_id,
+        seq=seq,
+        sender_id=request.sender.pk,
+        content=body.content,
+        message_type=body.message_type,
+        is_encrypted=body.is_encrypted,
+        metadata=body.metadata,
+        sent_at=now_ms(),
+    )
+    if key is not None:
+        # Before the store write: a concurrent duplicate fails here, not after a wasted write.
+        sql.insert_row(
+            IdempotencyKey(
+                sender_id=message.sender_id,
+                key=key,
+                request_hash=request_hash,
+                conversation_id=conversation_id,
+                seq=seq,
+                message_id=message.message_id,
+                created_at=now,
+            )
+        )
+    get_message_store().insert(message)
+    # Your own message is read by you: unread counts never include it.
+    sql.advance_read_marker(participant_id, seq)
+    _announce_persisted(message)
+    events.message_new(message)
+    return message
 
 
 # SQLite has one writer at a time and makes the others poll for the lock with growing sleeps (up

@@ -1,4 +1,4 @@
-"""The message store: where messages and idempotency records live.
+"""The message store: where messages live.
 
 Two backends with one contract (tests/chat/test_store_contract.py runs against both):
 `sql` (Django ORM; the embedded default) and `cassandra` (production).
@@ -52,36 +52,20 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
-class IdempotencyRecord:
-    """What an earlier request with the same (sender, key) claimed."""
-
-    request_hash: str
-    message_id: uuid.UUID
-    completed: bool
-
-
-@dataclass(frozen=True, slots=True)
 class HistoryPage:
     messages: list[Message] = field(default_factory=list)
     has_more: bool = False
 
 
-# A claim not completed within this long belongs to a request that died; a retry may take it over.
-IDEMPOTENCY_CLAIM_LEASE_SECONDS = 30
-IDEMPOTENCY_TTL_SECONDS = 48 * 3600
-
-
 class MessageStore(abc.ABC):
     @abc.abstractmethod
-    def insert(self, message: Message, *, idempotency_key: str | None = None) -> None:
-        """Persist a new message. With a key, the claim made for this message reads as completed
-        from now on (the sql store marks it in the same transaction; cassandra when a retry asks)."""
+    def insert(self, message: Message) -> None:
+        """Persist a new message at its (conversation, seq). A row already there belongs to a send
+        whose relational transaction did not commit (no reader reads past the committed counter):
+        the new message replaces it."""
 
     @abc.abstractmethod
     def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None: ...
-
-    @abc.abstractmethod
-    def get_by_id(self, message_id: uuid.UUID) -> Message | None: ...
 
     @abc.abstractmethod
     def history(
@@ -109,22 +93,6 @@ class MessageStore(abc.ABC):
         content: file names, sizes, links), deleted=True; id, seq, sender and times stay.
 
         Returns the tombstone (also when it already was one), or None for an unknown message."""
-
-    @abc.abstractmethod
-    def claim_idempotency(
-        self, *, sender_id: uuid.UUID, key: str, request_hash: str, message_id: uuid.UUID
-    ) -> IdempotencyRecord | None:
-        """Claim (sender, key) for a message about to be created with `message_id`.
-
-        Returns None when the claim is ours, or the earlier record when the key is taken. A claim
-        whose message exists is completed and returned as completed (the earlier request persisted
-        and its completion is late or was lost); one left without a message for longer than the
-        lease is taken over."""
-
-    @abc.abstractmethod
-    def release_idempotency(self, *, sender_id: uuid.UUID, key: str, message_id: uuid.UUID) -> None:
-        """Drop our uncompleted claim (the one made for `message_id`) after a failed send, so a
-        retry is not refused as in flight. A claim a retry has taken over is not ours to drop."""
 
 
 @cache

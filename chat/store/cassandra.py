@@ -13,29 +13,20 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import datetime, timezone as dt_timezone
 from typing import Any
 
 from cassandra import ConsistencyLevel, DriverException, OperationTimedOut
 from cassandra.cluster import NoHostAvailable, ResponseFuture, ResultSet, Session
 from cassandra.connection import ConnectionException
 from cassandra.cqlengine import CQLEngineException
-from cassandra.query import PreparedStatement
+from cassandra.query import UNSET_VALUE, PreparedStatement
 from django.conf import settings
-from django.utils import timezone
 from django_cassandra_engine.connection import CassandraConnection
 
-from chat.store import (
-    IDEMPOTENCY_CLAIM_LEASE_SECONDS,
-    IDEMPOTENCY_TTL_SECONDS,
-    HistoryPage,
-    IdempotencyRecord,
-    Message,
-    MessageStore,
-    StoreError,
-)
+from chat.store import HistoryPage, Message, MessageStore, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +51,6 @@ _MESSAGE_COLUMNS = (
     "conversation_id, seq, message_id, sender_id, content, message_type, is_encrypted, metadata, "
     "sent_at, edited_at, deleted"
 )
-_IDEMPOTENCY_COLUMNS = "request_hash, message_id, completed, created_at"
 
 
 def open_connection(alias: str, keyspace: str) -> CassandraConnection:
@@ -93,21 +83,14 @@ def _to_message(row: dict[str, Any]) -> Message:
 @dataclass(frozen=True)
 class _Statements:
     insert_message: PreparedStatement
-    insert_pointer: PreparedStatement
     insert_bucket: PreparedStatement
     get_message: PreparedStatement
-    get_pointer: PreparedStatement
     page_ascending: PreparedStatement
     page_descending: PreparedStatement
     buckets_ascending: PreparedStatement
     buckets_descending: PreparedStatement
     edit: PreparedStatement
     tombstone: PreparedStatement
-    claim: PreparedStatement
-    complete: PreparedStatement
-    take_over: PreparedStatement
-    read_claim: PreparedStatement
-    release: PreparedStatement
 
 
 class CassandraMessageStore(MessageStore):
@@ -116,13 +99,11 @@ class CassandraMessageStore(MessageStore):
         *,
         connection: CassandraConnection | None = None,
         bucket_size: int = BUCKET_SIZE,
-        clock: Callable[[], datetime] = timezone.now,
     ) -> None:
-        """`connection` defaults to the `cassandra` database alias; `bucket_size` and `clock` exist
-        for tests (small buckets to cross boundaries, a clock to age idempotency claims)."""
+        """`connection` defaults to the `cassandra` database alias; `bucket_size` exists for tests
+        (small buckets to cross partition boundaries)."""
         self._connection = connection
         self._bucket_size = bucket_size
-        self._clock = clock
         self._consistency = ConsistencyLevel.name_to_value[settings.CASSANDRA_CONSISTENCY]
         self._timeout = settings.CASSANDRA_REQUEST_TIMEOUT
         self._lock = threading.Lock()
@@ -185,23 +166,14 @@ class CassandraMessageStore(MessageStore):
             "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation_id = ? AND bucket >= ? "
             "AND bucket <= ? ORDER BY bucket {order} LIMIT ?"
         )
-        read_claim = prepare(
-            f"SELECT {_IDEMPOTENCY_COLUMNS} FROM {{ks}}.idempotency_keys WHERE sender_id = ? AND key = ?"
-        )
-        # A linearizable read: it sees every lightweight transaction that won before it.
-        read_claim.consistency_level = ConsistencyLevel.LOCAL_SERIAL
         return _Statements(
             insert_message=prepare(
                 f"INSERT INTO {by_conversation} (bucket, {_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            ),
-            insert_pointer=prepare(
-                "INSERT INTO {ks}.messages_by_id (message_id, conversation_id, seq) VALUES (?, ?, ?)"
             ),
             insert_bucket=prepare("INSERT INTO {ks}.conversation_buckets (conversation_id, bucket) VALUES (?, ?)"),
             get_message=prepare(
                 f"SELECT {_MESSAGE_COLUMNS} FROM {by_conversation} WHERE conversation_id = ? AND bucket = ? AND seq = ?"
             ),
-            get_pointer=prepare("SELECT conversation_id, seq FROM {ks}.messages_by_id WHERE message_id = ?"),
             page_ascending=prepare(page.replace("{order}", "ASC")),
             page_descending=prepare(page.replace("{order}", "DESC")),
             buckets_ascending=prepare(buckets.replace("{order}", "ASC")),
@@ -216,31 +188,6 @@ class CassandraMessageStore(MessageStore):
             tombstone=prepare(
                 f"UPDATE {by_conversation} SET content = '', metadata = '{{}}', deleted = true "
                 "WHERE conversation_id = ? AND bucket = ? AND seq = ? IF EXISTS",
-                lwt=True,
-            ),
-            # Every write to idempotency_keys is a lightweight transaction: mixing them with plain
-            # writes on the same row would let a plain write slip past a Paxos decision.
-            claim=prepare(
-                "INSERT INTO {ks}.idempotency_keys (sender_id, key, request_hash, message_id, completed, created_at) "
-                "VALUES (?, ?, ?, ?, false, ?) IF NOT EXISTS USING TTL ?",
-                lwt=True,
-            ),
-            # Only the claim of this very message: one taken over by a retry is not ours to complete.
-            complete=prepare(
-                "UPDATE {ks}.idempotency_keys USING TTL ? SET completed = true "
-                "WHERE sender_id = ? AND key = ? IF message_id = ?",
-                lwt=True,
-            ),
-            # Rewrites every cell, so that the whole row gets the new TTL.
-            take_over=prepare(
-                "UPDATE {ks}.idempotency_keys USING TTL ? "
-                "SET request_hash = ?, message_id = ?, created_at = ?, completed = false "
-                "WHERE sender_id = ? AND key = ? IF completed = false AND created_at = ?",
-                lwt=True,
-            ),
-            read_claim=read_claim,
-            release=prepare(
-                "DELETE FROM {ks}.idempotency_keys WHERE sender_id = ? AND key = ? IF completed = false AND message_id = ?",
                 lwt=True,
             ),
         )
@@ -264,7 +211,7 @@ class CassandraMessageStore(MessageStore):
 
     # --- messages --------------------------------------------------------------------------------
 
-    def insert(self, message: Message, *, idempotency_key: str | None = None) -> None:
+    def insert(self, message: Message) -> None:
         statements = self._prepared()
         bucket = message.seq // self._bucket_size
         writes = [
@@ -281,11 +228,11 @@ class CassandraMessageStore(MessageStore):
                     message.is_encrypted,
                     json.dumps(message.metadata, separators=(",", ":"), ensure_ascii=False),
                     message.sent_at,
-                    message.edited_at,
+                    # Unset, not null: a null would write a tombstone cell for every new message.
+                    UNSET_VALUE if message.edited_at is None else message.edited_at,
                     message.deleted,
                 ),
             ),
-            (statements.insert_pointer, (message.message_id, message.conversation_id, message.seq)),
         ]
         marker = (message.conversation_id, bucket)
         # Recorded when this process first writes to a bucket; re-recording one is harmless (an
@@ -297,24 +244,11 @@ class CassandraMessageStore(MessageStore):
             self._marked_buckets[marker] = None
             if len(self._marked_buckets) > _MARKED_BUCKETS_CACHED:
                 self._marked_buckets.popitem(last=False)
-        # A key's claim is not marked completed here: a claim whose message exists already reads as
-        # completed (claim_idempotency marks it then, on the rare retry). Marking it on every send
-        # would cost a Paxos round per message.
 
     def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None:
         statements = self._prepared()
         row = self._execute(statements.get_message, (conversation_id, seq // self._bucket_size, seq)).one()
         return _to_message(row) if row else None
-
-    def get_by_id(self, message_id: uuid.UUID) -> Message | None:
-        statements = self._prepared()
-        pointer = self._execute(statements.get_pointer, (message_id,)).one()
-        if pointer is None:
-            return None
-        message = self.get(pointer["conversation_id"], pointer["seq"])
-        # A send whose relational transaction rolled back after this insert leaves a pointer to a
-        # seq that the next send reuses: that row is then another message.
-        return message if message is not None and message.message_id == message_id else None
 
     def history(
         self,
@@ -372,48 +306,3 @@ class CassandraMessageStore(MessageStore):
         statements = self._prepared()
         self._execute(statements.tombstone, (conversation_id, seq // self._bucket_size, seq))
         return self.get(conversation_id, seq)
-
-    # --- idempotency -----------------------------------------------------------------------------
-
-    def claim_idempotency(
-        self, *, sender_id: uuid.UUID, key: str, request_hash: str, message_id: uuid.UUID
-    ) -> IdempotencyRecord | None:
-        statements = self._prepared()
-        now = self._clock()
-        row = self._execute(
-            statements.claim, (sender_id, key, request_hash, message_id, now, IDEMPOTENCY_TTL_SECONDS)
-        ).one()
-        if row["[applied]"]:
-            return None
-        # A claim that lost returns the row that won.
-        created_at = _utc(row["created_at"])
-        record = IdempotencyRecord(row["request_hash"], row["message_id"], completed=bool(row["completed"]))
-        if record.completed:
-            return record
-        if self.get_by_id(record.message_id) is not None:
-            # The earlier request persisted its message and its completion has not landed yet (see
-            # insert), or it died before completing the claim. The flag expires with the rest of
-            # the row (see insert), never after it.
-            remaining = IDEMPOTENCY_TTL_SECONDS - int((now - created_at).total_seconds()) - 1
-            self._execute(statements.complete, (max(remaining, 1), sender_id, key, record.message_id))
-            return IdempotencyRecord(record.request_hash, record.message_id, completed=True)
-        if created_at > now - timedelta(seconds=IDEMPOTENCY_CLAIM_LEASE_SECONDS):
-            return record  # in flight
-        # Take over the stale claim; the condition on created_at makes concurrent retries race fairly.
-        taken = self._execute(
-            statements.take_over,
-            (IDEMPOTENCY_TTL_SECONDS, request_hash, message_id, now, sender_id, key, row["created_at"]),
-        ).one()
-        if taken["[applied]"]:
-            return None
-        current = self._execute(statements.read_claim, (sender_id, key)).one()
-        if current is None:
-            # Released between our two steps: the key is free again.
-            return self.claim_idempotency(sender_id=sender_id, key=key, request_hash=request_hash, message_id=message_id)
-        return IdempotencyRecord(current["request_hash"], current["message_id"], completed=bool(current["completed"]))
-
-    def release_idempotency(self, *, sender_id: uuid.UUID, key: str, message_id: uuid.UUID) -> None:
-        try:
-            self._execute(self._prepared().release, (sender_id, key, message_id))
-        except StoreError:
-            pass  # The claim then expires by its lease.

@@ -2,20 +2,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 
-from django.db import DatabaseError, IntegrityError, transaction
-from django.utils import timezone
+from django.db import DatabaseError, transaction
 
-from chat.models import SqlIdempotencyKey, SqlMessage
-from chat.store import (
-    IDEMPOTENCY_CLAIM_LEASE_SECONDS,
-    HistoryPage,
-    IdempotencyRecord,
-    Message,
-    MessageStore,
-    StoreError,
-)
+from chat.models import SqlMessage
+from chat.store import HistoryPage, Message, MessageStore, StoreError
 
 
 def _to_message(row: SqlMessage) -> Message:
@@ -34,12 +25,8 @@ def _to_message(row: SqlMessage) -> Message:
     )
 
 
-def _to_record(row: SqlIdempotencyKey) -> IdempotencyRecord:
-    return IdempotencyRecord(request_hash=row.request_hash, message_id=row.message_id, completed=row.completed)
-
-
 class SqlMessageStore(MessageStore):
-    def insert(self, message: Message, *, idempotency_key: str | None = None) -> None:
+    def insert(self, message: Message) -> None:
         try:
             with transaction.atomic():
                 SqlMessage.objects.create(
@@ -55,21 +42,11 @@ class SqlMessageStore(MessageStore):
                     edited_at=message.edited_at,
                     deleted=message.deleted,
                 )
-                if idempotency_key is not None:
-                    # Only our own claim: one a retry took over after our lease ran out is not ours
-                    # to complete (the same condition as Cassandra's IF message_id = ?).
-                    SqlIdempotencyKey.objects.filter(
-                        sender_id=message.sender_id, key=idempotency_key, message_id=message.message_id
-                    ).update(completed=True)
         except DatabaseError as exc:
             raise StoreError(str(exc)) from exc
 
     def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None:
         row = SqlMessage.objects.filter(conversation_id=conversation_id, seq=seq).first()
-        return _to_message(row) if row else None
-
-    def get_by_id(self, message_id: uuid.UUID) -> Message | None:
-        row = SqlMessage.objects.filter(message_id=message_id).first()
         return _to_message(row) if row else None
 
     def history(self, conversation_id, *, after_seq=None, before_seq=None, limit=50) -> HistoryPage:
@@ -108,40 +85,3 @@ class SqlMessageStore(MessageStore):
             return self.get(conversation_id, seq)
         except DatabaseError as exc:
             raise StoreError(str(exc)) from exc
-
-    def claim_idempotency(self, *, sender_id, key, request_hash, message_id) -> IdempotencyRecord | None:
-        now = timezone.now()
-        try:
-            with transaction.atomic():
-                SqlIdempotencyKey.objects.create(
-                    sender_id=sender_id, key=key, request_hash=request_hash, message_id=message_id, created_at=now
-                )
-            return None
-        except IntegrityError:
-            pass
-        except DatabaseError as exc:
-            raise StoreError(str(exc)) from exc
-        existing = SqlIdempotencyKey.objects.filter(sender_id=sender_id, key=key).first()
-        if existing is None:  # released between our insert and this read: the key is free again
-            return self.claim_idempotency(sender_id=sender_id, key=key, request_hash=request_hash, message_id=message_id)
-        if existing.completed:
-            return _to_record(existing)
-        if self.get_by_id(existing.message_id) is not None:
-            # The earlier request persisted its message and died before completing the claim.
-            SqlIdempotencyKey.objects.filter(pk=existing.pk).update(completed=True)
-            return IdempotencyRecord(existing.request_hash, existing.message_id, completed=True)
-        if existing.created_at > now - timedelta(seconds=IDEMPOTENCY_CLAIM_LEASE_SECONDS):
-            return _to_record(existing)  # in flight
-        # Take over the stale claim; the conditional update makes concurrent retries race fairly.
-        taken = SqlIdempotencyKey.objects.filter(pk=existing.pk, created_at=existing.created_at, completed=False).update(
-            request_hash=request_hash, message_id=message_id, created_at=now
-        )
-        if taken:
-            return None
-        return _to_record(SqlIdempotencyKey.objects.get(pk=existing.pk))
-
-    def release_idempotency(self, *, sender_id, key, message_id) -> None:
-        try:
-            SqlIdempotencyKey.objects.filter(sender_id=sender_id, key=key, message_id=message_id, completed=False).delete()
-        except DatabaseError:
-            pass  # The claim then expires by its lease.

@@ -1,9 +1,11 @@
 """The send pipeline: limits, authorization, idempotency, seq allocation, failure isolation."""
 import threading
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from accounts.models import User
 from chat import events
@@ -11,13 +13,12 @@ from tests.conftest import nothing_published
 from chat.services import send as sending
 from core.errors import (
     AccessDenied,
-    IdempotencyInFlight,
     IdempotencyMismatch,
     RateLimited,
     StoreUnavailable,
     ValidationFailed,
 )
-from chat.models import Ban, Conversation, Participant
+from chat.models import Ban, Conversation, IdempotencyKey, Participant
 from chat.store import StoreError, get_message_store
 from notifications.models import OutboxEntry
 
@@ -184,18 +185,27 @@ class TestIdempotency:
         assert send(alice, conversation, idempotency_key="k1").message.seq == 1
         assert send(bob, conversation, idempotency_key="k1").message.seq == 2
 
-    def test_in_flight_key_conflicts(self, pair, published):
+    def test_the_record_commits_with_the_message_and_names_it(self, pair, published):
         alice, _, conversation = pair
-        store = get_message_store()
-        body = sending.check_message_input(content="hello")
-        store.claim_idempotency(
-            sender_id=alice.pk,
-            key="k1",
-            request_hash=sending._request_hash(conversation.id, body),
-            message_id=uuid.uuid4(),
-        )
-        with pytest.raises(IdempotencyInFlight):
-            send(alice, conversation, idempotency_key="k1")
+        sent = send(alice, conversation, idempotency_key="k1").message
+        record = IdempotencyKey.objects.get(sender_id=alice.pk, key="k1")
+        assert (record.conversation_id, record.seq, record.message_id) == (conversation.id, 1, sent.message_id)
+
+    def test_a_key_past_its_lifetime_is_a_new_send(self, pair, published):
+        alice, _, conversation = pair
+        first = send(alice, conversation, idempotency_key="k1").message
+        IdempotencyKey.objects.update(created_at=timezone.now() - sending.IDEMPOTENCY_TTL - timedelta(seconds=1))
+        second = send(alice, conversation, idempotency_key="k1")
+        assert not second.replayed and second.message.seq == first.seq + 1
+        assert IdempotencyKey.objects.get(sender_id=alice.pk, key="k1").message_id == second.message.message_id
+
+    def test_purge_deletes_expired_records_only(self, pair, published):
+        alice, _, conversation = pair
+        send(alice, conversation, idempotency_key="old")
+        send(alice, conversation, idempotency_key="fresh")
+        IdempotencyKey.objects.filter(key="old").update(created_at=timezone.now() - sending.IDEMPOTENCY_TTL - timedelta(seconds=1))
+        assert sending.idempotency_keys_purge() == 1
+        assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["fresh"]
 
 
 @pytest.mark.django_db
@@ -214,7 +224,7 @@ class TestFailureIsolation:
         assert OutboxEntry.objects.count() == 0
         assert Conversation.objects.get(pk=conversation.pk).last_seq == 0  # no seq burned
         monkeypatch.undo()
-        # The failed attempt released its key: the retry goes through.
+        # The failed attempt left no record: the retry goes through.
         assert send(alice, conversation, idempotency_key="retry-me").message.seq == 1
 
     def test_publish_failure_does_not_fail_the_send(self, pair, monkeypatch):

@@ -11,28 +11,14 @@ import dataclasses
 import itertools
 import uuid
 from datetime import datetime, timedelta, timezone
-from types import SimpleNamespace
 
 import pytest
 
-from chat.store import IDEMPOTENCY_CLAIM_LEASE_SECONDS, IdempotencyRecord, Message, MessageStore
+from chat.store import Message, MessageStore
 
 pytestmark = pytest.mark.django_db
 
 BUCKET_SIZE = 10
-
-
-class Clock:
-    """A clock the test moves, so idempotency claims can age without sleeping through the lease."""
-
-    def __init__(self) -> None:
-        self.current = _ms(datetime.now(timezone.utc))
-
-    def __call__(self) -> datetime:
-        return self.current
-
-    def advance(self, seconds: float) -> None:
-        self.current += timedelta(seconds=seconds)
 
 
 def _ms(value: datetime) -> datetime:
@@ -40,24 +26,15 @@ def _ms(value: datetime) -> datetime:
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
 @pytest.fixture(params=["sql", "cassandra"])
-def store(request, clock, monkeypatch) -> MessageStore:
+def store(request) -> MessageStore:
     if request.param == "sql":
-        from chat.store import sql
+        from chat.store.sql import SqlMessageStore
 
-        # The sql store reads the time from django.utils.timezone; give it the test's clock.
-        monkeypatch.setattr(sql, "timezone", SimpleNamespace(now=clock))
-        return sql.SqlMessageStore()
+        return SqlMessageStore()
     from chat.store.cassandra import CassandraMessageStore
 
-    return CassandraMessageStore(
-        connection=request.getfixturevalue("cassandra_connection"), bucket_size=BUCKET_SIZE, clock=clock
-    )
+    return CassandraMessageStore(connection=request.getfixturevalue("cassandra_connection"), bucket_size=BUCKET_SIZE)
 
 
 _sent = itertools.count()
@@ -101,7 +78,7 @@ def expected_page(seqs: list[int], after_seq: int | None, before_seq: int | None
 # --- messages ------------------------------------------------------------------------------------
 
 
-def test_insert_then_get_and_get_by_id_return_every_field_unchanged(store):
+def test_insert_then_get_return_every_field_unchanged(store):
     conversation_id = uuid.uuid4()
     message = make_message(
         conversation_id,
@@ -117,7 +94,6 @@ def test_insert_then_get_and_get_by_id_return_every_field_unchanged(store):
     store.insert(edited)
 
     assert store.get(conversation_id, 1) == message
-    assert store.get_by_id(message.message_id) == message
     assert store.get(conversation_id, 2) == edited
     assert store.get(conversation_id, 1).sent_at.utcoffset() == timedelta(0)
 
@@ -136,7 +112,6 @@ def test_unknown_ids_return_none(store):
     conversation_id = fill(store, [1])
     assert store.get(conversation_id, 2) is None
     assert store.get(uuid.uuid4(), 1) is None
-    assert store.get_by_id(uuid.uuid4()) is None
 
 
 def test_history_is_ascending_and_per_conversation(store):
@@ -227,7 +202,6 @@ def test_edit_replaces_content_and_stamps_edited_at(store):
     expected = dataclasses.replace(original, content="fixed typo ✓", edited_at=edited_at)
     assert edited == expected
     assert store.get(conversation_id, 11) == expected
-    assert store.get_by_id(original.message_id) == expected
     assert store.history(conversation_id).messages == [expected]
 
 
@@ -247,7 +221,6 @@ def test_tombstone_removes_content_and_keeps_the_place(store):
         original.sent_at,
     )
     assert store.get(conversation_id, 11) == tombstone
-    assert store.get_by_id(original.message_id) == tombstone
     assert store.history(conversation_id).messages[1] == tombstone
     assert seqs_of(store.history(conversation_id)) == [10, 11, 12]
     assert store.tombstone(conversation_id, 11) == tombstone
@@ -270,104 +243,14 @@ def test_edit_and_tombstone_of_unknown_messages_return_none_and_create_nothing(s
     assert seqs_of(store.history(conversation_id)) == [1]
 
 
-# --- idempotency ----------------------------------------------------------------------------------
-
-
-def claim(store: MessageStore, sender_id: uuid.UUID, key: str, request_hash: str, message_id: uuid.UUID | None = None):
-    return store.claim_idempotency(
-        sender_id=sender_id, key=key, request_hash=request_hash, message_id=message_id or uuid.uuid4()
-    )
-
-
-def test_first_claim_is_ours_and_a_second_returns_the_first(store):
-    sender_id, first_id = uuid.uuid4(), uuid.uuid4()
-    assert claim(store, sender_id, "key-1", "hash-a", first_id) is None
-    in_flight = IdempotencyRecord(request_hash="hash-a", message_id=first_id, completed=False)
-    assert claim(store, sender_id, "key-1", "hash-a") == in_flight
-    # A different body gets the same record: comparing hashes is the caller's job (422).
-    assert claim(store, sender_id, "key-1", "hash-b") == in_flight
-
-
-def test_keys_are_per_sender(store):
-    key = f"shared-{uuid.uuid4()}"
-    assert claim(store, uuid.uuid4(), key, "hash-a") is None
-    assert claim(store, uuid.uuid4(), key, "hash-a") is None
-
-
-def test_insert_with_key_completes_the_claim(store):
-    sender_id, message_id = uuid.uuid4(), uuid.uuid4()
-    assert claim(store, sender_id, "send", "hash-a", message_id) is None
-    store.insert(make_message(uuid.uuid4(), 1, message_id=message_id, sender_id=sender_id), idempotency_key="send")
-    assert claim(store, sender_id, "send", "hash-a") == IdempotencyRecord("hash-a", message_id, completed=True)
-
-
-def test_insert_with_an_unclaimed_key_stores_the_message_and_claims_nothing(store):
-    sender_id = uuid.uuid4()
-    message = make_message(uuid.uuid4(), 1, sender_id=sender_id)
-    store.insert(message, idempotency_key="never-claimed")
-    assert store.get_by_id(message.message_id) == message
-    assert claim(store, sender_id, "never-claimed", "hash-a") is None
-
-
-def test_a_claim_in_flight_within_the_lease_is_not_taken_over(store, clock):
-    sender_id, first_id = uuid.uuid4(), uuid.uuid4()
-    claim(store, sender_id, "slow", "hash-a", first_id)
-    clock.advance(IDEMPOTENCY_CLAIM_LEASE_SECONDS - 1)
-    assert claim(store, sender_id, "slow", "hash-a") == IdempotencyRecord("hash-a", first_id, completed=False)
-
-
-def test_release_frees_the_key_and_spares_completed_claims(store):
-    sender_id, failed_id = uuid.uuid4(), uuid.uuid4()
-    claim(store, sender_id, "failed", "hash-a", failed_id)
-    store.release_idempotency(sender_id=sender_id, key="failed", message_id=uuid.uuid4())  # not ours
-    assert claim(store, sender_id, "failed", "hash-a") == IdempotencyRecord("hash-a", failed_id, completed=False)
-    store.release_idempotency(sender_id=sender_id, key="failed", message_id=failed_id)
-    retry_id = uuid.uuid4()
-    assert claim(store, sender_id, "failed", "hash-b", retry_id) is None
-    assert claim(store, sender_id, "failed", "hash-b") == IdempotencyRecord("hash-b", retry_id, completed=False)
-
-    done_id = uuid.uuid4()
-    claim(store, sender_id, "done", "hash-a", done_id)
-    store.insert(make_message(uuid.uuid4(), 1, message_id=done_id, sender_id=sender_id), idempotency_key="done")
-    # A retry finds the message: from then on the claim is completed in every store.
-    assert claim(store, sender_id, "done", "hash-a") == IdempotencyRecord("hash-a", done_id, completed=True)
-    store.release_idempotency(sender_id=sender_id, key="done", message_id=done_id)
-    assert claim(store, sender_id, "done", "hash-a") == IdempotencyRecord("hash-a", done_id, completed=True)
-    store.release_idempotency(sender_id=uuid.uuid4(), key="never-claimed", message_id=uuid.uuid4())
-
-
-def test_a_stale_claim_is_taken_over_once(store, clock):
-    sender_id, dead_id, retry_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    claim(store, sender_id, "crashed", "hash-a", dead_id)
-    clock.advance(IDEMPOTENCY_CLAIM_LEASE_SECONDS + 1)
-
-    assert claim(store, sender_id, "crashed", "hash-b", retry_id) is None
-    # The retry now owns the key: a third request sees its claim, fresh again.
-    assert claim(store, sender_id, "crashed", "hash-c") == IdempotencyRecord("hash-b", retry_id, completed=False)
-
-    store.insert(make_message(uuid.uuid4(), 1, message_id=retry_id, sender_id=sender_id), idempotency_key="crashed")
-    assert claim(store, sender_id, "crashed", "hash-b") == IdempotencyRecord("hash-b", retry_id, completed=True)
-
-
-def test_a_stale_claim_whose_message_exists_is_completed(store, clock):
-    sender_id, message_id = uuid.uuid4(), uuid.uuid4()
-    claim(store, sender_id, "persisted", "hash-a", message_id)
-    # The request persisted its message, then died before completing the claim.
-    store.insert(make_message(uuid.uuid4(), 1, message_id=message_id, sender_id=sender_id))
-    clock.advance(IDEMPOTENCY_CLAIM_LEASE_SECONDS + 1)
-
-    completed = IdempotencyRecord("hash-a", message_id, completed=True)
-    assert claim(store, sender_id, "persisted", "hash-a") == completed
-    assert claim(store, sender_id, "persisted", "hash-a") == completed
-
-
 # --- where the backends differ ---------------------------------------------------------------------
 
 
 def test_cassandra_seq_reused_after_a_rolled_back_send_belongs_to_the_new_message(cassandra_connection):
     """A send whose relational transaction rolls back after the Cassandra insert leaves its row,
     and the next send reuses the seq (SQL rolls both back together, so it never sees this). The
-    new message overwrites the row; the old id must not resolve to someone else's message."""
+    new message overwrites the row (readers that hold the old id, such as an idempotency record of
+    the rolled-back send, never exist: the record rolled back with it)."""
     from chat.store.cassandra import CassandraMessageStore
 
     store = CassandraMessageStore(connection=cassandra_connection, bucket_size=BUCKET_SIZE)
@@ -376,5 +259,3 @@ def test_cassandra_seq_reused_after_a_rolled_back_send_belongs_to_the_new_messag
     store.insert(rolled_back)
     store.insert(sent)
     assert store.get(conversation_id, 5) == sent
-    assert store.get_by_id(sent.message_id) == sent
-    assert store.get_by_id(rolled_back.message_id) is None

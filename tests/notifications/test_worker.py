@@ -228,7 +228,7 @@ def test_a_deleted_message_is_not_pushed(webhook, make_user, make_group, make_de
     make_device(bob)
     message = send(alice, make_group(alice, bob))
     store = get_message_store()
-    monkeypatch.setattr(store, "get_by_id", lambda message_id: dataclasses.replace(message, content="", deleted=True))
+    monkeypatch.setattr(store, "get", lambda conversation_id, seq: dataclasses.replace(message, content="", deleted=True))
 
     make_worker().run(once=True)
 
@@ -243,14 +243,14 @@ def test_a_message_missing_from_the_store_is_retried(
     make_device(bob)
     message = send(alice, make_group(alice, bob))
     store = get_message_store()
-    monkeypatch.setattr(store, "get_by_id", lambda message_id: None)
+    monkeypatch.setattr(store, "get", lambda conversation_id, seq: None)
     worker = make_worker()
     worker.run(once=True)
     delivery = Delivery.objects.get()
     assert (delivery.status, delivery.attempts) == (Status.PENDING, 1)
     assert "not found in the message store" in delivery.last_error
 
-    monkeypatch.setattr(store, "get_by_id", lambda message_id: message)
+    monkeypatch.setattr(store, "get", lambda conversation_id, seq: message)
     make_due()
     worker.run(once=True)
 
