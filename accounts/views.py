@@ -5,6 +5,7 @@ from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.exceptions import NotFound
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from accounts import services
@@ -27,6 +28,9 @@ class RegisterView(APIView):
 
 
 class TokenView(ObtainAuthToken):
+    # ObtainAuthToken hard-codes DRF's stock parsers; ours bound JSON nesting (core/parsers.py).
+    parser_classes = api_settings.DEFAULT_PARSER_CLASSES
+
     @extend_schema(responses={200: TokenOutput})
     def post(self, request, *args, **kwargs):
         return super().post(request, *args, **kwargs)

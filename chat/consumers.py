@@ -26,6 +26,7 @@ from chat import events, metrics, overload
 from chat.access import access_conversation
 from chat.delivery import SeqGate
 from core.errors import AccessDenied, ChatError, ValidationFailed
+from core.jsonsafe import loads_bounded
 from chat.presence import get_presence
 from core.threads import in_thread
 from chat.services.conversations import read_marker_set
@@ -350,7 +351,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         ):
             return await self._error("bad_request", "Frames are limited to 1 MiB; send large content over REST.")
         try:
-            frame = json.loads(text_data)
+            frame = loads_bounded(text_data)  # nesting over 32 is a ValueError too, not a RecursionError
         except ValueError:
             return await self._error("bad_request", "Frames must be valid JSON.")
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):

@@ -2,12 +2,12 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.generics import ListAPIView
-from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from chat import selectors
+from core.pagination import StrictCursorPagination
 from chat.services import conversations, moderation
 from chat.services.send import SendRequest, message_send
 from chat.access import allowed_participants
@@ -32,7 +32,7 @@ from chat.serializers import (
 MEMBER_ONLY = [IsAuthenticated, IsConversationParticipant]
 
 
-class RecentActivityPagination(CursorPagination):
+class RecentActivityPagination(StrictCursorPagination):
     ordering = "-last_activity_at"
     page_size = 50
 

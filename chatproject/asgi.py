@@ -23,7 +23,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.ws_auth import websocket_stack  # noqa: E402
+from core import transport  # noqa: E402
+from core.bodylimit import BodyLimitMiddleware  # noqa: E402
+
+# Request bodies are capped before they are buffered (core/bodylimit.py): in the app, and inside
+# daphne, which otherwise buffers a whole body before the app sees any of it.
+transport.install()
 
 application = ProtocolTypeRouter(
-    {"http": django_asgi_app, "websocket": websocket_stack(URLRouter(websocket_urlpatterns))}
+    {"http": BodyLimitMiddleware(django_asgi_app), "websocket": websocket_stack(URLRouter(websocket_urlpatterns))}
 )

@@ -6,6 +6,7 @@ and the SQL message store.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import tempfile
@@ -47,6 +48,21 @@ DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
+# Production behind TLS (docs/configuration.md "Production"); `manage.py check --deploy` is clean
+# with all of them set. Off by default: `make run` serves plain http on loopback.
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+SECURE_REDIRECT_EXEMPT = [r"^metrics$"]  # a scrape over loopback is plain http
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", False)
+_proxy_ssl_header = env_list("DJANGO_SECURE_PROXY_SSL_HEADER", "")
+SECURE_PROXY_SSL_HEADER = None
+if len(_proxy_ssl_header) == 2 and _proxy_ssl_header[0].startswith("HTTP_"):
+    SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header[0], _proxy_ssl_header[1])
+elif _proxy_ssl_header:
+    env.invalid("DJANGO_SECURE_PROXY_SSL_HEADER", ",".join(_proxy_ssl_header), "HTTP_<HEADER>,<value>, e.g. HTTP_X_FORWARDED_PROTO,https")
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -69,6 +85,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "core.middleware.RefuseNulInQueryMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -141,8 +158,12 @@ STORAGES = {
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# Inbound request bodies: a 10 MiB message content plus its JSON envelope and metadata.
-DATA_UPLOAD_MAX_MEMORY_SIZE = 11 * 1024 * 1024
+# Inbound request bodies (core/bodylimit.py): over the cap, a JSON 413 before the body is buffered.
+# The default fits the largest JSON body, a 10 MiB message content plus its envelope and metadata.
+CHAT_MAX_REQUEST_BYTES = env_int("CHAT_MAX_REQUEST_BYTES", 11 * 1024 * 1024, minimum=64 * 1024)
+# Paths whose bodies have a cap of their own (exact path -> bytes), e.g. a multipart upload.
+CHAT_REQUEST_BODY_CAPS: dict[str, int] = {}
+DATA_UPLOAD_MAX_MEMORY_SIZE = CHAT_MAX_REQUEST_BYTES
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -152,6 +173,12 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "chat.api_errors.exception_handler",
+    # DRF's three, with JSON nesting bounded (a 400, never a RecursionError's 500).
+    "DEFAULT_PARSER_CLASSES": [
+        "core.parsers.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
 }
@@ -246,6 +273,14 @@ CHAT_WEBPUSH_ALLOW_HTTP = env_bool("CHAT_WEBPUSH_ALLOW_HTTP", False)
 # Metrics: set when several processes share one Prometheus directory (prometheus_client reads it
 # too); each process then marks its live gauges dead as it exits.
 PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR")
+# Who may read /metrics (chatproject/metrics.py): these addresses or networks, or a bearer token.
+CHAT_METRICS_ALLOWED_IPS = []
+for _network in env_list("CHAT_METRICS_ALLOWED_IPS", "127.0.0.1,::1"):
+    try:
+        CHAT_METRICS_ALLOWED_IPS.append(str(ipaddress.ip_network(_network, strict=False)))
+    except ValueError:
+        env.invalid("CHAT_METRICS_ALLOWED_IPS", _network, "IP addresses or networks, e.g. 127.0.0.1,::1,10.0.0.0/8")
+CHAT_METRICS_TOKEN = env_str("CHAT_METRICS_TOKEN", secret=True)
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 LOGGING = {

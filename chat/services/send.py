@@ -38,6 +38,7 @@ from core.errors import (
     StoreUnavailable,
     ValidationFailed,
 )
+from core.jsonsafe import MAX_DEPTH, json_problem
 from core.ratelimit import Decision as RateDecision
 from core.ratelimit import get_send_rate_limiter
 from core.threads import in_thread
@@ -48,6 +49,7 @@ MESSAGE_TYPES = ("text", "image", "video", "file")
 MAX_TEXT_BYTES = 10_000
 MAX_MEDIA_BYTES = 10 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
+MAX_METADATA_DEPTH = MAX_DEPTH  # SPEC 4.1: nested deeper than 32 levels is a 400
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 # How long a key answers with its first send's message (SPEC: at least 24 h).
 IDEMPOTENCY_TTL = timedelta(hours=48)
@@ -116,6 +118,9 @@ def check_message_input(
         metadata = {}
     if not isinstance(metadata, dict):
         errors["metadata"] = ["Must be a JSON object."]
+    elif problem := json_problem(metadata, max_depth=MAX_METADATA_DEPTH, refuse_nul=True):
+        # Before json.dumps, which recurses (RecursionError) and escapes NUL where _utf8 cannot see it.
+        errors["metadata"] = [problem]
     else:
         encoded = _utf8(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False))
         if encoded is None:

@@ -1,0 +1,127 @@
+"""Limits daphne's HTTP transport (Twisted) applies before the application sees a request.
+
+daphne buffers a whole request body before it calls the application (Twisted writes it to a
+temporary file, then daphne queues all of it at once as `http.request` messages), so an ASGI
+middleware alone cannot keep a 300 MiB body out of the process. daphne has no option for it; these
+subclasses, installed by chatproject/asgi.py through `install()`, apply core.bodylimit's caps while
+the body arrives:
+- a declared Content-Length over the cap is answered with the JSON 413 as soon as the headers are in;
+- a chunked body is answered the same way once its running total passes the cap;
+- the rest of a refused body is read and dropped (never stored) until it ends or for at most
+  LINGER_SECONDS, then the connection closes: a client that writes its whole body before reading
+  (most do) still reads the 413 instead of a connection reset.
+Header limits stay Twisted's (16 KiB per line and in all, 500 lines); what changes is the answer:
+a JSON 431 instead of a silently dropped connection (one line too long) or a bare 400 (all lines
+too long), and a JSON 400 for a malformed request instead of an empty one.
+"""
+from __future__ import annotations
+
+import io
+import json
+from urllib.parse import unquote, urlsplit
+
+from daphne import http_protocol
+from twisted.web import http
+
+from core.bodylimit import body_cap_for, too_large_body
+
+LINGER_SECONDS = 5.0
+
+REASONS = {400: b"Bad Request", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
+
+
+def raw_response(status: int, body: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        % (status, REASONS[status], len(body))
+    ) + body
+
+
+def _answer_and_close(channel: http.HTTPChannel, status: int, detail: str, code: str) -> None:
+    if channel.transport is None:
+        return
+    channel.transport.write(raw_response(status, json.dumps({"detail": detail, "code": code}).encode()))
+    channel.transport.loseConnection()
+
+
+class CappedHTTPChannel(http.HTTPChannel):
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # Twisted's default drops the connection without a word.
+        _answer_and_close(self, 431, f"A request header line is longer than {self.MAX_LENGTH} bytes.",
+                          "request_header_fields_too_large")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
+            _answer_and_close(
+                self, 431, f"Request headers exceed {self.totalHeadersSize} bytes or {self.maxHeaders} lines.",
+                "request_header_fields_too_large",
+            )
+        else:
+            _answer_and_close(self, 400, "Malformed HTTP request.", "bad_request")
+
+
+class CappedWebRequest(http_protocol.WebRequest):
+    refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        target = getattr(self.channel, "_path", b"/")
+        self.body_cap = body_cap_for(unquote(urlsplit(target.decode("latin-1")).path))
+        self.body_received = 0
+        if length is not None and length > self.body_cap:
+            # No "100 Continue" for a body that is refused anyway.
+            self.requestHeaders.removeHeader(b"expect")
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.refused:
+            return
+        self.body_received += len(data)
+        if self.body_received > self.body_cap:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        self.refused = True
+        self.content = io.BytesIO()  # what was stored so far is dropped
+        from twisted.internet import reactor  # daphne has installed its reactor by the time a request arrives
+
+        transport = self.channel.transport
+        transport.write(raw_response(413, too_large_body(self.body_cap)))
+        reactor.callLater(LINGER_SECONDS, transport.loseConnection)
+
+    def process(self):
+        if self.refused:
+            # The whole body has been read and dropped: close now (the answer is already out).
+            self.channel.transport.loseConnection()
+            return None
+        return super().process()
+
+    def connectionLost(self, reason) -> None:
+        if self.refused:
+            # Never handed to the application: nothing of daphne's to clean up.
+            return http.Request.connectionLost(self, reason)
+        return super().connectionLost(reason)
+
+
+def _capped_channel(factory: http.HTTPFactory) -> http._GenericHTTPChannelProtocol:
+    return http._GenericHTTPChannelProtocol(CappedHTTPChannel())
+
+
+class CappedHTTPFactory(http_protocol.HTTPFactory):
+    protocol = _capped_channel
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        protocol.requestFactory = CappedWebRequest
+        return protocol
+
+
+def install() -> None:
+    """Make daphne's server build its HTTP connections from the classes above (daphne.server
+    instantiates `HTTPFactory` by that module-level name when it starts listening)."""
+    import daphne.server
+
+    daphne.server.HTTPFactory = CappedHTTPFactory
