@@ -25,6 +25,7 @@ from django.conf import settings
 from chat import events, metrics, overload
 from chat.access import access_conversation
 from chat.delivery import SeqGate
+from chat.fanout import get_fanout
 from core.errors import AccessDenied, ChatError, ValidationFailed
 from core.jsonsafe import loads_bounded
 from chat.presence import get_presence
@@ -71,6 +72,10 @@ def _query_param(scope, name: str) -> str | None:
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
+    # No channel per socket: the process's fan-out (chat.fanout) receives each event once and
+    # feeds it to this socket's inbox, drained by one task of its own.
+    channel_layer_alias = None
+
     user = None
     conversation_id: uuid.UUID | None = None
     holds_slot = False
@@ -85,6 +90,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.user = self.scope.get("user")
         self.cleaned_up = False
         self.subscribed: list[str] = []
+        # This connection's name in presence entries (there is no per-socket channel name).
+        self.connection_id = uuid.uuid4().hex
+        self.inbox: asyncio.Queue[dict] = asyncio.Queue()
+        self.inbox_task: asyncio.Task | None = None
         self.last_typing = 0.0
         self.backlog_probe = socket_backlog_probe(self.scope.get("server_send"))
 
@@ -104,12 +113,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.conversation_id = conversation.id
 
         # Subscribe first, then read where the conversation stands: every later message is then
-        # either already in the store or on its way to this channel. The user's own group carries
-        # events about the person, such as deactivation.
+        # either already in the store or on its way to this socket's inbox. The user's own group
+        # carries events about the person, such as deactivation.
         groups = [events.conversation_group(conversation.id), events.user_group(self.user.pk)]
+        self.inbox_task = asyncio.create_task(self._drain_inbox())
         try:
+            fanout = get_fanout()
             for group in groups:
-                await events.retry_once(lambda: self.channel_layer.group_add(group, self.channel_name))
+                await fanout.subscribe(group, self)
                 self.subscribed.append(group)
         except Exception:
             logger.warning("websocket: channel layer unavailable, closing with 1013", exc_info=True)
@@ -118,7 +129,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.accept()
             await self._error("unavailable", "Realtime delivery is unavailable; reconnect with after_seq shortly.")
             return await self.close(code=CLOSE_TRY_AGAIN_LATER)
-        metrics.redis_subscription_active.inc()
         metrics.websocket_connections.inc()
         self.counted = True
         # Authorize again now that revocations reach this socket: a ban or removal committed
@@ -177,7 +187,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         presence = get_presence()
         self.presence_joined = True  # before the call: a failed join is still left on disconnect
         try:
-            if await presence.join(self.conversation_id, self.user.pk, self.channel_name):
+            if await presence.join(self.conversation_id, self.user.pk, self.connection_id):
                 await events.presence(self.conversation_id, self.user.pk, online=True)
             for user_id in await presence.online(self.conversation_id):
                 if user_id != self.user.pk:
@@ -190,18 +200,31 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.presence_joined = False
         try:
-            if await get_presence().leave(self.conversation_id, self.user.pk, self.channel_name):
+            if await get_presence().leave(self.conversation_id, self.user.pk, self.connection_id):
                 await events.presence(self.conversation_id, self.user.pk, online=False)
         except Exception:
             logger.warning("presence: leave failed", exc_info=True)
 
     async def _unsubscribe(self) -> None:
+        fanout = get_fanout()
         while self.subscribed:
-            group = self.subscribed.pop()
+            await fanout.unsubscribe(self.subscribed.pop(), self)
+
+    def feed(self, event: dict) -> None:
+        """An event of one of this socket's groups, from the process's fan-out."""
+        self.inbox.put_nowait(event)
+
+    async def _drain_inbox(self) -> None:
+        """Handle this socket's events one at a time, in the order the process received them."""
+        while True:
+            event = await self.inbox.get()
             try:
-                await self.channel_layer.group_discard(group, self.channel_name)
-            except Exception:  # the layer has already dropped its local membership
-                logger.warning("websocket: group_discard of %s failed", group, exc_info=True)
+                await self.dispatch(event)
+            except Exception:
+                # Counted and logged by the handler; the socket cannot be trusted to be in order
+                # any more: close it (the client resumes with after_seq and loses nothing).
+                await self.close(code=1011)
+                return
 
     def _release_slot(self) -> None:
         if self.holds_slot:
@@ -253,8 +276,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.gate is not None:
             self.gate.close()
         await self._unsubscribe()
+        if self.inbox_task is not None and self.inbox_task is not asyncio.current_task():
+            self.inbox_task.cancel()
         if self.counted:
-            metrics.redis_subscription_active.dec()
             metrics.websocket_connections.dec()
             self.counted = False
         self._release_slot()

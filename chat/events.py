@@ -60,7 +60,9 @@ async def _apublish_to(group: str, event: dict[str, Any]) -> bool:
     started = time.perf_counter()
     try:
         await asyncio.wait_for(
-            retry_once(lambda: get_channel_layer().group_send(group, event)), PUBLISH_TIMEOUT_SECONDS
+            # The group travels with the event: each process's fan-out routes by it (chat.fanout).
+            retry_once(lambda: get_channel_layer().group_send(group, {**event, "group": group})),
+            PUBLISH_TIMEOUT_SECONDS,
         )
     except Exception:
         metrics.message_published.labels(status="error").inc()

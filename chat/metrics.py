@@ -9,7 +9,7 @@ websocket_connection_unauthorized = Counter(
 )
 broadcast_panic = Counter("chat_broadcast_panic_total", "Unexpected exceptions while delivering to a connection.")
 redis_subscription_active = Gauge(
-    "chat_redis_subscription_active", "Conversation group subscriptions held by this process.", multiprocess_mode="livesum"
+    "chat_redis_subscription_active", "Channel-layer group subscriptions held by this process (one per group with local sockets).", multiprocess_mode="livesum"
 )
 message_created = Counter("chat_message_created_total", "Messages created.", ["message_type", "is_encrypted"])
 message_persisted = Counter("chat_message_persisted_total", "Message store writes by outcome.", ["status"])

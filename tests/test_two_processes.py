@@ -55,7 +55,11 @@ def people(cluster):
         "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_id]}, token=alice
     )
     assert status == 201
-    return {"alice": alice, "bob": bob, "conversation": conversation["id"]}
+    status, probe, _ = a.request(
+        "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_id], "title": "probe"}, token=alice
+    )
+    assert status == 201
+    return {"alice": alice, "bob": bob, "conversation": conversation["id"], "probe": probe["id"]}
 
 
 def ws_url(server, conversation_id, after_seq=None):
@@ -150,7 +154,7 @@ async def test_redis_outage_keeps_sends_durable_and_nothing_is_lost(cluster, peo
         assert b.metric("chat_redis_publish_error_total") >= errors_before + 1
 
         redis_server.start()  # same port: the service reconnects by itself, no restart
-        await wait_until_sockets_work(a, conversation, headers)
+        await wait_until_delivery_works(a, b, people)
         status, after, _ = send(b, people["alice"], conversation, "sent after Redis is back")
         assert status == 201
         # The socket that stayed open gets the lost publish from the store, then the new one, in order.
@@ -164,12 +168,20 @@ async def test_redis_outage_keeps_sends_durable_and_nothing_is_lost(cluster, peo
         assert [f["message"] for f in await frames_of_type(socket, "message.new", 1)] == [live]
 
 
-async def wait_until_sockets_work(server, conversation, headers, timeout=20):
+async def wait_until_delivery_works(receiving, sending, people, timeout=20):
+    """Until a message sent through `sending` reaches a socket on `receiving` live: Redis is back
+    and `receiving`'s subscriptions are restored. Probed on a conversation of its own, so the
+    conversation under test sees no extra messages."""
+    headers = {"Authorization": f"Token {people['bob']}"}
     deadline = time.monotonic() + timeout
     while True:
         try:
-            async with connect(ws_url(server, conversation), additional_headers=headers, open_timeout=3) as socket:
+            async with connect(ws_url(receiving, people["probe"]), additional_headers=headers, open_timeout=3) as socket:
                 assert json.loads(await asyncio.wait_for(socket.recv(), 3))["type"] == "ready"
+                status, probe, _ = send(sending, people["alice"], people["probe"], "probe")
+                assert status == 201
+                frames = await frames_of_type(socket, "message.new", 1, timeout=2)
+                assert frames[0]["message"]["message_id"] == probe["message_id"]
                 return
         except Exception:
             if time.monotonic() > deadline:

@@ -11,6 +11,7 @@ from rest_framework.authtoken.models import Token
 
 from chat import consumers, events
 
+from chat.fanout import get_fanout
 from chat.services import conversations, send as sending
 from chat.store import get_message_store
 from chatproject.asgi import application
@@ -298,16 +299,15 @@ class TestDelivery:
         first = await send_over_rest_path(alice, conversation, "one")
         second = await send_over_rest_path(alice, conversation, "two")
         group = events.conversation_group(conversation.id)
-        layer = get_channel_layer()
         fills_before = metrics.gap_fills._value.get()
-        await layer.group_send(group, {"type": "message.new", "message": second.message.as_dict()})
-        await layer.group_send(group, {"type": "message.new", "message": first.message.as_dict()})
+        await events._apublish_to(group, {"type": "message.new", "message": second.message.as_dict()})
+        await events._apublish_to(group, {"type": "message.new", "message": first.message.as_dict()})
         assert [m["content"] for m in await receive_messages(b, 1)] == ["one"]
         assert [m["content"] for m in await receive_messages(b, 1)] == ["two"]
         assert metrics.gap_fills._value.get() == fills_before  # reordered, not read from the store
         # The same messages published again: duplicates must not reach the client.
-        await layer.group_send(group, {"type": "message.new", "message": first.message.as_dict()})
-        await layer.group_send(group, {"type": "message.new", "message": second.message.as_dict()})
+        await events._apublish_to(group, {"type": "message.new", "message": first.message.as_dict()})
+        await events._apublish_to(group, {"type": "message.new", "message": second.message.as_dict()})
         assert await nothing_but_presence(b, 0.3)
         await b.disconnect()
 
@@ -323,14 +323,15 @@ class TestDelivery:
 
     async def test_connect_disconnect_churn_leaves_no_group_membership(self, trio):
         alice, bob, _, conversation = trio
-        layer = get_channel_layer()
         group = events.conversation_group(conversation.id)
         for _ in range(20):
             socket, connected = await open_socket(bob, conversation)
             assert connected
             await socket.disconnect()
+        layer = get_channel_layer()
         assert layer.groups.get(group, {}) == {}
         assert layer.groups.get(events.user_group(bob.pk), {}) == {}
+        assert get_fanout().listeners == {}
         assert consumers._open_connections == {}
 
 

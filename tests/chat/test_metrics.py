@@ -9,7 +9,7 @@ from chat import consumers, events
 from chat.services import send as sending
 from core.errors import AccessDenied, StoreUnavailable
 from chat.store import StoreError, get_message_store
-from tests.chat.test_consumer import open_socket, receive, receive_messages
+from tests.chat.test_consumer import expect_close, open_socket, receive, receive_messages
 
 
 def value(name, **labels):
@@ -107,7 +107,12 @@ async def test_connection_and_delivery_series(pair, monkeypatch):
 
     socket, _ = await open_socket(bob, conversation)
     await receive(socket)
-    assert (delta[subscriptions], delta[connections]) == (1, 1)
+    # The process subscribes once per group: the conversation's and the user's.
+    assert (delta[subscriptions], delta[connections]) == (2, 1)
+    second_socket, _ = await open_socket(bob, conversation)
+    await receive(second_socket)
+    assert (delta[subscriptions], delta[connections]) == (2, 2)
+    await second_socket.disconnect()
 
     first = await database_sync_to_async(sending.message_send)(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="1"))
     await receive_messages(socket, 1)
@@ -118,11 +123,12 @@ async def test_connection_and_delivery_series(pair, monkeypatch):
 
     # A duplicate is dropped; an early arrival is buffered until the gap is filled from the store.
     group = events.conversation_group(conversation.id)
-    await get_channel_layer().group_send(group, {"type": "message.new", "message": first.message.as_dict()})
+    publish = events._apublish_to
+    await publish(group, {"type": "message.new", "message": first.message.as_dict()})
     monkeypatch.setattr(events, "_apublish_to", publish_lost)
     await database_sync_to_async(sending.message_send)(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="2"))
     third = await database_sync_to_async(sending.message_send)(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="3"))
-    await get_channel_layer().group_send(group, {"type": "message.new", "message": third.message.as_dict()})
+    await publish(group, {"type": "message.new", "message": third.message.as_dict()})
     await socket.receive_nothing(0.05)
     assert delta[buffered] == 1
     assert [m["seq"] for m in await receive_messages(socket, 2)] == [2, 3]
@@ -135,18 +141,24 @@ async def test_connection_and_delivery_series(pair, monkeypatch):
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_broadcast_panic_is_counted(pair, monkeypatch):
+async def test_broadcast_panic_is_counted_and_costs_only_that_socket(pair, monkeypatch):
     alice, bob, conversation = pair
     panics = S("chat_broadcast_panic_total")
     delta = Delta(panics)
     socket, _ = await open_socket(bob, conversation)
     await receive(socket)
+    healthy, _ = await open_socket(alice, conversation)
+    await receive(healthy)
+    real_emit = consumers.ChatConsumer._emit
 
-    async def explode(self, message):
-        raise RuntimeError("bug while delivering")
+    async def explode_for_bob(self, message):
+        if self.user.pk == bob.pk:
+            raise RuntimeError("bug while delivering")
+        await real_emit(self, message)
 
-    monkeypatch.setattr(consumers.ChatConsumer, "_emit", explode)
+    monkeypatch.setattr(consumers.ChatConsumer, "_emit", explode_for_bob)
     await database_sync_to_async(sending.message_send)(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="x"))
-    with pytest.raises(RuntimeError):
-        await socket.wait(2)
+    await expect_close(socket, 1011, timeout=2)
     assert delta[panics] == 1
+    assert [m["content"] for m in await receive_messages(healthy, 1)] == ["x"]
+    await healthy.disconnect()

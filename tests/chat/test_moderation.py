@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
 from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
@@ -520,13 +519,13 @@ class TestLive:
         socket, _ = await open_socket(alice, conversation)
         assert (await receive(socket))["last_seq"] == 1
         second, third, fourth = [{**template, "seq": seq, "content": f"m{seq}"} for seq in (2, 3, 4)]
-        layer, group = get_channel_layer(), events.conversation_group(conversation.id)
+        group = events.conversation_group(conversation.id)
         # seqs 3 and 4 arrive before 2 and wait; 3's edit and 4's deletion arrive while they wait.
-        await layer.group_send(group, {"type": "message.new", "message": third})
-        await layer.group_send(group, {"type": "message.new", "message": fourth})
-        await layer.group_send(group, {"type": "message.updated", "message": {**third, "content": "m3 edited"}})
-        await layer.group_send(group, {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 4})
-        await layer.group_send(group, {"type": "message.new", "message": second})
+        await events._apublish_to(group, {"type": "message.new", "message": third})
+        await events._apublish_to(group, {"type": "message.new", "message": fourth})
+        await events._apublish_to(group, {"type": "message.updated", "message": {**third, "content": "m3 edited"}})
+        await events._apublish_to(group, {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 4})
+        await events._apublish_to(group, {"type": "message.new", "message": second})
         delivered = await receive_messages(socket, 3)
         assert [(m["seq"], m["content"], m["metadata"], m["deleted"]) for m in delivered] == [
             (2, "m2", {"k": "v"}, False), (3, "m3 edited", {"k": "v"}, False), (4, "", {}, True)

@@ -1,0 +1,99 @@
+"""Per-process fan-out: one channel-layer subscription per group per process, however many local
+sockets listen to it.
+
+channels gives every socket its own channel: each event is queued once per socket and wakes each
+socket through channels' `await_many_dispatch` (a new task and an `asyncio.wait` per event per
+socket), and the process holds one subscription per socket per group. Here the process holds one
+channel; the first local listener of a group subscribes it, the last one unsubscribes it. Each
+event arrives once per process and is handed, in arrival order, to the inbox of every local
+listener of its group (events carry their group: chat.events adds it). A listener's inbox is
+drained by that listener alone, so a slow socket holds up nobody else.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from channels.layers import get_channel_layer
+
+from chat import events, metrics
+
+logger = logging.getLogger(__name__)
+
+# After a failed receive (the channel layer's Redis is restarting), wait this long before the next.
+RECEIVE_RETRY_SECONDS = 0.5
+
+
+class Listener(Protocol):
+    def feed(self, event: dict[str, Any]) -> None:
+        """Take one event; must not block (queue it and return)."""
+
+
+class Fanout:
+    """The fan-out of one process (one event loop); get it with `get_fanout()`."""
+
+    def __init__(self) -> None:
+        self.layer = get_channel_layer()
+        self.channel: str | None = None
+        self.listeners: dict[str, set[Listener]] = {}
+        self._changes = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+
+    async def subscribe(self, group: str, listener: Listener) -> None:
+        """Deliver the group's events to `listener` from now on. Raises when the channel layer
+        cannot subscribe (the caller refuses the socket: it would miss live events)."""
+        async with self._changes:
+            if self.channel is None:
+                self.channel = await self.layer.new_channel()
+                self._task = asyncio.create_task(self._receive_forever())
+            listeners = self.listeners.get(group)
+            if listeners is None:
+                await events.retry_once(lambda: self.layer.group_add(group, self.channel))
+                listeners = self.listeners[group] = set()
+                metrics.redis_subscription_active.inc()
+            listeners.add(listener)
+
+    async def unsubscribe(self, group: str, listener: Listener) -> None:
+        async with self._changes:
+            listeners = self.listeners.get(group)
+            if listeners is None or listener not in listeners:
+                return
+            listeners.discard(listener)
+            if listeners:
+                return
+            del self.listeners[group]
+            metrics.redis_subscription_active.dec()
+            try:
+                await self.layer.group_discard(group, self.channel)
+            except Exception:  # the layer drops its local membership all the same
+                logger.warning("fan-out: group_discard of %s failed", group, exc_info=True)
+
+    async def _receive_forever(self) -> None:
+        while True:
+            try:
+                event = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("fan-out: receive failed; retrying", exc_info=True)
+                await asyncio.sleep(RECEIVE_RETRY_SECONDS)
+                continue
+            for listener in tuple(self.listeners.get(event.get("group"), ())):
+                try:
+                    listener.feed(event)
+                except Exception:
+                    metrics.broadcast_panic.inc()
+                    logger.exception("fan-out: a listener refused an event")
+
+
+_fanouts: dict[asyncio.AbstractEventLoop, Fanout] = {}
+
+
+def get_fanout() -> Fanout:
+    """This event loop's fan-out (one per process in the server; tests run several loops)."""
+    loop = asyncio.get_running_loop()
+    fanout = _fanouts.get(loop)
+    if fanout is None or fanout.layer is not get_channel_layer():
+        fanout = _fanouts[loop] = Fanout()
+    return fanout
