@@ -3,7 +3,7 @@
     DATABASE_URL=sqlite:////tmp/x.sqlite3 .venv/bin/python -m bench.seed --groups 200 --size 10 \
         --pairs 20 --out fixture.json
 
-Users get unusable passwords and a DRF token each (bulk inserts: seconds for thousands); the
+Users get unusable passwords and a token each (hashed, as accounts.services.token_issue stores them) (bulk inserts: seconds for thousands); the
 conversations go through chat.services.conversations.conversation_create, the same code as the REST endpoint.
 Writes {"groups": [[conv_id, [[user_id, token], ...]], ...], "pairs": [...]} to --out.
 """
@@ -28,7 +28,9 @@ def main() -> None:
     import django
 
     django.setup()
-    from rest_framework.authtoken.models import Token
+    from knox.models import AuthToken, get_digest_token
+    from knox.settings import CONSTANTS, knox_settings
+    from django.utils import timezone
 
     from accounts.models import User
     from chat.services.conversations import conversation_create
@@ -39,9 +41,13 @@ def main() -> None:
     for user in users:
         user.set_unusable_password()
     User.objects.bulk_create(users, batch_size=500)
-    tokens = [Token(key=Token.generate_key(), user=user) for user in users]
-    Token.objects.bulk_create(tokens, batch_size=500)
-    credentials = [[str(t.user.pk), t.key] for t in tokens]
+    expiry = timezone.now() + knox_settings.TOKEN_TTL
+    credentials, tokens = [], []
+    for user in users:
+        digest, key = get_digest_token()
+        tokens.append(AuthToken(digest=digest, token_key=key[: CONSTANTS.TOKEN_KEY_LENGTH], user=user, expiry=expiry))
+        credentials.append([str(user.pk), key])
+    AuthToken.objects.bulk_create(tokens, batch_size=500)
 
     def group(members: list[int]) -> list:
         conversation, _ = conversation_create(

@@ -28,10 +28,10 @@ class ChatOriginValidator(OriginValidator):
 
 @in_thread
 def _user_for_token(key: str):
-    from rest_framework.authtoken.models import Token
+    # The same check as REST: hashed lookup, expiry (sliding), active account.
+    from accounts.auth import user_for_token
 
-    token = Token.objects.select_related("user").filter(key=key).first()
-    return token.user if token is not None and token.user.is_active else AnonymousUser()
+    return user_for_token(key) or AnonymousUser()
 
 
 @in_thread

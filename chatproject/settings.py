@@ -10,6 +10,7 @@ import ipaddress
 import os
 import secrets
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -72,7 +73,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_prometheus",
@@ -91,6 +92,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "accounts.middleware.LoginThrottleMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
@@ -138,6 +140,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": os.path.join(tempfile.gettempdir(), f"chat-test-{os.getpid()}.sqlite3")}
 
 AUTH_USER_MODEL = "accounts.User"
+# Django's model backend behind the login throttles (accounts/auth.py): every login path uses it.
+AUTHENTICATION_BACKENDS = ["accounts.auth.ThrottledModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -167,7 +171,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = CHAT_MAX_REQUEST_BYTES
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "accounts.auth.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -199,6 +203,19 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+}
+
+# Auth (SPEC 4.1, docs/api.md#authentication): per-device tokens, hashed at rest (django-rest-knox),
+# sliding expiry; failed-login and registration throttles, counted in Redis when REDIS_URL is set.
+CHAT_TOKEN_TTL = env_int("CHAT_TOKEN_TTL", 30 * 86400, minimum=60)
+CHAT_MAX_TOKENS_PER_USER = 100  # a login past it revokes the user's oldest token
+CHAT_LOGIN_FAIL_RATE_USER = env_rate("CHAT_LOGIN_FAIL_RATE_USER", "10/15min")
+CHAT_LOGIN_FAIL_RATE_ADDR = env_rate("CHAT_LOGIN_FAIL_RATE_ADDR", "30/15min")
+CHAT_REGISTER_RATE = env_rate("CHAT_REGISTER_RATE", "10/hour")
+REST_KNOX = {
+    "TOKEN_TTL": timedelta(seconds=CHAT_TOKEN_TTL),
+    "AUTO_REFRESH": True,  # sliding: each use moves the expiry (written at most once a minute)
+    "AUTH_HEADER_PREFIX": "Token",
 }
 
 # Channel layer: in-process for one process, Redis for several.

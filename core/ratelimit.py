@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 from django.conf import settings
@@ -39,6 +39,9 @@ class Decision:
     limit: int
     remaining: int
     reset: float  # seconds until the window ends
+    # Where the hit was counted, for refund(): the window's number, and whether Redis counted it.
+    window: int | None = field(default=None, compare=False)
+    shared: bool = field(default=False, compare=False)
 
     def headers(self) -> dict[str, str]:
         """The IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers)."""
@@ -70,6 +73,12 @@ class LocalWindowCounter:
                 self._counts = {k: v for k, v in self._counts.items() if v[0] == window}
         return count, (window + 1) * period - now
 
+    def unhit(self, key: str, window: int) -> None:
+        with self._lock:
+            start, count = self._counts.get(key, (window, 0))
+            if start == window and count > 0:
+                self._counts[key] = (window, count - 1)
+
 
 REDIS_RETRY_SECONDS = 1.0
 
@@ -77,6 +86,13 @@ _LUA_HIT = """
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return {n, redis.call('PTTL', KEYS[1])}
+"""
+
+# Only ever takes back a hit that was counted: never creates a key, never goes below zero.
+_LUA_UNHIT = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n > 0 then return redis.call('DECR', KEYS[1]) end
+return 0
 """
 
 
@@ -90,6 +106,7 @@ class RateLimiter:
         self.clock = clock
         self._local = LocalWindowCounter()
         self._redis_hit = None
+        self._redis_unhit = None
         # After a Redis failure, count locally for a moment instead of paying a timeout per send.
         self._redis_retry_at = 0.0
         if redis_url:
@@ -97,20 +114,22 @@ class RateLimiter:
 
             client = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
             self._redis_hit = client.register_script(_LUA_HIT)
+            self._redis_unhit = client.register_script(_LUA_UNHIT)
 
     def check(self, subject: object) -> Decision:
         """Count one hit by `subject` (a user id, an address) and say whether it may go ahead."""
         now = self.clock()
         key = f"chat:rate:{self.scope}:{subject}"
         count, remaining = None, 0.0
+        window = int(now // self.rate.period)
         if self._redis_hit is not None and now >= self._redis_retry_at:
-            window = int(now // self.rate.period)
             try:
                 count, ttl_ms = self._redis_hit(keys=[f"{key}:{window}"], args=[self.rate.period * 1000])
                 remaining = max(ttl_ms, 0) / 1000
             except Exception as exc:  # any Redis failure: degrade, never fail the send
                 self._redis_retry_at = now + REDIS_RETRY_SECONDS
                 logger.warning("rate limit: Redis unavailable (%s); counting per process", exc)
+        shared = count is not None
         if count is None:
             if self._redis_hit is not None:
                 rate_limit_degraded.inc()
@@ -120,7 +139,24 @@ class RateLimiter:
             limit=self.rate.limit,
             remaining=max(self.rate.limit - count, 0),
             reset=max(remaining, 0.001),
+            window=window,
+            shared=shared,
         )
+
+    def refund(self, subject: object, decision: Decision) -> None:
+        """Take back the hit `decision` counted (e.g. a login that turned out not to be a failure).
+        Counting first and refunding after keeps the check atomic: concurrent attempts cannot all
+        pass a look at the count before any of them is counted."""
+        if decision.window is None:
+            return
+        key = f"chat:rate:{self.scope}:{subject}"
+        if decision.shared and self._redis_unhit is not None:
+            try:
+                self._redis_unhit(keys=[f"{key}:{decision.window}"])
+            except Exception as exc:  # a lost refund only makes the limit stricter until the window ends
+                logger.warning("rate limit: Redis unavailable for a refund (%s)", exc)
+            return
+        self._local.unhit(key, decision.window)
 
 
 @cache

@@ -4,7 +4,6 @@ import uuid
 
 import pytest
 from django.conf import settings
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from accounts.models import User
@@ -22,6 +21,9 @@ def _fresh_in_memory_layer(settings):
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     channel_layers.backends.clear()
     settings.CHAT_SEND_RATE = "10000/min"
+    # Auth throttles off unless a test asks for them (tests/security/test_accounts.py).
+    settings.CHAT_LOGIN_FAIL_RATE_USER = settings.CHAT_LOGIN_FAIL_RATE_ADDR = "100000/min"
+    settings.CHAT_REGISTER_RATE = "100000/min"
     yield
     channel_layers.backends.clear()
 
@@ -39,9 +41,11 @@ def client_for():
     """An API client authenticated with the user's token."""
 
     def make(user: User) -> APIClient:
+        from accounts.services import token_issue
+
         client = APIClient()
-        token, _ = Token.objects.get_or_create(user=user)
-        client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+        _, key = token_issue(user=user)
+        client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
         return client
 
     return make

@@ -28,6 +28,10 @@ def server_env(database_path: Path, **overrides: str) -> dict[str, str]:
         DJANGO_SECRET_KEY="live-test-secret-key-not-for-production",
         DATABASE_URL=f"sqlite:///{database_path}",
         CHAT_SEND_RATE="100000/min",
+        # Every test signs up and logs in from 127.0.0.1; the throttles have tests of their own.
+        CHAT_REGISTER_RATE="100000/min",
+        CHAT_LOGIN_FAIL_RATE_USER="100000/min",
+        CHAT_LOGIN_FAIL_RATE_ADDR="100000/min",
         LOG_LEVEL="WARNING",
     )
     env.update(overrides)

@@ -202,6 +202,10 @@ def test_defaults_are_unchanged(load_settings):
     assert (module.CASSANDRA_CONSISTENCY, module.CASSANDRA_LOCAL_DC) == ("LOCAL_QUORUM", "")
     assert (module.CASSANDRA_REQUEST_TIMEOUT, module.CASSANDRA_PROTOCOL_VERSION) == (2.0, 4)
     assert "cassandra" not in module.DATABASES
+    assert (module.CHAT_TOKEN_TTL, module.CHAT_LOGIN_FAIL_RATE_USER, module.CHAT_LOGIN_FAIL_RATE_ADDR) == (
+        30 * 86400, "10/15min", "30/15min"
+    )
+    assert module.CHAT_REGISTER_RATE == "10/hour" and module.REST_KNOX["AUTO_REFRESH"] is True
 
 
 @pytest.mark.parametrize(
@@ -216,6 +220,8 @@ def test_defaults_are_unchanged(load_settings):
         ("CASSANDRA_REPLICATION", "NetworkTopologyStrategy:dc1"),
         ("CHAT_NOTIFICATION_BATCH_SIZE", "many"),
         ("LOG_LEVEL", "loud"),
+        ("CHAT_LOGIN_FAIL_RATE_USER", "10/fortnight"),
+        ("CHAT_TOKEN_TTL", "59"),
     ],
 )
 def test_a_bad_value_in_the_settings_becomes_a_check_error(load_settings, settings, name, value):

@@ -7,7 +7,6 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
-from rest_framework.authtoken.models import Token
 
 from chat import consumers, events
 
@@ -20,8 +19,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def token_headers(user):
-    token, _ = Token.objects.get_or_create(user=user)
-    return [(b"authorization", f"Token {token.key}".encode())]
+    from accounts.services import token_issue
+
+    _, key = token_issue(user=user)
+    return [(b"authorization", f"Token {key}".encode())]
 
 
 async def open_socket(user, conversation, *, after_seq=None, headers=None, origin=None):

@@ -143,3 +143,32 @@ def test_after_a_redis_failure_redis_is_tried_again_only_after_a_pause(clock):
     clock.now += REDIS_RETRY_SECONDS * 0.2
     limiter.check("u")
     assert len(attempts) == 2
+
+
+def test_local_refund_takes_back_one_hit_of_its_own_window(clock):
+    limiter = RateLimiter(Rate(2, 60), clock=clock)
+    first = limiter.check("u")
+    limiter.refund("u", first)
+    assert [limiter.check("u").allowed for _ in range(3)] == [True, True, False]
+    stale = limiter.check("v")
+    clock.now += 60
+    limiter.check("v")
+    limiter.refund("v", stale)  # a refund of the previous window leaves the new one alone
+    assert limiter.check("v").allowed and not limiter.check("v").allowed
+
+
+def test_redis_refund_is_shared_and_never_goes_below_zero(redis_limiter, clock):
+    import redis
+
+    first, second = redis_limiter(Rate(2, 60), clock), redis_limiter(Rate(2, 60), clock)
+    user = uuid.uuid4()
+    decision = first.check(user)
+    assert decision.shared
+    second.refund(user, decision)
+    second.refund(user, decision)  # refunded twice: still zero, not minus one
+    [key] = redis.Redis.from_url(REDIS_URL).keys(f"chat:rate:send:{user}:*")
+    assert int(redis.Redis.from_url(REDIS_URL).get(key)) == 0
+    assert [first.check(user).allowed for _ in range(3)] == [True, True, False]
+    clock.now += 60
+    second.refund(user, decision)  # the old window's refund creates no key in the new one
+    assert redis.Redis.from_url(REDIS_URL).keys(f"chat:rate:send:{user}:{int(clock.now // 60)}") == []
