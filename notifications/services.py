@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from django.db import IntegrityError, transaction
@@ -14,7 +13,8 @@ from accounts.models import User
 from chat import sql
 from core.errors import NotFound, ValidationFailed
 from chat.store import Message
-from notifications import conf, metrics, queue
+from notifications import conf, metrics, outbound, queue
+from notifications.backends.webpush import endpoint_policy
 from notifications.models import Delivery, Device, OutboxEntry
 
 
@@ -50,10 +50,16 @@ def check_device_address(*, kind: str, endpoint: str, p256dh: str, auth: str, to
     """Validate what a device is reached by; raise ValidationFailed with field errors."""
     errors: dict[str, list[str]] = {}
     if kind == Device.Kind.WEBPUSH:
-        parts = urlsplit(endpoint)
-        schemes = ("https", "http") if conf.load().webpush_allow_http else ("https",)
-        if parts.scheme not in schemes or not parts.netloc:
-            errors["endpoint"] = [f"Must be an absolute {' or '.join(schemes)} URL (the PushSubscription endpoint)."]
+        config = conf.load()
+        try:
+            # The same rules as before every attempt (SPEC section 7); the worker checks again,
+            # since what a name resolves to can change after registration.
+            outbound.check_url(endpoint, policy=endpoint_policy(config), timeout=config.timeout)
+        except outbound.UnsafeDestination as exc:
+            errors["endpoint"] = [f"Not a usable push endpoint: {exc}"]
+        except outbound.Unresolvable:
+            # One message for both: what an internal name resolves to is none of the caller's business.
+            errors["endpoint"] = ["Not a usable push endpoint: Must be a public address (not private, loopback, link-local or reserved)."]
         public_key = _b64url_bytes(p256dh)
         try:
             ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public_key or b"")
