@@ -2,7 +2,8 @@
 
 Each round: claim due outbox entries and expand each into per-device deliveries (claimed by this
 worker on creation, so they go out in the same round), claim due deliveries left from earlier
-rounds (retries, or jobs of a worker that died), and deliver them one by one. Who gets a
+rounds (retries, or jobs of a worker that died), and deliver them concurrently, a bounded number
+per host, each attempt under one deadline, hosts that keep failing left alone for a while. Who gets a
 notification is decided twice: at expansion (participants but the sender, not muted, not having
 read the message, and allowed by the one membership rule, chat.access) and again right before
 each attempt, since a retry can come hours later.
