@@ -285,7 +285,14 @@ CHAT_WEBHOOK_SECRET = env_str("CHAT_WEBHOOK_SECRET", secret=True)
 CHAT_VAPID_PRIVATE_KEY = env_str("CHAT_VAPID_PRIVATE_KEY", secret=True)
 CHAT_VAPID_SUBJECT = env_str("CHAT_VAPID_SUBJECT")
 CHAT_WEBPUSH_TTL = env_int("CHAT_WEBPUSH_TTL", 86400, minimum=0)
+# Development only: also plain http, any port and loopback Web Push endpoints.
 CHAT_WEBPUSH_ALLOW_HTTP = env_bool("CHAT_WEBPUSH_ALLOW_HTTP", False)
+# Web Push endpoints only on these host suffixes (e.g. fcm.googleapis.com,*.notify.windows.com); empty: any public host.
+CHAT_PUSH_ALLOWED_HOSTS = env_list("CHAT_PUSH_ALLOWED_HOSTS", "")
+CHAT_NOTIFICATION_CONCURRENCY = env_int("CHAT_NOTIFICATION_CONCURRENCY", 16, minimum=1)
+CHAT_NOTIFICATION_PER_HOST_CONCURRENCY = env_int("CHAT_NOTIFICATION_PER_HOST_CONCURRENCY", 4, minimum=1)
+CHAT_NOTIFICATION_BREAKER_THRESHOLD = env_int("CHAT_NOTIFICATION_BREAKER_THRESHOLD", 5, minimum=1)
+CHAT_NOTIFICATION_BREAKER_COOLDOWN = env_float("CHAT_NOTIFICATION_BREAKER_COOLDOWN", 60.0, positive=True)
 
 # Metrics: set when several processes share one Prometheus directory (prometheus_client reads it
 # too); each process then marks its live gauges dead as it exits.

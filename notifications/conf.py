@@ -24,7 +24,7 @@ class NotificationConfig:
     backoff_base: float
     backoff_max: float
     backoff_jitter: float
-    # Bound on each connect and read of one delivery's HTTP request.
+    # Hard deadline of one attempt, all of it: DNS, connect, TLS, request and response.
     timeout: float
     # How long a claim is held; a crashed worker's jobs are taken over once it has passed.
     lease_seconds: float
@@ -41,6 +41,15 @@ class NotificationConfig:
     # Web Push endpoints must be https (browsers only hand out https ones); plain http is for
     # local development and tests against a loopback push service.
     webpush_allow_http: bool
+    # Host suffixes Web Push endpoints must match (`*.notify.windows.com`); empty: any public host.
+    push_allowed_hosts: tuple[str, ...]
+    # Attempts in flight at once per worker, and at most this many to one host.
+    concurrency: int
+    per_host_concurrency: int
+    # After this many consecutive failed attempts at one host, its deliveries wait
+    # breaker_cooldown seconds (not counted as attempts) before the host is tried again.
+    breaker_threshold: int
+    breaker_cooldown: float
 
 
 def load() -> NotificationConfig:
@@ -63,6 +72,11 @@ def load() -> NotificationConfig:
         vapid_subject=settings.CHAT_VAPID_SUBJECT,
         webpush_ttl=settings.CHAT_WEBPUSH_TTL,
         webpush_allow_http=settings.CHAT_WEBPUSH_ALLOW_HTTP,
+        push_allowed_hosts=tuple(host.strip().lower() for host in settings.CHAT_PUSH_ALLOWED_HOSTS if host.strip()),
+        concurrency=settings.CHAT_NOTIFICATION_CONCURRENCY,
+        per_host_concurrency=settings.CHAT_NOTIFICATION_PER_HOST_CONCURRENCY,
+        breaker_threshold=settings.CHAT_NOTIFICATION_BREAKER_THRESHOLD,
+        breaker_cooldown=settings.CHAT_NOTIFICATION_BREAKER_COOLDOWN,
     )
     _validate(config)
     return config
@@ -82,6 +96,13 @@ def _validate(config: NotificationConfig) -> None:
             "CHAT_NOTIFICATION_TIMEOUT and CHAT_NOTIFICATION_POLL_INTERVAL must be positive, "
             "CHAT_NOTIFICATION_BATCH_SIZE at least 1"
         )
+    if config.concurrency < 1 or config.per_host_concurrency < 1 or config.breaker_threshold < 1:
+        raise ImproperlyConfigured(
+            "CHAT_NOTIFICATION_CONCURRENCY, CHAT_NOTIFICATION_PER_HOST_CONCURRENCY and "
+            "CHAT_NOTIFICATION_BREAKER_THRESHOLD must be at least 1"
+        )
+    if config.breaker_cooldown <= 0:
+        raise ImproperlyConfigured("CHAT_NOTIFICATION_BREAKER_COOLDOWN must be positive")
     # A worker starts a delivery only while its lease outlives the delivery's timeout; a lease
     # shorter than that would have it release every job it claims.
     if config.lease_seconds <= config.timeout + 1:

@@ -49,3 +49,11 @@ attempt_duration = Histogram(
     ["backend"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+deferred = Counter(
+    "chat_notification_deferred_total",
+    "Claimed deliveries handed back unattempted because their host's circuit breaker was open.",
+)
+breaker_opened = Counter(
+    "chat_notification_breaker_opened_total",
+    "Times a host's circuit breaker opened after consecutive failed attempts.",
+)

@@ -114,6 +114,17 @@ def release(jobs: list[J], *, worker_id: str) -> int:
     ).update(claimed_by="", claimed_until=None, attempts=F("attempts") - 1)
 
 
+def defer(jobs: list[J], *, worker_id: str, until: datetime) -> int:
+    """Hand claimed jobs back unattempted, due again at `until` (their host's circuit breaker is
+    open): the claim's attempt is given back, so waiting out a host's outage uses up none."""
+    if not jobs:
+        return 0
+    model = type(jobs[0])
+    return model.objects.filter(
+        pk__in=[job.pk for job in jobs], claimed_by=worker_id, status=Status.PENDING
+    ).update(claimed_by="", claimed_until=None, attempts=F("attempts") - 1, next_attempt_at=until)
+
+
 def requeue(queryset: QuerySet[J]) -> int:
     """Make dead or waiting jobs due now with a fresh set of attempts (the admin's re-queue).
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from django.db import IntegrityError, transaction
@@ -14,7 +13,8 @@ from accounts.models import User
 from chat import sql
 from core.errors import NotFound, ValidationFailed
 from chat.store import Message
-from notifications import conf, metrics, queue
+from notifications import conf, metrics, outbound, queue
+from notifications.backends.webpush import endpoint_policy
 from notifications.models import Delivery, Device, OutboxEntry
 
 
@@ -50,10 +50,16 @@ def check_device_address(*, kind: str, endpoint: str, p256dh: str, auth: str, to
     """Validate what a device is reached by; raise ValidationFailed with field errors."""
     errors: dict[str, list[str]] = {}
     if kind == Device.Kind.WEBPUSH:
-        parts = urlsplit(endpoint)
-        schemes = ("https", "http") if conf.load().webpush_allow_http else ("https",)
-        if parts.scheme not in schemes or not parts.netloc:
-            errors["endpoint"] = [f"Must be an absolute {' or '.join(schemes)} URL (the PushSubscription endpoint)."]
+        config = conf.load()
+        try:
+            # The same rules as before every attempt (SPEC section 7); the worker checks again,
+            # since what a name resolves to can change after registration.
+            outbound.check_url(endpoint, policy=endpoint_policy(config), timeout=config.timeout)
+        except outbound.UnsafeDestination as exc:
+            errors["endpoint"] = [f"Not a usable push endpoint: {exc}"]
+        except outbound.Unresolvable:
+            # One message for both: what an internal name resolves to is none of the caller's business.
+            errors["endpoint"] = ["Not a usable push endpoint: Must be a public address (not private, loopback, link-local or reserved)."]
         public_key = _b64url_bytes(p256dh)
         try:
             ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public_key or b"")
@@ -77,25 +83,34 @@ def device_register(
 ) -> tuple[Device, bool]:
     """Register a device for `user`; (device, created).
 
-    The same subscription or token registered again is updated and moves to `user`: it is one app
-    install, and whoever signed in there last is who it notifies. The previous owner stops
-    receiving there, which is the point when a shared browser changes hands."""
+    The same subscription or token registered again by its owner is updated (the browser rotated
+    its keys, the device was renamed). Registered by anyone else it is refused: an endpoint or a
+    token can leak (logs, a shared screenshot, another app), and taking it over would redirect the
+    owner's notifications, and their excerpts, to the taker. Neither a Web Push subscription nor
+    an FCM/APNs token can prove possession here, so the owner frees it: signing out on a shared
+    browser deletes the device (DELETE push/devices/{id}/), and so does an expired subscription.
+    The refusal does not say whose it is."""
     check_device_address(kind=kind, endpoint=endpoint, p256dh=p256dh, auth=auth, token=token)
     address = {"kind": kind, "endpoint": endpoint, "token": token}
-    fields = {"user": user, "name": name, "p256dh": p256dh.strip(), "auth": auth.strip()}
+    fields = {"name": name, "p256dh": p256dh.strip(), "auth": auth.strip()}
     limit = conf.load().max_devices_per_user
     if Device.objects.filter(user=user).exclude(**address).count() >= limit:
         raise ValidationFailed({"non_field_errors": [f"At most {limit} devices per user; delete one first."]})
     for _ in range(2):
         existing = Device.objects.filter(**address).first()
         if existing is not None:
+            if existing.user_id != user.pk:
+                field = "endpoint" if kind == Device.Kind.WEBPUSH else "token"
+                raise ValidationFailed(
+                    {field: ["Already registered to another account; it must be unregistered there first."]}
+                )
             for key, value in fields.items():
                 setattr(existing, key, value)
             existing.save()
             return existing, False
         try:
             with transaction.atomic():
-                return Device.objects.create(**address, **fields), True
+                return Device.objects.create(user=user, **address, **fields), True
         except IntegrityError:
             # Registered by a concurrent request a moment ago: update that one instead.
             continue

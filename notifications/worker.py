@@ -2,7 +2,8 @@
 
 Each round: claim due outbox entries and expand each into per-device deliveries (claimed by this
 worker on creation, so they go out in the same round), claim due deliveries left from earlier
-rounds (retries, or jobs of a worker that died), and deliver them one by one. Who gets a
+rounds (retries, or jobs of a worker that died), and deliver them concurrently, a bounded number
+per host, each attempt under one deadline, hosts that keep failing left alone for a while. Who gets a
 notification is decided twice: at expansion (participants but the sender, not muted, not having
 read the message, and allowed by the one membership rule, chat.access) and again right before
 each attempt, since a retry can come hours later.
@@ -15,7 +16,8 @@ import secrets
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -31,7 +33,7 @@ from chat.selectors import message_of
 from chat.services.send import idempotency_keys_purge
 from chat.store import Message
 from notifications import metrics, queue
-from notifications.backends import DeliveryError, DeviceGone, PushBackend
+from notifications.backends import DeliveryError, DestinationRefused, DeviceGone, PushBackend
 from notifications.conf import NotificationConfig
 from notifications.models import Delivery, Device, Job, OutboxEntry
 from notifications.payloads import notification_payload
@@ -54,6 +56,40 @@ class _RoundCache:
     sender_names: dict[Any, str] = field(default_factory=dict)
 
 
+class HostBreaker:
+    """Per-host circuit breaker of one worker process: after `threshold` consecutive failed
+    attempts at a host, its deliveries are deferred for `cooldown` seconds; then attempts go out
+    again, and one more failure opens it again at once. In memory: each worker learns on its own,
+    which costs each at most `threshold` attempts per host per outage."""
+
+    def __init__(self, *, threshold: int, cooldown: float, clock=time.monotonic) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self._failures: Counter[str] = Counter()
+        self._open_until: dict[str, float] = {}
+
+    def open_until(self, host: str | None) -> float | None:
+        """When the host may be tried again (a monotonic time), or None if it may be now."""
+        until = self._open_until.get(host) if host is not None else None
+        return until if until is not None and self.clock() < until else None
+
+    def succeeded(self, host: str | None) -> None:
+        if host is not None:
+            self._failures.pop(host, None)
+            self._open_until.pop(host, None)
+
+    def failed(self, host: str | None) -> bool:
+        """Count a failure; True when it opens the breaker."""
+        if host is None:
+            return False
+        self._failures[host] += 1
+        if self._failures[host] >= self.threshold:
+            self._open_until[host] = self.clock() + self.cooldown
+            return True
+        return False
+
+
 class Worker:
     def __init__(
         self,
@@ -68,6 +104,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.stop = stop or threading.Event()
         self.stats: Counter[str] = Counter()
+        self.breaker = HostBreaker(threshold=config.breaker_threshold, cooldown=config.breaker_cooldown)
 
     def run(self, *, once: bool = False, max_idle: float | None = None) -> None:
         """Deliver until stopped; with `once`, until nothing is due; with `max_idle`, until
@@ -165,60 +202,123 @@ class Worker:
         )
 
     def _deliver_all(self, deliveries: list[Delivery]) -> None:
+        """Attempt `deliveries` concurrently: up to `concurrency` at once, at most
+        `per_host_concurrency` of them to one host, none to a host whose breaker is open. The
+        checks before an attempt and every write of a job's outcome run here, in the worker's
+        thread; the pool's threads only talk to the backend (and close any database connection
+        they opened), so one slow host holds up one thread for one deadline, nobody else."""
         cache = _RoundCache()
-        for index, delivery in enumerate(deliveries):
-            # Start an attempt only if it can end within the lease: past it, another worker
-            # may claim the job and deliver it a second time.
-            lease_left = delivery.claimed_until - timezone.now()
-            if self.stop.is_set() or lease_left <= timedelta(seconds=self.config.timeout + 1):
-                self._release(deliveries[index:])
-                return
-            self._deliver(delivery, cache)
+        waiting = deque(deliveries)
+        in_flight: dict[Future, tuple[Delivery, str | None, float]] = {}
+        per_host: Counter[str | None] = Counter()
+        limit = self.config.per_host_concurrency
+        with ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="push") as pool:
+            while waiting or in_flight:
+                if self.stop.is_set():
+                    self._release(list(waiting))
+                    waiting.clear()
+                held_back: deque[Delivery] = deque()
+                while waiting and len(in_flight) < self.config.concurrency:
+                    delivery = waiting.popleft()
+                    # Start an attempt only if it can end within the lease: past it, another worker
+                    # may claim the job and deliver it a second time.
+                    lease_left = delivery.claimed_until - timezone.now()
+                    if lease_left <= timedelta(seconds=self.config.timeout + 1):
+                        self._release([delivery])
+                        continue
+                    host = self.backend.host_of(delivery)
+                    reopens_at = self.breaker.open_until(host)
+                    if reopens_at is not None:
+                        self._defer(delivery, reopens_at)
+                        continue
+                    if host is not None and per_host[host] >= limit:
+                        held_back.append(delivery)
+                        continue
+                    payload = self._prepare_attempt(delivery, cache)
+                    if payload is None:
+                        continue
+                    per_host[host] += 1
+                    in_flight[pool.submit(self._attempt, delivery, payload)] = (delivery, host, time.perf_counter())
+                waiting = held_back + waiting
+                if not in_flight:
+                    # Everything left waits on a host limit with nothing in flight: cannot happen
+                    # with a limit of at least 1, but never spin.
+                    self._release(list(waiting))
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    delivery, host, started = in_flight.pop(future)
+                    per_host[host] -= 1
+                    metrics.attempt_duration.labels(backend=self.backend.name).observe(time.perf_counter() - started)
+                    self._settle(delivery, host, future.exception())
 
-    def _deliver(self, delivery: Delivery, cache: _RoundCache) -> None:
+    def _attempt(self, delivery: Delivery, payload: dict[str, Any]) -> None:
+        """In a pool thread: hand the notification to the backend (bounded by its deadline)."""
+        try:
+            self.backend.send(delivery, payload)
+        finally:
+            connections.close_all()
+
+    def _prepare_attempt(self, delivery: Delivery, cache: _RoundCache) -> dict[str, Any] | None:
+        """The payload, or None when the delivery was closed here (skipped, or failed to prepare)."""
         try:
             skip_reason, payload = self._prepare(delivery, cache)
         except DatabaseError:
             raise
         except Exception as exc:
             self._attempt_failed(delivery, exc)
-            return
+            return None
         if skip_reason is not None:
             queue.finish(delivery, worker_id=self.worker_id, status=Status.SKIPPED, note=f"skipped: {skip_reason}")
             metrics.skipped.labels(reason=skip_reason).inc()
             self.stats["skipped"] += 1
+            return None
+        return payload
+
+    def _settle(self, delivery: Delivery, host: str | None, error: BaseException | None) -> None:
+        """Record an attempt's outcome, and what it says about the host."""
+        if error is None:
+            self.breaker.succeeded(host)
+            if queue.finish(delivery, worker_id=self.worker_id, status=Status.DONE):
+                metrics.sent.labels(backend=self.backend.name).inc()
+                metrics.delivery_latency.labels(backend=self.backend.name).observe(
+                    (timezone.now() - delivery.outbox.created_at).total_seconds()
+                )
+                self.stats["sent"] += 1
+            else:
+                logger.warning("delivery %s was sent after its claim was lost; it may be sent twice", delivery.pk)
             return
-        started = time.perf_counter()
-        try:
-            self.backend.send(delivery, payload)
-        except DeviceGone as exc:
+        if isinstance(error, DeviceGone):
             # The subscription ended (browser unsubscribed, app removed): the device goes, and with
             # it this and its other pending deliveries. Nothing is lost: nobody is there.
-            logger.info("device %s is gone (%s); removing it", delivery.device_id, exc)
+            self.breaker.succeeded(host)  # the host answered
+            logger.info("device %s is gone (%s); removing it", delivery.device_id, error)
             Device.objects.filter(pk=delivery.device_id, user_id=delivery.user_id).delete()
             metrics.skipped.labels(reason="device_gone").inc()
             self.stats["skipped"] += 1
             return
-        except Exception as exc:
-            self._attempt_failed(delivery, exc)
-            return
-        finally:
-            metrics.attempt_duration.labels(backend=self.backend.name).observe(time.perf_counter() - started)
-        if queue.finish(delivery, worker_id=self.worker_id, status=Status.DONE):
-            metrics.sent.labels(backend=self.backend.name).inc()
-            metrics.delivery_latency.labels(backend=self.backend.name).observe(
-                (timezone.now() - delivery.outbox.created_at).total_seconds()
-            )
-            self.stats["sent"] += 1
-        else:
-            logger.warning("delivery %s was sent after its claim was lost; it may be sent twice", delivery.pk)
+        if isinstance(error, DeliveryError) and not isinstance(error, DestinationRefused):
+            # Refused destinations were never contacted; a bug here says nothing about the host.
+            if self.breaker.failed(host):
+                metrics.breaker_opened.inc()
+                logger.warning(
+                    "host %s failed %s attempts in a row; leaving it alone for %s s",
+                    host, self.config.breaker_threshold, self.config.breaker_cooldown,
+                )
+        self._attempt_failed(delivery, error)
 
-    def _attempt_failed(self, delivery: Delivery, exc: Exception) -> None:
+    def _defer(self, delivery: Delivery, until: float) -> None:
+        at = timezone.now() + timedelta(seconds=max(0.0, until - time.monotonic()))
+        count = queue.defer([delivery], worker_id=self.worker_id, until=at)
+        metrics.deferred.inc(count)
+        self.stats["deferred"] += count
+
+    def _attempt_failed(self, delivery: Delivery, exc: BaseException) -> None:
         if isinstance(exc, DeliveryError):
             error = str(exc)
         else:
             # Not a refusal by the receiver but a fault here: keep the traceback in the log.
-            logger.exception("delivery %s failed unexpectedly", delivery.pk)
+            logger.error("delivery %s failed unexpectedly", delivery.pk, exc_info=exc)
             error = f"{type(exc).__name__}: {exc}"
         self._failed(delivery, "delivery", error)
 

@@ -23,10 +23,20 @@ class DeviceGone(DeliveryError):
     """The push service says the subscription no longer exists: retrying cannot succeed."""
 
 
+class DestinationRefused(DeliveryError):
+    """The attempt was not made: the destination failed the outbound rules right before it
+    (notifications/outbound.py). Nothing was sent, so it says nothing about the host's health."""
+
+
 class PushBackend(abc.ABC):
     name: ClassVar[str]
     # The device kinds this backend can reach; devices of other kinds get no delivery.
     device_kinds: ClassVar[frozenset[str]] = frozenset(Device.Kind.values)
+
+    def host_of(self, delivery: Delivery) -> str | None:
+        """The host an attempt for `delivery` talks to, for the worker's per-host concurrency
+        limit and circuit breaker; None when there is no remote host."""
+        return None
 
     @abc.abstractmethod
     def send(self, delivery: Delivery, payload: dict[str, Any]) -> None:

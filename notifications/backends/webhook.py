@@ -3,12 +3,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from typing import Any
+from urllib.parse import urlsplit
 
-import requests
 from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 
+from notifications import outbound
 from notifications.backends import DeliveryError, PushBackend
 from notifications.conf import NotificationConfig
 from notifications.models import Delivery, Device
@@ -36,7 +38,12 @@ class WebhookBackend(PushBackend):
 
     Any 2xx accepts it. Delivery is at least once: a receiver that answered too late is sent the
     same notification again, with the same X-Chat-Delivery id, so it can drop the duplicate. The
-    body carries `sent_at` under the signature, so a receiver can also refuse stale replays."""
+    body carries `sent_at` under the signature, so a receiver can also refuse stale replays.
+
+    The URL is the operator's, so it may be internal or plain http (outbound.WEBHOOK_POLICY), but
+    the request is the same as for Web Push: no redirects (following one would turn the POST into
+    a GET, or send the signed body somewhere the operator did not configure), one deadline for the
+    whole attempt, and only the status code kept: the response body is never read."""
 
     name = "webhook"
 
@@ -48,8 +55,14 @@ class WebhookBackend(PushBackend):
         self.url = config.webhook_url
         self.secret = config.webhook_secret
         self.timeout = config.timeout
-        # One session per worker: keep-alive to the gateway instead of a handshake per notification.
-        self.session = requests.Session()
+        try:
+            outbound.check_url(self.url, policy=outbound.WEBHOOK_POLICY, resolver=lambda host, port: ["0.0.0.0"])
+        except outbound.UnsafeDestination as exc:
+            raise ImproperlyConfigured(f"CHAT_WEBHOOK_URL is not usable: {exc}") from None
+        self._host = (urlsplit(self.url).hostname or "").lower()
+
+    def host_of(self, delivery: Delivery) -> str | None:
+        return self._host
 
     def send(self, delivery: Delivery, payload: dict[str, Any]) -> None:
         body = json.dumps(
@@ -69,13 +82,15 @@ class WebhookBackend(PushBackend):
             SIGNATURE_HEADER: sign(body, self.secret),
             DELIVERY_HEADER: str(delivery.pk),
         }
+        deadline = time.monotonic() + self.timeout
         try:
-            # No redirects: following one would turn the POST into a GET, or send the signed body
-            # somewhere the operator did not configure.
-            response = self.session.post(
-                self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
-            )
-        except requests.RequestException as exc:
-            raise DeliveryError(f"webhook unreachable: {exc}") from exc
-        if not 200 <= response.status_code < 300:
-            raise DeliveryError(f"webhook answered HTTP {response.status_code}: {response.text[:200]}")
+            target = outbound.check_url(self.url, policy=outbound.WEBHOOK_POLICY, timeout=self.timeout)
+            status = outbound.post(target, body=body, headers=headers, deadline=deadline)
+        except outbound.Unresolvable as exc:
+            raise DeliveryError(f"webhook unreachable: {exc}") from None
+        except outbound.REQUEST_ERRORS as exc:
+            raise DeliveryError(f"webhook unreachable: {outbound.describe(exc)}") from None
+        if 300 <= status < 400:
+            raise DeliveryError(f"webhook answered HTTP {status}; redirects are not followed")
+        if not 200 <= status < 300:
+            raise DeliveryError(f"webhook answered HTTP {status}")

@@ -19,12 +19,15 @@ class Received:
 
 class Receiver:
     """Records every POST when it arrives, then answers `status` (a code, or a function of the
-    request) after `delay` seconds."""
+    request) after `delay` seconds, with `headers` and `body`. Listens on `host`:`port` (by
+    default a free port of 127.0.0.1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.received: list[Received] = []
         self.status: int | Callable[[Received], int] = 201
         self.delay = 0.0
+        self.headers: dict[str, str] = {}
+        self.body = b""
         self.arrived = threading.Condition()
         receiver = self
 
@@ -41,21 +44,28 @@ class Receiver:
                 status = receiver.status(request) if callable(receiver.status) else receiver.status
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Length", "0")
+                    for name, value in receiver.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(receiver.body)))
                     self.end_headers()
+                    self.wfile.write(receiver.body)
                 except OSError:
                     pass  # the client gave up (timeout, or a worker killed mid-request)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"http://{self.server.server_address[0]}:{self.port}"
 
     def start(self) -> "Receiver":
         self.thread.start()

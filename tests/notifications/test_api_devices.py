@@ -61,16 +61,18 @@ def test_registering_the_same_subscription_again_updates_it(make_user, client_fo
     assert device.p256dh == body["keys"]["p256dh"]
 
 
-def test_a_subscription_registered_by_another_user_moves_to_them(make_user, client_for):
+def test_a_subscription_registered_by_another_user_stays_with_its_owner(make_user, client_for):
+    # It used to move to the caller: anyone who learnt an endpoint or token took the device and the
+    # owner's notifications with it (issue 13, item 17). Now the owner has to unregister it first.
     alice, bob = make_user(), make_user()
     body = subscription()
     client_for(alice).post(DEVICES, body, format="json")
 
     response = client_for(bob).post(DEVICES, body, format="json")
 
-    assert response.status_code == 200
-    assert Device.objects.get().user == bob
-    assert client_for(alice).get(DEVICES).data["results"] == []
+    assert response.status_code == 400 and "endpoint" in response.data
+    assert Device.objects.get().user == alice
+    assert len(client_for(alice).get(DEVICES).data["results"]) == 1
 
 
 def test_you_cannot_delete_someone_elses_device(make_user, client_for):

@@ -108,7 +108,9 @@ def test_sigterm_finishes_the_delivery_in_flight_and_hands_back_the_rest(environ
     database, env = environment
     seed(env, messages=1, devices=2)  # one outbox entry -> two deliveries, claimed together
     receiver.delay = 1.5
-    worker = start_worker(env)
+    # One attempt at a time to the receiver's host, so one is in flight and one waits when the
+    # signal comes (with the default limit both would be in flight together).
+    worker = start_worker({**env, "CHAT_NOTIFICATION_PER_HOST_CONCURRENCY": "1"})
 
     receiver.wait_for(1, timeout=20)
     signalled = time.monotonic()
