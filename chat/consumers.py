@@ -64,6 +64,17 @@ def socket_backlog_probe(send) -> Callable[[], int] | None:
     return lambda: len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
+def encode_frame(frame: dict) -> str:
+    """A frame as JSON text that always has a UTF-8 encoding, whatever client input it echoes."""
+    try:
+        return orjson.dumps(frame).decode()
+    except TypeError:
+        # orjson refuses integers beyond 64 bits (client metadata) and unpaired surrogates (a
+        # client's "\\ud800" escape, echoed in client_message_id): the standard encoder takes both,
+        # and with ensure_ascii it writes a surrogate as its escape, so daphne can encode the text.
+        return json.dumps(frame, separators=(",", ":"), ensure_ascii=True)
+
+
 def _query_param(scope, name: str) -> str | None:
     values = parse_qs(scope.get("query_string", b"").decode("latin1")).get(name)
     return values[0] if values else None
@@ -270,11 +281,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             metrics.client_message_dropped.inc()
             self.closing = True
             return await self.close(code=CLOSE_TOO_SLOW)
-        try:
-            text = orjson.dumps(frame).decode()
-        except TypeError:  # integers beyond 64 bits in client metadata: orjson refuses them
-            text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
-        await self.send(text_data=text)
+        await self.send(text_data=encode_frame(frame))
 
     async def _wait_for_client(self) -> bool:
         """Backpressure: hold this connection's output while the client has more than
