@@ -114,13 +114,18 @@ async def apublish_collected(events: list[tuple[str, dict[str, Any]]]) -> None:
         await _apublish_to(group, event)
 
 
+# Events carry messages as frames do (Message.inline): large content goes neither through the
+# channel layer nor out on a socket.
 def message_new(message: Message) -> None:
-    send_event_on_commit(conversation_group(message.conversation_id), {"type": "message.new", "message": message.as_dict()})
+    send_event_on_commit(
+        conversation_group(message.conversation_id), {"type": "message.new", "message": message.inline().as_dict()}
+    )
 
 
 def message_updated(message: Message) -> None:
     send_event_on_commit(
-        conversation_group(message.conversation_id), {"type": "message.updated", "message": message.as_dict()}
+        conversation_group(message.conversation_id),
+        {"type": "message.updated", "message": message.inline().as_dict()},
     )
 
 
