@@ -22,7 +22,7 @@ from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import events, metrics, overload
+from chat import events, metrics, overload, recheck
 from chat.access import access_conversation
 from chat.delivery import SeqGate
 from core.errors import AccessDenied, ChatError, ValidationFailed
@@ -142,10 +142,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # between the first check and the subscription was published where we could not hear it.
         # This read is also where the conversation stands (last_seq).
         try:
-            conversation, _ = await in_thread(access_conversation)(user=self.user, conversation_id=conversation.id)
+            conversation, participant = await in_thread(access_conversation)(user=self.user, conversation_id=conversation.id)
         except AccessDenied:
             await self._cleanup()
             return await self._refuse("revoked during the handshake")
+        # And again every CHAT_MEMBERSHIP_RECHECK seconds, for revocations that announce nothing.
+        recheck.watch(self, participant.pk)
         last_seq = conversation.last_seq
         replay_from = int(after_seq) if after_seq is not None else None
         # An after_seq from the future (another conversation's, say) cannot be honoured either.
@@ -269,6 +271,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if getattr(self, "cleaned_up", True):
             return
         self.cleaned_up = True
+        recheck.unwatch(self)
         await self._presence_leave()
         metrics.client_send_channel_length.dec(self.backlog)
         self.backlog = 0
@@ -379,8 +382,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def membership_revoked(self, event: dict) -> None:
         """Removed or banned from this conversation, or deactivated (then sent to the user's group)."""
         if event["user_id"] == str(self.user.pk):
-            self.closing = True
-            await self.close(code=CLOSE_MEMBERSHIP_REVOKED)
+            await self.revoke()
+
+    async def revoke(self) -> None:
+        """Close with 4403: the event above, or chat.recheck finding the access gone."""
+        if self.closing:
+            return
+        self.closing = True
+        await self.close(code=CLOSE_MEMBERSHIP_REVOKED)
 
     # --- inbound frames ------------------------------------------------------------------------
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:

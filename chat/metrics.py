@@ -50,6 +50,10 @@ frame_too_large = Counter(
     "chat_websocket_frame_too_large_total",
     "Frames not sent because they were over CHAT_MAX_FRAME_BYTES (an error frame went instead).",
 )
+membership_recheck_closed = Counter(
+    "chat_membership_recheck_closed_total",
+    "Sockets closed (4403) by the periodic membership re-check: their revocation was never announced.",
+)
 replayed_messages = Counter("chat_websocket_replayed_messages_total", "Messages replayed from the store on connect.")
 gap_fills = Counter("chat_websocket_gap_fills_total", "Out-of-order arrivals filled from the store.")
 notification_enqueue_error = Counter(
