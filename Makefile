@@ -5,8 +5,12 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 HOST ?= 127.0.0.1
 # Frames over 1 MiB get an error frame from the consumer; the transport cuts at 2 MiB (close 1009)
-# so no client can make the server buffer more than that.
-DAPHNE_ARGS ?= --websocket-max-message-size 2097152 --websocket-max-frame-size 2097152
+# so no client can make the server buffer more than that. daphne applies the same cap to frames it
+# sends: the service reads it as CHAT_MAX_FRAME_BYTES (exported below, same default as
+# chatproject/settings.py) and never hands daphne a larger frame.
+CHAT_MAX_FRAME_BYTES ?= 2097152
+export CHAT_MAX_FRAME_BYTES
+DAPHNE_ARGS ?= --websocket-max-message-size $(CHAT_MAX_FRAME_BYTES) --websocket-max-frame-size $(CHAT_MAX_FRAME_BYTES)
 
 .PHONY: run test install migrate cassandra-schema services services-stop services-status bench bench-smoke clean
 

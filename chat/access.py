@@ -14,6 +14,7 @@ tests/chat/test_access.py holds the two to agreement over every state a particip
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 
 from django.db.models import Exists, OuterRef, QuerySet
 
@@ -60,3 +61,9 @@ def access_conversation(*, user, conversation_id: object) -> tuple[Conversation,
     if participant is None:
         raise AccessDenied()
     return participant.conversation, participant
+
+
+def allowed_participant_ids(*, participant_ids: Collection[int]) -> set[int]:
+    """Those of the participations that still grant access, in one query: the periodic re-check
+    of open sockets (chat.recheck) runs the rule for a batch of sockets at once."""
+    return set(allowed_participants().filter(pk__in=list(participant_ids)).values_list("pk", flat=True))

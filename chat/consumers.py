@@ -22,7 +22,7 @@ from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import events, metrics, overload
+from chat import events, metrics, overload, recheck
 from chat.access import access_conversation
 from chat.delivery import SeqGate
 from chat.fanout import get_fanout
@@ -33,6 +33,7 @@ from core.threads import in_thread
 from chat.services.conversations import read_marker_set
 from chat.services.send import SendRequest, amessage_send
 from chat.selectors import message_range
+from chat.store import utf8_length
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,23 @@ def socket_backlog_probe(send) -> Callable[[], int] | None:
     if transport is None or not all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen")):
         return None
     return lambda: len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def encode_frame(frame: dict) -> str:
+    """A frame as JSON text that always has a UTF-8 encoding, whatever client input it echoes."""
+    try:
+        return orjson.dumps(frame).decode()
+    except TypeError:
+        # orjson refuses integers beyond 64 bits (client metadata) and unpaired surrogates (a
+        # client's "\\ud800" escape, echoed in client_message_id): the standard encoder takes both,
+        # and with ensure_ascii it writes a surrogate as its escape, so daphne can encode the text.
+        return json.dumps(frame, separators=(",", ":"), ensure_ascii=True)
+
+
+def frame_too_large(text: str) -> bool:
+    """Whether a text frame's UTF-8 encoding is over the transport's cap (CHAT_MAX_FRAME_BYTES)."""
+    cap = settings.CHAT_MAX_FRAME_BYTES
+    return len(text) > cap or (len(text) * 4 > cap and utf8_length(text) > cap)
 
 
 def _query_param(scope, name: str) -> str | None:
@@ -135,10 +153,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # between the first check and the subscription was published where we could not hear it.
         # This read is also where the conversation stands (last_seq).
         try:
-            conversation, _ = await in_thread(access_conversation)(user=self.user, conversation_id=conversation.id)
+            conversation, participant = await in_thread(access_conversation)(user=self.user, conversation_id=conversation.id)
         except AccessDenied:
             await self._cleanup()
             return await self._refuse("revoked during the handshake")
+        # And again every CHAT_MEMBERSHIP_RECHECK seconds, for revocations that announce nothing.
+        recheck.watch(self, participant.pk)
         last_seq = conversation.last_seq
         replay_from = int(after_seq) if after_seq is not None else None
         # An after_seq from the future (another conversation's, say) cannot be honoured either.
@@ -163,11 +183,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 "recovered": recovered,
             }
         )
-        if replay_from is not None and recovered and last_seq > replay_from:
-            messages = await self._read_messages(replay_from, last_seq + 1, settings.CHAT_MAX_REPLAY)
-            metrics.replayed_messages.inc(len(messages))
-            for message in messages:
-                await self.gate.deliver(message)
+        if replay_from is not None and recovered:
+            # Page by page: a page is bounded in bytes, so a replay holds a few MiB at a time.
+            while last_seq > replay_from:
+                messages = await self._read_messages(replay_from, last_seq + 1, last_seq - replay_from)
+                if not messages:
+                    break
+                metrics.replayed_messages.inc(len(messages))
+                for message in messages:
+                    await self.gate.deliver(message)
+                replay_from = messages[-1]["seq"]
         await self._presence_join()
 
     def _reserve_slot(self) -> bool:
@@ -270,6 +295,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if getattr(self, "cleaned_up", True):
             return
         self.cleaned_up = True
+        recheck.unwatch(self)
         await self._presence_leave()
         metrics.client_send_channel_length.dec(self.backlog)
         self.backlog = 0
@@ -285,6 +311,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # --- outbound: in order, exactly once ------------------------------------------------------
     async def _send_json(self, frame: dict) -> None:
+        """Write one frame. A frame that cannot go out (over the transport's cap, or the write
+        fails) costs that frame, never the connection."""
         if self.closing:
             metrics.client_message_dropped.inc()
             return
@@ -295,11 +323,27 @@ class ChatConsumer(AsyncWebsocketConsumer):
             metrics.client_message_dropped.inc()
             self.closing = True
             return await self.close(code=CLOSE_TOO_SLOW)
+        text = encode_frame(frame)
+        if frame_too_large(text):
+            # daphne would fail the whole connection (1011) on it. Message content over the inline
+            # limit never gets here (Message.inline); this is the guard for everything else.
+            metrics.client_message_dropped.inc()
+            metrics.frame_too_large.inc()
+            logger.error("websocket: %s frame of %d characters over the frame cap, not sent", frame.get("type"), len(text))
+            dropped = {"type": frame.get("type")}
+            if isinstance(frame.get("message"), dict):
+                dropped["seq"] = frame["message"].get("seq")
+            text = encode_frame({
+                "type": "error",
+                "code": "unavailable",
+                "detail": "A frame over the transport's size limit was not sent; read it over REST.",
+                "dropped": dropped,
+            })
         try:
-            text = orjson.dumps(frame).decode()
-        except TypeError:  # integers beyond 64 bits in client metadata: orjson refuses them
-            text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
-        await self.send(text_data=text)
+            await self.send(text_data=text)
+        except Exception:
+            metrics.client_message_dropped.inc()
+            logger.exception("websocket: writing a %s frame failed", frame.get("type"))
 
     async def _wait_for_client(self) -> bool:
         """Backpressure: hold this connection's output while the client has more than
@@ -324,7 +368,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         page = await in_thread(message_range)(
             conversation_id=self.conversation_id, after_seq=after_seq, before_seq=before_seq, limit=limit
         )
-        return [message.as_dict() for message in page.messages]
+        return [message.as_dict() for message in page.messages]  # already inline: see chat.selectors
 
     # --- channel-layer events ----------------------------------------------------------------
     async def message_new(self, event: dict) -> None:
@@ -363,8 +407,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def membership_revoked(self, event: dict) -> None:
         """Removed or banned from this conversation, or deactivated (then sent to the user's group)."""
         if event["user_id"] == str(self.user.pk):
-            self.closing = True
-            await self.close(code=CLOSE_MEMBERSHIP_REVOKED)
+            await self.revoke()
+
+    async def revoke(self) -> None:
+        """Close with 4403: the event above, or chat.recheck finding the access gone."""
+        if self.closing:
+            return
+        self.closing = True
+        await self.close(code=CLOSE_MEMBERSHIP_REVOKED)
 
     # --- inbound frames ------------------------------------------------------------------------
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -419,7 +469,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except ChatError as exc:
             return await self._error_for(exc, client_message_id)
         await self._send_json(
-            {"type": "message.ack", "client_message_id": client_message_id, "message": result.message.as_dict()}
+            {"type": "message.ack", "client_message_id": client_message_id, "message": result.message.inline().as_dict()}
         )
 
     async def _on_typing(self, frame: dict) -> None:

@@ -28,7 +28,8 @@ GAP_WAIT_SECONDS = 0.25
 GAP_GIVE_UP_SECONDS = 5.0
 
 Emit = Callable[[dict], Awaitable[None]]
-# (after_seq, before_seq, limit) -> the stored messages strictly between them, ascending seq.
+# (after_seq, before_seq, limit) -> the stored messages strictly between them, ascending seq, from
+# the lowest on; the page may stop early (bounded in bytes) but never skips one.
 Fetch = Callable[[int, int, int], Awaitable[list[dict]]]
 
 
@@ -109,7 +110,9 @@ class SeqGate:
                 return False
             # It goes out in its place as the tombstone it now is: the client never sees the
             # deleted content.
-            self._pending[seq] = {**self._pending[seq], "content": "", "metadata": {}, "deleted": True}
+            tombstone = {**self._pending[seq], "content": "", "metadata": {}, "deleted": True}
+            tombstone.pop("content_omitted", None)
+            self._pending[seq] = tombstone
             return True
 
     def close(self) -> int:
@@ -168,8 +171,11 @@ class SeqGate:
             # Live arrivals may have moved on while the store was read; what is held wins (it
             # carries the edits that arrived while it waited).
             fetched = {m["seq"]: m for m in page if m["seq"] >= self._next_seq and m["seq"] not in self._pending}
+            before = self._next_seq
             await self._emit_run(fetched)
-            if self._clock() - stuck_since <= self._give_up:
+            # A page may end early (it is bounded in bytes): what it did not reach is not missing.
+            # Only a round that made no progress may give up on a seq.
+            if self._next_seq != before or self._clock() - stuck_since <= self._give_up:
                 return
             while self._pending or fetched:
                 lowest = min(self._pending.keys() | fetched.keys())

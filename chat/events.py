@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -79,7 +80,34 @@ async def _apublish_to(group: str, event: dict[str, Any]) -> bool:
 
 def _publish_to(group: str, event: dict[str, Any]) -> bool:
     """_apublish_to for code off the event loop (a sync view, the admin, a management command)."""
-    return async_to_sync(_apublish_to)(group, event)
+    published = async_to_sync(_apublish_to)(group, event)
+    if not published and event.get("type") in RETRIED_EVENT_TYPES:
+        threading.Thread(target=_retry_in_thread, args=(group, event), name="chat-publish-retry", daemon=True).start()
+    return published
+
+
+# A lost revocation leaves a socket reading a conversation it may no longer read, so its publish is
+# retried, in the background (the caller never waits), after each of these delays; past them the
+# periodic membership re-check (chat.recheck, CHAT_MEMBERSHIP_RECHECK) still closes the socket.
+RETRIED_EVENT_TYPES = frozenset({"membership.revoked"})
+RETRY_DELAYS_SECONDS = (0.25, 0.5, 1.0, 2.0, 4.0)
+_retry_tasks: set[asyncio.Task] = set()
+
+
+def _retry_in_thread(group: str, event: dict[str, Any]) -> None:
+    for delay in RETRY_DELAYS_SECONDS:
+        time.sleep(delay)
+        if async_to_sync(_apublish_to)(group, event):
+            return
+    logger.error("publish of %s to %s failed after %d retries", event.get("type"), group, len(RETRY_DELAYS_SECONDS))
+
+
+async def _aretry(group: str, event: dict[str, Any]) -> None:
+    for delay in RETRY_DELAYS_SECONDS:
+        await asyncio.sleep(delay)
+        if await _apublish_to(group, event):
+            return
+    logger.error("publish of %s to %s failed after %d retries", event.get("type"), group, len(RETRY_DELAYS_SECONDS))
 
 # Set by `collecting()` for the blocking work of one event-loop caller: committed events land here.
 _collected: contextvars.ContextVar[list[tuple[str, dict[str, Any]]] | None] = contextvars.ContextVar(
@@ -113,16 +141,24 @@ def collecting(func: Callable[..., Any]) -> Callable[..., tuple[Any, list[tuple[
 
 async def apublish_collected(events: list[tuple[str, dict[str, Any]]]) -> None:
     for group, event in events:
-        await _apublish_to(group, event)
+        if not await _apublish_to(group, event) and event.get("type") in RETRIED_EVENT_TYPES:
+            task = asyncio.get_running_loop().create_task(_aretry(group, event))
+            _retry_tasks.add(task)
+            task.add_done_callback(_retry_tasks.discard)
 
 
+# Events carry messages as frames do (Message.inline): large content goes neither through the
+# channel layer nor out on a socket.
 def message_new(message: Message) -> None:
-    send_event_on_commit(conversation_group(message.conversation_id), {"type": "message.new", "message": message.as_dict()})
+    send_event_on_commit(
+        conversation_group(message.conversation_id), {"type": "message.new", "message": message.inline().as_dict()}
+    )
 
 
 def message_updated(message: Message) -> None:
     send_event_on_commit(
-        conversation_group(message.conversation_id), {"type": "message.updated", "message": message.as_dict()}
+        conversation_group(message.conversation_id),
+        {"type": "message.updated", "message": message.inline().as_dict()},
     )
 
 

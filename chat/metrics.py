@@ -26,7 +26,8 @@ client_send_channel_length = Gauge(
     multiprocess_mode="livesum",
 )
 client_message_dropped = Counter(
-    "chat_client_message_dropped_total", "Frames not sent to a client because it was too slow or closing."
+    "chat_client_message_dropped_total",
+    "Frames not sent to a client: it was too slow or closing, the frame was over the transport's cap, or the write failed.",
 )
 message_delivery_duration = Histogram(
     "chat_message_delivery_duration_seconds",
@@ -44,6 +45,14 @@ websocket_connections = Gauge(
 send_rate_limited = Counter("chat_message_rate_limited_total", "Sends refused by the rate limit.", ["transport"])
 message_shed = Counter(
     "chat_message_shed_total", "WebSocket sends refused because the process was overloaded (chat.overload)."
+)
+frame_too_large = Counter(
+    "chat_websocket_frame_too_large_total",
+    "Frames not sent because they were over CHAT_MAX_FRAME_BYTES (an error frame went instead).",
+)
+membership_recheck_closed = Counter(
+    "chat_membership_recheck_closed_total",
+    "Sockets closed (4403) by the periodic membership re-check: their revocation was never announced.",
 )
 replayed_messages = Counter("chat_websocket_replayed_messages_total", "Messages replayed from the store on connect.")
 gap_fills = Counter("chat_websocket_gap_fills_total", "Out-of-order arrivals filled from the store.")

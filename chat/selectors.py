@@ -6,17 +6,23 @@ on every path:
 - never past the committed counter: a store row above a conversation's last_seq belongs to a send
   whose relational transaction did not commit (its seq is taken again by the next send), so no
   reader may show it;
-- a store that cannot answer is StoreUnavailable (503, or an `unavailable` frame), whoever reads.
+- a store that cannot answer is StoreUnavailable (503, or an `unavailable` frame), whoever reads;
+- pages are bounded in bytes as well as in count (SPEC section 10): their messages carry content
+  over CHAT_INLINE_CONTENT_BYTES as omitted (Message.inline), a page stops early once it adds up
+  to CHAT_MAX_PAGE_BYTES, and the store is read a few messages at a time, so one request holds at
+  most HISTORY_READ_CHUNK full messages at once. message_at is the one read of full content.
 """
 from __future__ import annotations
 
 import uuid
 
+import orjson
+from django.conf import settings
 from django.db.models import F, OuterRef, QuerySet, Subquery
 
 from chat.access import allowed_participants
 from chat.models import Conversation
-from chat.store import HistoryPage, Message, StoreError, get_message_store
+from chat.store import HistoryPage, Message, StoreError, get_message_store, utf8_length
 from core.errors import NotFound, StoreUnavailable
 
 
@@ -41,20 +47,68 @@ def message_history(
     return message_range(conversation_id=conversation.id, after_seq=after_seq, before_seq=before_seq, limit=limit)
 
 
+# Messages read from the store at once by a page: what a read holds before large content is left
+# out. Without a content-size column neither store can skip large content in the read itself, so
+# this bounds a page's transient memory at HISTORY_READ_CHUNK x 10 MiB (instead of limit x 10 MiB).
+HISTORY_READ_CHUNK = 10
+
+
 def message_range(
-    *, conversation_id: uuid.UUID, after_seq: int | None, before_seq: int, limit: int
+    *, conversation_id: uuid.UUID, after_seq: int | None, before_seq: int, limit: int, max_bytes: int | None = None
 ) -> HistoryPage:
     """The messages between two seqs (both exclusive), for a caller that already holds a committed
     upper bound: a socket replaying up to the last_seq it read, or filling a gap below a seq that
-    was published (publishes happen after commit)."""
+    was published (publishes happen after commit). With after_seq the oldest ones, otherwise the
+    newest; ascending either way. Content over the inline limit is omitted; the page ends early
+    (has_more) once it holds max_bytes (CHAT_MAX_PAGE_BYTES) of messages, but never empty."""
+    max_bytes = settings.CHAT_MAX_PAGE_BYTES if max_bytes is None else max_bytes
+    forward = after_seq is not None
+    kept: list[Message] = []
+    size = 0
+    while len(kept) < limit:
+        try:
+            chunk = get_message_store().history(
+                conversation_id, after_seq=after_seq, before_seq=before_seq,
+                limit=min(limit - len(kept), HISTORY_READ_CHUNK),
+            )
+        except StoreError as exc:
+            raise StoreUnavailable() from exc
+        if not chunk.messages:
+            return _page(kept, forward, has_more=False)
+        for message in chunk.messages if forward else reversed(chunk.messages):
+            message = message.inline()
+            cost = _wire_bytes(message)
+            if kept and size + cost > max_bytes:
+                return _page(kept, forward, has_more=True)
+            kept.append(message)
+            size += cost
+        if not chunk.has_more:
+            return _page(kept, forward, has_more=False)
+        if forward:
+            after_seq = chunk.messages[-1].seq
+        else:
+            before_seq = chunk.messages[0].seq
+    return _page(kept, forward, has_more=True)
+
+
+def _page(kept: list[Message], forward: bool, *, has_more: bool) -> HistoryPage:
+    return HistoryPage(messages=kept if forward else kept[::-1], has_more=has_more)
+
+
+# What a message adds to a page beside its content and metadata (ids, times, keys), roughly.
+_MESSAGE_ENVELOPE_BYTES = 300
+
+
+def _wire_bytes(message: Message) -> int:
     try:
-        return get_message_store().history(conversation_id, after_seq=after_seq, before_seq=before_seq, limit=limit)
-    except StoreError as exc:
-        raise StoreUnavailable() from exc
+        metadata = len(orjson.dumps(message.metadata))
+    except TypeError:  # integers beyond 64 bits: the send path bounds metadata at 16 KiB anyway
+        metadata = 16 * 1024
+    return _MESSAGE_ENVELOPE_BYTES + metadata + (utf8_length(message.content) if message.content else 0)
 
 
 def message_at(*, conversation: Conversation, seq: object) -> Message:
-    """The conversation's message at `seq`, or NotFound."""
+    """The conversation's message at `seq`, full content included, or NotFound."""
     # Checked against the counter first: nothing past it is committed, no store read for a seq
     # that cannot exist, and no value the store's integer column cannot hold.
     if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= conversation.last_seq:

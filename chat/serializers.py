@@ -80,13 +80,20 @@ class MessageOutput(serializers.Serializer):
     conversation_id = serializers.UUIDField()
     seq = serializers.IntegerField()
     sender_id = serializers.UUIDField()
-    content = serializers.CharField()
+    content = serializers.CharField(
+        allow_null=True, help_text="null when content_omitted: read the message's own endpoint for it."
+    )
     message_type = serializers.ChoiceField(choices=MESSAGE_TYPES)
     is_encrypted = serializers.BooleanField()
     metadata = serializers.DictField()
     sent_at = serializers.DateTimeField()
     edited_at = serializers.DateTimeField(allow_null=True)
     deleted = serializers.BooleanField()
+    content_omitted = serializers.BooleanField(
+        required=False,
+        help_text="Present (true) only in history pages and frames, when the content is over "
+        "CHAT_INLINE_CONTENT_BYTES: GET conversations/{id}/messages/{seq}/ returns it.",
+    )
 
 
 class HistoryQuery(serializers.Serializer):

@@ -171,6 +171,13 @@ class MessageHistoryView(APIView):
 class MessageDetailView(APIView):
     permission_classes = MEMBER_ONLY
 
+    @extend_schema(responses=MessageOutput)
+    def get(self, request, conversation_id, seq):
+        """One message with its full content: how a client reads content that frames and history
+        pages left out (`content_omitted: true`)."""
+        conversation, _ = request.conversation_access
+        return Response(selectors.message_at(conversation=conversation, seq=seq).as_dict())
+
     @extend_schema(request=MessageEditInput, responses=MessageOutput)
     def patch(self, request, conversation_id, seq):
         """Edit your own message: new content (same limits as a send of its type), edited_at set;

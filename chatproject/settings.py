@@ -254,6 +254,19 @@ CHAT_MAX_REPLAY = env_int("CHAT_MAX_REPLAY", 1000, minimum=0)
 # Unread bytes a client may leave on the server before it is closed with 4008. Above the largest
 # frame (a 10 MiB message) so a healthy client on a slow link is not cut off by one big message.
 CHAT_MAX_OUTBOUND_BYTES = env_int("CHAT_MAX_OUTBOUND_BYTES", 16 * 1024 * 1024, minimum=1)
+# Frames and history pages (SPEC sections 5 and 10). Content over CHAT_INLINE_CONTENT_BYTES (UTF-8)
+# travels as `content: null, content_omitted: true`; the client reads it from
+# GET conversations/{id}/messages/{seq}/. CHAT_MAX_FRAME_BYTES is the transport's cap on one frame,
+# in and out (daphne's --websocket-max-message-size: the Makefile and tests/live.py pass this
+# value): a frame over it is not sent (it costs that frame, never the connection). A history page
+# or replay page stops early once its messages add up to CHAT_MAX_PAGE_BYTES (at least one message).
+CHAT_INLINE_CONTENT_BYTES = env_int("CHAT_INLINE_CONTENT_BYTES", 256 * 1024, minimum=0)
+CHAT_MAX_FRAME_BYTES = env_int("CHAT_MAX_FRAME_BYTES", 2 * 1024 * 1024, minimum=64 * 1024)
+CHAT_MAX_PAGE_BYTES = env_int("CHAT_MAX_PAGE_BYTES", 4 * 1024 * 1024, minimum=1)
+# Seconds between re-checks of every open conversation socket's membership (one task per process):
+# a revocation whose publish was lost (a ban from `manage.py shell`, Redis down) still closes the
+# socket with 4403 within this long.
+CHAT_MEMBERSHIP_RECHECK = env_float("CHAT_MEMBERSHIP_RECHECK", 30.0, positive=True)
 CHAT_WS_TICKET_TTL = 60
 CHAT_MAX_GROUP_PARTICIPANTS = env_int("CHAT_MAX_GROUP_PARTICIPANTS", 1000, minimum=1)
 # Threads per process for the WebSocket path's blocking work (each holds a database connection).

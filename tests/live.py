@@ -60,12 +60,19 @@ class LiveServer:
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
+    @property
+    def max_frame_bytes(self) -> str:
+        """daphne's cap on a frame, in and out: the service's CHAT_MAX_FRAME_BYTES, as `make run` does."""
+        from django.conf import settings
+
+        return self.env.get("CHAT_MAX_FRAME_BYTES") or str(settings.ENVIRONMENT_VARIABLES["CHAT_MAX_FRAME_BYTES"])
+
     def start(self, timeout: float = 20) -> "LiveServer":
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "daphne", "--websocket-max-message-size", str(2 * 1024 * 1024),
-                "--websocket-max-frame-size", str(2 * 1024 * 1024),
+                sys.executable, "-m", "daphne", "--websocket-max-message-size", self.max_frame_bytes,
+                "--websocket-max-frame-size", self.max_frame_bytes,
                 *self.daphne_args,
                 "-b", "127.0.0.1", "-p", str(self.port), "chatproject.asgi:application",
             ],

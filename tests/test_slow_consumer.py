@@ -39,7 +39,11 @@ def stalled_websocket(server, path: str, token: str) -> socket.socket:
 
 
 async def test_stalled_client_is_closed_4008_and_resumes_without_loss(tmp_path):
-    env = server_env(tmp_path / "db.sqlite3", CHAT_MAX_OUTBOUND_BYTES=str(OUTBOUND_LIMIT))
+    # Content inline up to 1 MiB, so these 512 KiB messages fill the stalled client's buffer as
+    # large frames would (by default content over 256 KiB is left out of frames).
+    env = server_env(
+        tmp_path / "db.sqlite3", CHAT_MAX_OUTBOUND_BYTES=str(OUTBOUND_LIMIT), CHAT_INLINE_CONTENT_BYTES=str(1024 * 1024)
+    )
     migrate(env)
     server = LiveServer(env, tmp_path / "daphne.log").start()
     try:

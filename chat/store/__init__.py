@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -26,17 +26,29 @@ class Message:
     conversation_id: uuid.UUID
     seq: int
     sender_id: uuid.UUID
-    content: str
+    content: str | None  # None only when inline() omitted it
     message_type: str
     is_encrypted: bool
     metadata: dict[str, Any]
     sent_at: datetime
     edited_at: datetime | None = None
     deleted: bool = False
+    # Set by inline() only: content over CHAT_INLINE_CONTENT_BYTES was left out (content is None).
+    content_omitted: bool = False
+
+    def inline(self) -> "Message":
+        """The message as frames and history pages carry it (SPEC sections 5 and 10): content over
+        CHAT_INLINE_CONTENT_BYTES (UTF-8) is left out, so no message can make a frame exceed the
+        transport's cap or a page hold more than a few MiB; the client reads it with
+        GET conversations/{id}/messages/{seq}/."""
+        if self.content is None or utf8_length(self.content) <= settings.CHAT_INLINE_CONTENT_BYTES:
+            return self
+        return replace(self, content=None, content_omitted=True)
 
     def as_dict(self) -> dict[str, Any]:
-        """The wire shape of a message, shared by REST and WebSocket."""
-        return {
+        """The wire shape of a message, shared by REST and WebSocket; `content_omitted: true` is
+        there only when inline() left the content out."""
+        shape = {
             "message_id": str(self.message_id),
             "conversation_id": str(self.conversation_id),
             "seq": self.seq,
@@ -49,6 +61,16 @@ class Message:
             "edited_at": self.edited_at.isoformat().replace("+00:00", "Z") if self.edited_at else None,
             "deleted": self.deleted,
         }
+        if self.content_omitted:
+            shape["content_omitted"] = True
+        return shape
+
+
+def utf8_length(text: str) -> int:
+    """len(text.encode()) without the copy where it can be avoided."""
+    if text.isascii():  # a flag on CPython's compact strings: no scan
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True, slots=True)

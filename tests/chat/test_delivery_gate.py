@@ -241,6 +241,34 @@ async def test_an_edit_or_delete_of_a_held_message_goes_out_with_it(harness):
     ]
 
 
+async def test_a_page_cut_short_by_its_byte_bound_is_not_taken_for_missing_seqs(harness):
+    # The store was down past the give-up time; then it answers with pages bounded in bytes (one
+    # message each here). What a page did not reach is stored, not missing: nothing is skipped.
+    h = harness(*range(1, 8))
+    h.store.failures = 10_000
+    await h.deliver(1, 7)
+    await h.time.advance(2 * GAP_GIVE_UP_SECONDS)
+    h.store.failures = 0
+    real_fetch = h.store.fetch
+
+    async def one_per_page(after_seq, before_seq, limit):
+        return (await real_fetch(after_seq, before_seq, limit))[:1]
+
+    h.gate._fetch = one_per_page
+    for _ in range(6):
+        await h.time.advance(GAP_WAIT_SECONDS)
+    assert h.seqs == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_a_deleted_held_message_loses_its_content_omitted_mark(harness):
+    h = harness()
+    await h.deliver(1)
+    await h.gate.deliver({**message(3), "content": None, "content_omitted": True})
+    assert await h.gate.delete(3)
+    await h.deliver(2)
+    assert h.emitted[-1] == {"seq": 3, "content": "", "metadata": {}, "deleted": True}
+
+
 async def test_a_failed_store_read_is_retried(harness):
     h = harness(1, 2, 3)
     h.store.failures = 1

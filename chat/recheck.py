@@ -1,0 +1,71 @@
+"""The periodic membership re-check of open conversation sockets (SPEC section 5).
+
+Revocations reach a socket as `membership.revoked` events, published on commit. A change that
+announces nothing (a ban written from `manage.py shell` with signals bypassed, a cron job, a
+process whose publish failed for good) would leave the socket reading forever, so every
+CHAT_MEMBERSHIP_RECHECK seconds one task per process re-runs the membership rule for all of the
+process's open sockets, BATCH_SIZE sockets per query (chat.access.allowed_participant_ids), and
+closes with 4403 those that lost access.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from django.conf import settings
+
+from chat import metrics
+from chat.access import allowed_participant_ids
+from core.threads import in_thread
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 500  # participant ids per query (SQLite's limit on bound variables is far above)
+
+
+class Watched(Protocol):
+    async def revoke(self) -> None: ...
+
+
+# Open sockets of this process -> the participation each was authorized by.
+_sockets: dict[Watched, int] = {}
+_task: asyncio.Task | None = None
+
+
+def watch(socket: Watched, participant_id: int) -> None:
+    """Re-check `socket`'s participation from now on; starts the process's task if needed."""
+    global _task
+    _sockets[socket] = participant_id
+    loop = asyncio.get_running_loop()
+    if _task is None or _task.done() or _task.get_loop() is not loop:
+        _task = loop.create_task(_run(), name="chat-membership-recheck")
+
+
+def unwatch(socket: Watched) -> None:
+    _sockets.pop(socket, None)
+
+
+async def _run() -> None:
+    while _sockets:
+        await asyncio.sleep(settings.CHAT_MEMBERSHIP_RECHECK)
+        try:
+            await recheck_once()
+        except Exception:  # the database may be away: the next round tries again
+            logger.exception("membership re-check failed")
+
+
+async def recheck_once() -> int:
+    """Re-run the rule for every watched socket; close those that lost access. Returns how many."""
+    sockets = list(_sockets.items())
+    closed = 0
+    for start in range(0, len(sockets), BATCH_SIZE):
+        batch = sockets[start : start + BATCH_SIZE]
+        allowed = await in_thread(allowed_participant_ids)(participant_ids={pid for _, pid in batch})
+        for socket, participant_id in batch:
+            if participant_id not in allowed and socket in _sockets:
+                unwatch(socket)
+                closed += 1
+                metrics.membership_recheck_closed.inc()
+                await socket.revoke()
+    return closed
