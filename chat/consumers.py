@@ -134,7 +134,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # either already in the store or on its way to this socket's inbox. The user's own group
         # carries events about the person, such as deactivation.
         groups = [events.conversation_group(conversation.id), events.user_group(self.user.pk)]
-        self.inbox_task = asyncio.create_task(self._drain_inbox())
         try:
             fanout = get_fanout()
             for group in groups:
@@ -194,6 +193,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     await self.gate.deliver(message)
                 replay_from = messages[-1]["seq"]
         await self._presence_join()
+        # Live events waited in the inbox since the subscription; they go out after the ready
+        # frame and the replay (the gate drops what the replay already delivered).
+        self.inbox_task = asyncio.create_task(self._drain_inbox())
 
     def _reserve_slot(self) -> bool:
         if (

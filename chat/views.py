@@ -171,7 +171,7 @@ class MessageHistoryView(APIView):
 class MessageDetailView(APIView):
     permission_classes = MEMBER_ONLY
 
-    @extend_schema(responses=MessageOutput)
+    @extend_schema(responses=MessageOutput, operation_id="v1_conversations_message_retrieve")
     def get(self, request, conversation_id, seq):
         """One message with its full content: how a client reads content that frames and history
         pages left out (`content_omitted: true`)."""

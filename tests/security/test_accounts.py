@@ -363,7 +363,7 @@ class TestUserSearch:
     def test_a_prefix_shorter_than_two_characters_is_a_field_error(self, make_user, client_for, query):
         make_user("anna")
         response = client_for(make_user("searcher")).get(f"{API}/users/", query)
-        assert response.status_code == 400 and "search" in response.data
+        assert response.status_code == 400 and "search" in response.json()
 
     def test_staff_and_inactive_accounts_are_never_listed(self, make_user, client_for):
         make_user("anna")
