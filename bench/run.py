@@ -622,7 +622,7 @@ class Bench:
         cmd = {"cmd": "storm", "phase": phase, "after": s["after"], "timeout": s["timeout"], "drain": s["drain"],
                "replay": replay}
         for gen in groups:
-            gen.send({**cmd, "rate": s["rate"] * gen.client_count / total})
+            gen.send({**cmd, "rate": s["rate"] * gen.client_count / total / len(gen.procs)})
         time.sleep(s["lead"])  # messages flowing before the restart
         stopped_at, launched_at, serving_at = server.restart(timeout=s["timeout"])
         answers = [a for gen in groups for a in gen.collect(cmd, s["timeout"] + s["drain"] + 60)]

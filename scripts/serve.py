@@ -125,6 +125,8 @@ class Launcher:
             signal.signal(sig, self.forward)
         try:
             for sock in sockets:
+                if self.stopping is not None:  # signalled while starting: start no more
+                    break
                 fd = sock.fileno()
                 child = subprocess.Popen(
                     [*daphne_command(), *self.daphne_args, "--fd", str(fd), APPLICATION],
@@ -169,7 +171,8 @@ class Launcher:
                 break
             time.sleep(0.1)
         if self.crashed is not None:
-            return self.crashed.returncode or 1
+            code = self.crashed.returncode
+            return code if code and code > 0 else 1  # killed by a signal (negative) or exited 0 unasked
         return 0
 
     def kill_remaining(self) -> None:
