@@ -4,13 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 HOST ?= 127.0.0.1
-# Frames over 1 MiB get an error frame from the consumer; the transport cuts at 2 MiB (close 1009)
-# so no client can make the server buffer more than that. daphne applies the same cap to frames it
-# sends: the service reads it as CHAT_MAX_FRAME_BYTES (exported below, same default as
-# chatproject/settings.py) and never hands daphne a larger frame.
+# daphne caps frames both ways at CHAT_MAX_FRAME_BYTES (scripts/serve.py passes it on): inbound
+# frames over 1 MiB get an error frame from the consumer and the transport cuts at the cap (close
+# 1009), and the service, which reads the same variable (same default as chatproject/settings.py),
+# never hands daphne a larger frame.
 CHAT_MAX_FRAME_BYTES ?= 2097152
 export CHAT_MAX_FRAME_BYTES
-DAPHNE_ARGS ?= --websocket-max-message-size $(CHAT_MAX_FRAME_BYTES) --websocket-max-frame-size $(CHAT_MAX_FRAME_BYTES)
+# Daphne processes on PORT: empty = the usable cores when REDIS_URL is set, else 1 (scripts/serve.py;
+# several without REDIS_URL are refused: the in-process channel layer cannot cross processes).
+WORKERS ?=
+# More daphne options for every worker, after scripts/serve.py's DAPHNE_ARGS (the frame and message
+# size limits), which bench/run.py uses too; a later option wins.
+DAPHNE_ARGS ?=
 
 .PHONY: run test install migrate cassandra-schema services services-stop services-status bench bench-smoke clean
 
@@ -29,7 +34,7 @@ migrate: install
 run: migrate
 	@if [ "$$CHAT_MESSAGE_STORE" = cassandra ]; then $(PY) manage.py cassandra_schema; fi
 	$(PY) manage.py collectstatic --noinput --verbosity 0
-	$(VENV)/bin/daphne $(DAPHNE_ARGS) -b $(HOST) -p $(PORT) chatproject.asgi:application
+	$(PY) scripts/serve.py --host $(HOST) --port $(PORT) $(if $(strip $(WORKERS)),--workers $(WORKERS)) -- $(DAPHNE_ARGS)
 
 cassandra-schema: install
 	$(PY) manage.py cassandra_schema

@@ -1,6 +1,7 @@
-"""The raw baseline: the smallest relay that does what the generator measures, nothing else.
+"""The baselines: the smallest relay that does what the generator measures, nothing else.
 
-    .venv/bin/python -m bench.baseline_relay --port 8765 --redis redis://127.0.0.1:6379/13
+    .venv/bin/python -m bench.baseline_relay --port 8765 --redis redis://127.0.0.1:6379/13            # raw
+    .venv/bin/python -m bench.baseline_relay --port 8765 --redis redis://127.0.0.1:6379/13 --durable  # + Cassandra
 
 A `websockets` server (per-message compression off) where `ws://HOST:PORT/?conversation_id=<id>`
 joins that conversation. Each `message.send` text frame gets a seq from Redis (INCR per
@@ -9,12 +10,21 @@ is seq order; one pub/sub subscription per conversation per process relays it to
 member with `websockets.broadcast` (the frame is serialised once). The frames have the shapes of
 the real service (ready, message.new, message.ack), so the same load generator measures both.
 No auth, no persistence, no rate limit, no presence: the practical floor of the machine.
+
+--durable: the floor of a relay that keeps what it relays. Each message is also written to
+Cassandra, one prepared INSERT per message into `relay_messages` of the service's keyspace, with the
+service's driver (the `cassandra` module of scylla-driver), contact points, port, protocol version
+and consistency level (read from chatproject.settings, so the same environment configures both),
+awaited asynchronously on the event loop (the driver's callback resolves an asyncio future) before
+the seq, the publish and the ack. Its keyspace must exist (`manage.py cassandra_schema`); the table
+is created here. No replay either: a reconnecting client resumes from `ready.last_seq`.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import signal
 import uuid
 from datetime import datetime, timezone
@@ -34,8 +44,46 @@ return seq
 FRAME_HEAD = '{"type":"message.new","message":{"seq":'
 
 
+class CassandraLog:
+    """One durable write per message: a prepared INSERT at the service's consistency level."""
+
+    def __init__(self) -> None:
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
+        from cassandra import ConsistencyLevel
+        from cassandra.cluster import Cluster
+        from django.conf import settings
+
+        self.cluster = Cluster(settings.CASSANDRA_HOSTS, port=settings.CASSANDRA_PORT,
+                               protocol_version=settings.CASSANDRA_PROTOCOL_VERSION)
+        self.session = self.cluster.connect(settings.CASSANDRA_KEYSPACE)
+        self.session.execute(
+            "CREATE TABLE IF NOT EXISTS relay_messages (conversation_id text, message_id timeuuid, body text, "
+            "PRIMARY KEY (conversation_id, message_id))", timeout=60)
+        self.insert = self.session.prepare(
+            "INSERT INTO relay_messages (conversation_id, message_id, body) VALUES (?, ?, ?)")
+        self.insert.consistency_level = ConsistencyLevel.name_to_value[settings.CASSANDRA_CONSISTENCY]
+        self.consistency = settings.CASSANDRA_CONSISTENCY
+
+    async def write(self, conversation: str, body: str) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def resolved(_rows) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        def failed(exc) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(exc))
+
+        self.session.execute_async(self.insert, (conversation, uuid.uuid1(), body)).add_callbacks(resolved, failed)
+        await done
+
+    def close(self) -> None:
+        self.cluster.shutdown()
+
+
 class Relay:
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, durable: bool = False) -> None:
+        self.log = CassandraLog() if durable else None
         self.redis = aioredis.from_url(redis_url, decode_responses=True)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self.send_script = self.redis.register_script(SEND_LUA)
@@ -87,6 +135,13 @@ class Relay:
                     "edited_at": None, "deleted": False,
                 }
                 body = json.dumps(message, separators=(",", ":"))
+                if self.log is not None:
+                    try:
+                        await self.log.write(conversation, body)
+                    except Exception as exc:  # answered, not acknowledged, as the service does
+                        await ws.send(json.dumps({"type": "error", "code": "unavailable", "detail": str(exc),
+                                                  "client_message_id": frame.get("client_message_id")}))
+                        continue
                 seq = await self.send_script(keys=[PREFIX + "seq:" + conversation, PREFIX + conversation],
                                              args=[body[1:] + "}"])
                 message["seq"] = seq
@@ -104,14 +159,17 @@ async def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
+    parser.add_argument("--durable", action="store_true", help="one Cassandra write per message before the ack")
     args = parser.parse_args()
-    relay = Relay(args.redis)
+    relay = Relay(args.redis, durable=args.durable)
     await relay.start()
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
     async with serve(relay.handler, args.host, args.port, compression=None, max_size=2 * 1024 * 1024):
         await stop
+    if relay.log is not None:
+        relay.log.close()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,14 @@ Commands:
     {"cmd": "closed", "phase", "duration", "start_at"}
         closed loop: each client sends its next message as soon as its previous one is acked.
     {"cmd": "idle", "duration"}                -> sleeps with every connection open
+    {"cmd": "storm", "phase", "rate", "after", "timeout", "drain", "replay"}
+        reconnect storm: sends `rate` msg/s (round-robin over the connected clients) until every
+        socket has been closed by the server (the orchestrator restarts it), then reconnects every
+        client at once, each with `after_seq` = the last seq it received when `replay` (the
+        server's replay fills what it missed) or without (a server that cannot replay), retrying a
+        refused connection with a short backoff, keeps sending for `after` seconds once all are
+        ready, then drains. -> the usual counters + wall-clock times of the first close and of each
+        client's `ready`, and per conversation the highest acked seq and every client's last seq.
     {"cmd": "quit"}
 Each send carries metadata {"bench_ts": time_ns at send, "bench_phase": phase}; every receiver
 (the sender included) records time_ns at arrival minus bench_ts for message.new frames of the
@@ -24,6 +32,7 @@ import asyncio
 import collections
 import json
 import os
+import random
 import sys
 import time
 
@@ -48,7 +57,7 @@ except ImportError:  # pragma: no cover
 
 
 class Client:
-    __slots__ = ("conv", "user", "token", "ws", "last_seq", "ready", "task", "pending", "closed_code")
+    __slots__ = ("conv", "user", "token", "ws", "last_seq", "ready", "task", "pending", "closed_code", "resuming")
 
     def __init__(self, conv: str, user: str, token: str) -> None:
         self.conv, self.user, self.token = conv, user, token
@@ -58,6 +67,7 @@ class Client:
         self.task = None
         self.pending: dict[str, asyncio.Future | None] = {}
         self.closed_code = None
+        self.resuming = False  # connected with after_seq: `ready` must not move last_seq (the replay follows)
 
 
 class Generator:
@@ -127,7 +137,8 @@ class Generator:
                     if waiter is not None and not waiter.done():
                         waiter.set_result(True)
                 elif kind == "ready":
-                    client.last_seq = frame.get("last_seq") or 0
+                    if not client.resuming:
+                        client.last_seq = frame.get("last_seq") or 0
                     client.ready.set()
                 elif kind == "error":
                     self.errors[frame.get("code", "?")] += 1
@@ -170,6 +181,77 @@ class Generator:
         await asyncio.gather(*(one(c) for c in self.clients))
         return {"connected": sum(c.ready.is_set() for c in self.clients), "failed": dict(failed),
                 "seconds": round(time.monotonic() - started, 3)}
+
+    async def storm(self, phase: int, rate: float, after: float, timeout: float, drain: float, replay: bool) -> dict:
+        deadline = time.monotonic() + timeout
+        stop_sending = asyncio.Event()
+        self.t_start = time.monotonic()
+
+        async def sender() -> None:
+            k, t0 = 0, time.monotonic()
+            while not stop_sending.is_set():
+                live = [c for c in self.send_order if c.ready.is_set() and c.closed_code is None]
+                if live and rate > 0:
+                    task = asyncio.ensure_future(self.send(live[k % len(live)], phase))
+                    self.inflight.add(task)
+                    task.add_done_callback(self.inflight.discard)
+                k += 1
+                await asyncio.sleep(max(0.0, t0 + k / rate - time.monotonic()) if rate > 0 else 0.1)
+
+        sending = asyncio.create_task(sender())
+        down_at = None
+        while time.monotonic() < deadline:  # the orchestrator stops the server
+            if any(c.closed_code is not None for c in self.clients):
+                down_at = down_at or time.time()
+            if all(c.closed_code is not None for c in self.clients):
+                break
+            await asyncio.sleep(0.01)
+        closed = sum(c.closed_code is not None for c in self.clients)
+        unanswered_at_restart = sum(len(c.pending) for c in self.clients)
+        for c in self.clients:
+            c.pending.clear()
+        ready_at: list[float] = []
+        failed = collections.Counter()
+
+        async def reconnect(client: Client) -> None:
+            client.ready.clear()
+            client.resuming = replay
+            url = f"{self.url}?conversation_id={client.conv}" + (f"&after_seq={client.last_seq}" if replay else "")
+            attempt = 0
+            while time.monotonic() < deadline:
+                attempt += 1
+                try:
+                    ws = await connect(url, additional_headers={"Authorization": f"Token {client.token}"},
+                                       compression=None, ping_interval=None, open_timeout=30,
+                                       max_size=4 * 1024 * 1024, max_queue=None)
+                except Exception as exc:  # refused while the server restarts
+                    failed[type(exc).__name__] += 1
+                    await asyncio.sleep(min(1.0, 0.05 * attempt) * (0.5 + random.random()))
+                    continue
+                client.ws, client.closed_code = ws, None
+                client.task = asyncio.create_task(self.reader(client))
+                try:
+                    await asyncio.wait_for(client.ready.wait(), max(0.01, deadline - time.monotonic()))
+                    ready_at.append(time.time())
+                except asyncio.TimeoutError:
+                    failed["no_ready"] += 1
+                return
+
+        await asyncio.gather(*(reconnect(c) for c in self.clients))
+        reconnected = sum(c.ready.is_set() and c.closed_code is None for c in self.clients)
+        await asyncio.sleep(after)
+        stop_sending.set()
+        await sending
+        sending_seconds = time.monotonic() - self.t_start
+        drained = await self.drain(drain)
+        report = self.report(phase, drained, sending_seconds, 0.0)
+        report.update(
+            down_at=down_at, closed_by_server=closed, reconnected=reconnected, ready_at=sorted(ready_at),
+            reconnect_failures=dict(failed), unanswered_at_restart=unanswered_at_restart,
+            acked_max=dict(self.conv_acked_max),
+            last_seqs={conv: [c.last_seq for c in members if c.ready.is_set()] for conv, members in self.by_conv.items()},
+        )
+        return report
 
     def frame(self, client: Client, phase: int) -> tuple[str, str]:
         self.counter += 1
@@ -285,6 +367,11 @@ class Generator:
                 answer = await self.connect_all()
             elif command["cmd"] in ("open", "closed"):
                 answer = await self.run_phase(command)
+            elif command["cmd"] == "storm":
+                self.reset()
+                answer = await self.storm(command["phase"], command["rate"], command.get("after", 2),
+                                          command.get("timeout", 120), command.get("drain", 15),
+                                          command.get("replay", True))
             elif command["cmd"] == "idle":
                 cpu0 = time.process_time()
                 await asyncio.sleep(command["duration"])

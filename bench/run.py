@@ -1,29 +1,41 @@
-"""The benchmark: the chat service and a raw relay baseline, measured in one run by one generator.
+"""The benchmark: the chat service and two relay baselines, measured in one run by one generator.
 
-    .venv/bin/python -m bench.run --out bench/results                  # full run, Cassandra + Redis (~12 min)
-    .venv/bin/python -m bench.run --smoke --out /tmp/bench-smoke       # every scenario tiny (<60 s), SQL store
+    .venv/bin/python -m bench.run --out bench/results                  # full run, Cassandra + Redis
+    .venv/bin/python -m bench.run --smoke --out /tmp/bench-smoke       # every scenario tiny, SQL store
     options: --store sql|cassandra  --scenarios fanout,ramp,idle,persist  --no-baseline  --profile
-             --redis redis://127.0.0.1:6379/13  --gen-procs N  --service-env NAME=VALUE
+             --redis redis://127.0.0.1:6379/13  --gen-procs N  --service-env NAME=VALUE  --workers N
+
+The service runs as `make run` runs it: scripts/serve.py with --workers N daphne processes on one
+port (default: the usable cores, the launcher's default with REDIS_URL); its CPU and RSS are the
+sums over the workers. The floors: the raw relay (bench/baseline_relay.py: websockets + Redis
+pub/sub, nothing kept) and, with --store cassandra, the durable relay (the same + one Cassandra
+write per message at the service's consistency level, awaited before the ack and the publish).
 
 Writes results.json, results.md and latency.png under --out. Exits 1 when any scenario shows a
 gap, a duplicate, a lost message or a broken harness (the smoke's pass criterion; missed
 performance targets are reported, not failed). Loopback only; every phase is bounded in time.
 
-Scenarios (same generator, same clients, against both servers unless noted):
+Scenarios (same generator, same clients, against every target unless noted):
   fanout   conversations of 10, an open-loop send rate (full: 500 clients, 200 msg/s = 2,000
            deliveries/s for 30 s after a 5 s warm-up): send->deliver latency, deliveries/s, gaps,
-           duplicates, lost, server CPU and RSS.
+           duplicates, lost, server CPU (and per acked message) and RSS.
   ramp     the same clients, rising send rates in steps; saturation = the highest step with
-           p99 < 100 ms, everything acked and delivered, no gap or duplicate.
-  idle     (full: 2,000) authenticated connections held open, opened in two halves: RSS per
-           connection = the second half's RSS growth over its count (what one more connection
-           costs, without what the first ones warm once: pools' database connections, caches);
-           the average over all of them is reported too. Server CPU while idle: a 30 s window
-           (includes daphne's 20 s protocol pings and the 20 s presence refresh).
-  persist  (the service only) closed-loop senders in two-person conversations (one side
-           connected): acked sends/s through the whole send pipeline on the chosen store, ack
-           latency, and a read-back of every acked seq from the store; plus bench/store_persist.py's
-           raw MessageStore.insert latency when that script is present.
+           p99 < 100 ms, everything acked and delivered, no gap or duplicate. Each step reports the
+           server's CPU per message: server cores / acked msg/s, in ms.
+  idle     (service and raw relay; full: 2,000) authenticated connections held open, opened in two
+           halves: RSS per connection = the second half's RSS growth over its count (what one more
+           connection costs, without what the first ones warm once: pools' database connections,
+           caches, and with several workers each worker's start-up); the average over all of them
+           is reported too. Server CPU while idle: a 30 s window (includes daphne's 20 s protocol
+           pings and the 20 s presence refresh). Then the reconnect storm: with every connection
+           open and messages flowing at a low rate, the server is restarted (SIGTERM, then started
+           on the same port) and every client reconnects at once with after_seq = its last seq:
+           time until all have `ready`, and every acked message delivered exactly once to every
+           member (the raw relay cannot replay: timed only).
+  persist  (service and durable relay) closed-loop senders in two-person conversations (one side
+           connected): acked sends/s, ack latency; for the service through the whole send pipeline
+           on the chosen store, with a read-back of every acked seq from the store, plus
+           bench/store_persist.py's raw MessageStore.insert latency when that script is present.
 """
 from __future__ import annotations
 
@@ -48,7 +60,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-DAPHNE_ARGS = ["--websocket-max-message-size", "2097152", "--websocket-max-frame-size", "2097152"]
+SERVE = ROOT / "scripts" / "serve.py"  # the launcher `make run` uses: the service runs the same way here
 
 FULL = {
     "fanout": {"groups": 50, "size": 10, "rate": 200, "warmup": 5, "duration": 30},
@@ -56,6 +68,8 @@ FULL = {
              "rates": [5, 10, 15, 25, 50, 100, 150, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 2000, 2500, 3000, 4000]},
     "idle": {"groups": 200, "size": 10, "window": 30, "settle": 5},
     "persist": {"pairs": 20, "duration": 15, "store_count": 500},
+    # after the idle window, on its connections: 20 msg/s for 3 s, restart, all reconnect, 3 s more
+    "storm": {"rate": 20, "lead": 3, "after": 3, "timeout": 120, "drain": 15},
     "profile_seconds": 20,
     "profile_rate": 40,
 }
@@ -64,6 +78,7 @@ SMOKE = {
     "ramp": {"groups": 2, "size": 10, "step": 1.5, "rates": [20, 60]},
     "idle": {"groups": 4, "size": 10, "window": 2, "settle": 1},
     "persist": {"pairs": 4, "duration": 2, "store_count": 0},
+    "storm": {"rate": 10, "lead": 1, "after": 1, "timeout": 60, "drain": 10},
     "profile_seconds": 3,
     "profile_rate": 20,
 }
@@ -96,13 +111,37 @@ def latency_summary(samples_us: list[int]) -> dict:
 
 
 # --- processes ---------------------------------------------------------------------------------
-class Server:
-    """A server process on 127.0.0.1 (daphne + the service, or the baseline relay)."""
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
-    def __init__(self, name: str, argv: list[str], env: dict, log_path: Path, ws_path: str) -> None:
+
+def connection_holder(processes: list[psutil.Process], client_address: tuple) -> psutil.Process | None:
+    """The process holding the server side of a loopback connection from `client_address`."""
+    for process in processes:
+        try:
+            for conn in process.net_connections("tcp"):
+                if conn.raddr and (conn.raddr.ip, conn.raddr.port) == tuple(client_address[:2]):
+                    return process
+        except psutil.Error:
+            pass
+    return None
+
+
+class Server:
+    """A server on 127.0.0.1: the service through scripts/serve.py (one daphne per worker, the
+    launcher itself `exec`s daphne for one), or a baseline relay. `procs` are the processes that
+    serve (the workers, not the launcher), whose CPU and RSS are summed."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, log_path: Path, ws_path: str, workers: int = 1,
+                 probe_path: str = "/metrics") -> None:
         self.name, self.argv, self.env, self.log_path, self.ws_path = name, argv, env, log_path, ws_path
+        self.workers, self.probe_path = workers, probe_path
         self.port = free_port()
         self.process: subprocess.Popen | None = None
+        self.procs: list[psutil.Process] = []
 
     @property
     def url(self) -> str:
@@ -118,18 +157,57 @@ class Server:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    self.ps = psutil.Process(self.process.pid)
-                    return self
+                    pass
             except OSError:
                 time.sleep(0.05)
+                continue
+            if self.workers == 1:
+                self.procs = [psutil.Process(self.process.pid)]
+                return self
+            if self._workers_answer(deadline):
+                return self
         self.stop()
-        raise RuntimeError(f"{self.name} did not listen within {timeout} s; see {self.log_path}")
+        raise RuntimeError(f"{self.name} did not serve within {timeout} s; see {self.log_path}")
+
+    def _workers_answer(self, deadline: float) -> bool:
+        """Several workers: the launcher binds the port before they start, so a connection proves
+        nothing; wait until each worker has answered an HTTP request itself."""
+        launcher = psutil.Process(self.process.pid)
+        while len(launcher.children()) < self.workers:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                return False
+            time.sleep(0.05)
+        self.procs = launcher.children()
+        answered: set[int] = set()
+        while answered != {p.pid for p in self.procs}:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+                    sock.settimeout(max(0.1, deadline - time.monotonic()))
+                    sock.sendall(f"GET {self.probe_path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                    if sock.recv(12).startswith(b"HTTP/1.1"):
+                        holder = connection_holder(self.procs, sock.getsockname())
+                        if holder is not None:
+                            answered.add(holder.pid)
+            except OSError:
+                time.sleep(0.05)
+        return True
+
+    def restart(self, timeout: float = 60) -> tuple[float, float, float]:
+        """SIGTERM, wait for every process to exit, start again on the same port. Wall-clock times
+        (time.time) of the signal, of the new launch, and of the new server answering."""
+        stopped_at = time.time()
+        self.stop()
+        launched_at = time.time()
+        self.start(timeout)
+        return stopped_at, launched_at, time.time()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(15)
+                self.process.wait(45)  # the launcher gives its workers 30 s
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -223,6 +301,7 @@ class Generators:
         for i, members in enumerate(by_conv.values()):
             shares[i % procs].extend(members)
         self.procs = []
+        self.client_count = len(clients)
         for i, share in enumerate(s for s in shares if s):
             config = workdir / f"loadgen-{uuid.uuid4().hex[:6]}-{i}.json"
             config.write_text(json.dumps({"url": url, "clients": share, "connect_concurrency": concurrency}))
@@ -303,6 +382,8 @@ class Bench:
         self.phase = 0
         self.failures: list[str] = []
         self.results: dict = {"scenarios": {}}
+        # The launcher's default with Redis (the bench always has it): one worker per usable core.
+        self.workers = args.workers or usable_cores()
 
     # environment and fixtures
     def service_env(self) -> dict:
@@ -342,18 +423,25 @@ class Bench:
 
     def clients(self, groups: int, baseline: bool) -> list[list[str]]:
         picked = self.fixture["groups"][:groups]
-        if baseline:  # fresh conversation ids: the relay's seq counters start at 0 for each run
+        if baseline:  # fresh conversation ids: the relays' seq counters start at 0 for each run
             picked = [[f"{uuid.uuid4()}", members] for _, members in picked]
         return [[conv, user, token] for conv, members in picked for user, token in members]
 
     def ours(self) -> Server:
-        return Server("chat (daphne)", [PY, "-m", "daphne", *DAPHNE_ARGS, "-b", "127.0.0.1", "-p", "{port}",
-                                        "chatproject.asgi:application"],
-                      self.service_env(), self.out / "server-chat.log", "/ws/chat/")
+        return Server(f"chat ({self.workers} daphne)",
+                      [PY, str(SERVE), "--host", "127.0.0.1", "--port", "{port}", "--workers", str(self.workers)],
+                      self.service_env(), self.out / "server-chat.log", "/ws/chat/", workers=self.workers)
 
     def baseline(self) -> Server:
         return Server("baseline relay", [PY, "-m", "bench.baseline_relay", "--port", "{port}", "--redis", self.args.redis],
                       dict(os.environ), self.out / "server-baseline.log", "/")
+
+    def durable(self) -> Server:
+        """The relay + one Cassandra write per message; the service's environment, so the same
+        contact points, keyspace and consistency level (bench/baseline_relay.py reads the settings)."""
+        return Server("durable relay", [PY, "-m", "bench.baseline_relay", "--port", "{port}", "--redis", self.args.redis,
+                                        "--durable"],
+                      self.service_env(), self.out / "server-durable.log", "/")
 
     def next_phase(self) -> int:
         self.phase += 1
@@ -378,7 +466,7 @@ class Bench:
         phase = self.next_phase()
         cmd = {"cmd": "open", "phase": phase, "rate": rate / len(gens.procs), "duration": duration,
                "start_at": time.time() + 0.3, "drain": drain}
-        with Usage([server.ps]) as use, Usage(gens.ps) as gen_use:
+        with Usage(server.procs) as use, Usage(gens.ps) as gen_use:
             answer = merge(gens.command(cmd, timeout=duration + drain + 60))
         return self.summarise(answer, use, gen_use, rate)
 
@@ -395,6 +483,9 @@ class Bench:
             "server_cpu_cores": round(use.cores, 3), "server_rss_mib": round(use.end_rss / 2**20, 1),
             "server_peak_rss_mib": round(use.peak_rss / 2**20, 1), "generator_cpu_cores": round(gen_use.cores, 3),
             "machine_cpu_cores": round(use.machine_cores, 3),
+            # Server CPU per acknowledged message (with its deliveries): cores / acked msg/s, in ms.
+            "server_cpu_ms_per_msg": (round(1000 * use.cores * seconds / answer["acked"], 3)
+                                      if answer.get("acked") else None),
         }
         result["_samples"] = latencies
         return result
@@ -402,7 +493,7 @@ class Bench:
     # scenarios
     def fanout(self, which: str, make_server) -> dict:
         s = self.scale["fanout"]
-        clients = self.clients(s["groups"], which == "baseline")
+        clients = self.clients(s["groups"], which != "ours")
         with make_server().start() as server, Generators(server.url, clients, self.args.gen_procs, self.work, 50) as gens:
             connect = merge(gens.command({"cmd": "connect"}, timeout=300))
             log(f"{which} fanout: {connect['connected']}/{len(clients)} connected in {connect['seconds']} s")
@@ -428,7 +519,7 @@ class Bench:
         pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
         if not Path(pyspy).exists():
             return {"error": "py-spy not installed"}
-        spy = subprocess.Popen([pyspy, "record", "--pid", str(server.process.pid), "--rate", "100", "--duration",
+        spy = subprocess.Popen([pyspy, "record", "--pid", str(server.process.pid), "--subprocesses", "--rate", "100", "--duration",
                                 str(int(seconds)), "--nonblocking", "--gil", "--format", "raw", "--output", str(raw)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)
@@ -442,7 +533,7 @@ class Bench:
 
     def ramp(self, which: str, make_server) -> dict:
         s = self.scale["ramp"]
-        clients = self.clients(s["groups"], which == "baseline")
+        clients = self.clients(s["groups"], which != "ours")
         steps, best = [], None
         with make_server().start() as server, Generators(server.url, clients, self.args.gen_procs, self.work, 50) as gens:
             gens.command({"cmd": "connect"}, timeout=300)
@@ -460,7 +551,8 @@ class Bench:
                     steps.append(r)
                 steps.append(r)
                 log(f"{which} ramp {rate} msg/s: p99 {r['latency']['p99_ms']} ms, {r['deliveries_per_s']} deliveries/s,"
-                    f" server {r['server_cpu_cores']} gen {r['generator_cpu_cores']} cores -> {'ok' if ok else 'over'}")
+                    f" server {r['server_cpu_cores']} cores ({r['server_cpu_ms_per_msg']} ms/msg)"
+                    f" gen {r['generator_cpu_cores']} cores -> {'ok' if ok else 'over'}")
                 if r["gaps"] or r["dups"] or r["lost"]:
                     self.check(f"ramp/{which}@{rate}", r)
                 if not ok:
@@ -474,13 +566,13 @@ class Bench:
 
     def idle(self, which: str, make_server) -> dict:
         s = self.scale["idle"]
-        clients = self.clients(s["groups"], which == "baseline")
+        clients = self.clients(s["groups"], which != "ours")
         with make_server().start() as server:
             # one connection first (warms imports, pools and caches), then the RSS before
             with Generators(server.url, clients[:1], 1, self.work, 1) as warm:
                 warm.command({"cmd": "connect"}, timeout=60)
                 time.sleep(1)
-                rss_before = Usage([server.ps]).rss()
+                rss_before = Usage(server.procs).rss()
                 # In two halves: the second half's growth is what one more connection costs, without
                 # what the first connections warm once (thread pools' database connections and
                 # caches, interned strings, allocator arenas).
@@ -489,17 +581,18 @@ class Bench:
                         Generators(server.url, clients[half:], self.args.gen_procs, self.work, 50) as gens:
                     connect_first = first.command({"cmd": "connect"}, timeout=600)
                     time.sleep(s["settle"])
-                    rss_half = Usage([server.ps]).rss()
+                    rss_half = Usage(server.procs).rss()
                     connect_second = gens.command({"cmd": "connect"}, timeout=600)
                     connect = merge(connect_first + connect_second)
                     connect["seconds"] = round(merge(connect_first)["seconds"] + merge(connect_second)["seconds"], 3)
                     log(f"{which} idle: {connect['connected']}/{len(clients) - 1} connected in {connect['seconds']} s")
                     time.sleep(s["settle"])
-                    with Usage([server.ps]) as use, Usage(first.ps + gens.ps) as gen_use:
+                    with Usage(server.procs) as use, Usage(first.ps + gens.ps) as gen_use:
                         idle = {"cmd": "idle", "duration": s["window"]}
                         first.send(idle)
                         gens.send(idle)
                         answer = merge(first.collect(idle, s["window"] + 30) + gens.collect(idle, s["window"] + 30))
+                    storm = self.storm(which, server, [warm, first, gens], len(clients))
         n = connect["connected"]
         second_half = len(clients) - half
         result = {
@@ -510,22 +603,82 @@ class Bench:
             "rss_per_connection_average_kib": round((use.end_rss - rss_before) / max(n, 1) / 1024, 1),
             "idle_cpu_cores": round(use.cores, 4), "window_seconds": round(use.seconds, 1),
             "generator_cpu_cores": round(gen_use.cores, 4), "machine_cpu_cores": round(use.machine_cores, 3),
-            "closed": answer.get("closed"), "errors": answer["errors"],
+            "closed": answer.get("closed"), "errors": answer["errors"], "storm": storm,
         }
         if n != len(clients) - 1 or answer.get("closed"):
             self.failures.append(f"idle/{which}: {n}/{len(clients) - 1} connected, {answer.get('closed')} closed")
         log(f"{which} idle: {result['rss_per_connection_kib']} KiB/connection, {result['idle_cpu_cores']} cores")
         return result
 
-    def persist(self) -> dict:
+    def storm(self, which: str, server: Server, groups: list[Generators], total: int) -> dict:
+        """The reconnect storm: with every idle connection open and messages flowing at a low rate,
+        the server is restarted (SIGTERM to every process, then started again on the same port) and
+        every client reconnects at once with `after_seq` = the last seq it saw. Measures the time
+        until all have their `ready`, and checks every acked message reached every member exactly
+        once (the raw relay cannot replay: it is timed only)."""
+        s = self.scale["storm"]
+        replay = which == "ours"
+        phase = self.next_phase()
+        cmd = {"cmd": "storm", "phase": phase, "after": s["after"], "timeout": s["timeout"], "drain": s["drain"],
+               "replay": replay}
+        for gen in groups:
+            gen.send({**cmd, "rate": s["rate"] * gen.client_count / total / len(gen.procs)})
+        time.sleep(s["lead"])  # messages flowing before the restart
+        stopped_at, launched_at, serving_at = server.restart(timeout=s["timeout"])
+        answers = [a for gen in groups for a in gen.collect(cmd, s["timeout"] + s["drain"] + 60)]
+        ready = sorted(t for a in answers for t in a.pop("ready_at"))
+        acked_max: dict[str, int] = {}
+        for a in answers:
+            for conv, seq in a.pop("acked_max").items():
+                acked_max[conv] = max(acked_max.get(conv, 0), seq)
+        # Behind at the end of the drain, over every generator's acks (a conversation's members may
+        # sit in two generators): an acked message a member never got.
+        missing = sum(max(0, acked_max.get(conv, 0) - last) for a in answers for conv, lasts in a.pop("last_seqs").items()
+                      for last in lasts)
+        failures: dict[str, int] = {}
+        for a in answers:
+            a.pop("down_at", None)
+            for kind, n in a.pop("reconnect_failures").items():
+                failures[kind] = failures.get(kind, 0) + n
+        merged = merge(answers)
+        merged.pop("latency_us", None)
+        merged.pop("ack_latency_us", None)
+        reconnected = merged.get("reconnected", 0)
+        since = lambda t0: [round(t - t0, 3) for t in ready]  # noqa: E731
+        result = {
+            "connections": total, "reconnected": reconnected, "replay": replay, "rate_msgs_per_s": s["rate"],
+            "server_stop_seconds": round(launched_at - stopped_at, 3),
+            "server_start_seconds": round(serving_at - launched_at, 3),
+            # from the new server's launch: what a restart costs the clients (includes its start-up)
+            "all_ready_after_launch_s": round(ready[-1] - launched_at, 3) if ready else None,
+            "p50_ready_after_launch_s": percentile(since(launched_at), 0.5),
+            # from the SIGTERM: how long a client is without a connection, at worst
+            "all_ready_after_sigterm_s": round(ready[-1] - stopped_at, 3) if ready else None,
+            "sent": merged.get("sent"), "acked": merged.get("acked"), "received": merged.get("received"),
+            "unanswered_at_restart": merged.get("unanswered_at_restart"),
+            "gaps": merged.get("gaps") if replay else None, "dups": merged.get("dups") if replay else None,
+            "lost": missing if replay else None, "drained": merged.get("drained"),
+            "refused_attempts": failures, "errors": merged.get("errors"),
+        }
+        if reconnected != total:
+            self.failures.append(f"storm/{which}: {reconnected}/{total} reconnected")
+        if replay and (result["gaps"] or result["dups"] or result["lost"]):
+            self.failures.append(f"storm/{which}: gaps={result['gaps']} dups={result['dups']} lost={result['lost']}")
+        log(f"{which} storm: {reconnected}/{total} ready {result['all_ready_after_launch_s']} s after the launch "
+            f"({result['all_ready_after_sigterm_s']} s after SIGTERM), gaps/dups/lost "
+            f"{result['gaps']}/{result['dups']}/{result['lost']}")
+        return result
+
+    def persist(self, which: str, make_server) -> dict:
         s = self.scale["persist"]
-        clients = [[conv, *members[0]] for conv, members in self.fixture["pairs"][: s["pairs"]]]
-        with self.ours().start() as server, Generators(server.url, clients, 1, self.work, 20) as gens:
+        clients = [[conv if which == "ours" else str(uuid.uuid4()), *members[0]]
+                   for conv, members in self.fixture["pairs"][: s["pairs"]]]
+        with make_server().start() as server, Generators(server.url, clients, 1, self.work, 20) as gens:
             gens.command({"cmd": "connect"}, timeout=120)
             phase = self.next_phase()
             cmd = {"cmd": "closed", "phase": phase, "duration": s["duration"], "start_at": time.time() + 0.3, "drain": 15}
             usage = service_processes()
-            with Usage([server.ps]) as use, Usage(gens.ps) as gen_use, Usage(usage["cassandra"]) as cass, \
+            with Usage(server.procs) as use, Usage(gens.ps) as gen_use, Usage(usage["cassandra"]) as cass, \
                     Usage(usage["redis"]) as red:
                 answer = merge(gens.command(cmd, timeout=s["duration"] + 60))
             result = self.summarise(answer, use, gen_use, None)
@@ -534,14 +687,15 @@ class Bench:
             result["cassandra_cpu_cores"] = round(cass.cores, 3) if usage["cassandra"] else None
             result["redis_cpu_cores"] = round(red.cores, 3) if usage["redis"] else None
             result["senders"] = len(clients)
-            result["read_back"] = self.read_back(server, clients)
-        self.check("persist/ours", result)
-        if not result["read_back"]["complete"]:
+            if which == "ours":
+                result["read_back"] = self.read_back(server, clients)
+        self.check(f"persist/{which}", result)
+        if which == "ours" and not result["read_back"]["complete"]:
             self.failures.append(f"persist/ours: read-back {result['read_back']}")
-        log(f"persist ({self.args.store}): {result['persisted_msgs_per_s']} acked sends/s, "
+        log(f"{which} persist ({self.args.store}): {result['persisted_msgs_per_s']} acked sends/s, "
             f"ack p99 {result['ack_latency']['p99_ms']} ms")
         script = ROOT / "bench" / "store_persist.py"
-        if s["store_count"] and script.exists():
+        if which == "ours" and s["store_count"] and script.exists():
             try:
                 out = subprocess.run([PY, str(script), "--backend", self.args.store, "--count", str(s["store_count"])],
                                      cwd=ROOT, env=self.service_env(), capture_output=True, text=True, timeout=300)
@@ -584,14 +738,21 @@ class Bench:
         self.results.update(machine=machine, store=self.args.store, smoke=self.args.smoke, redis=self.args.redis,
                             scale={k: v for k, v in self.scale.items() if k in scenarios}, targets=TARGETS,
                             started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)))
-        targets = ["ours"] + ([] if self.args.no_baseline else ["baseline"])
-        makers = {"ours": self.ours, "baseline": self.baseline}
+        self.results["workers"] = self.workers
+        durable = not self.args.no_baseline and self.args.store == "cassandra"
+        if not self.args.no_baseline and not durable:
+            log("no durable baseline: it writes to Cassandra, the service's store here is sql")
+        makers = {"ours": self.ours, "baseline": self.baseline, "durable": self.durable}
         for scenario in scenarios:
             entry = self.results["scenarios"].setdefault(scenario, {})
+            # The floors first (the raw relay, then the durable one), then the service. The durable
+            # relay is measured where Cassandra's cost shows: fan-out, ramp, closed-loop persist.
+            targets = [] if self.args.no_baseline else ["baseline"]
+            if durable and scenario in ("fanout", "ramp", "persist"):
+                targets.append("durable")
             if scenario == "persist":
-                entry["ours"] = self._guard("persist/ours", self.persist)
-                continue
-            for which in reversed(targets):  # baseline first: the machine's floor, then the service
+                targets = [t for t in targets if t != "baseline"]
+            for which in targets + ["ours"]:
                 entry[which] = self._guard(f"{scenario}/{which}", getattr(self, scenario), which, makers[which])
         self.results["seconds"] = round(time.time() - started, 1)
         self.results["verdicts"] = verdicts(self.results)
@@ -726,11 +887,20 @@ def verdicts(results: dict) -> list[dict]:
     bad = []
     for name, entry in sc.items():
         for which, r in entry.items():
-            for step in ([r] + r.get("steps", [])) if isinstance(r, dict) else []:
+            storm = [r["storm"]] if isinstance(r, dict) and isinstance(r.get("storm"), dict) else []
+            for step in ([r] + r.get("steps", []) + storm) if isinstance(r, dict) else []:
                 if any(step.get(k) for k in ("gaps", "dups", "lost")):
                     bad.append(f"{name}/{which}")
     add("zero gaps and duplicates, every scenario", len(bad), 0, not bad, ", ".join(sorted(set(bad))) or "none")
     return out
+
+
+def _dig(node, *path):
+    for k in path:
+        if not isinstance(node, dict) or k not in node:
+            return None
+        node = node[k]
+    return node
 
 
 def markdown(results: dict) -> str:
@@ -743,54 +913,103 @@ def markdown(results: dict) -> str:
     def v(x, unit=""):
         return "—" if x is None else f"{x}{unit}"
 
+    names = {"ours": "chat service", "baseline": "raw relay", "durable": "durable relay"}
+
+    def table(entry: dict, rows: list, which=("ours", "baseline", "durable")) -> list[str]:
+        present = [w for w in which if isinstance(entry.get(w), dict)]
+        out = ["| | " + " | ".join(names[w] for w in present) + " |", "|---" * (len(present) + 1) + "|"]
+        for label, get in rows:
+            out.append(f"| {label} | " + " | ".join(v(get(entry[w])) for w in present) + " |")
+        return out + [""]
+
+    def key(name):
+        return lambda r: r.get(name)
+
+    def lat(kind, label):
+        return lambda r: (r.get(kind) or {}).get(label)
+
+    def ratio(a, b, digits=3):
+        return None if a is None or not b else round(a / b, digits)
+
     if "fanout" in sc:
-        lines += ["## Fan-out", "", "| | chat service | baseline relay |", "|---|---|---|"]
-        o, b = sc["fanout"].get("ours", {}), sc["fanout"].get("baseline", {})
-        rows = [("offered msg/s", "offered_msgs_per_s"), ("deliveries/s", "deliveries_per_s"),
-                ("server CPU (cores)", "server_cpu_cores"), ("server RSS (MiB)", "server_rss_mib"),
-                ("generator CPU (cores)", "generator_cpu_cores"),
-                ("whole machine CPU (cores, of 2)", "machine_cpu_cores"), ("errors", "errors"), ("gaps / dups / lost", None)]
-        for label in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
-            lines.append(f"| latency {label.replace('_ms', '')} (ms) | {v(o.get('latency', {}).get(label))} | "
-                         f"{v(b.get('latency', {}).get(label))} |")
-        lines.append(f"| ack latency p99 (ms) | {v(o.get('ack_latency', {}).get('p99_ms'))} | "
-                     f"{v(b.get('ack_latency', {}).get('p99_ms'))} |")
-        for label, key in rows:
-            if key is None:
-                lines.append(f"| {label} | {o.get('gaps')} / {o.get('dups')} / {o.get('lost')} | "
-                             f"{b.get('gaps')} / {b.get('dups')} / {b.get('lost')} |")
-            else:
-                lines.append(f"| {label} | {v(o.get(key))} | {v(b.get(key))} |")
-        lines.append("")
+        lines += [f"## Fan-out (the service: {results.get('workers')} daphne workers)", ""]
+        rows = [(f"latency {label.replace('_ms', '')} (ms)", lat("latency", label)) for label in ("p50_ms", "p95_ms", "p99_ms", "max_ms")]
+        rows += [("ack latency p99 (ms)", lat("ack_latency", "p99_ms")), ("offered msg/s", key("offered_msgs_per_s")),
+                 ("deliveries/s", key("deliveries_per_s")), ("server CPU (cores)", key("server_cpu_cores")),
+                 ("server CPU per acked message (ms)", key("server_cpu_ms_per_msg")),
+                 ("server RSS (MiB)", key("server_rss_mib")), ("generator CPU (cores)", key("generator_cpu_cores")),
+                 ("whole machine CPU (cores)", key("machine_cpu_cores")), ("errors", key("errors")),
+                 ("gaps / dups / lost", lambda r: f"{r.get('gaps')} / {r.get('dups')} / {r.get('lost')}")]
+        lines += table(sc["fanout"], rows)
     if "ramp" in sc:
-        lines += ["## Saturation ramp (highest step with p99 < 100 ms, all delivered)", "",
-                  "| | chat service | baseline relay |", "|---|---|---|"]
-        o, b = sc["ramp"].get("ours", {}), sc["ramp"].get("baseline", {})
-        for label, key in (("saturation msg/s", "saturation_msgs_per_s"),
-                           ("saturation deliveries/s", "saturation_deliveries_per_s"),
-                           ("p99 at saturation (ms)", "saturation_p99_ms"), ("ladder exhausted", "limited_by_ladder")):
-            lines.append(f"| {label} | {v(o.get(key))} | {v(b.get(key))} |")
-        lines += ["", "| target | rate msg/s | deliveries/s | p50 ms | p99 ms | server cores | generator cores "
-                      "| machine cores | ok |", "|---|---|---|---|---|---|---|---|---|"]
-        for which, r in (("chat", o), ("baseline", b)):
-            for st in r.get("steps", []):
-                lines.append(f"| {which} | {st['offered_msgs_per_s']} | {st['deliveries_per_s']} | "
+        lines += ["## Saturation ramp (highest step with p99 < 100 ms, all delivered)", ""]
+        lines += table(sc["ramp"], [("saturation msg/s", key("saturation_msgs_per_s")),
+                                    ("saturation deliveries/s", key("saturation_deliveries_per_s")),
+                                    ("p99 at saturation (ms)", key("saturation_p99_ms")),
+                                    ("ladder exhausted", key("limited_by_ladder"))])
+        lines += ["Server CPU per message = server cores / acked msg/s, in ms (each message with its deliveries); "
+                  "the service's is summed over its workers.", "",
+                  "| target | rate msg/s | deliveries/s | p50 ms | p99 ms | server cores | server CPU ms/msg "
+                  "| generator cores | machine cores | ok |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for which in ("ours", "baseline", "durable"):
+            for st in (sc["ramp"].get(which) or {}).get("steps", []):
+                lines.append(f"| {names[which]} | {st['offered_msgs_per_s']} | {st['deliveries_per_s']} | "
                              f"{st['latency']['p50_ms']} | {st['latency']['p99_ms']} | {st['server_cpu_cores']} | "
-                             f"{st['generator_cpu_cores']} | {st.get('machine_cpu_cores')} | {'yes' if st['ok'] else 'no'} |")
+                             f"{v(st.get('server_cpu_ms_per_msg'))} | {st['generator_cpu_cores']} | "
+                             f"{st.get('machine_cpu_cores')} | {'yes' if st['ok'] else 'no'} |")
+        lines.append("")
+    comparisons = []
+    for floor in ("baseline", "durable"):
+        comparisons.append((floor, {
+            "fan-out p99 (service / floor)": ratio(_dig(sc, "fanout", "ours", "latency", "p99_ms"),
+                                                   _dig(sc, "fanout", floor, "latency", "p99_ms"), 1),
+            "fan-out deliveries/s (service / floor)": ratio(_dig(sc, "fanout", "ours", "deliveries_per_s"),
+                                                            _dig(sc, "fanout", floor, "deliveries_per_s")),
+            "saturation deliveries/s (service / floor)": ratio(_dig(sc, "ramp", "ours", "saturation_deliveries_per_s"),
+                                                               _dig(sc, "ramp", floor, "saturation_deliveries_per_s")),
+            "closed-loop acked sends/s (service / floor)": ratio(_dig(sc, "persist", "ours", "persisted_msgs_per_s"),
+                                                                 _dig(sc, "persist", floor, "persisted_msgs_per_s")),
+        }))
+    if any(val is not None for _, c in comparisons for val in c.values()):
+        lines += ["## The service against each floor", "", "| ratio | vs raw relay | vs durable relay |", "|---|---|---|"]
+        for label in comparisons[0][1]:
+            lines.append(f"| {label} | {v(comparisons[0][1][label])} | {v(comparisons[1][1][label])} |")
         lines.append("")
     if "idle" in sc:
-        lines += ["## Idle connections", "", "| | chat service | baseline relay |", "|---|---|---|"]
-        o, b = sc["idle"].get("ours", {}), sc["idle"].get("baseline", {})
-        for label, key in (("connections", "connections"), ("connect time (s)", "connect_seconds"),
-                           ("RSS with 1 connection (MiB)", "rss_before_mib"),
-                           ("RSS with half the connections (MiB)", "rss_half_mib"),
-                           ("RSS with all (MiB)", "rss_after_mib"),
-                           ("RSS per connection, second half (KiB)", "rss_per_connection_kib"),
-                           ("RSS per connection, average over all (KiB)", "rss_per_connection_average_kib"),
-                           ("idle CPU (cores)", "idle_cpu_cores"), ("window (s)", "window_seconds"),
-                           ("whole machine CPU (cores, of 2)", "machine_cpu_cores")):
-            lines.append(f"| {label} | {v(o.get(key))} | {v(b.get(key))} |")
-        lines.append("")
+        lines += ["## Idle connections", ""]
+        lines += table(sc["idle"], [
+            ("connections", key("connections")), ("connect time (s)", key("connect_seconds")),
+            ("RSS with 1 connection (MiB)", key("rss_before_mib")),
+            ("RSS with half the connections (MiB)", key("rss_half_mib")), ("RSS with all (MiB)", key("rss_after_mib")),
+            ("RSS per connection, second half (KiB)", key("rss_per_connection_kib")),
+            ("RSS per connection, average over all (KiB)", key("rss_per_connection_average_kib")),
+            ("idle CPU (cores)", key("idle_cpu_cores")), ("window (s)", key("window_seconds")),
+            ("whole machine CPU (cores)", key("machine_cpu_cores"))], which=("ours", "baseline"))
+        storm = {w: r["storm"] for w, r in sc["idle"].items() if isinstance(r, dict) and isinstance(r.get("storm"), dict)}
+        if storm:
+            lines += ["### Reconnect storm (server restarted under the idle connections, all reconnect at once)", ""]
+            lines += table(storm, [
+                ("connections", key("connections")), ("reconnected", key("reconnected")),
+                ("resume with after_seq (replay)", key("replay")), ("messages/s during the storm", key("rate_msgs_per_s")),
+                ("server stop: SIGTERM to exited (s)", key("server_stop_seconds")),
+                ("server start: launch to every worker answering (s)", key("server_start_seconds")),
+                ("all ready, from the launch (s)", key("all_ready_after_launch_s")),
+                ("p50 ready, from the launch (s)", key("p50_ready_after_launch_s")),
+                ("all ready, from the SIGTERM (s)", key("all_ready_after_sigterm_s")),
+                ("refused connection attempts", key("refused_attempts")),
+                ("sent / acked", lambda r: f"{r.get('sent')} / {r.get('acked')}"),
+                ("unanswered at the restart", key("unanswered_at_restart")),
+                ("gaps / dups / lost", lambda r: f"{r.get('gaps')} / {r.get('dups')} / {r.get('lost')}")],
+                which=("ours", "baseline"))
+            if "baseline" in storm:
+                lines += ["The raw relay keeps nothing, so it cannot replay: it is timed only (its gaps/dups/lost are "
+                          "not checked).", ""]
+    if "persist" in sc and isinstance(sc["persist"].get("durable"), dict):
+        d = sc["persist"]["durable"]
+        lines += ["## Closed-loop acked sends/s, durable relay (same senders)", "", "| metric | value |", "|---|---|",
+                  f"| acked sends/s | {v(d.get('persisted_msgs_per_s'))} |",
+                  f"| server CPU (cores) | {v(d.get('server_cpu_cores'))} |",
+                  f"| ack latency p99 (ms) | {v(d.get('ack_latency', {}).get('p99_ms'))} |", ""]
     if "persist" in sc:
         o = sc["persist"].get("ours", {})
         lines += [f"## Persist throughput (store={results['store']}, closed loop, {o.get('senders')} senders)", "",
@@ -825,13 +1044,14 @@ def plot(samples: dict[str, list[int]], results: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     ax = axes[0]
-    for key, color in (("fanout/ours", "tab:red"), ("fanout/baseline", "tab:blue")):
+    labels = {"ours": "chat service", "baseline": "raw relay", "durable": "durable relay"}
+    for key, color in (("fanout/ours", "tab:red"), ("fanout/baseline", "tab:blue"), ("fanout/durable", "tab:green")):
         values = sorted(samples.get(key, []))
         if not values:
             continue
         ms = [x / 1000 for x in values]
         ys = [(i + 1) / len(ms) for i in range(len(ms))]
-        label = "chat service" if key.endswith("ours") else "baseline relay"
+        label = labels[key.split("/")[1]]
         ax.plot(ms, ys, color=color, label=f"{label} (p99 {percentile(values, 0.99) / 1000:.1f} ms)")
     ax.axvline(50, color="grey", linestyle="--", linewidth=1, label="50 ms target")
     ax.set_xscale("log")
@@ -842,7 +1062,8 @@ def plot(samples: dict[str, list[int]], results: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     ax = axes[1]
-    for which, color, label in (("ours", "tab:red", "chat service"), ("baseline", "tab:blue", "baseline relay")):
+    for which, color, label in (("ours", "tab:red", "chat service"), ("baseline", "tab:blue", "raw relay"),
+                                ("durable", "tab:green", "durable relay")):
         steps = results["scenarios"].get("ramp", {}).get(which, {}).get("steps", [])
         steps = list({st["offered_msgs_per_s"]: st for st in steps}.values())  # the last attempt per rate
         pts = [(s["deliveries_per_s"], s["latency"]["p99_ms"]) for s in steps if s["latency"]["p99_ms"] is not None]
@@ -871,7 +1092,10 @@ def main() -> int:
     parser.add_argument("--keyspace", default="chat_bench", help="Cassandra keyspace (created if missing)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13", help="Redis for both servers (not db 0/14/15)")
     parser.add_argument("--scenarios", default="fanout,ramp,idle,persist")
-    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-baseline", action="store_true", help="the service only (neither relay)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="daphne workers of the service (scripts/serve.py); default: the usable cores, "
+                        "as `make run` with REDIS_URL")
     parser.add_argument("--profile", action="store_true", help="py-spy the service during an extra fan-out phase")
     parser.add_argument("--gen-procs", type=int, default=1, help="load generator processes")
     parser.add_argument("--database-url", default="",

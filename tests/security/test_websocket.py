@@ -179,8 +179,11 @@ def test_make_run_and_the_live_tests_cap_frames_at_the_services_value():
 
     from django.conf import settings
 
-    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    root = Path(__file__).resolve().parents[2]
+    makefile = (root / "Makefile").read_text()
     default = settings.ENVIRONMENT_VARIABLES["CHAT_MAX_FRAME_BYTES"]
-    assert f"CHAT_MAX_FRAME_BYTES ?= {default}\n" in makefile
-    assert "--websocket-max-message-size $(CHAT_MAX_FRAME_BYTES)" in makefile
+    assert f"CHAT_MAX_FRAME_BYTES ?= {default}\nexport CHAT_MAX_FRAME_BYTES\n" in makefile
+    serve = (root / "scripts" / "serve.py").read_text()
+    assert f'os.environ.get("CHAT_MAX_FRAME_BYTES") or "{default}"' in serve
+    assert '"--websocket-max-message-size", MAX_FRAME_BYTES' in serve
     assert LiveServer({}, Path("/dev/null")).max_frame_bytes == str(default)

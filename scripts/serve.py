@@ -1,0 +1,215 @@
+"""Serve chatproject.asgi with N daphne processes on one port (what `make run` runs). Stdlib only.
+
+    .venv/bin/python scripts/serve.py [--host 127.0.0.1] [--port 8000] [--workers N] [-- DAPHNE_OPTION...]
+
+Every worker gets DAPHNE_ARGS below, then the options after `--` (a later option wins): the one
+list of daphne flags, used by `make run` (whose DAPHNE_ARGS variable adds to them) and bench/run.py.
+
+--workers defaults to the number of usable cores when REDIS_URL is set, else 1: the in-process
+channel layer cannot deliver a message across processes, so several workers without REDIS_URL are
+refused. Only whether REDIS_URL is set is looked at here; the service itself reads its
+configuration in chatproject/settings.py.
+
+One worker: this process becomes daphne (exec), bound by daphne itself, exactly as
+`daphne -b HOST -p PORT` (the command `make run` always ran).
+
+Several workers: the launcher binds one listening socket per worker, all on HOST:PORT with
+SO_REUSEPORT, and starts each daphne with its socket inherited (`daphne --fd N`). The kernel spreads
+new connections over the sockets by their address hash. One socket shared by every worker would also
+work, but Twisted accepts up to 100 pending connections per wake-up, so under a burst (a reconnect
+storm) whichever worker wakes first takes most of them; separate queues keep the split even.
+The port is bound before any worker starts, so a port in use fails here, once, with its reason.
+
+The workers share one fresh PROMETHEUS_MULTIPROC_DIR (created here, removed at exit; an operator's
+own value is kept) so /metrics on any worker sums all of them. SIGTERM and SIGINT are forwarded to
+every worker; the launcher exits when they have. A worker that exits on its own is not restarted:
+the launcher logs it, stops the others and exits non-zero, so the supervisor above (systemd,
+Kubernetes, a shell loop) restarts the whole set with a fresh metrics directory and one restart
+policy, instead of two nested ones hiding each other's crash loops.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+APPLICATION = "chatproject.asgi:application"
+STOP_TIMEOUT = 30.0  # seconds a worker gets to close its sockets after SIGTERM before SIGKILL
+# daphne caps frames in and out: inbound frames over 1 MiB get an error frame from the consumer and
+# the transport cuts at the cap (close 1009); the service reads the same CHAT_MAX_FRAME_BYTES (same
+# default as chatproject/settings.py) and never hands daphne a larger frame.
+MAX_FRAME_BYTES = os.environ.get("CHAT_MAX_FRAME_BYTES") or "2097152"
+DAPHNE_ARGS = ["--websocket-max-message-size", MAX_FRAME_BYTES, "--websocket-max-frame-size", MAX_FRAME_BYTES]
+LISTEN_BACKLOG = 1024  # per worker; daphne binding itself uses Twisted's 50
+
+
+def log(text: str) -> None:
+    print(f"[serve {os.getpid()}] {text}", file=sys.stderr, flush=True)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def redis_configured() -> bool:
+    return bool(os.environ.get("REDIS_URL", "").strip())
+
+
+def default_workers() -> int:
+    return usable_cores() if redis_configured() else 1
+
+
+def daphne_command() -> list[str]:
+    script = Path(sys.executable).parent / "daphne"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "daphne"]
+
+
+def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` listening sockets on host:port: a SO_REUSEPORT group, or one socket shared by all."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if family == socket.AF_INET6:
+        # Twisted adopts inherited descriptors as AF_INET only (daphne's --fd has no family option).
+        raise SystemExit(f"serve: several workers need an IPv4 HOST, not {host!r}")
+    reuseport = hasattr(socket, "SO_REUSEPORT")
+    sockets = []
+    for _ in range(count if reuseport else 1):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted does for its own ports
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            for s in sockets + [sock]:
+                s.close()
+            raise SystemExit(f"serve: cannot bind {host}:{port}: {error.strerror}")
+        sock.listen(LISTEN_BACKLOG)
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    return sockets if reuseport else sockets * count
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Launcher:
+    def __init__(self, host: str, port: int, workers: int, daphne_args: list[str]) -> None:
+        self.host, self.port, self.workers, self.daphne_args = host, port, workers, daphne_args
+        self.children: list[subprocess.Popen] = []
+        self.stopping: int | None = None  # the signal being forwarded, once one arrived
+        self.crashed: subprocess.Popen | None = None
+        self.metrics_dir: str | None = None
+
+    def run(self) -> int:
+        sockets = listening_sockets(self.host, self.port, self.workers)
+        env = dict(os.environ)
+        if not env.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
+            self.metrics_dir = tempfile.mkdtemp(prefix="chat-metrics-")
+            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.forward)
+        try:
+            for sock in sockets:
+                if self.stopping is not None:  # signalled while starting: start no more
+                    break
+                fd = sock.fileno()
+                child = subprocess.Popen(
+                    [*daphne_command(), *self.daphne_args, "--fd", str(fd), APPLICATION],
+                    cwd=ROOT, env=env, pass_fds=(fd,), preexec_fn=_die_with_parent,
+                    # Own process group: a terminal's Ctrl-C reaches the launcher, which forwards it once.
+                    process_group=0,
+                )
+                self.children.append(child)
+            log(f"{self.workers} daphne workers on {self.host}:{self.port} (pids "
+                f"{', '.join(str(c.pid) for c in self.children)}), metrics in {env['PROMETHEUS_MULTIPROC_DIR']}")
+            for sock in set(sockets):  # the workers hold them now
+                sock.close()
+            return self.supervise()
+        finally:
+            self.kill_remaining()
+            if self.metrics_dir:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def forward(self, signum: int, _frame) -> None:
+        self.stopping = signum
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    def supervise(self) -> int:
+        stop_deadline = None
+        while True:
+            live = [c for c in self.children if c.poll() is None]
+            if not live:
+                break
+            if self.crashed is None and self.stopping is None:
+                gone = next((c for c in self.children if c.returncode is not None), None)
+                if gone is not None:
+                    self.crashed = gone
+                    log(f"worker {gone.pid} exited with status {gone.returncode}; stopping the others")
+                    self.forward(signal.SIGTERM, None)
+            if self.stopping is not None and stop_deadline is None:
+                stop_deadline = time.monotonic() + STOP_TIMEOUT
+            if stop_deadline is not None and time.monotonic() > stop_deadline:
+                log(f"workers {[c.pid for c in live]} still running {STOP_TIMEOUT:.0f} s after the signal: SIGKILL")
+                self.kill_remaining()
+                break
+            time.sleep(0.1)
+        if self.crashed is not None:
+            code = self.crashed.returncode
+            return code if code and code > 0 else 1  # killed by a signal (negative) or exited 0 unasked
+        return 0
+
+    def kill_remaining(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve chatproject.asgi with N daphne processes on one port.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", default="",
+                        help="daphne processes (default: usable cores with REDIS_URL, else 1)")
+    parser.add_argument("daphne_args", nargs="*", help="more daphne options for every worker (after --)")
+    args = parser.parse_args(argv)
+    args.daphne_args = DAPHNE_ARGS + args.daphne_args
+    try:
+        workers = int(args.workers) if str(args.workers).strip() else default_workers()
+    except ValueError:
+        parser.error(f"--workers must be an integer, not {args.workers!r}")
+    if workers < 1:
+        parser.error("--workers must be at least 1")
+    if workers > 1 and not redis_configured():
+        print(f"serve: WORKERS={workers} needs REDIS_URL: without it each process has its own in-process "
+              "channel layer and a message sent through one worker never reaches sockets held by another. "
+              "Set REDIS_URL (e.g. redis://127.0.0.1:6379/0) or use WORKERS=1.", file=sys.stderr)
+        return 2
+    if workers == 1:
+        command = [*daphne_command(), *args.daphne_args, "-b", args.host, "-p", str(args.port), APPLICATION]
+        os.chdir(ROOT)
+        os.execv(command[0], command)
+    return Launcher(args.host, args.port, workers, args.daphne_args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

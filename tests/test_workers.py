@@ -1,0 +1,212 @@
+"""`make run`'s launcher (scripts/serve.py): several daphne workers on one port, sharing Redis.
+
+Which worker holds a connection is read from the kernel: psutil lists each worker's TCP sockets, and
+the server side of a client's connection is the one whose remote address is the client's local one.
+"""
+import asyncio
+import http.client
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.live import ROOT, LiveServer, migrate, server_env
+from tests.services import REDIS_URL, redis_available, require
+
+pytestmark = pytest.mark.live_server_process
+
+SERVE = ROOT / "scripts" / "serve.py"
+CREATED = ("chat_message_created_total", 'is_encrypted="false",message_type="text"')
+
+
+def load_serve_module():
+    spec = importlib.util.spec_from_file_location("serve_launcher", SERVE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Launched(LiveServer):
+    """scripts/serve.py with --workers N on 127.0.0.1 (HTTP helpers from LiveServer)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, workers: int) -> None:
+        super().__init__(env, log_path)
+        self.workers = workers
+
+    def start(self, timeout: float = 60) -> "Launched":
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(SERVE), "--port", str(self.port), "--workers", str(self.workers)],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while len(self.worker_pids()) < self.workers:
+            assert self.process.poll() is None, f"launcher exited with {self.process.returncode}; see {self.log_path}"
+            assert time.monotonic() < deadline, "workers not started"
+            time.sleep(0.05)
+        self.serving: set[int] = set()
+        while self.serving != set(self.worker_pids()):  # every worker has answered a request
+            assert time.monotonic() < deadline, f"workers {self.worker_pids()} never all answered; see {self.log_path}"
+            self.serving.add(self.http_get("/metrics")[0])
+        return self
+
+    def worker_pids(self) -> list[int]:
+        try:
+            return [p.pid for p in psutil.Process(self.process.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def holder(self, client_address: tuple) -> int | None:
+        """The worker whose socket is the server side of the client's connection from this address."""
+        for pid in self.worker_pids():
+            for conn in psutil.Process(pid).net_connections("tcp"):
+                if conn.raddr and (conn.raddr.ip, conn.raddr.port) == tuple(client_address[:2]):
+                    return pid
+        return None
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        """(pid of the worker that answered, body) of a GET on a fresh keep-alive connection."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request("GET", path)
+            body = connection.getresponse().read().decode()
+            return self.holder(connection.sock.getsockname()), body
+        finally:
+            connection.close()
+
+    def metric_from(self, pid: int, name: str, labels: str) -> float:
+        """A sample of /metrics as answered by worker `pid` (tries fresh connections until it answers)."""
+        for _ in range(200):
+            holder, text = self.http_get("/metrics")
+            if holder == pid:
+                line = next((l for l in text.splitlines() if l.startswith(f"{name}{{{labels}}} ")), None)
+                return float(line.rsplit(" ", 1)[1]) if line else 0.0
+        raise AssertionError(f"worker {pid} never answered")
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    require("Redis", redis_available())
+    return REDIS_URL
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("workers")
+    env = server_env(directory / "db.sqlite3")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    migrate(env)
+    return directory, env
+
+
+def launch(database, redis_url, name: str, workers: int = 2) -> Launched:
+    directory, env = database
+    return Launched({**env, "REDIS_URL": redis_url}, directory / f"{name}.log", workers).start()
+
+
+@pytest.fixture(scope="module")
+def two_workers(database, redis_url):
+    server = launch(database, redis_url, "two-workers")
+    yield server
+    server.stop()
+
+
+async def open_sockets(server: Launched, conversation: str, token: str, count: int) -> list:
+    sockets = []
+    for _ in range(count):
+        socket = await connect(f"{server.ws}/ws/chat/?conversation_id={conversation}",
+                               additional_headers={"Authorization": f"Token {token}"})
+        assert json.loads(await socket.recv())["type"] == "ready"
+        sockets.append(socket)
+    return sockets
+
+
+async def next_message(socket, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = json.loads(await asyncio.wait_for(socket.recv(), max(deadline - time.monotonic(), 0.01)))
+        if frame["type"] == "message.new":
+            return frame["message"]
+
+
+async def test_both_workers_accept_on_one_port_and_deliver_to_each_other(two_workers):
+    server = two_workers
+    pids = server.worker_pids()
+    assert len(pids) == 2 and server.serving == set(pids)
+    alice_id, alice = server.signup("alice")
+    bob_id, bob = server.signup("bob")
+    status, conversation, _ = server.request(
+        "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_id]}, token=alice)
+    assert status == 201
+    conversation = conversation["id"]
+    # The kernel spreads connections over the workers' sockets by address hash: 16 hit both.
+    alice_sockets = await open_sockets(server, conversation, alice, 8)
+    bob_sockets = await open_sockets(server, conversation, bob, 8)
+    try:
+        held_by = {s: server.holder(s.local_address) for s in alice_sockets + bob_sockets}
+        assert set(held_by.values()) == set(pids), held_by
+        sender = alice_sockets[0]
+        receiver = next(s for s in bob_sockets + alice_sockets[1:] if held_by[s] != held_by[sender])
+        before = [server.metric_from(pid, *CREATED) for pid in pids]
+        await sender.send(json.dumps({"type": "message.send", "client_message_id": "w1", "content": "across"}))
+        delivered = await next_message(receiver)
+        assert delivered["content"] == "across" and delivered["conversation_id"] == conversation
+        # Every socket of the conversation gets it, on either worker.
+        for socket in alice_sockets + bob_sockets:
+            if socket is not receiver:
+                assert (await next_message(socket))["message_id"] == delivered["message_id"]
+        # One metrics directory: each worker's /metrics counts the message the other created.
+        after = [server.metric_from(pid, *CREATED) for pid in pids]
+        assert before[0] == before[1] and after == [before[0] + 1] * 2
+    finally:
+        await asyncio.gather(*(s.close() for s in alice_sockets + bob_sockets))
+
+
+def test_sigterm_stops_every_worker(database, redis_url):
+    server = launch(database, redis_url, "sigterm")
+    workers = [psutil.Process(pid) for pid in server.worker_pids()]
+    metrics_dir = Path(workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"])
+    assert metrics_dir.is_dir() and all(w.environ()["PROMETHEUS_MULTIPROC_DIR"] == str(metrics_dir) for w in workers)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(40) == 0
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert alive == []
+    assert not metrics_dir.exists()
+    server.stop()
+
+
+def test_a_crashed_worker_stops_the_launcher_with_an_error(database, redis_url):
+    server = launch(database, redis_url, "crash")
+    victim, survivor = (psutil.Process(pid) for pid in server.worker_pids())
+    victim.kill()
+    assert server.process.wait(40) != 0
+    assert psutil.wait_procs([survivor], timeout=5)[1] == []
+    server.stop()
+    assert f"worker {victim.pid} exited" in server.log_path.read_text()
+
+
+def test_several_workers_without_redis_are_refused(database):
+    _, env = database
+    env = {k: v for k, v in env.items() if k != "REDIS_URL"}
+    result = subprocess.run([sys.executable, str(SERVE), "--workers", "2", "--port", "1"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "WORKERS=2 needs REDIS_URL" in result.stderr
+
+
+def test_default_workers_are_the_cores_with_redis_and_one_without(monkeypatch):
+    serve = load_serve_module()
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert serve.default_workers() == 1
+    monkeypatch.setenv("REDIS_URL", "  ")
+    assert serve.default_workers() == 1
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert serve.default_workers() == len(os.sched_getaffinity(0))
