@@ -411,6 +411,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if event["user_id"] == str(self.user.pk):
             await self.revoke()
 
+    def catch_up(self, last_seq: int) -> None:
+        """chat.recheck: the conversation has committed up to last_seq."""
+        if self.gate is not None and not self.closing and self.gate.next_seq <= last_seq:
+            asyncio.create_task(self.gate.catch_up(last_seq))
+
     async def revoke(self) -> None:
         """Close with 4403: the event above, or chat.recheck finding the access gone."""
         if self.closing:

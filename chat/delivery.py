@@ -115,6 +115,27 @@ class SeqGate:
             self._pending[seq] = tombstone
             return True
 
+    async def catch_up(self, last_seq: int) -> None:
+        """Read from the store what this connection lacks up to `last_seq`, a seq known committed:
+        a publish that was lost with no later message to reveal the gap. Live arrivals meanwhile
+        are let out or dropped as usual; only seqs below the first held one are read here, the
+        gap filler owns the rest."""
+        try:
+            while not self._closed and self._next_seq <= last_seq:
+                upto = min([last_seq + 1, *self._pending])
+                if upto <= self._next_seq:
+                    return  # the gap filler is on it
+                before = self._next_seq
+                page = await self._fetch(before - 1, upto, min(upto - before, self._max_fetch))
+                async with self._lock:
+                    fetched = {m["seq"]: m for m in page if m["seq"] >= self._next_seq and m["seq"] not in self._pending}
+                    await self._emit_run(fetched)
+                if self._next_seq == before:
+                    return  # not in the store (yet): the next re-check looks again
+        except Exception:
+            metrics.broadcast_panic.inc()
+            logger.exception("catch-up failed on conversation %s", self._name)
+
     def close(self) -> int:
         """Stop the gap filler and drop what is held; returns how many messages were dropped."""
         self._closed = True

@@ -4,8 +4,10 @@ Revocations reach a socket as `membership.revoked` events, published on commit. 
 announces nothing (a ban written from `manage.py shell` with signals bypassed, a cron job, a
 process whose publish failed for good) would leave the socket reading forever, so every
 CHAT_MEMBERSHIP_RECHECK seconds one task per process re-runs the membership rule for all of the
-process's open sockets, BATCH_SIZE sockets per query (chat.access.allowed_participant_ids), and
-closes with 4403 those that lost access.
+process's open sockets, BATCH_SIZE sockets per query (chat.access.allowed_participations), and
+closes with 4403 those that lost access. The same query reads each conversation's committed
+last_seq: a socket that is behind it (a publish was lost and no later message revealed the gap)
+reads the rest from the store, so a lost publish is delivered within the interval too.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Protocol
 from django.conf import settings
 
 from chat import metrics
-from chat.access import allowed_participant_ids
+from chat.access import allowed_participations
 from core.threads import in_thread
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,9 @@ BATCH_SIZE = 500  # participant ids per query (SQLite's limit on bound variables
 
 class Watched(Protocol):
     async def revoke(self) -> None: ...
+
+    def catch_up(self, last_seq: int) -> None:
+        """The conversation has committed up to last_seq: deliver what this socket lacks."""
 
 
 # Open sockets of this process -> the participation each was authorized by.
@@ -61,11 +66,15 @@ async def recheck_once() -> int:
     closed = 0
     for start in range(0, len(sockets), BATCH_SIZE):
         batch = sockets[start : start + BATCH_SIZE]
-        allowed = await in_thread(allowed_participant_ids)(participant_ids={pid for _, pid in batch})
+        allowed = await in_thread(allowed_participations)(participant_ids={pid for _, pid in batch})
         for socket, participant_id in batch:
-            if participant_id not in allowed and socket in _sockets:
+            if socket not in _sockets:
+                continue
+            if participant_id not in allowed:
                 unwatch(socket)
                 closed += 1
                 metrics.membership_recheck_closed.inc()
                 await socket.revoke()
+            else:
+                socket.catch_up(allowed[participant_id])
     return closed

@@ -304,3 +304,25 @@ async def test_close_stops_the_gap_filler_and_drops_what_is_held(harness):
     await h.time.advance(GAP_GIVE_UP_SECONDS)
     await h.deliver(2)
     assert h.seqs == [1] and h.store.calls == []
+
+
+async def test_catch_up_reads_what_is_committed_but_never_arrived(harness):
+    """The last messages' publishes were lost: no later arrival reveals the gap, the re-check's
+    committed last_seq does."""
+    h = harness(1, 2, 3, 4, max_fetch=2)
+    await h.deliver(1)
+    await h.gate.catch_up(4)
+    assert h.seqs == [1, 2, 3, 4]
+    assert h.store.calls == [(1, 5, 2), (3, 5, 1)]  # in pages of at most max_fetch
+    await h.deliver(3)  # the lost publish turns up after all: dropped
+    assert h.seqs == [1, 2, 3, 4]
+
+
+async def test_catch_up_leaves_held_messages_to_the_gap_filler_and_stops_when_the_store_lags(harness):
+    h = harness(1, 2, 3)
+    await h.deliver(1, 3)  # 3 is held, waiting for 2
+    await h.gate.catch_up(3)
+    assert h.seqs == [1, 2, 3] and h.store.calls == [(1, 3, 1)]  # read only below the held seq
+    h.store.calls.clear()
+    await h.gate.catch_up(5)  # committed, not readable yet: nothing emitted, no loop
+    assert h.seqs == [1, 2, 3] and h.store.calls == [(3, 6, 2)]

@@ -93,13 +93,13 @@ async def test_the_recheck_runs_one_query_per_batch_for_all_sockets_of_the_proce
     for socket in sockets:
         await receive(socket)
     batches = []
-    real = recheck.allowed_participant_ids
+    real = recheck.allowed_participations
 
     def counted(*, participant_ids):
         batches.append(len(participant_ids))
         return real(participant_ids=participant_ids)
 
-    monkeypatch.setattr(recheck, "allowed_participant_ids", counted)
+    monkeypatch.setattr(recheck, "allowed_participations", counted)
     monkeypatch.setattr(recheck, "BATCH_SIZE", 2)
     await database_sync_to_async(ban_without_signals)(conversation, bob)
     assert await recheck.recheck_once() == 2
@@ -110,6 +110,28 @@ async def test_the_recheck_runs_one_query_per_batch_for_all_sockets_of_the_proce
     for socket in sockets[:3]:
         await socket.disconnect()
     assert recheck._sockets == {}
+
+
+async def test_a_lost_publish_with_no_later_message_arrives_within_the_recheck_interval(pair, quick_recheck, monkeypatch):
+    """The gate finds a gap only when a later message arrives; the re-check compares each socket
+    with the committed last_seq, so the last message of a conversation is not lost with its
+    publish either."""
+    from chat import events
+
+    alice, bob, conversation = pair
+    b, _ = await open_socket(bob, conversation)
+    await receive(b)
+    real = events._apublish_to
+
+    async def lose_message_new(group, event):
+        if event.get("type") == "message.new":
+            return False
+        return await real(group, event)
+
+    monkeypatch.setattr(events, "_apublish_to", lose_message_new)
+    await send_over_rest_path(alice, conversation, "published into the void")
+    assert [m["content"] for m in await receive_messages(b, 1, timeout=2 * RECHECK + 1)] == ["published into the void"]
+    await b.disconnect()
 
 
 def test_a_failed_revocation_publish_is_retried_in_the_background(make_user, make_group, monkeypatch, transactional_db):
