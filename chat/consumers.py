@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
@@ -78,6 +78,24 @@ def encode_frame(frame: dict) -> str:
         return json.dumps(frame, separators=(",", ":"), ensure_ascii=True)
 
 
+# The message.new frames this process encoded last. The fan-out hands one message dict to every
+# local socket of its conversation, so the frame is encoded once per process, not once per socket
+# (identity, not equality, is checked: a patched copy, an edit or a tombstone is a new dict).
+_MESSAGE_FRAMES_KEPT = 256
+_message_frames: OrderedDict[int, tuple[dict, str]] = OrderedDict()
+
+
+def message_new_frame(message: dict) -> str:
+    kept = _message_frames.get(id(message))
+    if kept is not None and kept[0] is message:
+        return kept[1]
+    text = encode_frame({"type": "message.new", "conversation_id": message["conversation_id"], "message": message})
+    _message_frames[id(message)] = (message, text)
+    if len(_message_frames) > _MESSAGE_FRAMES_KEPT:
+        _message_frames.popitem(last=False)
+    return text
+
+
 def frame_too_large(text: str) -> bool:
     """Whether a text frame's UTF-8 encoding is over the transport's cap (CHAT_MAX_FRAME_BYTES)."""
     cap = settings.CHAT_MAX_FRAME_BYTES
@@ -99,6 +117,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     holds_slot = False
     counted = False
     presence_joined = False
+    presence_task: asyncio.Task | None = None
     closing = False
     gate: SeqGate | None = None  # from the end of the handshake on
     backlog = 0  # this connection's share of chat_client_send_channel_length
@@ -192,10 +211,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 for message in messages:
                     await self.gate.deliver(message)
                 replay_from = messages[-1]["seq"]
-        await self._presence_join()
         # Live events waited in the inbox since the subscription; they go out after the ready
         # frame and the replay (the gate drops what the replay already delivered).
         self.inbox_task = asyncio.create_task(self._drain_inbox())
+        # Presence is best effort and must not hold up the handshake: when thousands of clients
+        # reconnect at once (a server restart), their joins queue for Redis connections, and a
+        # handshake that waited for its join would time out and come back as one more.
+        self.presence_task = asyncio.create_task(self._presence_join())
 
     def _reserve_slot(self) -> bool:
         if (
@@ -218,7 +240,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await events.presence(self.conversation_id, self.user.pk, online=True)
             for user_id in await presence.online(self.conversation_id):
                 if user_id != self.user.pk:
-                    await self._send_json({"type": "presence", "user_id": str(user_id), "online": True})
+                    await self._send_json(
+                        {"type": "presence", "conversation_id": str(self.conversation_id), "user_id": str(user_id), "online": True}
+                    )
         except Exception:
             logger.warning("presence: join failed", exc_info=True)
 
@@ -298,6 +322,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.cleaned_up = True
         recheck.unwatch(self)
+        if self.presence_task is not None and not self.presence_task.done():
+            self.presence_task.cancel()
         await self._presence_leave()
         metrics.client_send_channel_length.dec(self.backlog)
         self.backlog = 0
@@ -312,9 +338,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._release_slot()
 
     # --- outbound: in order, exactly once ------------------------------------------------------
-    async def _send_json(self, frame: dict) -> None:
-        """Write one frame. A frame that cannot go out (over the transport's cap, or the write
-        fails) costs that frame, never the connection."""
+    async def _send_json(self, frame: dict, text: str | None = None) -> None:
+        """Write one frame (`text`: the frame already encoded). A frame that cannot go out (over
+        the transport's cap, or the write fails) costs that frame, never the connection."""
         if self.closing:
             metrics.client_message_dropped.inc()
             return
@@ -325,7 +351,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             metrics.client_message_dropped.inc()
             self.closing = True
             return await self.close(code=CLOSE_TOO_SLOW)
-        text = encode_frame(frame)
+        if text is None:
+            text = encode_frame(frame)
         if frame_too_large(text):
             # daphne would fail the whole connection (1011) on it. Message content over the inline
             # limit never gets here (Message.inline); this is the guard for everything else.
@@ -362,7 +389,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(0.01)
 
     async def _emit(self, message: dict) -> None:
-        await self._send_json({"type": "message.new", "message": message})
+        frame = {"type": "message.new", "conversation_id": message["conversation_id"], "message": message}
+        await self._send_json(frame, message_new_frame(message))
 
     async def _read_messages(self, after_seq: int, before_seq: int, limit: int) -> list[dict]:
         """The stored messages strictly between the two seqs, ascending: the catch-up replay and
@@ -387,7 +415,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         message = event["message"]
         if await self.gate.update(message):  # not delivered yet: it goes out edited, in its place
             return
-        await self._send_json({"type": "message.updated", "message": message})
+        await self._send_json({"type": "message.updated", "conversation_id": message["conversation_id"], "message": message})
 
     async def message_deleted(self, event: dict) -> None:
         seq = event["seq"]
@@ -397,14 +425,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def typing(self, event: dict) -> None:
         if event["user_id"] != str(self.user.pk):
-            await self._send_json({"type": "typing", "user_id": event["user_id"]})
+            await self._send_json({"type": "typing", "conversation_id": str(self.conversation_id), "user_id": event["user_id"]})
 
     async def presence(self, event: dict) -> None:
         if event["user_id"] != str(self.user.pk):
-            await self._send_json({"type": "presence", "user_id": event["user_id"], "online": event["online"]})
+            await self._send_json(
+                {"type": "presence", "conversation_id": str(self.conversation_id), "user_id": event["user_id"], "online": event["online"]}
+            )
 
     async def read(self, event: dict) -> None:
-        await self._send_json({"type": "read", "user_id": event["user_id"], "seq": event["seq"]})
+        await self._send_json(
+            {"type": "read", "conversation_id": str(self.conversation_id), "user_id": event["user_id"], "seq": event["seq"]}
+        )
 
     async def membership_revoked(self, event: dict) -> None:
         """Removed or banned from this conversation, or deactivated (then sent to the user's group)."""
@@ -476,7 +508,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except ChatError as exc:
             return await self._error_for(exc, client_message_id)
         await self._send_json(
-            {"type": "message.ack", "client_message_id": client_message_id, "message": result.message.inline().as_dict()}
+            {
+                "type": "message.ack",
+                "conversation_id": str(self.conversation_id),
+                "client_message_id": client_message_id,
+                "message": result.message.inline().as_dict(),
+            }
         )
 
     async def _on_typing(self, frame: dict) -> None:

@@ -214,7 +214,10 @@ CHAT_LOGIN_FAIL_RATE_ADDR = env_rate("CHAT_LOGIN_FAIL_RATE_ADDR", "30/15min")
 CHAT_REGISTER_RATE = env_rate("CHAT_REGISTER_RATE", "10/hour")
 REST_KNOX = {
     "TOKEN_TTL": timedelta(seconds=CHAT_TOKEN_TTL),
-    "AUTO_REFRESH": True,  # sliding: each use moves the expiry (written at most once a minute)
+    "AUTO_REFRESH": True,  # sliding: each use moves the expiry...
+    # ...written at most once an hour per token: a reconnect storm of thousands of sockets would
+    # otherwise write every token again (knox's default is a minute), one SQLite writer at a time.
+    "MIN_REFRESH_INTERVAL": 3600,
     "AUTH_HEADER_PREFIX": "Token",
 }
 

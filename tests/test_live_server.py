@@ -72,7 +72,7 @@ async def test_a_message_sent_over_rest_reaches_both_participants(server, conver
         assert status == 201
         for socket in (a, b):
             frame = await next_frame(socket)
-            assert frame == {"type": "message.new", "message": sent}
+            assert frame == {"type": "message.new", "conversation_id": sent["conversation_id"], "message": sent}
 
 
 async def test_websocket_send_is_acked_and_delivered(server, conversation):

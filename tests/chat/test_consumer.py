@@ -401,7 +401,7 @@ class TestFrames:
         b, _ = await open_socket(bob, conversation)
         await receive(a), await receive(b)
         await a.send_json_to({"type": "typing"})
-        assert await receive(b) == {"type": "typing", "user_id": str(alice.pk)}
+        assert await receive(b) == {"type": "typing", "conversation_id": str(conversation.id), "user_id": str(alice.pk)}
         assert await nothing_but_presence(a)
         await a.disconnect()
         await b.disconnect()
@@ -413,7 +413,7 @@ class TestFrames:
         b, _ = await open_socket(bob, conversation)
         await receive(a), await receive(b)
         await b.send_json_to({"type": "read", "seq": 1})
-        assert await receive(a) == {"type": "read", "user_id": str(bob.pk), "seq": 1}
+        assert await receive(a) == {"type": "read", "conversation_id": str(conversation.id), "user_id": str(bob.pk), "seq": 1}
         await a.disconnect()
         await b.disconnect()
 
@@ -455,13 +455,17 @@ class TestPresence:
         await receive(a)
         b1, _ = await open_socket(bob, conversation)
         await receive(b1)
-        online = {"type": "presence", "user_id": str(bob.pk), "online": True}
+        online = {"type": "presence", "conversation_id": str(conversation.id), "user_id": str(bob.pk), "online": True}
         assert await receive(a, skip=()) == online
-        assert await receive(b1, skip=()) == {"type": "presence", "user_id": str(alice.pk), "online": True}
+        assert await receive(b1, skip=()) == {
+            "type": "presence", "conversation_id": str(conversation.id), "user_id": str(alice.pk), "online": True
+        }
         b2, _ = await open_socket(bob, conversation)  # a second device: no new event
         await receive(b2)
         await b1.disconnect()
         assert await a.receive_nothing(0.2)
         await b2.disconnect()  # the last one: offline
-        assert await receive(a, skip=()) == {"type": "presence", "user_id": str(bob.pk), "online": False}
+        assert await receive(a, skip=()) == {
+            "type": "presence", "conversation_id": str(conversation.id), "user_id": str(bob.pk), "online": False
+        }
         await a.disconnect()

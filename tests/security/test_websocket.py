@@ -88,11 +88,11 @@ async def test_a_message_over_the_frame_cap_travels_without_its_content(server, 
         sent = await asyncio.to_thread(send_file, server, conversation, content)
         for socket in (a, b):
             frame = await next_frame(socket)
-            assert frame == {"type": "message.new", "message": omitted(sent)}
+            assert frame == {"type": "message.new", "conversation_id": sent["conversation_id"], "message": omitted(sent)}
         # The sockets live on: the next message arrives, content and all.
         small = await asyncio.to_thread(send_file, server, conversation, "small")
         for socket in (a, b):
-            assert await next_frame(socket) == {"type": "message.new", "message": small}
+            assert await next_frame(socket) == {"type": "message.new", "conversation_id": small["conversation_id"], "message": small}
             await socket.send(json.dumps({"type": "ping"}))
             assert await next_frame(socket) == {"type": "pong"}
 
@@ -103,7 +103,7 @@ async def test_a_message_over_the_frame_cap_travels_without_its_content(server, 
         )
         assert status == 200
         for socket in (a, b):
-            assert await next_frame(socket) == {"type": "message.updated", "message": omitted(edited)}
+            assert await next_frame(socket) == {"type": "message.updated", "conversation_id": edited["conversation_id"], "message": omitted(edited)}
 
         # Content over the inline limit sent on the socket: the ack carries the message without it.
         await b.send(json.dumps(
@@ -117,7 +117,7 @@ async def test_a_message_over_the_frame_cap_travels_without_its_content(server, 
     async with connect(ws_url(server, conversation["id"], after_seq=sent["seq"] - 1), **auth(conversation["bob"])) as b:
         ready = await next_frame(b)
         assert ready["recovered"] is True
-        assert await next_frame(b) == {"type": "message.new", "message": omitted(sent)}
+        assert await next_frame(b) == {"type": "message.new", "conversation_id": sent["conversation_id"], "message": omitted(sent)}
 
     # The client reads the content over REST: the full message object.
     path = f"/api/v1/conversations/{conversation['id']}/messages/{sent['seq']}/"
@@ -167,7 +167,7 @@ async def test_a_frame_over_the_transport_cap_costs_the_frame_not_the_connection
                 "error", "unavailable", {"type": "message.new", "seq": sent["seq"]}
             )
             small = await asyncio.to_thread(send_file, server, conversation, "after")
-            assert await next_frame(b) == {"type": "message.new", "message": small}
+            assert await next_frame(b) == {"type": "message.new", "conversation_id": small["conversation_id"], "message": small}
         assert server.metric("chat_client_message_dropped_total") == dropped_before + 1
         assert server.metric("chat_websocket_frame_too_large_total") == 1
     finally:
