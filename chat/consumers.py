@@ -44,7 +44,9 @@ SLOW_CLIENT_GRACE_SECONDS = 2.0
 
 CLOSE_MEMBERSHIP_REVOKED = 4403
 CLOSE_TOO_SLOW = 4008
-CLOSE_TRY_AGAIN_LATER = 1013
+# 1013 (Try Again Later) is what this means, but daphne's WebSocket layer (autobahn) lets a server
+# close only with 1000 or 3000-4999: 4013 mirrors it in the application range.
+CLOSE_TRY_AGAIN_LATER = 4013
 
 # Per-process connection accounting for CHAT_MAX_CONNECTIONS(_PER_USER).
 _open_connections: Counter = Counter()
@@ -159,7 +161,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await fanout.subscribe(group, self)
                 self.subscribed.append(group)
         except Exception:
-            logger.warning("websocket: channel layer unavailable, closing with 1013", exc_info=True)
+            logger.warning("websocket: channel layer unavailable, closing with %d", CLOSE_TRY_AGAIN_LATER, exc_info=True)
             await self._unsubscribe()
             self._release_slot()
             await self.accept()

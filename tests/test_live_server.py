@@ -174,3 +174,25 @@ def test_a_body_over_the_limit_is_refused_without_copies_in_memory(server, conve
     # own size while in flight (docs/api.md: cap bodies at the proxy); the service must not add
     # copies of it on top (parsing, decoding, validating).
     assert rss_bytes(server.process.pid) - before < 24 * 1024 * 1024
+
+
+async def test_a_handshake_while_redis_is_unreachable_gets_unavailable_then_4013(tmp_path):
+    """The channel layer cannot subscribe the socket: it would miss live events, so it is told to
+    come back (an error frame, then 4013: daphne's WebSocket layer refuses 1013 itself)."""
+    env = server_env(tmp_path / "db.sqlite3", REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
+    migrate(env)
+    live = LiveServer(env, tmp_path / "daphne.log").start()
+    try:
+        alice_id, alice = live.signup("alice")
+        status, created, _ = live.request(
+            "POST", "/api/v1/conversations/", {"kind": "group", "title": "down", "participant_ids": []}, token=alice
+        )
+        assert status == 201
+        async with connect(ws_url(live, created["id"]), additional_headers={"Authorization": f"Token {alice}"}) as socket:
+            frame = await next_frame(socket)
+            assert (frame["type"], frame["code"]) == ("error", "unavailable")
+            with pytest.raises(websockets.exceptions.ConnectionClosed):
+                await asyncio.wait_for(socket.recv(), 10)
+            assert socket.close_code == 4013
+    finally:
+        live.stop()
