@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
@@ -111,7 +111,7 @@ def _query_param(scope, name: str) -> str | None:
 
 class ChatConsumer(AsyncWebsocketConsumer):
     # No channel per socket: the process's fan-out (chat.fanout) receives each event once and
-    # feeds it to this socket's inbox, drained by one task of its own.
+    # feeds it to this socket's inbox, drained by a task of its own while it holds anything.
     channel_layer_alias = None
 
     user = None
@@ -131,8 +131,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.subscribed: list[str] = []
         # This connection's name in presence entries (there is no per-socket channel name).
         self.connection_id = uuid.uuid4().hex
-        self.inbox: asyncio.Queue[dict] = asyncio.Queue()
+        # Events wait here; a drain task exists only while there are some, so an idle socket
+        # holds no task (thousands of idle sockets per process).
+        self.inbox: deque[dict] = deque()
         self.inbox_task: asyncio.Task | None = None
+        self.inbox_open = False  # until the handshake is done; and closed for good after a failure
         self.last_typing = 0.0
         self.backlog_probe = socket_backlog_probe(self.scope.get("server_send"))
 
@@ -215,7 +218,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 replay_from = messages[-1]["seq"]
         # Live events waited in the inbox since the subscription; they go out after the ready
         # frame and the replay (the gate drops what the replay already delivered).
-        self.inbox_task = asyncio.create_task(self._drain_inbox())
+        self.inbox_open = True
+        self._start_draining()
         # Presence is best effort and must not hold up the handshake: when thousands of clients
         # reconnect at once (a server restart), their joins queue for Redis connections, and a
         # handshake that waited for its join would time out and come back as one more.
@@ -265,19 +269,27 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def feed(self, event: dict) -> None:
         """An event of one of this socket's groups, from the process's fan-out."""
-        self.inbox.put_nowait(event)
+        self.inbox.append(event)
+        self._start_draining()
+
+    def _start_draining(self) -> None:
+        if self.inbox_open and self.inbox and self.inbox_task is None:
+            self.inbox_task = asyncio.create_task(self._drain_inbox())
 
     async def _drain_inbox(self) -> None:
         """Handle this socket's events one at a time, in the order the process received them."""
-        while True:
-            event = await self.inbox.get()
-            try:
-                await self.dispatch(event)
-            except Exception:
-                # Counted and logged by the handler; the socket cannot be trusted to be in order
-                # any more: close it (the client resumes with after_seq and loses nothing).
-                await self.close(code=1011)
-                return
+        try:
+            while self.inbox and self.inbox_open:
+                try:
+                    await self.dispatch(self.inbox.popleft())
+                except Exception:
+                    # Counted and logged by the handler; the socket cannot be trusted to be in
+                    # order any more: close it (the client resumes with after_seq, loses nothing).
+                    self.inbox_open = False
+                    self.inbox.clear()
+                    await self.close(code=1011)
+        finally:
+            self.inbox_task = None
 
     def _release_slot(self) -> None:
         if self.holds_slot:
@@ -332,6 +344,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.gate is not None:
             self.gate.close()
         await self._unsubscribe()
+        self.inbox_open = False
+        self.inbox.clear()
         if self.inbox_task is not None and self.inbox_task is not asyncio.current_task():
             self.inbox_task.cancel()
         if self.counted:
