@@ -32,7 +32,7 @@ from chat.presence import get_presence
 from core.threads import in_thread
 from chat.services.conversations import read_marker_set
 from chat.services.send import SendRequest, amessage_send
-from chat.selectors import message_range
+from chat.selectors import conversation_last_seq, message_range
 from chat.store import utf8_length
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ MAX_INBOUND_FRAME_BYTES = 1024 * 1024
 TYPING_MIN_INTERVAL_SECONDS = 1.0
 # How long a client may sit on more than CHAT_MAX_OUTBOUND_BYTES unread before it is closed (4008).
 SLOW_CLIENT_GRACE_SECONDS = 2.0
+
+# How long after the handshake a socket looks at the store once more (see connect).
+SUBSCRIBE_SETTLE_SECONDS = 1.0
 
 CLOSE_MEMBERSHIP_REVOKED = 4403
 CLOSE_TOO_SLOW = 4008
@@ -120,6 +123,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     counted = False
     presence_joined = False
     presence_task: asyncio.Task | None = None
+    settle_task: asyncio.Task | None = None
     closing = False
     gate: SeqGate | None = None  # from the end of the handshake on
     backlog = 0  # this connection's share of chat_client_send_channel_length
@@ -224,6 +228,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # reconnect at once (a server restart), their joins queue for Redis connections, and a
         # handshake that waited for its join would time out and come back as one more.
         self.presence_task = asyncio.create_task(self._presence_join())
+        # A new subscription takes effect when Redis has processed it, which channels-redis does
+        # not wait for: a message published in between, and committed after the read above, would
+        # only be revealed by a later message. One look at the store once the subscription is
+        # surely live closes that window (the periodic re-check is the backstop).
+        self.settle_task = asyncio.create_task(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS))
 
     def _reserve_slot(self) -> bool:
         if (
@@ -336,8 +345,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.cleaned_up = True
         recheck.unwatch(self)
-        if self.presence_task is not None and not self.presence_task.done():
-            self.presence_task.cancel()
+        for task in (self.presence_task, self.settle_task):
+            if task is not None and not task.done():
+                task.cancel()
         await self._presence_leave()
         metrics.client_send_channel_length.dec(self.backlog)
         self.backlog = 0
@@ -463,6 +473,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """chat.recheck: the conversation has committed up to last_seq."""
         if self.gate is not None and not self.closing and self.gate.next_seq <= last_seq:
             asyncio.create_task(self.gate.catch_up(last_seq))
+
+    async def _catch_up_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            last_seq = await in_thread(conversation_last_seq)(conversation_id=self.conversation_id)
+        except Exception:
+            logger.warning("websocket: catch-up read failed", exc_info=True)
+            return
+        self.catch_up(last_seq)
 
     async def revoke(self) -> None:
         """Close with 4403: the event above, or chat.recheck finding the access gone."""

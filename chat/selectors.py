@@ -37,6 +37,11 @@ def conversation_list_for(*, user) -> QuerySet[Conversation]:
     )
 
 
+def conversation_last_seq(*, conversation_id: uuid.UUID) -> int:
+    """Where the conversation stands now: its committed counter (0 if it is gone)."""
+    return Conversation.objects.filter(pk=conversation_id).values_list("last_seq", flat=True).first() or 0
+
+
 def message_history(
     *, conversation: Conversation, after_seq: int | None = None, before_seq: int | None = None, limit: int = 50
 ) -> HistoryPage:

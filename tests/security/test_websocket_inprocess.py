@@ -134,6 +134,28 @@ async def test_a_lost_publish_with_no_later_message_arrives_within_the_recheck_i
     await b.disconnect()
 
 
+async def test_a_publish_missed_right_after_the_handshake_is_caught_up_within_a_second(pair, monkeypatch):
+    """A new subscription takes effect only once Redis has processed it; a message published in
+    between whose commit came after the handshake's read is read from the store shortly after,
+    without waiting for the periodic re-check (30 s by default)."""
+    from chat import events
+
+    alice, bob, conversation = pair
+    b, _ = await open_socket(bob, conversation)
+    await receive(b)
+    real = events._apublish_to
+
+    async def lose_message_new(group, event):
+        if event.get("type") == "message.new":
+            return False
+        return await real(group, event)
+
+    monkeypatch.setattr(events, "_apublish_to", lose_message_new)
+    await send_over_rest_path(alice, conversation, "published before the subscription was live")
+    assert [m["content"] for m in await receive_messages(b, 1, timeout=3)] == ["published before the subscription was live"]
+    await b.disconnect()
+
+
 def test_a_failed_revocation_publish_is_retried_in_the_background(make_user, make_group, monkeypatch, transactional_db):
     import threading
     import time
