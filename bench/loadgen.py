@@ -38,6 +38,8 @@ import time
 
 from websockets.asyncio.client import connect
 
+# After a storm's drain, how long messages acked through other generator processes get to arrive.
+CROSS_GENERATOR_SETTLE_SECONDS = 2.0
 # An unfinished drain with no delivery for this long: the server stopped delivering (lost), it is
 # not merely working through a backlog (late).
 STALL_SECONDS = 5.0
@@ -244,6 +246,11 @@ class Generator:
         await sending
         sending_seconds = time.monotonic() - self.t_start
         drained = await self.drain(drain)
+        # This process drains against the acks it saw itself, but a conversation's members may sit
+        # in several generator processes (the idle scenario opens its sockets in two halves): the
+        # other processes' last messages may still be on their way here. The orchestrator checks
+        # every member against every process's acks, so give those a moment to arrive.
+        await asyncio.sleep(CROSS_GENERATOR_SETTLE_SECONDS)
         report = self.report(phase, drained, sending_seconds, 0.0)
         report.update(
             down_at=down_at, closed_by_server=closed, reconnected=reconnected, ready_at=sorted(ready_at),
