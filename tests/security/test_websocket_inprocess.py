@@ -112,15 +112,10 @@ async def test_the_recheck_runs_one_query_per_batch_for_all_sockets_of_the_proce
     assert recheck._sockets == {}
 
 
-async def test_a_lost_publish_with_no_later_message_arrives_within_the_recheck_interval(pair, quick_recheck, monkeypatch):
-    """The gate finds a gap only when a later message arrives; the re-check compares each socket
-    with the committed last_seq, so the last message of a conversation is not lost with its
-    publish either."""
+def lose_every_message_new(monkeypatch) -> None:
+    """From now on every message.new publish is lost; other events still go out."""
     from chat import events
 
-    alice, bob, conversation = pair
-    b, _ = await open_socket(bob, conversation)
-    await receive(b)
     real = events._apublish_to
 
     async def lose_message_new(group, event):
@@ -129,6 +124,16 @@ async def test_a_lost_publish_with_no_later_message_arrives_within_the_recheck_i
         return await real(group, event)
 
     monkeypatch.setattr(events, "_apublish_to", lose_message_new)
+
+
+async def test_a_lost_publish_with_no_later_message_arrives_within_the_recheck_interval(pair, quick_recheck, monkeypatch):
+    """The gate finds a gap only when a later message arrives; the re-check compares each socket
+    with the committed last_seq, so the last message of a conversation is not lost with its
+    publish either."""
+    alice, bob, conversation = pair
+    b, _ = await open_socket(bob, conversation)
+    await receive(b)
+    lose_every_message_new(monkeypatch)
     await send_over_rest_path(alice, conversation, "published into the void")
     assert [m["content"] for m in await receive_messages(b, 1, timeout=2 * RECHECK + 1)] == ["published into the void"]
     await b.disconnect()
@@ -138,19 +143,10 @@ async def test_a_publish_missed_right_after_the_handshake_is_caught_up_within_a_
     """A new subscription takes effect only once Redis has processed it; a message published in
     between whose commit came after the handshake's read is read from the store shortly after,
     without waiting for the periodic re-check (30 s by default)."""
-    from chat import events
-
     alice, bob, conversation = pair
     b, _ = await open_socket(bob, conversation)
     await receive(b)
-    real = events._apublish_to
-
-    async def lose_message_new(group, event):
-        if event.get("type") == "message.new":
-            return False
-        return await real(group, event)
-
-    monkeypatch.setattr(events, "_apublish_to", lose_message_new)
+    lose_every_message_new(monkeypatch)
     await send_over_rest_path(alice, conversation, "published before the subscription was live")
     assert [m["content"] for m in await receive_messages(b, 1, timeout=3)] == ["published before the subscription was live"]
     await b.disconnect()
