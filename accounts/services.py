@@ -12,7 +12,7 @@ from django.utils import timezone
 from knox.models import AuthToken
 
 from accounts.models import User, WebSocketTicket
-from accounts.signals import user_deactivated
+from accounts.signals import credentials_revoked
 from accounts.usernames import INVALID_MESSAGE, is_valid_username, normalize_username
 from core.errors import ValidationFailed
 
@@ -47,13 +47,14 @@ def user_deactivate(*, user: User) -> None:
         User.objects.filter(pk=user.pk).update(is_active=False)
         user.is_active = False
         credentials_revoke_all(user=user)
-        user_deactivated.send(sender=User, user_id=user.pk)
 
 
 def credentials_revoke_all(*, user: User) -> None:
-    """Every token of every device and every unused WebSocket ticket of `user` stops working."""
+    """Every token of every device and every unused WebSocket ticket of `user` stops working, and
+    every socket the account has open closes (credentials_revoked)."""
     AuthToken.objects.filter(user=user).delete()
     WebSocketTicket.objects.filter(user=user).delete()
+    credentials_revoked.send(sender=User, user_id=user.pk)
 
 
 def token_issue(*, user: User) -> tuple[AuthToken, str]:

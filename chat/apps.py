@@ -25,13 +25,13 @@ class ChatConfig(AppConfig):
         import chatproject.checks  # noqa: F401  (registers the configuration checks)
         from django.db.models.signals import post_delete, post_save
 
-        from accounts.signals import user_deactivated
+        from accounts.signals import credentials_revoked
         from chat.models import Ban, Participant
         from chat.services import conversations
 
         post_delete.connect(conversations.revoke_on_participant_delete, sender=Participant, dispatch_uid="chat-revoke-participant")
         post_save.connect(conversations.revoke_on_ban_save, sender=Ban, dispatch_uid="chat-revoke-ban")
-        user_deactivated.connect(conversations.revoke_on_user_deactivated, dispatch_uid="chat-revoke-deactivated")
+        credentials_revoked.connect(conversations.revoke_on_credentials_revoked, dispatch_uid="chat-revoke-credentials")
         if settings.PROMETHEUS_MULTIPROC_DIR:
             # Several processes share one metrics directory: a process that exits must take its
             # live gauges (connections, subscriptions) with it.

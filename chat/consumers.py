@@ -124,6 +124,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     presence_joined = False
     presence_task: asyncio.Task | None = None
     settle_task: asyncio.Task | None = None
+    catch_up_task: asyncio.Task | None = None
     closing = False
     gate: SeqGate | None = None  # from the end of the handshake on
     backlog = 0  # this connection's share of chat_client_send_channel_length
@@ -345,7 +346,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.cleaned_up = True
         recheck.unwatch(self)
-        for task in (self.presence_task, self.settle_task):
+        for task in (self.presence_task, self.settle_task, self.catch_up_task):
             if task is not None and not task.done():
                 task.cancel()
         await self._presence_leave()
@@ -471,8 +472,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def catch_up(self, last_seq: int) -> None:
         """chat.recheck: the conversation has committed up to last_seq."""
-        if self.gate is not None and not self.closing and self.gate.next_seq <= last_seq:
-            asyncio.create_task(self.gate.catch_up(last_seq))
+        running = self.catch_up_task is not None and not self.catch_up_task.done()
+        if self.gate is not None and not self.closing and not running and self.gate.next_seq <= last_seq:
+            self.catch_up_task = asyncio.create_task(self.gate.catch_up(last_seq))
 
     async def _catch_up_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -559,9 +561,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _on_read(self, frame: dict) -> None:
         try:
-            await in_thread(read_marker_set)(
+            # As a send does: the read event it commits is published from the loop, not by a
+            # pool thread waiting on it.
+            _, committed = await in_thread(events.collecting(read_marker_set))(
                 user=self.user, conversation_id=self.conversation_id, seq=frame.get("seq")
             )
+            await events.apublish_collected(committed)
         except ChatError as exc:
             await self._error_for(exc)
 

@@ -4,8 +4,9 @@ Messages reach a connection over the channel layer, where a publish may be lost,
 repeated (replay overlapping live delivery). `SeqGate` lets each seq out once, in strictly
 increasing order: it drops what was already let out, holds early arrivals, and when a gap does not
 close by itself within GAP_WAIT_SECONDS it reads the missing range from the store, which has every
-message. A seq that no store has after GAP_GIVE_UP_SECONDS (its send failed after the seq was
-taken) is skipped.
+message. A committed seq that the store still cannot return after GAP_GIVE_UP_SECONDS (a
+lagging or failing store; a failed send burns no seq) is skipped, so one loss cannot stall a
+socket for good.
 
 It knows nothing of Django or channels: the consumer hands it `emit` (send a message to the
 client) and `fetch` (read a range from the store), and tests hand it a clock and a sleep that they
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # How long an early arrival waits for the seqs before it before they are read from the store.
 GAP_WAIT_SECONDS = 0.25
-# How long a seq that is in no store is waited for before it is skipped (its send failed).
+# How long a seq the store cannot return is waited for before it is skipped (store loss or lag).
 GAP_GIVE_UP_SECONDS = 5.0
 
 Emit = Callable[[dict], Awaitable[None]]

@@ -1,4 +1,4 @@
-"""Realtime events: the only code that talks to the channel layer.
+"""Realtime events: the only code that publishes to the channel layer (chat.fanout subscribes).
 
 Every event that announces a change is published after the change commits, in one way: the
 functions below hand it to `transaction.on_commit` (outside a transaction it goes at once), as
@@ -186,6 +186,6 @@ def membership_revoked(conversation_id: uuid.UUID, user_id: uuid.UUID) -> None:
     send_event_on_commit(conversation_group(conversation_id), {"type": "membership.revoked", "user_id": str(user_id)})
 
 
-def user_deactivated(user_id: uuid.UUID) -> None:
+def user_sockets_revoked(user_id: uuid.UUID) -> None:
     """Tell all of the user's connections, on every conversation, to close (4403)."""
     send_event_on_commit(user_group(user_id), {"type": "membership.revoked", "user_id": str(user_id)})

@@ -95,8 +95,8 @@ def advance_read_marker(participant_id: int, seq: int) -> None:
 def insert_row(instance: models.Model) -> None:
     """INSERT one new row for a model instance whose primary key the database assigns, as save()
     would write it (field defaults and conversions included), without the compiler. No signals
-    are sent and the instance does not learn its id: for append-only rows nobody reads back here
-    (the notification outbox entry of each message)."""
+    are sent and the instance does not learn its id: for the append-only rows of every send (the
+    notification outbox entry, the idempotency record)."""
     fields, sql = _insert_sql(type(instance), connection.vendor)
     params = [field.get_db_prep_save(field.pre_save(instance, True), connection) for field in fields]
     with connection.cursor() as cursor:

@@ -345,7 +345,7 @@ class Worker:
             )
         message = cache.messages[entry.message_id]
         if message is None:
-            # The outbox is written only after the message persisted: missing means the store is
+            # The outbox entry commits with the message: missing means the store is
             # lagging or failing, so this is worth retrying.
             raise DeliveryError(f"message {entry.message_id} not found in the message store")
         if message.deleted:

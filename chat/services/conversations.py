@@ -156,9 +156,10 @@ def revoke_on_ban_save(sender, instance: Ban, **kwargs) -> None:
     events.membership_revoked(instance.conversation_id, instance.user_id)
 
 
-def revoke_on_user_deactivated(sender, user_id: uuid.UUID, **kwargs) -> None:
-    """accounts.signals.user_deactivated: every socket of the account closes (4403)."""
-    events.user_deactivated(user_id)
+def revoke_on_credentials_revoked(sender, user_id: uuid.UUID, **kwargs) -> None:
+    """accounts.signals.credentials_revoked (deactivation, password change): every socket of the
+    account closes (4403)."""
+    events.user_sockets_revoked(user_id)
 
 
 def read_marker_set(*, user: User, conversation_id: object, seq: object) -> Participant:

@@ -185,6 +185,46 @@ class TestWebSocketToken:
         assert not await self.handshake(live)
         assert not await self.handshake("\x00" + "a" * 63)
 
+    @pytest.mark.parametrize("revoke", ["password change", "deactivated by a plain save"])
+    async def test_revoking_the_credentials_closes_the_open_sockets(self, make_user, revoke):
+        """A socket opened with a stolen token must not outlive a password change (nor a
+        deactivation made outside the service, e.g. the admin's form or a shell)."""
+        from channels.db import database_sync_to_async
+        from channels.testing import WebsocketCommunicator
+
+        from chatproject.asgi import application
+        from tests.chat.test_consumer import expect_close
+
+        @database_sync_to_async
+        def setup():
+            from chat.services.conversations import conversation_create
+
+            user = make_user("erin")
+            self.conversation, _ = conversation_create(creator=user, kind="group", title="t", participant_ids=[])
+            return user, services.token_issue(user=user)[1]
+
+        user, key = await setup()
+        communicator = WebsocketCommunicator(
+            application, f"/ws/chat/?conversation_id={self.conversation.id}",
+            headers=[(b"authorization", f"Token {key}".encode())],
+        )
+        connected, _ = await communicator.connect()
+        assert connected
+        await communicator.receive_json_from()  # ready
+
+        @database_sync_to_async
+        def revoke_now():
+            fresh = User.objects.get(pk=user.pk)
+            if revoke == "password change":
+                services.password_change(user=fresh, new_password="another-horse-43")
+            else:
+                fresh.is_active = False
+                fresh.save()
+
+        await revoke_now()
+        await expect_close(communicator, 4403, timeout=2)
+        await communicator.disconnect(code=4403)
+
 
 # ======================================================================= 7. brute-force throttles
 
