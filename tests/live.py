@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import re
 import os
 import socket
@@ -40,6 +41,19 @@ def server_env(database_path: Path, **overrides: str) -> dict[str, str]:
 
 def migrate(env: dict[str, str]) -> None:
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
+
+
+@contextmanager
+def running_server(directory: Path, **env_overrides: str):
+    """A daphne on a freshly migrated SQLite database in `directory` (plus any environment
+    overrides), stopped when the block ends."""
+    env = server_env(directory / "db.sqlite3", **env_overrides)
+    migrate(env)
+    live = LiveServer(env, directory / "daphne.log").start()
+    try:
+        yield live
+    finally:
+        live.stop()
 
 
 class LiveServer:

@@ -12,19 +12,15 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from tests.live import LiveServer, migrate, server_env
+from tests.live import running_server
 
 pytestmark = pytest.mark.live_server_process
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("live")
-    env = server_env(directory / "db.sqlite3")
-    migrate(env)
-    live = LiveServer(env, directory / "daphne.log").start()
-    yield live
-    live.stop()
+    with running_server(tmp_path_factory.mktemp("live")) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +175,8 @@ def test_a_body_over_the_limit_is_refused_without_copies_in_memory(server, conve
 async def test_a_handshake_while_redis_is_unreachable_gets_unavailable_then_4013(tmp_path):
     """The channel layer cannot subscribe the socket: it would miss live events, so it is told to
     come back (an error frame, then 4013: daphne's WebSocket layer refuses 1013 itself)."""
-    env = server_env(tmp_path / "db.sqlite3", REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
-    migrate(env)
-    live = LiveServer(env, tmp_path / "daphne.log").start()
-    try:
+    # Nothing listens on port 1: the channel layer cannot subscribe anything.
+    with running_server(tmp_path, REDIS_URL="redis://127.0.0.1:1/0") as live:
         alice_id, alice = live.signup("alice")
         status, created, _ = live.request(
             "POST", "/api/v1/conversations/", {"kind": "group", "title": "down", "participant_ids": []}, token=alice
@@ -194,5 +188,3 @@ async def test_a_handshake_while_redis_is_unreachable_gets_unavailable_then_4013
             with pytest.raises(websockets.exceptions.ConnectionClosed):
                 await asyncio.wait_for(socket.recv(), 10)
             assert socket.close_code == 4013
-    finally:
-        live.stop()

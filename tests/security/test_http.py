@@ -25,7 +25,7 @@ from channels.testing import WebsocketCommunicator
 from accounts.services import token_issue
 from chat.services import send as sending
 from core.errors import ValidationFailed
-from tests.live import ROOT, LiveServer, migrate, server_env
+from tests.live import ROOT, LiveServer, running_server
 
 MiB = 1024 * 1024
 
@@ -262,12 +262,8 @@ def test_a_malformed_proxy_ssl_header_stops_the_process():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("security-http")
-    env = server_env(directory / "db.sqlite3")
-    migrate(env)
-    live = LiveServer(env, directory / "daphne.log").start()
-    yield live
-    live.stop()
+    with running_server(tmp_path_factory.mktemp("security-http")) as live:
+        yield live
 
 
 def memory_kib(pid: int) -> dict[str, int]:

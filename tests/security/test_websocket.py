@@ -7,31 +7,16 @@ import urllib.parse
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.live import LiveServer, migrate, server_env
+from tests.live import LiveServer, running_server
+from tests.test_live_server import conversation  # noqa: F401 (a fixture: alice, bob and an outsider)
 
 pytestmark = pytest.mark.live_server_process
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("security-ws")
-    env = server_env(directory / "db.sqlite3")
-    migrate(env)
-    live = LiveServer(env, directory / "daphne.log").start()
-    yield live
-    live.stop()
-
-
-@pytest.fixture(scope="module")
-def conversation(server):
-    alice_id, alice = server.signup("alice")
-    bob_id, bob = server.signup("bob")
-    _, outsider = server.signup("outsider")
-    status, created, _ = server.request(
-        "POST", "/api/v1/conversations/", {"kind": "group", "title": "sec", "participant_ids": [bob_id]}, token=alice
-    )
-    assert status == 201
-    return {"id": created["id"], "alice": alice, "bob": bob, "outsider": outsider}
+    with running_server(tmp_path_factory.mktemp("security-ws")) as live:
+        yield live
 
 
 def ws_url(server, conversation_id, **params):
@@ -150,10 +135,7 @@ async def test_the_message_endpoint_is_for_members_only(server, conversation):
 
 async def test_a_frame_over_the_transport_cap_costs_the_frame_not_the_connection(tmp_path):
     # Inline content allowed above the frame cap (a misconfiguration): the frame guard must hold.
-    env = server_env(tmp_path / "db.sqlite3", CHAT_INLINE_CONTENT_BYTES=str(10 * 1024 * 1024))
-    migrate(env)
-    server = LiveServer(env, tmp_path / "daphne.log").start()
-    try:
+    with running_server(tmp_path, CHAT_INLINE_CONTENT_BYTES=str(10 * 1024 * 1024)) as server:
         _, alice = server.signup("alice")
         bob_id, bob = server.signup("bob")
         _, created, _ = server.request("POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_id]}, token=alice)
@@ -170,8 +152,6 @@ async def test_a_frame_over_the_transport_cap_costs_the_frame_not_the_connection
             assert await next_frame(b) == {"type": "message.new", "conversation_id": small["conversation_id"], "message": small}
         assert server.metric("chat_client_message_dropped_total") == dropped_before + 1
         assert server.metric("chat_websocket_frame_too_large_total") == 1
-    finally:
-        server.stop()
 
 
 def test_make_run_and_the_live_tests_cap_frames_at_the_services_value():
