@@ -7,7 +7,6 @@ chat.models imports these classes so that django-cassandra-engine's `sync_cassan
 """
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from cassandra.cqlengine import columns, management
@@ -70,8 +69,6 @@ def sync_schema(connection: CassandraConnection, replication: dict[str, str | in
 
     Returns the names of the tables synced. An existing keyspace keeps its replication: changing
     replication on a live cluster is an operator's ALTER KEYSPACE plus a repair, not a side effect."""
-    # cqlengine refuses schema changes without it (a warning today, an error in future versions).
-    os.environ.setdefault(management.CQLENG_ALLOW_SCHEMA_MANAGEMENT, "1")
     keyspace = connection.keyspace
     connection.session.execute(
         f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication_cql(replication)}"

@@ -421,6 +421,9 @@ def _cassandra_database(keyspace: str) -> dict[str, Any]:
 
 # keyspace -> DATABASES entry; the schema command and the store's tests connect through it.
 CASSANDRA_DATABASE_FOR = _cassandra_database
+# cqlengine reads this switch from the environment and refuses schema changes without it (a
+# warning today, an error in future versions); only chat.cassandra_models.sync_schema changes it.
+os.environ.setdefault("CQLENG_ALLOW_SCHEMA_MANAGEMENT", "1")
 if CHAT_MESSAGE_STORE == "cassandra":
     DATABASES["cassandra"] = _cassandra_database(CASSANDRA_KEYSPACE)
     # For its `sync_cassandra` command, the library's equivalent of `manage.py cassandra_schema`.
