@@ -65,7 +65,7 @@ def main() -> None:
     from accounts.models import User
     from chat import sql
     from chat.services.conversations import conversation_create
-    from chat.services.send import SendRequest, SendResult, _message_persist
+    from chat.services.send import SendRequest, SendResult, message_send
     from chat.access import access_participant_id
     from core.ratelimit import get_send_rate_limiter
     from chat.store import get_message_store
@@ -82,7 +82,7 @@ def main() -> None:
     store = get_message_store()
 
     def send() -> SendResult:
-        return _message_persist(
+        return message_send(
             SendRequest(
                 sender=alice, conversation_id=conversation.id, content="hello", message_type="text",
                 is_encrypted=False, metadata={"bench_ts": time.time_ns()}, idempotency_key=uuid.uuid4().hex,

@@ -42,6 +42,11 @@ idempotency_miss = Counter("chat_message_idempotency_miss_total", "Sends with an
 websocket_connections = Gauge(
     "chat_websocket_connections", "Open WebSocket connections.", multiprocess_mode="livesum"
 )
+send_batch_size = Histogram(
+    "chat_message_send_batch_size",
+    "WebSocket sends committed together in one transaction (group commit, chat.services.send.SendBatcher).",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 send_rate_limited = Counter("chat_message_rate_limited_total", "Sends refused by the rate limit.", ["transport"])
 message_shed = Counter(
     "chat_message_shed_total", "WebSocket sends refused because the process was overloaded (chat.overload)."

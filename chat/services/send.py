@@ -10,6 +10,7 @@ This is the hot path (docs/performance.md): the per-message statements are hand-
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -17,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,6 +35,7 @@ from chat.signals import message_persisted
 from chat.store import Message, StoreError, get_message_store
 from core.errors import (
     AccessDenied,
+    ChatError,
     IdempotencyMismatch,
     RateLimited,
     StoreUnavailable,
@@ -200,22 +203,95 @@ def idempotency_keys_purge(*, now: datetime | None = None, batch: int = 1000) ->
 def message_send(request: SendRequest) -> SendResult:
     """Send a message (the REST path, and any sync caller). Its message.new event goes out when
     the send commits (chat.events)."""
-    return _message_persist(request)
+    outcome = _persist_batch([request])[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 async def amessage_send(request: SendRequest) -> SendResult:
-    """message_send for the event loop (the WebSocket path): the blocking part (ORM, store) runs
-    in the thread pool, and the events the send committed are published from the loop itself, so
-    no thread waits for the loop and the loop never waits for a thread to publish."""
-    result, committed_events = await in_thread(events.collecting(_message_persist))(request)
-    await events.apublish_collected(committed_events)
-    return result
+    """message_send for the event loop (the WebSocket path), with group commit: the sends a process
+    receives while a batch is being committed go together in the next one (chat.services.send
+    .SendBatcher). The blocking part runs in the thread pool, and the events the sends committed are
+    published from the loop itself, so no thread waits for the loop and the loop never waits for a
+    thread to publish."""
+    return await SendBatcher.of_this_loop().submit(request)
 
 
-def _message_persist(request: SendRequest) -> SendResult:
-    """Everything of a send up to and including the commit: validate, rate-limit, authorize, then
-    in one transaction: look for an earlier send with the same key, allocate the seq, record the
-    key, persist (the message, and what commits with it)."""
+class SendBatcher:
+    """Group commit for one event loop's sends.
+
+    Each send alone pays a thread hop, a relational transaction (on SQLite, the one write lock of
+    the database, taken by each process in turn) and a store round trip. Here at most one batch of
+    a loop is in its transaction at a time, and whatever arrives meanwhile waits for the next one:
+    one hop, one transaction and concurrent store writes for all of them. A lone send goes at once
+    (no timer: batching costs no latency; it only forms under load)."""
+
+    MAX_BATCH = 64  # the process admits at most CHAT_MAX_SENDS_IN_FLIGHT sends anyway (chat.overload)
+
+    _of_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendBatcher]" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of_this_loop(cls) -> "SendBatcher":
+        loop = asyncio.get_running_loop()
+        batcher = cls._of_loop.get(loop)
+        if batcher is None:
+            batcher = cls._of_loop[loop] = cls()
+        return batcher
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[SendRequest, asyncio.Future]] = []
+        self.task: asyncio.Task | None = None
+
+    async def submit(self, request: SendRequest) -> SendResult:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((request, future))
+        if self.task is None:
+            self.task = asyncio.create_task(self._commit_waiting())
+        return await future
+
+    async def _commit_waiting(self) -> None:
+        batch: list[tuple[SendRequest, asyncio.Future]] = []
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting[: self.MAX_BATCH], self.waiting[self.MAX_BATCH :]
+                metrics.send_batch_size.observe(len(batch))
+                try:
+                    outcomes, committed = await in_thread(events.collecting(_persist_batch))([r for r, _ in batch])
+                    await events.apublish_collected(committed)
+                except Exception as exc:  # not a per-send outcome: every send of the batch fails with it
+                    outcomes = [exc] * len(batch)
+                for (_, future), outcome in zip(batch, outcomes):
+                    if future.done():  # its caller went away (socket closed); the send stands
+                        continue
+                    if isinstance(outcome, Exception):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        except asyncio.CancelledError:  # the loop is shutting down: nothing more is committed
+            for _, future in batch + self.waiting:
+                future.cancel()
+            self.waiting = []
+            raise
+        finally:
+            self.task = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    """A send that passed validation, the rate limit and authorization: what its transaction needs."""
+
+    request: SendRequest
+    body: MessageInput
+    key: str | None
+    conversation_id: uuid.UUID
+    participant_id: int
+    request_hash: str
+    rate: RateDecision
+
+
+def _accept(request: SendRequest) -> _Accepted:
+    """Validate, rate-limit and authorize one send; raise the ChatError that refuses it."""
     body = check_message_input(
         content=request.content,
         message_type=request.message_type,
@@ -239,81 +315,122 @@ def _message_persist(request: SendRequest) -> SendResult:
         metrics.message_send_unauthorized.inc()
         raise
     metrics.message_delivery_duration.labels(step="authorize").observe(time.perf_counter() - started)
-
     request_hash = _request_hash(conversation_id, body) if key is not None else ""
+    return _Accepted(request, body, key, conversation_id, participant_id, request_hash, rate)
+
+
+SendOutcome = SendResult | ChatError
+
+
+def _persist_batch(requests: list[SendRequest]) -> list[SendOutcome]:
+    """Everything of these sends up to and including the commit, one outcome per request in order:
+    each is validated, rate-limited and authorized on its own, then the accepted ones commit in one
+    transaction (chat.services.send._persist_accepted)."""
+    outcomes: list[SendOutcome | None] = [None] * len(requests)
+    accepted: list[tuple[int, _Accepted]] = []
+    for index, request in enumerate(requests):
+        try:
+            accepted.append((index, _accept(request)))
+        except ChatError as exc:
+            outcomes[index] = exc
+    if accepted:
+        for index, outcome in _persist_accepted(accepted):
+            outcomes[index] = outcome
+    return outcomes  # type: ignore[return-value]
+
+
+def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, SendOutcome]]:
+    """One relational transaction for all of `accepted`: for each, look for an earlier send with the
+    same key, or allocate the seq and record the key beside it; then the store writes (concurrent),
+    and what commits with each message. A failed persist rolls every counter back (no seq is
+    burned) and leaves no record, and seqs become durable in the order they are taken."""
     started = time.perf_counter()
+    earlier: list[tuple[int, _Accepted, IdempotencyKey]] = []
+    created: list[tuple[int, _Accepted, Message]] = []
     try:
-        # One relational transaction allocates the seq, records the idempotency key beside it and
-        # persists: a failed persist rolls the counter back (no seq is burned) and leaves no
-        # record, and seqs become durable in the order they are taken. What other apps write for
-        # the message (the notification outbox entry) commits with it too.
         with _relational_writer(), transaction.atomic():
             now = timezone.now()
-            earlier = _earlier_send(sender.pk, key, now) if key is not None else None
-            if earlier is None:
-                message = _persist(request, body, conversation_id, participant_id, key, request_hash, now)
+            for index, send in accepted:
+                # A key used earlier in this same batch is found too (same transaction).
+                record = _earlier_send(send.request.sender.pk, send.key, now) if send.key is not None else None
+                if record is not None:
+                    earlier.append((index, send, record))
+                else:
+                    created.append((index, send, _allocate(send, now)))
+            get_message_store().insert(*(message for _, _, message in created))
+            for _, send, message in created:
+                _commit_with(send, message)
     except IntegrityError:
-        # The same key committed by a concurrent send a moment ago (its record's unique key):
-        # everything of ours rolled back, and the retry gets what that send created.
-        earlier = IdempotencyKey.objects.filter(sender_id=sender.pk, key=key).first()
-        if earlier is None:
-            raise StoreUnavailable() from None
+        # A concurrent send in another process committed one of these keys a moment ago (its
+        # record's unique key): everything of ours rolled back. Rare; each send then goes alone,
+        # and the one whose key was taken gets what that send created.
+        if len(accepted) > 1:
+            return [outcome for one in accepted for outcome in _persist_accepted([one])]
+        index, send = accepted[0]
+        record = IdempotencyKey.objects.filter(sender_id=send.request.sender.pk, key=send.key).first()
+        if record is None:
+            return [(index, StoreUnavailable())]
+        earlier, created = [(index, send, record)], []
     except (StoreError, DatabaseError) as exc:
-        metrics.message_persisted.labels(status="error").inc()
-        logger.error("persist failed for conversation %s: %s", conversation_id, exc)
-        raise StoreUnavailable() from exc
-    if earlier is not None:
-        return _replay(earlier, request_hash, rate)
-    if key is not None:
-        metrics.idempotency_miss.inc()
-    metrics.message_persisted.labels(status="success").inc()
-    metrics.message_delivery_duration.labels(step="persist").observe(time.perf_counter() - started)
-    metrics.message_created.labels(message_type=message.message_type, is_encrypted=str(message.is_encrypted).lower()).inc()
-    return SendResult(message=message, replayed=False, rate=rate)
+        metrics.message_persisted.labels(status="error").inc(len(accepted))
+        logger.error("persist failed for %d sends: %s", len(accepted), exc)
+        return [(index, StoreUnavailable()) for index, _ in accepted]
+
+    outcomes: list[tuple[int, SendOutcome]] = []
+    for index, send, record in earlier:
+        try:
+            outcomes.append((index, _replay(record, send.request_hash, send.rate)))
+        except ChatError as exc:
+            outcomes.append((index, exc))
+    elapsed = time.perf_counter() - started
+    for index, send, message in created:
+        if send.key is not None:
+            metrics.idempotency_miss.inc()
+        metrics.message_persisted.labels(status="success").inc()
+        metrics.message_delivery_duration.labels(step="persist").observe(elapsed)
+        metrics.message_created.labels(message_type=message.message_type, is_encrypted=str(message.is_encrypted).lower()).inc()
+        outcomes.append((index, SendResult(message=message, replayed=False, rate=send.rate)))
+    return outcomes
 
 
-def _persist(
-    request: SendRequest,
-    body: MessageInput,
-    conversation_id: uuid.UUID,
-    participant_id: int,
-    key: str | None,
-    request_hash: str,
-    now: datetime,
-) -> Message:
-    """Inside the send's transaction: the seq, the idempotency record, the message, the sender's
-    read marker, what other apps commit with it, and the message.new event (on commit)."""
-    seq = sql.allocate_seq(conversation_id, now)
+def _allocate(send: _Accepted, now: datetime) -> Message:
+    """Inside the send's transaction: the seq, and the idempotency record beside it."""
+    seq = sql.allocate_seq(send.conversation_id, now)
+    body = send.body
     message = Message(
         message_id=uuid.uuid4(),
-        conversation_id=conversation_id,
+        conversation_id=send.conversation_id,
         seq=seq,
-        sender_id=request.sender.pk,
+        sender_id=send.request.sender.pk,
         content=body.content,
         message_type=body.message_type,
         is_encrypted=body.is_encrypted,
         metadata=body.metadata,
         sent_at=now_ms(),
     )
-    if key is not None:
+    if send.key is not None:
         # Before the store write: a concurrent duplicate fails here, not after a wasted write.
         sql.insert_row(
             IdempotencyKey(
                 sender_id=message.sender_id,
-                key=key,
-                request_hash=request_hash,
-                conversation_id=conversation_id,
+                key=send.key,
+                request_hash=send.request_hash,
+                conversation_id=send.conversation_id,
                 seq=seq,
                 message_id=message.message_id,
                 created_at=now,
             )
         )
-    get_message_store().insert(message)
+    return message
+
+
+def _commit_with(send: _Accepted, message: Message) -> None:
+    """Inside the send's transaction, after the store write: the sender's read marker, what other
+    apps commit with the message, and the message.new event (on commit)."""
     # Your own message is read by you: unread counts never include it.
-    sql.advance_read_marker(participant_id, seq)
+    sql.advance_read_marker(send.participant_id, message.seq)
     _announce_persisted(message)
     events.message_new(message)
-    return message
 
 
 # SQLite has one writer at a time and makes the others poll for the lock with growing sleeps (up

@@ -81,10 +81,11 @@ class HistoryPage:
 
 class MessageStore(abc.ABC):
     @abc.abstractmethod
-    def insert(self, message: Message) -> None:
-        """Persist a new message at its (conversation, seq). A row already there belongs to a send
-        whose relational transaction did not commit (no reader reads past the committed counter):
-        the new message replaces it."""
+    def insert(self, *messages: Message) -> None:
+        """Persist new messages, each at its (conversation, seq), all or (raising StoreError) not
+        all: the caller's transaction then rolls their seqs back. A row already there belongs to a
+        send whose relational transaction did not commit (no reader reads past the committed
+        counter): the new message replaces it."""
 
     @abc.abstractmethod
     def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None: ...

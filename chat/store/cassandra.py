@@ -211,38 +211,43 @@ class CassandraMessageStore(MessageStore):
 
     # --- messages --------------------------------------------------------------------------------
 
-    def insert(self, message: Message) -> None:
+    def insert(self, *messages: Message) -> None:
+        # One request per message, all in flight at once: a group of sends costs the slowest write.
         statements = self._prepared()
-        bucket = message.seq // self._bucket_size
-        writes = [
-            (
-                statements.insert_message,
+        writes = []
+        markers = set()
+        for message in messages:
+            bucket = message.seq // self._bucket_size
+            writes.append(
                 (
-                    bucket,
-                    message.conversation_id,
-                    message.seq,
-                    message.message_id,
-                    message.sender_id,
-                    message.content,
-                    message.message_type,
-                    message.is_encrypted,
-                    json.dumps(message.metadata, separators=(",", ":"), ensure_ascii=False),
-                    message.sent_at,
-                    # Unset, not null: a null would write a tombstone cell for every new message.
-                    UNSET_VALUE if message.edited_at is None else message.edited_at,
-                    message.deleted,
-                ),
-            ),
-        ]
-        marker = (message.conversation_id, bucket)
+                    statements.insert_message,
+                    (
+                        bucket,
+                        message.conversation_id,
+                        message.seq,
+                        message.message_id,
+                        message.sender_id,
+                        message.content,
+                        message.message_type,
+                        message.is_encrypted,
+                        json.dumps(message.metadata, separators=(",", ":"), ensure_ascii=False),
+                        message.sent_at,
+                        # Unset, not null: a null would write a tombstone cell for every new message.
+                        UNSET_VALUE if message.edited_at is None else message.edited_at,
+                        message.deleted,
+                    ),
+                )
+            )
+            markers.add((message.conversation_id, bucket))
         # Recorded when this process first writes to a bucket; re-recording one is harmless (an
         # upsert of the same row), forgetting one would hide its messages from the newest page.
-        if marker not in self._marked_buckets:
-            writes.append((statements.insert_bucket, marker))
+        new_markers = [marker for marker in markers if marker not in self._marked_buckets]
+        writes.extend((statements.insert_bucket, marker) for marker in new_markers)
         self._execute_all(writes)
         with self._lock:
-            self._marked_buckets[marker] = None
-            if len(self._marked_buckets) > _MARKED_BUCKETS_CACHED:
+            for marker in new_markers:
+                self._marked_buckets[marker] = None
+            while len(self._marked_buckets) > _MARKED_BUCKETS_CACHED:
                 self._marked_buckets.popitem(last=False)
 
     def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None:

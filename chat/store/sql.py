@@ -26,21 +26,24 @@ def _to_message(row: SqlMessage) -> Message:
 
 
 class SqlMessageStore(MessageStore):
-    def insert(self, message: Message) -> None:
+    def insert(self, *messages: Message) -> None:
         try:
             with transaction.atomic():
-                SqlMessage.objects.create(
-                    message_id=message.message_id,
-                    conversation_id=message.conversation_id,
-                    seq=message.seq,
-                    sender_id=message.sender_id,
-                    content=message.content,
-                    message_type=message.message_type,
-                    is_encrypted=message.is_encrypted,
-                    metadata=message.metadata,
-                    sent_at=message.sent_at,
-                    edited_at=message.edited_at,
-                    deleted=message.deleted,
+                SqlMessage.objects.bulk_create(
+                    SqlMessage(
+                        message_id=message.message_id,
+                        conversation_id=message.conversation_id,
+                        seq=message.seq,
+                        sender_id=message.sender_id,
+                        content=message.content,
+                        message_type=message.message_type,
+                        is_encrypted=message.is_encrypted,
+                        metadata=message.metadata,
+                        sent_at=message.sent_at,
+                        edited_at=message.edited_at,
+                        deleted=message.deleted,
+                    )
+                    for message in messages
                 )
         except DatabaseError as exc:
             raise StoreError(str(exc)) from exc

@@ -125,6 +125,17 @@ def test_history_is_ascending_and_per_conversation(store):
     assert seqs_of(store.history(uuid.uuid4())) == []
 
 
+def test_one_insert_of_several_messages_writes_every_one(store):
+    # A group commit's writes: two conversations, crossing bucket boundaries (new buckets' markers
+    # written with them), in one call.
+    first, second = uuid.uuid4(), uuid.uuid4()
+    messages = [make_message(first, seq) for seq in range(1, 24)] + [make_message(second, seq) for seq in (9, 10, 11)]
+    store.insert(*messages)
+    assert store.history(first, limit=100).messages == messages[:23]
+    assert seqs_of(store.history(first, limit=5)) == [19, 20, 21, 22, 23]
+    assert seqs_of(store.history(second)) == [9, 10, 11]
+
+
 @pytest.mark.parametrize("count", [9, 10, 11, 20, 21, 30])
 @pytest.mark.parametrize("limit", [1, 9, 10, 11, 30, 31])
 def test_newest_page_at_bucket_boundaries(store, count, limit):

@@ -1,0 +1,167 @@
+"""Group commit (chat.services.send.SendBatcher): the WebSocket sends one process receives together
+commit in one relational transaction with concurrent store writes, on both message stores
+(Cassandra: the real server), and each send still gets its own outcome: a refused send costs only
+itself, a duplicate key replays, a failed store write fails the batch with no seq burned."""
+import asyncio
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+
+from chat.models import Conversation, IdempotencyKey
+from chat.services import send as sending
+from core.errors import AccessDenied, StoreUnavailable, ValidationFailed
+from notifications.models import OutboxEntry
+from tests.conftest import use_message_store
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(params=["sql", "cassandra"])
+def store(request, monkeypatch):
+    if request.param == "sql":
+        from chat.store.sql import SqlMessageStore
+
+        chosen = SqlMessageStore()
+    else:
+        from chat.store.cassandra import CassandraMessageStore
+
+        chosen = CassandraMessageStore(connection=request.getfixturevalue("cassandra_connection"))
+    use_message_store(monkeypatch, chosen)
+    return chosen
+
+
+@pytest.fixture
+def batches(monkeypatch) -> list[int]:
+    """The size of every batch the batcher commits."""
+    sizes: list[int] = []
+    persist = sending._persist_batch
+
+    def recorded(requests):
+        sizes.append(len(requests))
+        return persist(requests)
+
+    monkeypatch.setattr(sending, "_persist_batch", recorded)
+    return sizes
+
+
+def request(sender, conversation_id, content="hi", **fields):
+    return sending.SendRequest(
+        sender=sender, conversation_id=conversation_id, content=content, transport="websocket",
+        idempotency_field="client_message_id", **fields,
+    )
+
+
+async def contents(store, conversation_id) -> list[str]:
+    page = await database_sync_to_async(store.history)(conversation_id)
+    return [m.content for m in page.messages]
+
+
+async def send_together(*requests):
+    """Submit every request from one loop before any is committed: they form one batch."""
+    return await asyncio.gather(*(sending.amessage_send(r) for r in requests), return_exceptions=True)
+
+
+async def test_sends_that_arrive_together_commit_together_each_with_its_own_outcome(
+    store, batches, published, make_user, make_group
+):
+    alice, bob, outsider = await database_sync_to_async(lambda: (make_user(), make_user(), make_user()))()
+    first, second = await database_sync_to_async(lambda: (make_group(alice, bob), make_group(bob, alice)))()
+
+    outcomes = await send_together(
+        request(alice, first.id, "1"),
+        request(bob, second.id, "a"),
+        request(outsider, first.id, "not a member"),
+        request(bob, first.id, "2", idempotency_key="k"),
+        request(alice, first.id, ""),  # invalid: empty content
+        request(bob, first.id, "2", idempotency_key="k"),  # the same send again, in the same batch
+        request(alice, second.id, "b"),
+        request(alice, first.id, "3"),
+    )
+
+    assert batches == [8]
+    assert isinstance(outcomes[2], AccessDenied)
+    assert isinstance(outcomes[4], ValidationFailed) and "content" in outcomes[4].detail
+    created = [o for o in outcomes if isinstance(o, sending.SendResult) and not o.replayed]
+    assert [(m.conversation_id, m.seq, m.content) for m in (o.message for o in created)] == [
+        (first.id, 1, "1"), (second.id, 1, "a"), (first.id, 2, "2"), (second.id, 2, "b"), (first.id, 3, "3"),
+    ]
+    assert outcomes[5].replayed and outcomes[5].message == outcomes[3].message
+    # Everything committed: the counters, the store, the outbox; events in seq order per conversation.
+    assert await contents(store, first.id) == ["1", "2", "3"]
+    assert await contents(store, second.id) == ["a", "b"]
+    counters = await database_sync_to_async(lambda: {c.pk: c.last_seq for c in Conversation.objects.all()})()
+    assert (counters[first.id], counters[second.id]) == (3, 2)
+    assert await database_sync_to_async(OutboxEntry.objects.count)() == 5
+    assert [(e["message"]["conversation_id"], e["message"]["seq"]) for e in published] == [
+        (str(first.id), 1), (str(second.id), 1), (str(first.id), 2), (str(second.id), 2), (str(first.id), 3),
+    ]
+
+
+async def test_a_lone_send_is_not_held_back(store, batches, published, make_user, make_group):
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    conversation = await database_sync_to_async(make_group)(alice, bob)
+    for content in ("1", "2"):
+        result = await sending.amessage_send(request(alice, conversation.id, content))
+        assert result.message.content == content
+    assert batches == [1, 1]
+
+
+async def test_a_failed_store_write_fails_the_batch_and_burns_no_seq(store, batches, published, make_user, make_group, monkeypatch):
+    from chat.store import StoreError
+
+    alice, bob, outsider = await database_sync_to_async(lambda: (make_user(), make_user(), make_user()))()
+    conversation = await database_sync_to_async(make_group)(alice, bob)
+
+    def unavailable(*messages):
+        raise StoreError("down")
+
+    monkeypatch.setattr(store, "insert", unavailable)
+    outcomes = await send_together(
+        request(alice, conversation.id, "1", idempotency_key="k1"),
+        request(outsider, conversation.id, "x"),
+        request(bob, conversation.id, "2"),
+    )
+    assert batches == [3]
+    assert [type(o) for o in outcomes] == [StoreUnavailable, AccessDenied, StoreUnavailable]
+    assert published == []
+    assert await database_sync_to_async(lambda: Conversation.objects.get(pk=conversation.pk).last_seq)() == 0
+    assert not await database_sync_to_async(IdempotencyKey.objects.exists)()
+    assert not await database_sync_to_async(OutboxEntry.objects.exists)()
+
+    monkeypatch.undo()
+    use_message_store(monkeypatch, store)
+    retried = await sending.amessage_send(request(alice, conversation.id, "1", idempotency_key="k1"))
+    assert (retried.message.seq, retried.replayed) == (1, False)
+
+
+async def test_a_key_committed_elsewhere_meanwhile_replays_and_the_rest_of_the_batch_commits(
+    store, batches, published, make_user, make_group, monkeypatch
+):
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    conversation = await database_sync_to_async(make_group)(alice, bob)
+    elsewhere = await database_sync_to_async(sending.message_send)(request(alice, conversation.id, "once", idempotency_key="k"))
+    # Another process's send with the same key commits between this batch's look for an earlier
+    # send and its insert of the key: the batch meets the key's unique constraint.
+    monkeypatch.setattr(sending, "_earlier_send", lambda sender_id, key, now: None)
+
+    outcomes = await send_together(
+        request(bob, conversation.id, "before"),
+        request(alice, conversation.id, "once", idempotency_key="k"),
+        request(bob, conversation.id, "after"),
+    )
+    assert [o.replayed for o in outcomes] == [False, True, False]
+    assert outcomes[1].message == elsewhere.message
+    assert await contents(store, conversation.id) == ["once", "before", "after"]
+    assert await database_sync_to_async(lambda: Conversation.objects.get(pk=conversation.pk).last_seq)() == 3
+
+
+async def test_a_cancelled_caller_does_not_cancel_its_send(store, batches, published, make_user, make_group):
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    conversation = await database_sync_to_async(make_group)(alice, bob)
+    waiting = asyncio.ensure_future(sending.amessage_send(request(alice, conversation.id, "sent anyway", idempotency_key=uuid.uuid4().hex)))
+    other = asyncio.ensure_future(sending.amessage_send(request(bob, conversation.id, "and this")))
+    await asyncio.sleep(0)
+    waiting.cancel()  # the socket closed while its send was being committed
+    assert (await other).message.seq == 2
+    assert await contents(store, conversation.id) == ["sent anyway", "and this"]
