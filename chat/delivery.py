@@ -77,6 +77,15 @@ class SeqGate:
     def gap_task(self) -> asyncio.Task | None:
         return self._gap_task
 
+    def take_next(self, seq: int) -> bool:
+        """Let `seq` out at once, without the event loop's help, if it is simply the next one:
+        nothing held, nothing being let out. The caller then writes it (the consumer's fast path);
+        False means: use `deliver`."""
+        if seq != self._next_seq or self._pending or self._closed or self._lock.locked():
+            return False
+        self._next_seq = seq + 1
+        return True
+
     async def deliver(self, message: dict) -> None:
         """Let `message` out now if it is the next seq (and whatever it unblocks), hold it if it is
         early, drop it if it was let out or is held already."""

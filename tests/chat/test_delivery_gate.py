@@ -121,6 +121,20 @@ async def test_in_order_arrivals_pass_straight_through(harness):
     assert h.store.calls == []
 
 
+async def test_take_next_lets_only_the_plain_next_seq_through(harness):
+    h = harness(1, 2, 3, 4, 5)
+    assert h.gate.take_next(1) and h.gate.next_seq == 2
+    assert not h.gate.take_next(1) and not h.gate.take_next(3)  # a duplicate, an early arrival
+    await h.deliver(3)  # held: nothing may jump ahead of the hole while it is there
+    assert not h.gate.take_next(2) and h.gate.next_seq == 2
+    await h.deliver(2)
+    assert h.seqs == [2, 3] and h.gate.take_next(4)
+    async with h.gate._lock:  # the gate is letting messages out (a gap fill, a catch-up)
+        assert not h.gate.take_next(5)
+    h.gate.close()
+    assert not h.gate.take_next(5)
+
+
 async def test_early_arrivals_wait_and_go_out_in_seq_order(harness):
     h = harness(1, 2, 3)
     buffered = Count(metrics.broadcast_channel_length)
