@@ -4,6 +4,10 @@ from prometheus_client import Counter, Gauge, Histogram
 message_send_unauthorized = Counter(
     "chat_message_send_unauthorized_total", "Sends refused because the sender may not write the conversation."
 )
+websocket_handshake_shed = Counter(
+    "chat_websocket_handshake_shed_total",
+    "WebSocket handshakes refused at once because the process had CHAT_MAX_PENDING_HANDSHAKES in progress.",
+)
 websocket_connection_unauthorized = Counter(
     "chat_websocket_connection_unauthorized_total", "WebSocket handshakes refused (auth, membership, origin, limits)."
 )

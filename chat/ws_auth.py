@@ -60,6 +60,45 @@ class ChatAuthMiddleware(BaseMiddleware):
         return await super().__call__(scope, receive, send)
 
 
+class HandshakeAdmission:
+    """Admission control for WebSocket handshakes, before any other work on them.
+
+    A handshake costs authentication, an authorization read and the fan-out's subscription; when
+    thousands arrive at once (every client of a restarted server), a process that starts them all
+    finishes none within daphne's connect timeout: each is dropped after its work was done and
+    comes back as one more. So a process works on at most CHAT_MAX_PENDING_HANDSHAKES at a time
+    and refuses the rest at once (HTTP 403, as for any connection limit), which costs one cheap
+    answer and sends the client into its backoff."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.pending = 0
+
+    async def __call__(self, scope, receive, send):
+        if self.pending >= settings.CHAT_MAX_PENDING_HANDSHAKES:
+            metrics.websocket_handshake_shed.inc()
+            await receive()  # websocket.connect
+            return await send({"type": "websocket.close"})
+        self.pending += 1
+        done = False
+
+        def finished() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.pending -= 1
+
+        async def watched_send(message):
+            if message["type"] in ("websocket.accept", "websocket.close"):
+                finished()
+            await send(message)
+
+        try:
+            return await self.inner(scope, receive, watched_send)
+        finally:
+            finished()
+
+
 def keep_server_send(inner):
     """Put the server's own `send` in the scope, before middleware wraps it: the consumer reads
     the socket's unsent backlog through it (chat.consumers.socket_backlog_probe)."""
@@ -76,5 +115,5 @@ def keep_server_send(inner):
 def websocket_stack(inner):
     allowed = settings.ALLOWED_HOSTS or (["localhost", "127.0.0.1", "[::1]"] if settings.DEBUG else [])
     return keep_server_send(
-        ChatOriginValidator(CookieMiddleware(SessionMiddleware(ChatAuthMiddleware(inner))), allowed)
+        HandshakeAdmission(ChatOriginValidator(CookieMiddleware(SessionMiddleware(ChatAuthMiddleware(inner))), allowed))
     )
