@@ -66,7 +66,7 @@ def main() -> None:
     from chat import sql
     from chat.services.conversations import conversation_create
     from chat.services.send import SendRequest, SendResult, message_send
-    from chat.access import access_participant_id
+    from chat.access import access_participation
     from core.ratelimit import get_send_rate_limiter
     from chat.store import get_message_store
     from notifications.services import notification_enqueue
@@ -78,7 +78,7 @@ def main() -> None:
     alice = User.objects.create_user(username=f"alice-{run}", password="x")
     bob = User.objects.create_user(username=f"bob-{run}", password="x")
     conversation, _ = conversation_create(creator=alice, kind="group", participant_ids=[bob.pk], title="bench")
-    _, participant_id = access_participant_id(user=alice, conversation_id=conversation.id)
+    _, participant_id, _ = access_participation(user=alice, conversation_id=conversation.id)
     store = get_message_store()
 
     def send() -> SendResult:
@@ -104,7 +104,7 @@ def main() -> None:
     steps = {
         "persist (the whole step, with a client_message_id)": send,
         "rate limit": lambda: get_send_rate_limiter().check(alice.pk),
-        "authorize": lambda: access_participant_id(user=alice, conversation_id=conversation.id),
+        "authorize": lambda: access_participation(user=alice, conversation_id=conversation.id),
         "idempotency record lookup": lambda: sql.idempotency_record_id(alice.pk, uuid.uuid4().hex),
         "seq allocation (own transaction)": seq_in_transaction,
         "message store insert": store_insert,

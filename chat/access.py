@@ -6,15 +6,17 @@ the same answer, so nobody can probe which conversations exist.
 
 The rule is defined once, as `allowed_participants()`: the participations that grant access.
 Everything that decides who sees a conversation builds on it: the DRF permission and the
-WebSocket handshake (through `access_conversation`), the conversation list, the notification
-worker's recipients and its check before every attempt. The send path runs the same rule as one
-hand-written statement (chat.sql.allowed_participant_id) for speed;
+REST views (through `access_conversation`), the conversation list, the notification worker's
+recipients and its check before every attempt. The send path and the WebSocket handshake run the
+same rule as one hand-written statement (chat.sql.allowed_participation, through
+`access_participation`) for speed;
 tests/chat/test_access.py holds the two to agreement over every state a participation can be in.
 """
 from __future__ import annotations
 
 import uuid
 from collections.abc import Collection
+from typing import NamedTuple
 
 from django.db.models import Exists, OuterRef, QuerySet
 
@@ -37,17 +39,23 @@ def parse_conversation_id(value: object) -> uuid.UUID:
         raise AccessDenied() from None
 
 
-def access_participant_id(*, user, conversation_id: object) -> tuple[uuid.UUID, int]:
-    """(conversation id, the caller's participant id), or AccessDenied: the rule as one
-    statement (chat.sql), for the send path. The account is checked in the database too: the user
-    object a socket holds may be stale."""
+class Participation(NamedTuple):
+    conversation_id: uuid.UUID
+    participant_id: int
+    last_seq: int  # the conversation's committed counter when the rule was read
+
+
+def access_participation(*, user, conversation_id: object) -> Participation:
+    """The caller's participation, or AccessDenied: the rule as one hand-written statement
+    (chat.sql), for the hot paths (every send, every WebSocket handshake). The account is checked
+    in the database too: the user object a socket holds may be stale."""
     if user is None or not user.is_authenticated or not user.is_active:
         raise AccessDenied()
     conversation_id = parse_conversation_id(conversation_id)
-    participant_id = sql.allowed_participant_id(user.pk, conversation_id)
-    if participant_id is None:
+    found = sql.allowed_participation(user.pk, conversation_id)
+    if found is None:
         raise AccessDenied()
-    return conversation_id, participant_id
+    return Participation(conversation_id, *found)
 
 
 def access_conversation(*, user, conversation_id: object) -> tuple[Conversation, Participant]:

@@ -23,7 +23,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import events, metrics, overload, recheck
-from chat.access import access_conversation
+from chat.access import access_participation
 from chat.delivery import SeqGate
 from chat.fanout import get_fanout
 from core.errors import AccessDenied, ChatError, ValidationFailed
@@ -174,17 +174,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not self._reserve_slot():
             return await self._refuse("connection limit")
         try:
-            conversation, _ = await in_thread(access_conversation)(
+            participation = await in_thread(access_participation)(
                 user=self.user, conversation_id=_query_param(self.scope, "conversation_id")
             )
         except AccessDenied:
             return await self._refuse("not a participant")
-        self.conversation_id = conversation.id
+        self.conversation_id = participation.conversation_id
 
         # Subscribe first, then read where the conversation stands: every later message is then
         # either already in the store or on its way to this socket's inbox. The user's own group
         # carries events about the person, such as deactivation.
-        groups = [events.conversation_group(conversation.id), events.user_group(self.user.pk)]
+        groups = [events.conversation_group(self.conversation_id), events.user_group(self.user.pk)]
         try:
             fanout = get_fanout()
             for group in groups:
@@ -203,13 +203,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # between the first check and the subscription was published where we could not hear it.
         # This read is also where the conversation stands (last_seq).
         try:
-            conversation, participant = await in_thread(access_conversation)(user=self.user, conversation_id=conversation.id)
+            participation = await in_thread(access_participation)(user=self.user, conversation_id=self.conversation_id)
         except AccessDenied:
             await self._cleanup()
             return await self._refuse("revoked during the handshake")
         # And again every CHAT_MEMBERSHIP_RECHECK seconds, for revocations that announce nothing.
-        recheck.watch(self, participant.pk)
-        last_seq = conversation.last_seq
+        recheck.watch(self, participation.participant_id)
+        last_seq = participation.last_seq
         replay_from = int(after_seq) if after_seq is not None else None
         # An after_seq from the future (another conversation's, say) cannot be honoured either.
         recovered = replay_from is None or 0 <= last_seq - replay_from <= settings.CHAT_MAX_REPLAY
@@ -219,7 +219,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             fetch=self._read_messages,
             next_seq=replay_from + 1 if replay_from is not None and recovered else last_seq + 1,
             max_fetch=settings.CHAT_MAX_REPLAY,
-            name=conversation.id,
+            name=self.conversation_id,
         )
 
         overload.loop_lag.start()
@@ -227,7 +227,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._send_json(
             {
                 "type": "ready",
-                "conversation_id": str(conversation.id),
+                "conversation_id": str(self.conversation_id),
                 "user_id": str(self.user.pk),
                 "last_seq": last_seq,
                 "recovered": recovered,

@@ -31,22 +31,24 @@ def _value(model, field: str, value):
 
 
 @cache
-def _allowed_participant_sql(vendor: str) -> str:
+def _allowed_participation_sql(vendor: str) -> str:
     user = get_user_model()
     p_conversation, p_user = _column(Participant, "conversation"), _column(Participant, "user")
     b_conversation, b_user = _column(Ban, "conversation"), _column(Ban, "user")
     return (
-        f"SELECT p.{_column(Participant, 'id')} FROM {_table(Participant)} p "
+        f"SELECT p.{_column(Participant, 'id')}, c.{_column(Conversation, 'last_seq')} FROM {_table(Participant)} p "
         f"JOIN {_table(user)} u ON u.{_column(user, 'id')} = p.{p_user} "
+        f"JOIN {_table(Conversation)} c ON c.{_column(Conversation, 'id')} = p.{p_conversation} "
         f"WHERE p.{p_conversation} = %s AND p.{p_user} = %s AND u.{_column(user, 'is_active')} = %s "
         f"AND NOT EXISTS (SELECT 1 FROM {_table(Ban)} b "
         f"WHERE b.{b_conversation} = p.{p_conversation} AND b.{b_user} = p.{p_user})"
     )
 
 
-def allowed_participant_id(user_id: uuid.UUID, conversation_id: uuid.UUID) -> int | None:
-    """The membership rule (chat.access) in one statement: the caller's participation in the
-    conversation, when the account is active and not banned from it; None otherwise."""
+def allowed_participation(user_id: uuid.UUID, conversation_id: uuid.UUID) -> tuple[int, int] | None:
+    """The membership rule (chat.access) in one statement: (the caller's participation id, the
+    conversation's committed last_seq) when the account is active, a participant and not banned
+    from it; None otherwise."""
     user = get_user_model()
     params = [
         _value(Conversation, "id", conversation_id),
@@ -54,9 +56,9 @@ def allowed_participant_id(user_id: uuid.UUID, conversation_id: uuid.UUID) -> in
         _value(user, "is_active", True),
     ]
     with connection.cursor() as cursor:
-        cursor.execute(_allowed_participant_sql(connection.vendor), params)
+        cursor.execute(_allowed_participation_sql(connection.vendor), params)
         row = cursor.fetchone()
-    return row[0] if row else None
+    return (row[0], row[1]) if row else None
 
 
 @cache

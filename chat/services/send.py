@@ -28,7 +28,7 @@ from django.utils import timezone
 
 from accounts.models import User
 from chat import events, metrics, sql
-from chat.access import access_participant_id
+from chat.access import access_participation
 from chat.models import IdempotencyKey
 from chat.selectors import message_of
 from chat.signals import message_persisted
@@ -310,7 +310,7 @@ def _accept(request: SendRequest) -> _Accepted:
 
     started = time.perf_counter()
     try:
-        conversation_id, participant_id = access_participant_id(user=sender, conversation_id=request.conversation_id)
+        conversation_id, participant_id, _ = access_participation(user=sender, conversation_id=request.conversation_id)
     except AccessDenied:
         metrics.message_send_unauthorized.inc()
         raise

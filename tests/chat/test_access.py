@@ -1,5 +1,5 @@
 """The membership rule is defined once (chat.access.allowed_participants); the send path runs it as
-one hand-written statement (chat.sql.allowed_participant_id). Here the two, and every caller
+one hand-written statement (chat.sql.allowed_participation). Here the two, and every caller
 built on them, are held to the same answer over every state a participation can be in."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from accounts.models import User
 from chat import selectors, sql
-from chat.access import access_conversation, access_participant_id, allowed_participants
+from chat.access import access_conversation, access_participation, allowed_participants
 from chat.models import Ban, Participant
 from chat.services import conversations
 from core.errors import AccessDenied
@@ -76,8 +76,8 @@ def test_every_definition_gives_the_same_answer(state, situation):
     answers = {
         "allowed_participants": parsed is not None
         and allowed_participants().filter(conversation_id=parsed, user_id=user.pk).exists(),
-        "hand-written statement": parsed is not None and sql.allowed_participant_id(user.pk, parsed) is not None,
-        "access_participant_id (send path, stale user object)": _allows(access_participant_id, user, conversation_id),
+        "hand-written statement": parsed is not None and sql.allowed_participation(user.pk, parsed) is not None,
+        "access_participation (send path, handshake, stale user object)": _allows(access_participation, user, conversation_id),
         "access_conversation (REST, WebSocket)": _allows(access_conversation, fresh, conversation_id),
         "conversation list": parsed is not None
         and selectors.conversation_list_for(user=fresh).filter(pk=parsed).exists(),
@@ -97,5 +97,5 @@ def test_the_hand_written_statement_and_the_queryset_agree_on_a_mixed_conversati
     User.objects.filter(pk=inactive.pk).update(is_active=False)
     everyone = [owner, admin, member, banned, lifted, inactive]
     by_queryset = set(allowed_participants().filter(conversation=conversation).values_list("user_id", flat=True))
-    by_statement = {u.pk for u in everyone if sql.allowed_participant_id(u.pk, conversation.pk) is not None}
+    by_statement = {u.pk for u in everyone if sql.allowed_participation(u.pk, conversation.pk) is not None}
     assert by_queryset == by_statement == {owner.pk, admin.pk, member.pk, lifted.pk}

@@ -241,7 +241,7 @@ class TestDelivery:
     async def test_a_consumer_that_dies_still_releases_what_it_held(self, trio, monkeypatch):
         alice, _, _, conversation = trio
         calls = []
-        real = consumers.access_conversation
+        real = consumers.access_participation
 
         def second_check_explodes(**kwargs):
             calls.append(1)
@@ -249,7 +249,7 @@ class TestDelivery:
                 raise RuntimeError("database gone")
             return real(**kwargs)
 
-        monkeypatch.setattr(consumers, "access_conversation", second_check_explodes)
+        monkeypatch.setattr(consumers, "access_participation", second_check_explodes)
         communicator = WebsocketCommunicator(
             application,
             f"/ws/chat/?conversation_id={conversation.id}",
