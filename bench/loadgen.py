@@ -38,6 +38,8 @@ import time
 
 from websockets.asyncio.client import connect
 
+# The longest wait between two reconnection attempts of one client.
+RECONNECT_BACKOFF_MAX = 5.0
 # After a storm's drain, how long messages acked through other generator processes get to arrive.
 CROSS_GENERATOR_SETTLE_SECONDS = 2.0
 # An unfinished drain with no delivery for this long: the server stopped delivering (lost), it is
@@ -228,7 +230,10 @@ class Generator:
                                        max_size=4 * 1024 * 1024, max_queue=None)
                 except Exception as exc:  # refused while the server restarts
                     failed[type(exc).__name__] += 1
-                    await asyncio.sleep(min(1.0, 0.05 * attempt) * (0.5 + random.random()))
+                    # As a client should: exponential backoff with jitter (0.1 s doubling up to 5 s),
+                    # so thousands of refused clients do not come back together and keep a
+                    # restarting server busy answering nothing but retries.
+                    await asyncio.sleep(min(RECONNECT_BACKOFF_MAX, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
                     continue
                 client.ws, client.closed_code = ws, None
                 client.task = asyncio.create_task(self.reader(client))
