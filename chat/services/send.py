@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -433,9 +435,38 @@ def _commit_with(send: _Accepted, message: Message) -> None:
     events.message_new(message)
 
 
-# SQLite has one writer at a time and makes the others poll for the lock with growing sleeps (up
-# to 100 ms a wait): queueing this process's senders on a lock hands the database over at once.
-_sqlite_writer = threading.Lock()
+class _SqliteWriter:
+    """SQLite has one writer at a time, and a writer that finds the lock taken polls for it with
+    growing sleeps (up to 100 ms a wait): it sleeps on while the lock is free again. Senders queue
+    here instead, on a lock that hands the database over at once: a thread lock within the process,
+    and an advisory file lock (flock) beside the database file between the processes serving it."""
+
+    def __init__(self) -> None:
+        self._threads = threading.Lock()
+        self._file: int | None = None  # -1: an in-memory database, which no other process shares
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        try:
+            if self._file is None:
+                name = str(connection.settings_dict["NAME"])
+                in_memory = name.startswith((":memory:", "file:")) or not name
+                self._file = -1 if in_memory else os.open(f"{name}.writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+            if self._file >= 0:
+                fcntl.flock(self._file, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            if self._file >= 0:
+                fcntl.flock(self._file, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+
+_sqlite_writer = _SqliteWriter()
 
 
 def _relational_writer():

@@ -165,3 +165,38 @@ async def test_a_cancelled_caller_does_not_cancel_its_send(store, batches, publi
     waiting.cancel()  # the socket closed while its send was being committed
     assert (await other).message.seq == 2
     assert await contents(store, conversation.id) == ["sent anyway", "and this"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_on_sqlite_a_send_queues_behind_another_process_writing(make_user, make_group, published):
+    """Sends of the processes sharing one SQLite file take turns on a file lock beside it, which
+    hands the database over at once (SQLite's own lock makes waiters poll with sleeps)."""
+    import fcntl
+    import os
+    import threading
+
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("the file lock is SQLite's")
+    alice, bob = make_user(), make_user()
+    conversation = make_group(alice, bob)
+    other_process = os.open(f"{connection.settings_dict['NAME']}.writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other_process, fcntl.LOCK_EX)  # another open file: flock treats it as another owner
+    done = threading.Event()
+
+    def send():
+        sending.message_send(request(alice, conversation.id, "queued"))
+        connection.close()
+        done.set()
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    try:
+        assert not done.wait(0.5)
+    finally:
+        fcntl.flock(other_process, fcntl.LOCK_UN)
+        os.close(other_process)
+    assert done.wait(10)
+    thread.join()
+    assert Conversation.objects.get(pk=conversation.pk).last_seq == 1
