@@ -84,7 +84,10 @@ class CassandraLog:
 class Relay:
     def __init__(self, redis_url: str, durable: bool = False) -> None:
         self.log = CassandraLog() if durable else None
-        self.redis = aioredis.from_url(redis_url, decode_responses=True)
+        # Callers wait for a free connection rather than fail: a reconnect storm makes 2,000
+        # handshakes read their seq at once, and redis-py's default pool refuses past its limit.
+        pool = aioredis.BlockingConnectionPool.from_url(redis_url, decode_responses=True, max_connections=64, timeout=None)
+        self.redis = aioredis.Redis(connection_pool=pool)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self.send_script = self.redis.register_script(SEND_LUA)
         self.members: dict[str, set] = {}

@@ -87,7 +87,10 @@ def socket_writer(send) -> Callable[[str], bool] | None:
         state = connections.get(protocol)
         if state is None or state.get("disconnected"):
             return False
-        protocol.handle_reply({"type": "websocket.send", "text": text})
+        try:
+            protocol.handle_reply({"type": "websocket.send", "text": text})
+        except Exception:  # closed under us (autobahn's Disconnected): the frame is lost with the socket
+            return False
         return True
 
     return write
@@ -104,22 +107,39 @@ def encode_frame(frame: dict) -> str:
         return json.dumps(frame, separators=(",", ":"), ensure_ascii=True)
 
 
-# The message.new frames this process encoded last. The fan-out hands one message dict to every
-# local socket of its conversation, so the frame is encoded once per process, not once per socket
+# The frames this process encoded last. The fan-out hands one event (and one message dict) to every
+# local socket of its conversation, so a frame is encoded once per process, not once per socket
 # (identity, not equality, is checked: a patched copy, an edit or a tombstone is a new dict).
-_MESSAGE_FRAMES_KEPT = 256
-_message_frames: OrderedDict[int, tuple[dict, str]] = OrderedDict()
+_FRAMES_KEPT = 256
+_frames: OrderedDict[int, tuple[dict, str]] = OrderedDict()
+
+
+def shared_frame(source: dict, build: Callable[[dict], dict]) -> str:
+    """The encoded frame `build(source)`, encoded once for every socket that is handed `source`."""
+    kept = _frames.get(id(source))
+    if kept is not None and kept[0] is source:
+        return kept[1]
+    text = encode_frame(build(source))
+    _frames[id(source)] = (source, text)
+    if len(_frames) > _FRAMES_KEPT:
+        _frames.popitem(last=False)
+    return text
 
 
 def message_new_frame(message: dict) -> str:
-    kept = _message_frames.get(id(message))
-    if kept is not None and kept[0] is message:
-        return kept[1]
-    text = encode_frame({"type": "message.new", "conversation_id": message["conversation_id"], "message": message})
-    _message_frames[id(message)] = (message, text)
-    if len(_message_frames) > _MESSAGE_FRAMES_KEPT:
-        _message_frames.popitem(last=False)
-    return text
+    return shared_frame(
+        message, lambda m: {"type": "message.new", "conversation_id": m["conversation_id"], "message": m}
+    )
+
+
+def member_frame(event: dict, conversation_id: uuid.UUID) -> dict:
+    """The frame of a typing, presence or read event: the same for every socket of the conversation."""
+    frame = {"type": event["type"], "conversation_id": str(conversation_id), "user_id": event["user_id"]}
+    if event["type"] == "presence":
+        frame["online"] = event["online"]
+    elif event["type"] == "read":
+        frame["seq"] = event["seq"]
+    return frame
 
 
 def frame_too_large(text: str) -> bool:
@@ -306,20 +326,34 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self._start_draining()
 
     def _deliver_now(self, event: dict) -> bool:
-        """The common case of a delivery, written from the fan-out's own callback with no task:
-        the next message of a socket that is in order, has nothing queued and whose client keeps
-        up. Anything else (False) takes the inbox and the gate's full path."""
-        if event.get("type") != "message.new" or self.write_now is None or self.closing:
+        """The common cases of a delivery, written from the fan-out's own callback with no task,
+        to a socket that has nothing queued and whose client keeps up: the next message in seq
+        order, and typing, presence and read events. Anything else (False) takes the inbox and the
+        handlers' full path (the gate, edits, revocations)."""
+        kind = event.get("type")
+        if self.write_now is None or self.closing:
             return False
-        started = time.perf_counter()
-        message = event["message"]
-        text = message_new_frame(message)
-        if frame_too_large(text) or not self._client_keeps_up() or not self.gate.take_next(message["seq"]):
-            return False
+        if kind == "message.new":
+            started = time.perf_counter()
+            message = event["message"]
+            text = message_new_frame(message)
+            if frame_too_large(text) or not self._client_keeps_up() or not self.gate.take_next(message["seq"]):
+                return False
+            self._write_now(text)
+            metrics.message_delivery_duration.labels(step="deliver").observe(time.perf_counter() - started)
+            return True
+        if kind in ("typing", "presence", "read"):
+            if kind != "read" and event["user_id"] == str(self.user.pk):
+                return True  # your own typing and presence are not news to you
+            if not self._client_keeps_up():
+                return False
+            self._write_now(shared_frame(event, lambda e: member_frame(e, self.conversation_id)))
+            return True
+        return False
+
+    def _write_now(self, text: str) -> None:
         if not self.write_now(text):
             metrics.client_message_dropped.inc()
-        metrics.message_delivery_duration.labels(step="deliver").observe(time.perf_counter() - started)
-        return True
 
     def _client_keeps_up(self) -> bool:
         backlog = self.backlog_probe()
@@ -494,18 +528,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def typing(self, event: dict) -> None:
         if event["user_id"] != str(self.user.pk):
-            await self._send_json({"type": "typing", "conversation_id": str(self.conversation_id), "user_id": event["user_id"]})
+            await self._send_json(member_frame(event, self.conversation_id))
 
     async def presence(self, event: dict) -> None:
         if event["user_id"] != str(self.user.pk):
-            await self._send_json(
-                {"type": "presence", "conversation_id": str(self.conversation_id), "user_id": event["user_id"], "online": event["online"]}
-            )
+            await self._send_json(member_frame(event, self.conversation_id))
 
     async def read(self, event: dict) -> None:
-        await self._send_json(
-            {"type": "read", "conversation_id": str(self.conversation_id), "user_id": event["user_id"], "seq": event["seq"]}
-        )
+        await self._send_json(member_frame(event, self.conversation_id))
 
     async def membership_revoked(self, event: dict) -> None:
         """Removed or banned from this conversation, or deactivated (then sent to the user's group)."""
