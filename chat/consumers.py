@@ -25,6 +25,7 @@ from django.conf import settings
 from chat import events, metrics, overload, recheck
 from chat.access import access_conversation
 from chat.delivery import SeqGate
+from chat.feed import ConversationFeed, Cursor, parse_position
 from chat.fanout import get_fanout
 from core.errors import AccessDenied, ChatError, ValidationFailed
 from core.jsonsafe import loads_bounded
@@ -32,7 +33,7 @@ from chat.presence import get_presence
 from core.threads import in_thread
 from chat.services.conversations import read_marker_set
 from chat.services.send import SendRequest, amessage_send
-from chat.selectors import conversation_last_seq, message_range
+from chat.selectors import conversation_last_seq
 from chat.store import utf8_length
 
 logger = logging.getLogger(__name__)
@@ -124,9 +125,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     presence_joined = False
     presence_task: asyncio.Task | None = None
     settle_task: asyncio.Task | None = None
-    catch_up_task: asyncio.Task | None = None
     closing = False
-    gate: SeqGate | None = None  # from the end of the handshake on
+    feed_of: ConversationFeed | None = None  # the conversation, from the end of the handshake on
+    gate: SeqGate | None = None  # its messages' gate
     backlog = 0  # this connection's share of chat_client_send_channel_length
 
     # --- handshake -------------------------------------------------------------------------
@@ -144,11 +145,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.last_typing = 0.0
         self.backlog_probe = socket_backlog_probe(self.scope.get("server_send"))
 
-        after_seq = _query_param(self.scope, "after_seq")
+        after_seq, after_change = _query_param(self.scope, "after_seq"), _query_param(self.scope, "after_change")
         if self.user is None or not self.user.is_authenticated:
             return await self._refuse("unauthenticated")
-        if after_seq is not None and not (after_seq.isdigit() and len(after_seq) < 19):
-            return await self._refuse("bad after_seq")
+        cursor = Cursor(seq=parse_position(after_seq), change=parse_position(after_change))
+        if (after_seq is not None and cursor.seq is None) or (after_change is not None and cursor.change is None):
+            return await self._refuse("bad after_seq or after_change")
         if not self._reserve_slot():
             return await self._refuse("connection limit")
         try:
@@ -187,18 +189,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return await self._refuse("revoked during the handshake")
         # And again every CHAT_MEMBERSHIP_RECHECK seconds, for revocations that announce nothing.
         recheck.watch(self, participant.pk)
-        last_seq = conversation.last_seq
-        replay_from = int(after_seq) if after_seq is not None else None
-        # An after_seq from the future (another conversation's, say) cannot be honoured either.
-        recovered = replay_from is None or 0 <= last_seq - replay_from <= settings.CHAT_MAX_REPLAY
-        self.gate = SeqGate(
+        self.feed_of = ConversationFeed(
+            conversation_id=conversation.id,
+            user_id=self.user.pk,
+            send=self._send_json,
             # Looked up on each call, not bound now: tests replace _emit on a connected socket.
-            emit=lambda message: self._emit(message),
-            fetch=self._read_messages,
-            next_seq=replay_from + 1 if replay_from is not None and recovered else last_seq + 1,
-            max_fetch=settings.CHAT_MAX_REPLAY,
-            name=conversation.id,
+            emit_message=lambda message: self._emit(message),
+            last_seq=conversation.last_seq,
+            last_change=conversation.last_change,
+            cursor=cursor,
         )
+        self.gate = self.feed_of.messages
 
         overload.loop_lag.start()
         await self.accept()
@@ -207,20 +208,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 "type": "ready",
                 "conversation_id": str(conversation.id),
                 "user_id": str(self.user.pk),
-                "last_seq": last_seq,
-                "recovered": recovered,
+                "last_seq": conversation.last_seq,
+                "last_change": conversation.last_change,
+                "recovered": self.feed_of.recovered,
             }
         )
-        if replay_from is not None and recovered:
-            # Page by page: a page is bounded in bytes, so a replay holds a few MiB at a time.
-            while last_seq > replay_from:
-                messages = await self._read_messages(replay_from, last_seq + 1, last_seq - replay_from)
-                if not messages:
-                    break
-                metrics.replayed_messages.inc(len(messages))
-                for message in messages:
-                    await self.gate.deliver(message)
-                replay_from = messages[-1]["seq"]
+        await self.feed_of.replay()
         # Live events waited in the inbox since the subscription; they go out after the ready
         # frame and the replay (the gate drops what the replay already delivered).
         self.inbox_open = True
@@ -346,14 +339,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.cleaned_up = True
         recheck.unwatch(self)
-        for task in (self.presence_task, self.settle_task, self.catch_up_task):
+        for task in (self.presence_task, self.settle_task):
             if task is not None and not task.done():
                 task.cancel()
         await self._presence_leave()
         metrics.client_send_channel_length.dec(self.backlog)
         self.backlog = 0
-        if self.gate is not None:
-            self.gate.close()
+        if self.feed_of is not None:
+            self.feed_of.close()
         await self._unsubscribe()
         self.inbox_open = False
         self.inbox.clear()
@@ -419,51 +412,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
         frame = {"type": "message.new", "conversation_id": message["conversation_id"], "message": message}
         await self._send_json(frame, message_new_frame(message))
 
-    async def _read_messages(self, after_seq: int, before_seq: int, limit: int) -> list[dict]:
-        """The stored messages strictly between the two seqs, ascending: the catch-up replay and
-        the gate's gap fills both read here."""
-        page = await in_thread(message_range)(
-            conversation_id=self.conversation_id, after_seq=after_seq, before_seq=before_seq, limit=limit
-        )
-        return [message.as_dict() for message in page.messages]  # already inline: see chat.selectors
-
     # --- channel-layer events ----------------------------------------------------------------
-    async def message_new(self, event: dict) -> None:
-        started = time.perf_counter()
+    async def conversation_event(self, event: dict) -> None:
         try:
-            await self.gate.deliver(event["message"])
+            await self.feed_of.handle(event)
         except Exception:
             metrics.broadcast_panic.inc()
             logger.exception("delivery failed on conversation %s", self.conversation_id)
             raise
-        metrics.message_delivery_duration.labels(step="deliver").observe(time.perf_counter() - started)
 
-    async def message_updated(self, event: dict) -> None:
-        message = event["message"]
-        if await self.gate.update(message):  # not delivered yet: it goes out edited, in its place
-            return
-        await self._send_json({"type": "message.updated", "conversation_id": message["conversation_id"], "message": message})
-
-    async def message_deleted(self, event: dict) -> None:
-        seq = event["seq"]
-        if await self.gate.delete(seq):  # not delivered yet: it goes out as its tombstone, in its place
-            return
-        await self._send_json({"type": "message.deleted", "conversation_id": event["conversation_id"], "seq": seq})
-
-    async def typing(self, event: dict) -> None:
-        if event["user_id"] != str(self.user.pk):
-            await self._send_json({"type": "typing", "conversation_id": str(self.conversation_id), "user_id": event["user_id"]})
-
-    async def presence(self, event: dict) -> None:
-        if event["user_id"] != str(self.user.pk):
-            await self._send_json(
-                {"type": "presence", "conversation_id": str(self.conversation_id), "user_id": event["user_id"], "online": event["online"]}
-            )
-
-    async def read(self, event: dict) -> None:
-        await self._send_json(
-            {"type": "read", "conversation_id": str(self.conversation_id), "user_id": event["user_id"], "seq": event["seq"]}
-        )
+    message_new = message_updated = message_deleted = typing = presence = read = conversation_event
 
     async def membership_revoked(self, event: dict) -> None:
         """Removed or banned from this conversation, or deactivated (then sent to the user's group)."""
@@ -472,9 +430,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def catch_up(self, last_seq: int) -> None:
         """chat.recheck: the conversation has committed up to last_seq."""
-        running = self.catch_up_task is not None and not self.catch_up_task.done()
-        if self.gate is not None and not self.closing and not running and self.gate.next_seq <= last_seq:
-            self.catch_up_task = asyncio.create_task(self.gate.catch_up(last_seq))
+        if self.feed_of is not None and not self.closing:
+            self.feed_of.catch_up(last_seq)
 
     async def _catch_up_after(self, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -155,17 +155,18 @@ def message_new(message: Message) -> None:
     )
 
 
-def message_updated(message: Message) -> None:
+# Changes (SPEC 4.1) carry their change number: sockets let them out in change order.
+def message_updated(message: Message, change: int) -> None:
     send_event_on_commit(
         conversation_group(message.conversation_id),
-        {"type": "message.updated", "message": message.inline().as_dict()},
+        {"type": "message.updated", "conversation_id": str(message.conversation_id), "message": message.inline().as_dict(), "change": change},
     )
 
 
-def message_deleted(conversation_id: uuid.UUID, seq: int) -> None:
+def message_deleted(conversation_id: uuid.UUID, seq: int, change: int) -> None:
     send_event_on_commit(
         conversation_group(conversation_id),
-        {"type": "message.deleted", "conversation_id": str(conversation_id), "seq": seq},
+        {"type": "message.deleted", "conversation_id": str(conversation_id), "seq": seq, "change": change},
     )
 
 

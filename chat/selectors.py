@@ -15,6 +15,7 @@ on every path:
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 import orjson
 from django.conf import settings
@@ -22,7 +23,7 @@ from django.db.models import F, OuterRef, QuerySet, Subquery
 
 from chat.access import allowed_participants
 from chat.models import Conversation
-from chat.store import HistoryPage, Message, StoreError, get_message_store, utf8_length
+from chat.store import Change, HistoryPage, Message, StoreError, get_message_store, utf8_length
 from core.errors import NotFound, StoreUnavailable
 
 
@@ -136,3 +137,75 @@ def message_of(*, conversation_id: uuid.UUID, seq: int, message_id: uuid.UUID) -
     except StoreError as exc:
         raise StoreUnavailable() from exc
     return message if message is not None and message.message_id == message_id else None
+
+
+# --- the change log (SPEC 4.1) ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ChangePage:
+    # Each change with the message it names as it is now (inline), for the kinds that show it
+    # (`updated`); None for the others.
+    changes: list[tuple[Change, Message | None]]
+    has_more: bool
+
+
+def conversation_last_change(*, conversation_id: uuid.UUID) -> int:
+    return Conversation.objects.filter(pk=conversation_id).values_list("last_change", flat=True).first() or 0
+
+
+def change_range(
+    *, conversation_id: uuid.UUID, after_change: int, before_change: int, limit: int, max_bytes: int | None = None
+) -> ChangePage:
+    """The changes strictly between two numbers, ascending, for a caller that holds a committed
+    upper bound (the conversation's last_change as it read it, or a change that was published:
+    publishes happen after commit). Bounded in bytes like a history page (the edited messages
+    travel with their changes); never empty while there is one."""
+    max_bytes = settings.CHAT_MAX_PAGE_BYTES if max_bytes is None else max_bytes
+    store = get_message_store()
+    try:
+        changes = store.changes(conversation_id, after_change=after_change, before_change=before_change, limit=limit)
+        kept: list[tuple[Change, Message | None]] = []
+        size = 0
+        for change in changes:
+            message = None
+            if change.kind == "updated":
+                message = store.get(conversation_id, change.seq)
+                message = message.inline() if message is not None else None
+            cost = _MESSAGE_ENVELOPE_BYTES + (_wire_bytes(message) if message is not None else 0)
+            if kept and size + cost > max_bytes:
+                return ChangePage(kept, has_more=True)
+            kept.append((change, message))
+            size += cost
+    except StoreError as exc:
+        raise StoreUnavailable() from exc
+    return ChangePage(kept, has_more=len(changes) == limit and (not kept or kept[-1][0].change < before_change - 1))
+
+
+def change_history(*, conversation: Conversation, after_change: int = 0, limit: int = 50) -> ChangePage:
+    """GET conversations/{id}/changes/: the changes after a cursor, ascending, never past the
+    committed last_change (`conversation` read from the database for this request)."""
+    upper = conversation.last_change + 1
+    if after_change + 1 >= upper:
+        return ChangePage([], has_more=False)
+    return change_range(conversation_id=conversation.id, after_change=after_change, before_change=upper, limit=limit)
+
+
+def change_frame(conversation_id: uuid.UUID, change: Change, message: Message | None) -> dict:
+    """A change as the socket event and frame that announce it (SPEC section 5)."""
+    frame: dict = {"type": f"message.{change.kind}" if change.kind in ("updated", "deleted") else change.kind}
+    frame["conversation_id"] = str(conversation_id)
+    if change.kind == "updated" and message is not None:
+        frame["message"] = message.as_dict()
+    else:
+        frame.update(change.data)
+        frame["seq"] = change.seq
+    frame["change"] = change.change
+    return frame
+
+
+def change_entry(change: Change, message: Message | None) -> dict:
+    """A change as GET conversations/{id}/changes/ lists it."""
+    entry = change.as_dict()
+    if message is not None:
+        entry["message"] = message.as_dict()
+    return entry

@@ -126,3 +126,20 @@ def idempotency_record_id(sender_id: uuid.UUID, key: str) -> int | None:
         cursor.execute(_idempotency_record_id_sql(connection.vendor), params)
         row = cursor.fetchone()
     return row[0] if row else None
+
+
+@cache
+def _allocate_change_sql(vendor: str) -> str:
+    last_change = _column(Conversation, "last_change")
+    return (
+        f"UPDATE {_table(Conversation)} SET {last_change} = {last_change} + 1 "
+        f"WHERE {_column(Conversation, 'id')} = %s RETURNING {last_change}"
+    )
+
+
+def allocate_change(conversation_id: uuid.UUID) -> int:
+    """Take the conversation's next change number, as allocate_seq takes a seq: the caller's
+    transaction holds the conversation's row until commit, so changes are written in their order."""
+    with connection.cursor() as cursor:
+        cursor.execute(_allocate_change_sql(connection.vendor), [_value(Conversation, "id", conversation_id)])
+        return cursor.fetchone()[0]

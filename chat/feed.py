@@ -1,0 +1,180 @@
+"""One conversation as one socket sees it (SPEC section 5), for both kinds of connection: the
+conversation socket holds one feed, the user stream one per conversation of the user.
+
+A feed lets each message out exactly once in seq order and each change (edit, delete, reaction)
+exactly once in change order, through two chat.delivery.SeqGate: what the channel layer loses or
+reorders is read from the store. It replays what a client missed (after a seq and a change), turns
+the conversation's events into frames, and is told by chat.recheck where the conversation stands.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from chat import metrics
+from chat.delivery import SeqGate
+from chat.selectors import change_frame, change_range, message_range
+from core.threads import in_thread
+
+logger = logging.getLogger(__name__)
+
+# (frame, its encoded text or None) -> None: the socket's one way to write a frame.
+SendFrame = Callable[[dict, "str | None"], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a client stands in a conversation: the last seq and last change it has (None: it
+    asks for nothing before now)."""
+
+    seq: int | None = None
+    change: int | None = None
+
+
+def parse_position(value: object) -> int | None:
+    """A seq or change number from a client (query string or JSON): a non-negative integer below
+    2**62; None when it is not one."""
+    if isinstance(value, str):
+        return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62:
+        return value
+    return None
+
+
+class ConversationFeed:
+    def __init__(
+        self,
+        *,
+        conversation_id: uuid.UUID,
+        user_id: uuid.UUID,
+        send: SendFrame,
+        emit_message: Callable[[dict], Awaitable[None]],
+        last_seq: int,
+        last_change: int,
+        cursor: Cursor = Cursor(),
+    ) -> None:
+        self.conversation_id = conversation_id
+        self._conversation = str(conversation_id)
+        self._user = str(user_id)
+        self._send = send
+        self.last_seq, self.last_change = last_seq, last_change
+        self.cursor = cursor
+        # Past CHAT_MAX_REPLAY missing (or a cursor from the future) nothing is replayed: the
+        # client pages REST instead, and live delivery starts from where the conversation stands.
+        self.recovered = all(
+            position is None or 0 <= latest - position <= settings.CHAT_MAX_REPLAY
+            for position, latest in ((cursor.seq, last_seq), (cursor.change, last_change))
+        )
+        replay = self.recovered
+        self.messages = SeqGate(
+            emit=emit_message,
+            fetch=self._read_messages,
+            next_seq=cursor.seq + 1 if replay and cursor.seq is not None else last_seq + 1,
+            max_fetch=settings.CHAT_MAX_REPLAY,
+            name=conversation_id,
+        )
+        self.changes = SeqGate(
+            emit=self._emit_change,
+            fetch=self._read_changes,
+            next_seq=cursor.change + 1 if replay and cursor.change is not None else last_change + 1,
+            max_fetch=settings.CHAT_MAX_REPLAY,
+            name=conversation_id,
+            key="change",
+        )
+        self.catch_up_task: asyncio.Task | None = None
+
+    # --- replay ---------------------------------------------------------------------------------
+    async def replay(self) -> None:
+        """Let out what the cursor asked for, up to where the conversation stood when the feed
+        was made: messages first, then changes (a change names a message the client then has)."""
+        if not self.recovered:
+            return
+        position, upto = self.cursor.seq, self.last_seq
+        while position is not None and position < upto:
+            # Page by page: a page is bounded in bytes, so a replay holds a few MiB at a time.
+            messages = await self._read_messages(position, upto + 1, upto - position)
+            if not messages:
+                break
+            metrics.replayed_messages.inc(len(messages))
+            for message in messages:
+                await self.messages.deliver(message)
+            position = messages[-1]["seq"]
+        position, upto = self.cursor.change, self.last_change
+        while position is not None and position < upto:
+            frames = await self._read_changes(position, upto + 1, upto - position)
+            if not frames:
+                break
+            for frame in frames:
+                await self.changes.deliver(frame)
+            position = frames[-1]["change"]
+
+    async def _read_messages(self, after_seq: int, before_seq: int, limit: int) -> list[dict]:
+        """The stored messages strictly between the two seqs, ascending (replay and gap fill)."""
+        page = await in_thread(message_range)(
+            conversation_id=self.conversation_id, after_seq=after_seq, before_seq=before_seq, limit=limit
+        )
+        return [message.as_dict() for message in page.messages]  # already inline: see chat.selectors
+
+    async def _read_changes(self, after_change: int, before_change: int, limit: int) -> list[dict]:
+        """The logged changes strictly between the two numbers, as their frames (replay and gap fill)."""
+        page = await in_thread(change_range)(
+            conversation_id=self.conversation_id, after_change=after_change, before_change=before_change, limit=limit
+        )
+        return [change_frame(self.conversation_id, change, message) for change, message in page.changes]
+
+    # --- events -----------------------------------------------------------------------------------
+    async def handle(self, event: dict) -> None:
+        """One event of the conversation's group, in the order the process received it."""
+        kind = event["type"]
+        if kind == "message.new":
+            started = time.perf_counter()
+            await self.messages.deliver(event["message"])
+            metrics.message_delivery_duration.labels(step="deliver").observe(time.perf_counter() - started)
+        elif "change" in event:  # message.updated, message.deleted, reaction.*
+            await self.changes.deliver({key: value for key, value in event.items() if key != "group"})
+        elif kind == "typing":
+            if event["user_id"] != self._user:
+                await self._send({"type": "typing", "conversation_id": self._conversation, "user_id": event["user_id"]}, None)
+        elif kind == "presence":
+            if event["user_id"] != self._user:
+                await self._send(
+                    {"type": "presence", "conversation_id": self._conversation, "user_id": event["user_id"], "online": event["online"]},
+                    None,
+                )
+        elif kind == "read":
+            await self._send(
+                {"type": "read", "conversation_id": self._conversation, "user_id": event["user_id"], "seq": event["seq"]}, None
+            )
+
+    async def _emit_change(self, frame: dict) -> None:
+        """A change goes out after the message it names: if that message is not out yet, it is
+        made to go out first (held: it goes out changed; otherwise read from the store, which has
+        it as it is now), so a client never sees a change of a message it does not have, nor the
+        message unchanged after its change."""
+        message = frame.get("message")
+        seq = message["seq"] if message is not None else frame["seq"]
+        if seq >= self.messages.next_seq:
+            if frame["type"] == "message.updated":
+                await self.messages.update(message)
+            elif frame["type"] == "message.deleted":
+                await self.messages.delete(seq)
+            await self.messages.catch_up(seq)
+        await self._send(frame, None)
+
+    def catch_up(self, last_seq: int) -> None:
+        """chat.recheck: the conversation has committed up to last_seq."""
+        running = self.catch_up_task is not None and not self.catch_up_task.done()
+        if not running and self.messages.next_seq <= last_seq:
+            self.catch_up_task = asyncio.create_task(self.messages.catch_up(last_seq))
+
+    def close(self) -> None:
+        self.messages.close()
+        self.changes.close()
+        if self.catch_up_task is not None and not self.catch_up_task.done():
+            self.catch_up_task.cancel()
