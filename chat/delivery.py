@@ -142,6 +142,18 @@ class SeqGate:
             metrics.broadcast_panic.inc()
             logger.exception("catch-up failed on conversation %s", self._name)
 
+    async def skip_to(self, next_seq: int) -> None:
+        """The client has everything below `next_seq` already (it said so in a resume): let out
+        nothing below it, and what is held from it on."""
+        async with self._lock:
+            if next_seq <= self._next_seq:
+                return
+            for seq in [seq for seq in self._pending if seq < next_seq]:
+                del self._pending[seq]
+                metrics.broadcast_channel_length.dec()
+            self._next_seq = next_seq
+            await self._emit_run({})
+
     def close(self) -> int:
         """Stop the gap filler and drop what is held; returns how many messages were dropped."""
         self._closed = True

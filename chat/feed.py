@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -72,8 +73,12 @@ class ConversationFeed:
             for position, latest in ((cursor.seq, last_seq), (cursor.change, last_change))
         )
         replay = self.recovered
+        self._emit_to_socket = emit_message
+        # Changes of messages not let out yet, in change order: each goes out right after its
+        # message (see _emit_change).
+        self._deferred: deque[tuple[int, dict]] = deque()
         self.messages = SeqGate(
-            emit=emit_message,
+            emit=self._emit_message,
             fetch=self._read_messages,
             next_seq=cursor.seq + 1 if replay and cursor.seq is not None else last_seq + 1,
             max_fetch=settings.CHAT_MAX_REPLAY,
@@ -88,6 +93,8 @@ class ConversationFeed:
             key="change",
         )
         self.catch_up_task: asyncio.Task | None = None
+        # Held while a resume replays (chat.consumers): the conversation's live events wait.
+        self.busy = asyncio.Lock()
 
     # --- replay ---------------------------------------------------------------------------------
     async def replay(self) -> None:
@@ -129,8 +136,45 @@ class ConversationFeed:
         return [change_frame(self.conversation_id, change, message) for change, message in page.changes]
 
     # --- events -----------------------------------------------------------------------------------
+    async def resume(self, cursor: Cursor, last_seq: int, last_change: int) -> bool:
+        """A resume frame's cursor for this conversation (`last_seq`, `last_change`: committed, read
+        for the resume): let out the messages after cursor.seq and the changes after cursor.change
+        before any further live event of the conversation. False, and nothing let out, when it
+        cannot be honoured: more than CHAT_MAX_REPLAY missing, or a cursor from the future."""
+        async with self.busy:
+            plans = []
+            for gate, position, committed in ((self.messages, cursor.seq, last_seq), (self.changes, cursor.change, last_change)):
+                if position is None:
+                    continue
+                if position > committed or gate.next_seq - 1 - position > settings.CHAT_MAX_REPLAY:
+                    return False
+                plans.append((gate, position))
+            for gate, position in plans:
+                if position >= gate.next_seq:
+                    await gate.skip_to(position + 1)  # the client has these from an earlier connection
+                    continue
+                # Below what this connection has let out: the client asks again; send them again.
+                upto = gate.next_seq
+                while position < upto - 1:
+                    if gate is self.messages:
+                        items = await self._read_messages(position, upto, upto - 1 - position)
+                        metrics.replayed_messages.inc(len(items))
+                        for item in items:
+                            await self._emit_to_socket(item)
+                        position = items[-1]["seq"] if items else upto
+                    else:
+                        items = await self._read_changes(position, upto, upto - 1 - position)
+                        for item in items:
+                            await self._emit_change(item)
+                        position = items[-1]["change"] if items else upto
+            return True
+
     async def handle(self, event: dict) -> None:
         """One event of the conversation's group, in the order the process received it."""
+        async with self.busy:
+            await self._handle(event)
+
+    async def _handle(self, event: dict) -> None:
         kind = event["type"]
         if kind == "message.new":
             started = time.perf_counter()
@@ -152,28 +196,42 @@ class ConversationFeed:
                 {"type": "read", "conversation_id": self._conversation, "user_id": event["user_id"], "seq": event["seq"]}, None
             )
 
+    async def _emit_message(self, message: dict) -> None:
+        """The messages gate lets `message` out: then the changes that waited for it."""
+        await self._emit_to_socket(message)
+        while self._deferred and self._deferred[0][0] <= message["seq"]:
+            await self._send(self._deferred.popleft()[1], None)
+
     async def _emit_change(self, frame: dict) -> None:
-        """A change goes out after the message it names: if that message is not out yet, it is
-        made to go out first (held: it goes out changed; otherwise read from the store, which has
-        it as it is now), so a client never sees a change of a message it does not have, nor the
-        message unchanged after its change."""
+        """A change goes out after the message it names, so a client never sees a change of a
+        message it does not have, nor the message unchanged after its change. If that message is
+        not out yet, the change is folded into it where it is held, waits for it (and so do the
+        changes after it, to keep change order), and the message is read from the store now,
+        which has it as it is now; the change then follows it at once."""
         message = frame.get("message")
         seq = message["seq"] if message is not None else frame["seq"]
-        if seq >= self.messages.next_seq:
-            if frame["type"] == "message.updated":
-                await self.messages.update(message)
-            elif frame["type"] == "message.deleted":
-                await self.messages.delete(seq)
-            await self.messages.catch_up(seq)
-        await self._send(frame, None)
+        if not self._deferred and seq < self.messages.next_seq:
+            return await self._send(frame, None)
+        if frame["type"] == "message.updated":
+            await self.messages.update(message)
+        elif frame["type"] == "message.deleted":
+            await self.messages.delete(seq)
+        self._deferred.append((seq, frame))
+        await self.messages.catch_up(seq)
 
-    def catch_up(self, last_seq: int) -> None:
-        """chat.recheck: the conversation has committed up to last_seq."""
+    def catch_up(self, last_seq: int, last_change: int) -> None:
+        """The conversation has committed up to these (chat.recheck, the settle look after a
+        subscription): read what this socket lacks from the store, in the background."""
         running = self.catch_up_task is not None and not self.catch_up_task.done()
-        if not running and self.messages.next_seq <= last_seq:
-            self.catch_up_task = asyncio.create_task(self.messages.catch_up(last_seq))
+        if not running and (self.messages.next_seq <= last_seq or self.changes.next_seq <= last_change):
+            self.catch_up_task = asyncio.create_task(self.catch_up_now(last_seq, last_change))
+
+    async def catch_up_now(self, last_seq: int, last_change: int) -> None:
+        await self.messages.catch_up(last_seq)
+        await self.changes.catch_up(last_change)
 
     def close(self) -> None:
+        self._deferred.clear()
         self.messages.close()
         self.changes.close()
         if self.catch_up_task is not None and not self.catch_up_task.done():

@@ -21,8 +21,9 @@ import orjson
 from django.conf import settings
 from django.db.models import F, OuterRef, QuerySet, Subquery
 
+from accounts.models import User
 from chat.access import allowed_participants
-from chat.models import Conversation
+from chat.models import Ban, Conversation
 from chat.store import Change, HistoryPage, Message, StoreError, get_message_store, utf8_length
 from core.errors import NotFound, StoreUnavailable
 
@@ -38,9 +39,36 @@ def conversation_list_for(*, user) -> QuerySet[Conversation]:
     )
 
 
-def conversation_last_seq(*, conversation_id: uuid.UUID) -> int:
-    """Where the conversation stands now: its committed counter (0 if it is gone)."""
-    return Conversation.objects.filter(pk=conversation_id).values_list("last_seq", flat=True).first() or 0
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """Where one of the user's conversations stands: what a user stream needs to carry it."""
+
+    participant_id: int
+    conversation_id: uuid.UUID
+    last_seq: int
+    last_change: int
+
+
+def stream_standings(*, user, conversation_ids: list[uuid.UUID] | None = None, limit: int | None = None) -> list[Standing]:
+    """The user's conversations under the membership rule (all, or those of `conversation_ids`),
+    most recently active first, at most `limit`: one query."""
+    rows = allowed_participants().filter(user_id=user.pk)
+    if conversation_ids is not None:
+        rows = rows.filter(conversation_id__in=list(conversation_ids))
+    rows = rows.order_by("-conversation__last_activity_at", "conversation_id").values_list(
+        "pk", "conversation_id", "conversation__last_seq", "conversation__last_change"
+    )
+    return [Standing(*row) for row in (rows[:limit] if limit is not None else rows)]
+
+
+def access_lost_reason(*, user, conversation_id: uuid.UUID) -> str:
+    """Why the user may no longer read the conversation, as conversation.left or a close says it:
+    "inactive" (the account), "banned", or "removed" (no longer a participant)."""
+    if not User.objects.filter(pk=user.pk, is_active=True).exists():
+        return "inactive"
+    if Ban.objects.filter(conversation_id=conversation_id, user_id=user.pk).exists():
+        return "banned"
+    return "removed"
 
 
 def message_history(
@@ -147,10 +175,6 @@ class ChangePage:
     # (`updated`); None for the others.
     changes: list[tuple[Change, Message | None]]
     has_more: bool
-
-
-def conversation_last_change(*, conversation_id: uuid.UUID) -> int:
-    return Conversation.objects.filter(pk=conversation_id).values_list("last_change", flat=True).first() or 0
 
 
 def change_range(

@@ -484,7 +484,7 @@ class TestLive:
         assert b"scam link" in queue.content
         post = database_sync_to_async(client.post)
         await post("/admin/chat/report/", {"action": "delete_message", "index": 0, "_selected_action": [report.pk]})
-        deleted = {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1}
+        deleted = {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1, "change": 1}
         assert await receive(bystander) == deleted
         assert await receive(offender) == deleted
         assert (await database_sync_to_async(message_store.get)(conversation.id, 1)).deleted
@@ -520,12 +520,13 @@ class TestLive:
         assert updated["message"] == {**message, "content": "fixed", "edited_at": updated["message"]["edited_at"]}
         assert updated["message"]["edited_at"] is not None
         await database_sync_to_async(client.post)(f"{browser_url(conversation)}1/delete/")
-        assert await receive(socket) == {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1}
+        assert await receive(socket) == {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1, "change": 2}
         await socket.disconnect()
 
     async def test_changes_to_a_message_not_yet_delivered_go_out_with_it(self, message_store, trio):
-        """An edit or delete that overtakes its message.new is folded into that message, so the
-        client never sees the old content nor a change to a message it does not have yet."""
+        """An edit or delete that overtakes its message.new is folded into that message, and its
+        change frame follows the message: the client never sees the old content nor a change to a
+        message it does not have yet, and still gets every change in change order."""
         alice, bob, _, conversation = trio
         template = (await database_sync_to_async(send)(bob, conversation, "m1", metadata={"k": "v"})).as_dict()
         socket, _ = await open_socket(alice, conversation)
@@ -535,10 +536,15 @@ class TestLive:
         # seqs 3 and 4 arrive before 2 and wait; 3's edit and 4's deletion arrive while they wait.
         await events._apublish_to(group, {"type": "message.new", "message": third})
         await events._apublish_to(group, {"type": "message.new", "message": fourth})
-        await events._apublish_to(group, {"type": "message.updated", "message": {**third, "content": "m3 edited"}})
-        await events._apublish_to(group, {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 4})
+        edited = {**third, "content": "m3 edited"}
+        await events._apublish_to(group, {"type": "message.updated", "conversation_id": str(conversation.id), "message": edited, "change": 1})
+        await events._apublish_to(group, {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 4, "change": 2})
         await events._apublish_to(group, {"type": "message.new", "message": second})
-        delivered = await receive_messages(socket, 3)
+        frames = [await receive(socket) for _ in range(5)]
+        assert [(f["type"], f.get("change")) for f in frames] == [
+            ("message.new", None), ("message.new", None), ("message.updated", 1), ("message.new", None), ("message.deleted", 2)
+        ]
+        delivered = [f["message"] for f in frames if f["type"] == "message.new"]
         assert [(m["seq"], m["content"], m["metadata"], m["deleted"]) for m in delivered] == [
             (2, "m2", {"k": "v"}, False), (3, "m3 edited", {"k": "v"}, False), (4, "", {}, True)
         ]
