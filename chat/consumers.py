@@ -47,6 +47,8 @@ SLOW_CLIENT_GRACE_SECONDS = 2.0
 
 # How long after the handshake a socket looks at the store once more (see connect).
 SUBSCRIBE_SETTLE_SECONDS = 1.0
+# How long a user stream opened with ?resume=1 holds live events for the client's resume frame.
+RESUME_WAIT_SECONDS = 5.0
 
 CLOSE_MEMBERSHIP_REVOKED = 4403
 CLOSE_TOO_SLOW = 4008
@@ -687,11 +689,25 @@ class UserStreamConsumer(ChatSocket):
                 "truncated": truncated,
             }
         )
+        if _query_param(self.scope, "resume") == "1":
+            # The client resumes: live events wait for its resume frame (a little while at most),
+            # so that what it missed goes out before them.
+            self._spawn(self._go_live_after(RESUME_WAIT_SECONDS))
+        else:
+            self._go_live()
+
+    def _go_live(self) -> None:
+        if self.inbox_open or self.closing:
+            return
         self.inbox_open = True
         self._start_draining()
         # As the conversation socket does: one look at the store once the subscriptions are
         # surely live (a message published before Redis processed them).
         self._spawn(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS, list(self.feeds)))
+
+    async def _go_live_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._go_live()
 
     def _open_feed(self, standing: Standing) -> ConversationFeed:
         conversation_id = standing.conversation_id
@@ -882,3 +898,4 @@ class UserStreamConsumer(ChatSocket):
                 recovered = await feed.resume(cursor, standing.last_seq, standing.last_change)
                 outcome[str(conversation_id)] = {"recovered": recovered}
         await self._send_json({"type": "resumed", "conversations": outcome})
+        self._go_live()

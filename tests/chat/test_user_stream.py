@@ -22,9 +22,9 @@ from tests.chat.test_consumer import expect_close, open_socket, receive, send_ov
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def open_stream(user):
+async def open_stream(user, query=""):
     headers = await database_sync_to_async(token_headers)(user)
-    communicator = WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+    communicator = WebsocketCommunicator(application, f"/ws/chat/{query}", headers=headers)
     connected, _ = await communicator.connect()
     assert connected
     ready = await receive(communicator)
@@ -251,6 +251,22 @@ class TestResume:
         assert frames[-1]["conversations"] == {str(one.id): {"recovered": True}, str(two.id): {"recovered": True}}
         await send_over_rest_path(alice, one, "live")
         assert (await receive(b))["message"]["seq"] == 4
+        await b.disconnect()
+
+    async def test_with_resume_1_live_events_wait_for_the_resume(self, team):
+        # A message sent between ready and the resume frame goes out after the replay.
+        alice, bob, _, one, _ = team
+        for text in ("a", "b"):
+            await send_over_rest_path(alice, one, text)
+        b, ready = await open_stream(bob, "?resume=1")
+        assert ready["conversations"][str(one.id)]["last_seq"] == 2
+        await send_over_rest_path(alice, one, "live, sent before the resume")
+        assert await quiet(b)
+        await b.send_json_to({"type": "resume", "cursors": {str(one.id): {"seq": 0}}})
+        frames = [await receive(b) for _ in range(4)]
+        assert [(f["type"], f.get("message", {}).get("seq")) for f in frames] == [
+            ("message.new", 1), ("message.new", 2), ("resumed", None), ("message.new", 3)
+        ]
         await b.disconnect()
 
     async def test_unknown_and_foreign_conversations_get_the_same_forbidden(self, team, make_group):
