@@ -78,7 +78,7 @@ def main() -> None:
     alice = User.objects.create_user(username=f"alice-{run}", password="x")
     bob = User.objects.create_user(username=f"bob-{run}", password="x")
     conversation, _ = conversation_create(creator=alice, kind="group", participant_ids=[bob.pk], title="bench")
-    _, participant_id, _ = access_participation(user=alice, conversation_id=conversation.id)
+    _, participant_id, *_ = access_participation(user=alice, conversation_id=conversation.id)
     store = get_message_store()
 
     def send() -> SendResult:

@@ -42,7 +42,9 @@ def parse_conversation_id(value: object) -> uuid.UUID:
 class Participation(NamedTuple):
     conversation_id: uuid.UUID
     participant_id: int
-    last_seq: int  # the conversation's committed counter when the rule was read
+    # Where the conversation stood when the rule was read (its committed counters).
+    last_seq: int
+    last_change: int
 
 
 def access_participation(*, user, conversation_id: object) -> Participation:
@@ -71,9 +73,11 @@ def access_conversation(*, user, conversation_id: object) -> tuple[Conversation,
     return participant.conversation, participant
 
 
-def allowed_participations(*, participant_ids: Collection[int]) -> dict[int, int]:
+def allowed_participations(*, participant_ids: Collection[int]) -> dict[int, tuple[int, int]]:
     """Those of the participations that still grant access, each with its conversation's committed
-    last_seq, in one query: the periodic re-check of open sockets (chat.recheck) runs the rule for
-    a batch of sockets at once, and learns whether any of them is behind."""
-    rows = allowed_participants().filter(pk__in=list(participant_ids)).values_list("pk", "conversation__last_seq")
-    return dict(rows)
+    (last_seq, last_change), in one query: the periodic re-check of open sockets (chat.recheck)
+    runs the rule for a batch of sockets at once, and learns whether any of them is behind."""
+    rows = allowed_participants().filter(pk__in=list(participant_ids)).values_list(
+        "pk", "conversation__last_seq", "conversation__last_change"
+    )
+    return {pk: (last_seq, last_change) for pk, last_seq, last_change in rows}

@@ -31,6 +31,10 @@ class ChatConfig(AppConfig):
 
         post_delete.connect(conversations.revoke_on_participant_delete, sender=Participant, dispatch_uid="chat-revoke-participant")
         post_save.connect(conversations.revoke_on_ban_save, sender=Ban, dispatch_uid="chat-revoke-ban")
+        post_save.connect(conversations.join_on_participant_save, sender=Participant, dispatch_uid="chat-join-participant")
+        post_delete.connect(conversations.leave_on_participant_delete, sender=Participant, dispatch_uid="chat-leave-participant")
+        post_save.connect(conversations.leave_on_ban_save, sender=Ban, dispatch_uid="chat-leave-ban")
+        post_delete.connect(conversations.join_on_ban_delete, sender=Ban, dispatch_uid="chat-join-ban-lifted")
         credentials_revoked.connect(conversations.revoke_on_credentials_revoked, dispatch_uid="chat-revoke-credentials")
         if settings.PROMETHEUS_MULTIPROC_DIR:
             # Several processes share one metrics directory: a process that exits must take its

@@ -52,11 +52,30 @@ class CassandraConversationBucket(Model):
     bucket = columns.BigInt(primary_key=True, clustering_order="DESC")
 
 
+class CassandraChange(Model):
+    """changes_by_conversation: the change log (edits, deletes, reactions), paged by change number.
+
+    Partitioned like the messages, by (conversation, bucket) with bucket = change // bucket size.
+    Change numbers are dense (every committed one has its entry), so a reader walks the buckets of
+    its range in order and needs no bucket index."""
+
+    __table_name__ = "changes_by_conversation"
+
+    conversation_id = columns.UUID(partition_key=True)
+    bucket = columns.BigInt(partition_key=True)
+    change = columns.BigInt(primary_key=True, clustering_order="ASC")
+    kind = columns.Text(required=True)
+    seq = columns.BigInt(required=True)
+    at = columns.DateTime(required=True)
+    # JSON text, as message metadata.
+    data = columns.Text(required=True)
+
+
 # Messages are read by (conversation, seq) only; idempotency records live in the relational
 # database, in the send's own transaction (chat.models.IdempotencyKey). Deployments that ran an
 # earlier version may still have messages_by_id and idempotency_keys: nothing reads them, and an
 # operator may drop them.
-SCHEMA_MODELS: tuple[type[Model], ...] = (CassandraMessage, CassandraConversationBucket)
+SCHEMA_MODELS: tuple[type[Model], ...] = (CassandraMessage, CassandraConversationBucket, CassandraChange)
 
 
 def replication_cql(replication: dict[str, str | int]) -> str:

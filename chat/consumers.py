@@ -1,39 +1,40 @@
-"""The WebSocket endpoint: handshake authorization, catch-up, in-order delivery, client frames.
+"""The WebSocket endpoints (SPEC section 5): the conversation socket (`?conversation_id=`, one
+conversation) and the user stream (no conversation_id: every conversation of the user, one socket
+per device). Both share ChatSocket: handshake limits, the inbox fed by the process's fan-out,
+bounded output, client frames through the services.
 
-Per connection, messages go out exactly once and in strictly increasing seq through a
-chat.delivery.SeqGate: duplicates (replay overlapping live delivery) are dropped, an early arrival
-waits briefly for the missing seqs, which are then read from the store (a publish may be lost or
-overtaken; the store has every message).
+Per connection and conversation, a chat.feed.ConversationFeed lets messages out exactly once in
+strictly increasing seq and changes exactly once in change order: duplicates (replay overlapping
+live delivery) are dropped, an early arrival waits briefly for the missing ones, which are then
+read from the store (a publish may be lost or overtaken; the store has everything).
 """
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 import uuid
-from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
-import orjson
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import events, metrics, overload, recheck
-from chat.access import access_participation
-from chat.delivery import SeqGate
+from chat.access import access_participation, parse_conversation_id
+from chat.feed import ConversationFeed, Cursor, parse_position
 from chat.fanout import get_fanout
+from chat.frames import encode_frame, frame_too_large, message_new_frame
 from core.errors import AccessDenied, ChatError, ValidationFailed
 from core.jsonsafe import loads_bounded
 from chat.presence import get_presence
 from core.threads import in_thread
 from chat.services.conversations import read_marker_set
 from chat.services.send import SendRequest, amessage_send
-from chat.selectors import conversation_last_seq, message_range
-from chat.store import utf8_length
+from chat.selectors import Standing, access_lost_reason, stream_standings
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ SLOW_CLIENT_GRACE_SECONDS = 2.0
 
 # How long after the handshake a socket looks at the store once more (see connect).
 SUBSCRIBE_SETTLE_SECONDS = 1.0
+# How long a user stream opened with ?resume=1 holds live events for the client's resume frame.
+RESUME_WAIT_SECONDS = 5.0
 
 CLOSE_MEMBERSHIP_REVOKED = 4403
 CLOSE_TOO_SLOW = 4008
@@ -96,87 +99,30 @@ def socket_writer(send) -> Callable[[str], bool] | None:
     return write
 
 
-def encode_frame(frame: dict) -> str:
-    """A frame as JSON text that always has a UTF-8 encoding, whatever client input it echoes."""
-    try:
-        return orjson.dumps(frame).decode()
-    except TypeError:
-        # orjson refuses integers beyond 64 bits (client metadata) and unpaired surrogates (a
-        # client's "\\ud800" escape, echoed in client_message_id): the standard encoder takes both,
-        # and with ensure_ascii it writes a surrogate as its escape, so daphne can encode the text.
-        return json.dumps(frame, separators=(",", ":"), ensure_ascii=True)
-
-
-# The frames this process encoded last. The fan-out hands one event (and one message dict) to every
-# local socket of its conversation, so a frame is encoded once per process, not once per socket
-# (identity, not equality, is checked: a patched copy, an edit or a tombstone is a new dict).
-_FRAMES_KEPT = 256
-_frames: OrderedDict[int, tuple[dict, str]] = OrderedDict()
-
-
-def shared_frame(source: dict, build: Callable[[dict], dict]) -> str:
-    """The encoded frame `build(source)`, encoded once for every socket that is handed `source`."""
-    kept = _frames.get(id(source))
-    if kept is not None and kept[0] is source:
-        return kept[1]
-    text = encode_frame(build(source))
-    _frames[id(source)] = (source, text)
-    if len(_frames) > _FRAMES_KEPT:
-        _frames.popitem(last=False)
-    return text
-
-
-def message_new_frame(message: dict) -> str:
-    return shared_frame(
-        message, lambda m: {"type": "message.new", "conversation_id": m["conversation_id"], "message": m}
-    )
-
-
-def member_frame(event: dict, conversation_id: uuid.UUID) -> dict:
-    """The frame of a typing, presence or read event: the same for every socket of the conversation."""
-    frame = {"type": event["type"], "conversation_id": str(conversation_id), "user_id": event["user_id"]}
-    if event["type"] == "presence":
-        frame["online"] = event["online"]
-    elif event["type"] == "read":
-        frame["seq"] = event["seq"]
-    return frame
-
-
-def frame_too_large(text: str) -> bool:
-    """Whether a text frame's UTF-8 encoding is over the transport's cap (CHAT_MAX_FRAME_BYTES)."""
-    cap = settings.CHAT_MAX_FRAME_BYTES
-    return len(text) > cap or (len(text) * 4 > cap and utf8_length(text) > cap)
-
-
 def _query_param(scope, name: str) -> str | None:
     values = parse_qs(scope.get("query_string", b"").decode("latin1")).get(name)
     return values[0] if values else None
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
+class ChatSocket(AsyncWebsocketConsumer):
+    """What both kinds of connection share; a subclass makes the handshake (`handshake`), handles
+    its events (`dispatch`) and names its client frames (`frame_handlers`)."""
+
     # No channel per socket: the process's fan-out (chat.fanout) receives each event once and
     # feeds it to this socket's inbox, drained by a task of its own while it holds anything.
     channel_layer_alias = None
 
     user = None
-    conversation_id: uuid.UUID | None = None
     holds_slot = False
     counted = False
-    presence_joined = False
-    presence_task: asyncio.Task | None = None
-    settle_task: asyncio.Task | None = None
-    catch_up_task: asyncio.Task | None = None
     closing = False
-    gate: SeqGate | None = None  # from the end of the handshake on
     backlog = 0  # this connection's share of chat_client_send_channel_length
 
     # --- handshake -------------------------------------------------------------------------
     async def connect(self) -> None:
         self.user = self.scope.get("user")
         self.cleaned_up = False
-        self.subscribed: list[str] = []
-        # This connection's name in presence entries (there is no per-socket channel name).
-        self.connection_id = uuid.uuid4().hex
+        self.subscribed: set[str] = set()
         # Events wait here; a drain task exists only while there are some, so an idle socket
         # holds no task (thousands of idle sockets per process).
         self.inbox: deque[dict] = deque()
@@ -185,97 +131,43 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.last_typing = 0.0
         self.backlog_probe = socket_backlog_probe(self.scope.get("server_send"))
         self.write_now = socket_writer(self.scope.get("server_send")) if self.backlog_probe is not None else None
-
-        after_seq = _query_param(self.scope, "after_seq")
         if self.user is None or not self.user.is_authenticated:
             return await self._refuse("unauthenticated")
-        if after_seq is not None and not (after_seq.isdigit() and len(after_seq) < 19):
-            return await self._refuse("bad after_seq")
-        if not self._reserve_slot():
-            return await self._refuse("connection limit")
-        try:
-            participation = await in_thread(access_participation)(
-                user=self.user, conversation_id=_query_param(self.scope, "conversation_id")
-            )
-        except AccessDenied:
-            return await self._refuse("not a participant")
-        self.conversation_id = participation.conversation_id
+        await self.handshake()
 
-        # Subscribe first, then read where the conversation stands: every later message is then
-        # either already in the store or on its way to this socket's inbox. The user's own group
-        # carries events about the person, such as deactivation.
-        groups = [events.conversation_group(self.conversation_id), events.user_group(self.user.pk)]
+    async def handshake(self) -> None:
+        raise NotImplementedError
+
+    async def _subscribe(self, groups: list[str]) -> bool:
+        """Have the process's fan-out feed these groups to this socket. False when the channel
+        layer cannot: the socket is then accepted, told `unavailable` and closed with 4013 (the
+        client reconnects shortly; refusing would read as an authorization failure)."""
         try:
             fanout = get_fanout()
             for group in groups:
-                await fanout.subscribe(group, self)
-                self.subscribed.append(group)
+                if group not in self.subscribed:
+                    await fanout.subscribe(group, self)
+                    self.subscribed.add(group)
         except Exception:
             logger.warning("websocket: channel layer unavailable, closing with %d", CLOSE_TRY_AGAIN_LATER, exc_info=True)
+            if self.counted:
+                await self._cleanup()
+                return False
             await self._unsubscribe()
             self._release_slot()
             await self.accept()
-            await self._error("unavailable", "Realtime delivery is unavailable; reconnect with after_seq shortly.")
-            return await self.close(code=CLOSE_TRY_AGAIN_LATER)
-        metrics.websocket_connections.inc()
-        self.counted = True
-        # Authorize again now that revocations reach this socket: a ban or removal committed
-        # between the first check and the subscription was published where we could not hear it.
-        # This read is also where the conversation stands (last_seq).
-        try:
-            participation = await in_thread(access_participation)(user=self.user, conversation_id=self.conversation_id)
-        except AccessDenied:
-            await self._cleanup()
-            return await self._refuse("revoked during the handshake")
-        # And again every CHAT_MEMBERSHIP_RECHECK seconds, for revocations that announce nothing.
-        recheck.watch(self, participation.participant_id)
-        last_seq = participation.last_seq
-        replay_from = int(after_seq) if after_seq is not None else None
-        # An after_seq from the future (another conversation's, say) cannot be honoured either.
-        recovered = replay_from is None or 0 <= last_seq - replay_from <= settings.CHAT_MAX_REPLAY
-        self.gate = SeqGate(
-            # Looked up on each call, not bound now: tests replace _emit on a connected socket.
-            emit=lambda message: self._emit(message),
-            fetch=self._read_messages,
-            next_seq=replay_from + 1 if replay_from is not None and recovered else last_seq + 1,
-            max_fetch=settings.CHAT_MAX_REPLAY,
-            name=self.conversation_id,
-        )
+            await self._error("unavailable", "Realtime delivery is unavailable; reconnect and resume shortly.")
+            await self.close(code=CLOSE_TRY_AGAIN_LATER)
+            return False
+        if not self.counted:
+            metrics.websocket_connections.inc()
+            self.counted = True
+        return True
 
-        overload.loop_lag.start()
-        await self.accept()
-        await self._send_json(
-            {
-                "type": "ready",
-                "conversation_id": str(self.conversation_id),
-                "user_id": str(self.user.pk),
-                "last_seq": last_seq,
-                "recovered": recovered,
-            }
-        )
-        if replay_from is not None and recovered:
-            # Page by page: a page is bounded in bytes, so a replay holds a few MiB at a time.
-            while last_seq > replay_from:
-                messages = await self._read_messages(replay_from, last_seq + 1, last_seq - replay_from)
-                if not messages:
-                    break
-                metrics.replayed_messages.inc(len(messages))
-                for message in messages:
-                    await self.gate.deliver(message)
-                replay_from = messages[-1]["seq"]
-        # Live events waited in the inbox since the subscription; they go out after the ready
-        # frame and the replay (the gate drops what the replay already delivered).
-        self.inbox_open = True
-        self._start_draining()
-        # Presence is best effort and must not hold up the handshake: when thousands of clients
-        # reconnect at once (a server restart), their joins queue for Redis connections, and a
-        # handshake that waited for its join would time out and come back as one more.
-        self.presence_task = asyncio.create_task(self._presence_join())
-        # A new subscription takes effect when Redis has processed it, which channels-redis does
-        # not wait for: a message published in between, and committed after the read above, would
-        # only be revealed by a later message. One look at the store once the subscription is
-        # surely live closes that window (the periodic re-check is the backstop).
-        self.settle_task = asyncio.create_task(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS))
+    async def _unsubscribe_from(self, group: str) -> None:
+        if group in self.subscribed:
+            self.subscribed.discard(group)
+            await get_fanout().unsubscribe(group, self)
 
     def _reserve_slot(self) -> bool:
         if (
@@ -287,32 +179,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         _open_connections[self.user.pk] += 1
         self.holds_slot = True
         return True
-
-    # --- presence ------------------------------------------------------------------------------
-    # Best effort: a presence failure (Redis down) is logged and never costs the connection.
-    async def _presence_join(self) -> None:
-        presence = get_presence()
-        self.presence_joined = True  # before the call: a failed join is still left on disconnect
-        try:
-            if await presence.join(self.conversation_id, self.user.pk, self.connection_id):
-                await events.presence(self.conversation_id, self.user.pk, online=True)
-            for user_id in await presence.online(self.conversation_id):
-                if user_id != self.user.pk:
-                    await self._send_json(
-                        {"type": "presence", "conversation_id": str(self.conversation_id), "user_id": str(user_id), "online": True}
-                    )
-        except Exception:
-            logger.warning("presence: join failed", exc_info=True)
-
-    async def _presence_leave(self) -> None:
-        if not self.presence_joined:
-            return
-        self.presence_joined = False
-        try:
-            if await get_presence().leave(self.conversation_id, self.user.pk, self.connection_id):
-                await events.presence(self.conversation_id, self.user.pk, online=False)
-        except Exception:
-            logger.warning("presence: leave failed", exc_info=True)
 
     async def _unsubscribe(self) -> None:
         fanout = get_fanout()
@@ -327,33 +193,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def _deliver_now(self, event: dict) -> bool:
         """The common cases of a delivery, written from the fan-out's own callback with no task,
-        to a socket that has nothing queued and whose client keeps up: the next message in seq
-        order, and typing, presence and read events. Anything else (False) takes the inbox and the
-        handlers' full path (the gate, edits, revocations)."""
-        kind = event.get("type")
+        to a socket that has nothing queued and whose client keeps up: the next message of a
+        conversation in seq order, and typing, presence and read events (ConversationFeed
+        .frame_now). Anything else (False) takes the inbox and the full path (the gates, changes,
+        membership)."""
         if self.write_now is None or self.closing:
             return False
-        if kind == "message.new":
-            started = time.perf_counter()
-            message = event["message"]
-            text = message_new_frame(message)
-            if frame_too_large(text) or not self._client_keeps_up() or not self.gate.take_next(message["seq"]):
-                return False
-            self._write_now(text)
-            metrics.message_delivery_duration.labels(step="deliver").observe(time.perf_counter() - started)
-            return True
-        if kind in ("typing", "presence", "read"):
-            if kind != "read" and event["user_id"] == str(self.user.pk):
-                return True  # your own typing and presence are not news to you
-            if not self._client_keeps_up():
-                return False
-            self._write_now(shared_frame(event, lambda e: member_frame(e, self.conversation_id)))
-            return True
-        return False
-
-    def _write_now(self, text: str) -> None:
-        if not self.write_now(text):
+        conversation = self.conversation_of(event)
+        if conversation is None or not self._client_keeps_up():
+            return False
+        text = conversation.frame_now(event)
+        if text is None:
+            return False
+        if text and not self.write_now(text):
             metrics.client_message_dropped.inc()
+        return True
+
+    def conversation_of(self, event: dict) -> ConversationFeed | None:
+        """The feed an event of a conversation's group goes to; None for anything else."""
+        return None
 
     def _client_keeps_up(self) -> bool:
         backlog = self.backlog_probe()
@@ -424,15 +282,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if getattr(self, "cleaned_up", True):
             return
         self.cleaned_up = True
-        recheck.unwatch(self)
-        for task in (self.presence_task, self.settle_task, self.catch_up_task):
-            if task is not None and not task.done():
-                task.cancel()
-        await self._presence_leave()
+        await self.release_conversations()
         metrics.client_send_channel_length.dec(self.backlog)
         self.backlog = 0
-        if self.gate is not None:
-            self.gate.close()
         await self._unsubscribe()
         self.inbox_open = False
         self.inbox.clear()
@@ -442,6 +294,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             metrics.websocket_connections.dec()
             self.counted = False
         self._release_slot()
+
+    async def release_conversations(self) -> None:
+        """The subclass's part of _cleanup: its feeds, watches, presence."""
 
     # --- outbound: in order, exactly once ------------------------------------------------------
     async def _send_json(self, frame: dict, text: str | None = None) -> None:
@@ -495,68 +350,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         frame = {"type": "message.new", "conversation_id": message["conversation_id"], "message": message}
         await self._send_json(frame, message_new_frame(message))
 
-    async def _read_messages(self, after_seq: int, before_seq: int, limit: int) -> list[dict]:
-        """The stored messages strictly between the two seqs, ascending: the catch-up replay and
-        the gate's gap fills both read here."""
-        page = await in_thread(message_range)(
-            conversation_id=self.conversation_id, after_seq=after_seq, before_seq=before_seq, limit=limit
-        )
-        return [message.as_dict() for message in page.messages]  # already inline: see chat.selectors
-
-    # --- channel-layer events ----------------------------------------------------------------
-    async def message_new(self, event: dict) -> None:
-        started = time.perf_counter()
-        try:
-            await self.gate.deliver(event["message"])
-        except Exception:
-            metrics.broadcast_panic.inc()
-            logger.exception("delivery failed on conversation %s", self.conversation_id)
-            raise
-        metrics.message_delivery_duration.labels(step="deliver").observe(time.perf_counter() - started)
-
-    async def message_updated(self, event: dict) -> None:
-        message = event["message"]
-        if await self.gate.update(message):  # not delivered yet: it goes out edited, in its place
-            return
-        await self._send_json({"type": "message.updated", "conversation_id": message["conversation_id"], "message": message})
-
-    async def message_deleted(self, event: dict) -> None:
-        seq = event["seq"]
-        if await self.gate.delete(seq):  # not delivered yet: it goes out as its tombstone, in its place
-            return
-        await self._send_json({"type": "message.deleted", "conversation_id": event["conversation_id"], "seq": seq})
-
-    async def typing(self, event: dict) -> None:
-        if event["user_id"] != str(self.user.pk):
-            await self._send_json(member_frame(event, self.conversation_id))
-
-    async def presence(self, event: dict) -> None:
-        if event["user_id"] != str(self.user.pk):
-            await self._send_json(member_frame(event, self.conversation_id))
-
-    async def read(self, event: dict) -> None:
-        await self._send_json(member_frame(event, self.conversation_id))
-
-    async def membership_revoked(self, event: dict) -> None:
-        """Removed or banned from this conversation, or deactivated (then sent to the user's group)."""
-        if event["user_id"] == str(self.user.pk):
-            await self.revoke()
-
-    def catch_up(self, last_seq: int) -> None:
-        """chat.recheck: the conversation has committed up to last_seq."""
-        running = self.catch_up_task is not None and not self.catch_up_task.done()
-        if self.gate is not None and not self.closing and not running and self.gate.next_seq <= last_seq:
-            self.catch_up_task = asyncio.create_task(self.gate.catch_up(last_seq))
-
-    async def _catch_up_after(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        try:
-            last_seq = await in_thread(conversation_last_seq)(conversation_id=self.conversation_id)
-        except Exception:
-            logger.warning("websocket: catch-up read failed", exc_info=True)
-            return
-        self.catch_up(last_seq)
-
     async def revoke(self) -> None:
         """Close with 4403: the event above, or chat.recheck finding the access gone."""
         if self.closing:
@@ -578,12 +371,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return await self._error("bad_request", "Frames must be valid JSON.")
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             return await self._error("bad_request", 'Frames must be JSON objects with a string "type".')
-        handler = {
-            "message.send": self._on_message_send,
-            "typing": self._on_typing,
-            "read": self._on_read,
-            "ping": self._on_ping,
-        }.get(frame["type"])
+        handler = self.frame_handlers().get(frame["type"])
         if handler is None:
             return await self._error("bad_request", f"Unknown frame type {frame['type'][:50]!r}.")
         try:
@@ -592,7 +380,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("websocket: %s frame failed", frame["type"])
             await self._error("unavailable", "The frame could not be processed; retry later.", frame.get("client_message_id"))
 
-    async def _on_message_send(self, frame: dict) -> None:
+    def frame_handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:
+        return {"ping": self._on_ping}
+
+    async def _send_message(self, conversation_id: object, frame: dict) -> None:
+        """message.send: through the one send service (which authorizes), acknowledged here."""
         client_message_id = frame.get("client_message_id")
         if overload.overloaded():
             metrics.message_shed.inc()
@@ -604,7 +396,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 result = await amessage_send(
                     SendRequest(
                         sender=self.user,
-                        conversation_id=self.conversation_id,
+                        conversation_id=conversation_id,
                         content=frame.get("content"),
                         message_type=frame.get("message_type", "text"),
                         is_encrypted=frame.get("is_encrypted", False),
@@ -619,24 +411,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._send_json(
             {
                 "type": "message.ack",
-                "conversation_id": str(self.conversation_id),
+                "conversation_id": str(result.message.conversation_id),
                 "client_message_id": client_message_id,
                 "message": result.message.inline().as_dict(),
             }
         )
 
-    async def _on_typing(self, frame: dict) -> None:
+    async def _typing_in(self, conversation_id: uuid.UUID) -> None:
+        """typing: the caller is known to be in the conversation (the subclass checks)."""
         now = time.monotonic()
         if now - self.last_typing >= TYPING_MIN_INTERVAL_SECONDS:
             self.last_typing = now
-            await events.typing(self.conversation_id, self.user.pk)
+            await events.typing(conversation_id, self.user.pk)
 
-    async def _on_read(self, frame: dict) -> None:
+    async def _read_in(self, conversation_id: object, frame: dict) -> None:
         try:
             # As a send does: the read event it commits is published from the loop, not by a
             # pool thread waiting on it.
             _, committed = await in_thread(events.collecting(read_marker_set))(
-                user=self.user, conversation_id=self.conversation_id, seq=frame.get("seq")
+                user=self.user, conversation_id=conversation_id, seq=frame.get("seq")
             )
             await events.apublish_collected(committed)
         except ChatError as exc:
@@ -657,3 +450,474 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if fields:
             frame["fields"] = fields
         await self._send_json(frame)
+
+
+class ChatConsumer(ChatSocket):
+    """The conversation socket: `ws/chat/?conversation_id=<uuid>[&after_seq=<n>][&after_change=<m>]`."""
+
+    conversation_id: uuid.UUID | None = None
+    presence_joined = False
+    presence_task: asyncio.Task | None = None
+    settle_task: asyncio.Task | None = None
+    delivery: ConversationFeed | None = None  # the conversation, from the end of the handshake on
+
+    # --- handshake -------------------------------------------------------------------------
+    async def handshake(self) -> None:
+        # This connection's name in presence entries (there is no per-socket channel name).
+        self.connection_id = uuid.uuid4().hex
+        after_seq, after_change = _query_param(self.scope, "after_seq"), _query_param(self.scope, "after_change")
+        cursor = Cursor(seq=parse_position(after_seq), change=parse_position(after_change))
+        if (after_seq is not None and cursor.seq is None) or (after_change is not None and cursor.change is None):
+            return await self._refuse("bad after_seq or after_change")
+        if not self._reserve_slot():
+            return await self._refuse("connection limit")
+        try:
+            participation = await in_thread(access_participation)(
+                user=self.user, conversation_id=_query_param(self.scope, "conversation_id")
+            )
+        except AccessDenied:
+            return await self._refuse("not a participant")
+        self.conversation_id = participation.conversation_id
+        self.conversation_group = events.conversation_group(self.conversation_id)
+
+        # Subscribe first, then read where the conversation stands: every later message is then
+        # either already in the store or on its way to this socket's inbox. The user's own group
+        # carries events about the person, such as deactivation.
+        if not await self._subscribe([self.conversation_group, events.user_group(self.user.pk)]):
+            return
+        # Authorize again now that revocations reach this socket: a ban or removal committed
+        # between the first check and the subscription was published where we could not hear it.
+        # This read is also where the conversation stands (last_seq, last_change).
+        try:
+            participation = await in_thread(access_participation)(user=self.user, conversation_id=self.conversation_id)
+        except AccessDenied:
+            await self._cleanup()
+            return await self._refuse("revoked during the handshake")
+        # And again every CHAT_MEMBERSHIP_RECHECK seconds, for revocations that announce nothing.
+        recheck.watch(self, participation.participant_id)
+        self.delivery = ConversationFeed(
+            conversation_id=self.conversation_id,
+            user_id=self.user.pk,
+            send=self._send_json,
+            # Looked up on each call, not bound now: tests replace _emit on a connected socket.
+            emit_message=lambda message: self._emit(message),
+            last_seq=participation.last_seq,
+            last_change=participation.last_change,
+            cursor=cursor,
+        )
+
+        overload.loop_lag.start()
+        await self.accept()
+        await self._send_json(
+            {
+                "type": "ready",
+                "conversation_id": str(self.conversation_id),
+                "user_id": str(self.user.pk),
+                "last_seq": participation.last_seq,
+                "last_change": participation.last_change,
+                "recovered": self.delivery.recovered,
+            }
+        )
+        await self.delivery.replay()
+        # Live events waited in the inbox since the subscription; they go out after the ready
+        # frame and the replay (the gates drop what the replay already delivered).
+        self.inbox_open = True
+        self._start_draining()
+        # Presence is best effort and must not hold up the handshake: when thousands of clients
+        # reconnect at once (a server restart), their joins queue for Redis connections, and a
+        # handshake that waited for its join would time out and come back as one more.
+        self.presence_task = asyncio.create_task(self._presence_join())
+        # A new subscription takes effect when Redis has processed it, which channels-redis does
+        # not wait for: a message published in between, and committed after the read above, would
+        # only be revealed by a later message. One look at the store once the subscription is
+        # surely live closes that window (the periodic re-check is the backstop).
+        self.settle_task = asyncio.create_task(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS))
+
+    async def release_conversations(self) -> None:
+        recheck.unwatch(self)
+        for task in (self.presence_task, self.settle_task):
+            if task is not None and not task.done():
+                task.cancel()
+        await self._presence_leave()
+        if self.delivery is not None:
+            self.delivery.close()
+
+    async def _presence_join(self) -> None:
+        presence = get_presence()
+        self.presence_joined = True  # before the call: a failed join is still left on disconnect
+        try:
+            if await presence.join(self.conversation_id, self.user.pk, self.connection_id):
+                await events.presence(self.conversation_id, self.user.pk, online=True)
+            for user_id in await presence.online(self.conversation_id):
+                if user_id != self.user.pk:
+                    await self._send_json(
+                        {"type": "presence", "conversation_id": str(self.conversation_id), "user_id": str(user_id), "online": True}
+                    )
+        except Exception:
+            logger.warning("presence: join failed", exc_info=True)
+    async def _presence_leave(self) -> None:
+        if not self.presence_joined:
+            return
+        self.presence_joined = False
+        try:
+            if await get_presence().leave(self.conversation_id, self.user.pk, self.connection_id):
+                await events.presence(self.conversation_id, self.user.pk, online=False)
+        except Exception:
+            logger.warning("presence: leave failed", exc_info=True)
+
+    # --- channel-layer events ----------------------------------------------------------------
+    def conversation_of(self, event: dict) -> ConversationFeed | None:
+        return self.delivery if event.get("group") == self.conversation_group else None
+
+    async def conversation_event(self, event: dict) -> None:
+        try:
+            await self.delivery.handle(event)
+        except Exception:
+            metrics.broadcast_panic.inc()
+            logger.exception("delivery failed on conversation %s", self.conversation_id)
+            raise
+
+    message_new = message_updated = message_deleted = typing = presence = read = conversation_event
+    reaction_added = reaction_removed = conversation_event
+
+    async def ignored(self, event: dict) -> None:
+        """Events for user streams (the user's own group, the conversation's details)."""
+
+    conversation_joined = conversation_left = conversation_updated = ignored
+
+    async def membership_revoked(self, event: dict) -> None:
+        """Removed or banned from this conversation, or deactivated (then sent to the user's group)."""
+        if event["user_id"] == str(self.user.pk):
+            await self.revoke()
+
+    def catch_up(self, last_seq: int, last_change: int) -> None:
+        """chat.recheck: the conversation has committed up to these."""
+        if self.delivery is not None and not self.closing:
+            self.delivery.catch_up(last_seq, last_change)
+
+    async def _catch_up_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            standing = await in_thread(stream_standings)(user=self.user, conversation_ids=[self.conversation_id])
+        except Exception:
+            logger.warning("websocket: catch-up read failed", exc_info=True)
+            return
+        for found in standing:
+            self.catch_up(found.last_seq, found.last_change)
+
+    # --- inbound frames ------------------------------------------------------------------------
+    def frame_handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:
+        return {
+            **super().frame_handlers(),
+            "message.send": lambda frame: self._send_message(self.conversation_id, frame),
+            "typing": lambda frame: self._typing_in(self.conversation_id),
+            "read": lambda frame: self._read_in(self.conversation_id, frame),
+        }
+
+
+class _StreamedConversation:
+    """One conversation of a user stream, as chat.recheck watches it."""
+
+    def __init__(self, stream: "UserStreamConsumer", conversation_id: uuid.UUID) -> None:
+        self.stream = stream
+        self.conversation_id = conversation_id
+
+    async def revoke(self) -> None:
+        self.stream.reconcile_later(self.conversation_id, delay=0)
+
+    def catch_up(self, last_seq: int, last_change: int) -> None:
+        feed = self.stream.feeds.get(self.conversation_id)
+        if feed is not None and not self.stream.closing:
+            feed.catch_up(last_seq, last_change)
+
+
+def parse_cursors(value: object) -> dict[uuid.UUID, Cursor]:
+    """A resume frame's cursors, or ValueError saying what is wrong with them."""
+    if not isinstance(value, dict):
+        raise ValueError('"cursors" must be an object of conversation ids.')
+    if len(value) > settings.CHAT_MAX_RESUME_CONVERSATIONS:
+        raise ValueError(f"A resume names at most {settings.CHAT_MAX_RESUME_CONVERSATIONS} conversations.")
+    cursors: dict[uuid.UUID, Cursor] = {}
+    for key, position in value.items():
+        try:
+            conversation_id = uuid.UUID(key)
+        except ValueError:
+            raise ValueError(f"{key[:50]!r} is not a conversation id.") from None
+        if not isinstance(position, dict) or not set(position) <= {"seq", "change"}:
+            raise ValueError('Each cursor is an object with "seq" and/or "change".')
+        seq, change = parse_position(position.get("seq")), parse_position(position.get("change"))
+        if (seq is None and position.get("seq") is not None) or (change is None and position.get("change") is not None):
+            raise ValueError('"seq" and "change" are non-negative integers.')
+        if isinstance(position.get("seq"), str) or isinstance(position.get("change"), str):
+            raise ValueError('"seq" and "change" are non-negative integers.')
+        cursors[conversation_id] = Cursor(seq=seq, change=change)
+    return cursors
+
+
+class UserStreamConsumer(ChatSocket):
+    """The user stream: `ws/chat/` without conversation_id, every conversation of the user.
+
+    Its conversations are a ConversationFeed each, subscribed through the process's fan-out like
+    any conversation socket (one subscription per conversation per process, however many sockets
+    and streams listen). Membership arrives on the user's own group: conversation.joined adds a
+    feed, conversation.left delivers the conversation up to where it stood at the leave, then
+    drops it. Events are handled one at a time in arrival order, so nothing of a conversation
+    goes out after its conversation.left."""
+
+    # --- handshake -------------------------------------------------------------------------
+    async def handshake(self) -> None:
+        self.feeds: dict[uuid.UUID, ConversationFeed] = {}
+        self.watched: dict[uuid.UUID, _StreamedConversation] = {}
+        self.by_group: dict[str, uuid.UUID] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.own_group = events.user_group(self.user.pk)
+        if not self._reserve_slot():
+            return await self._refuse("connection limit")
+        # The user's own group first: a join or leave from now on reaches this socket, and one
+        # that committed before the read below is already in it.
+        if not await self._subscribe([self.own_group]):
+            return
+        limit = settings.CHAT_STREAM_MAX_CONVERSATIONS
+        carried = await in_thread(stream_standings)(user=self.user, limit=limit + 1)
+        truncated = len(carried) > limit
+        groups = [events.conversation_group(standing.conversation_id) for standing in carried[:limit]]
+        if not await self._subscribe(groups):
+            return
+        # Read again now that the conversations' events reach this socket: where each stands
+        # (every later message is in the store or on its way here), and which are still the
+        # user's (a removal in between was published where we could not hear it).
+        standings = await in_thread(stream_standings)(
+            user=self.user, conversation_ids=[standing.conversation_id for standing in carried[:limit]]
+        )
+        for standing in standings:
+            self._open_feed(standing)
+        for group in set(groups) - set(self.by_group):
+            await self._unsubscribe_from(group)
+
+        overload.loop_lag.start()
+        await self.accept()
+        await self._send_json(
+            {
+                "type": "ready",
+                "user_id": str(self.user.pk),
+                "conversations": {
+                    str(standing.conversation_id): {"last_seq": standing.last_seq, "last_change": standing.last_change}
+                    for standing in standings
+                },
+                "truncated": truncated,
+            }
+        )
+        if _query_param(self.scope, "resume") == "1":
+            # The client resumes: live events wait for its resume frame (a little while at most),
+            # so that what it missed goes out before them.
+            self._spawn(self._go_live_after(RESUME_WAIT_SECONDS))
+        else:
+            self._go_live()
+
+    def _go_live(self) -> None:
+        if self.inbox_open or self.closing:
+            return
+        self.inbox_open = True
+        self._start_draining()
+        # As the conversation socket does: one look at the store once the subscriptions are
+        # surely live (a message published before Redis processed them).
+        self._spawn(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS, list(self.feeds)))
+
+    async def _go_live_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._go_live()
+
+    def _open_feed(self, standing: Standing) -> ConversationFeed:
+        conversation_id = standing.conversation_id
+        feed = self.feeds[conversation_id] = ConversationFeed(
+            conversation_id=conversation_id,
+            user_id=self.user.pk,
+            send=self._send_json,
+            emit_message=self._emit,
+            last_seq=standing.last_seq,
+            last_change=standing.last_change,
+        )
+        self.by_group[events.conversation_group(conversation_id)] = conversation_id
+        watch = self.watched[conversation_id] = _StreamedConversation(self, conversation_id)
+        recheck.watch(watch, standing.participant_id)
+        return feed
+
+    async def _close_feed(self, conversation_id: uuid.UUID) -> None:
+        feed = self.feeds.pop(conversation_id)
+        feed.close()
+        group = events.conversation_group(conversation_id)
+        self.by_group.pop(group, None)
+        recheck.unwatch(self.watched.pop(conversation_id))
+        await self._unsubscribe_from(group)
+
+    def _spawn(self, work) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def release_conversations(self) -> None:
+        for task in list(getattr(self, "tasks", ())):
+            task.cancel()
+        for watch in getattr(self, "watched", {}).values():
+            recheck.unwatch(watch)
+        for feed in getattr(self, "feeds", {}).values():
+            feed.close()
+
+    async def _catch_up_after(self, delay: float, conversation_ids: list[uuid.UUID]) -> None:
+        await asyncio.sleep(delay)
+        try:
+            standings = await in_thread(stream_standings)(user=self.user, conversation_ids=conversation_ids)
+        except Exception:
+            logger.warning("websocket: catch-up read failed", exc_info=True)
+            return
+        for standing in standings:
+            feed = self.feeds.get(standing.conversation_id)
+            if feed is not None:
+                feed.catch_up(standing.last_seq, standing.last_change)
+
+    # --- events ------------------------------------------------------------------------------
+    def conversation_of(self, event: dict) -> ConversationFeed | None:
+        conversation_id = self.by_group.get(event.get("group"))
+        return self.feeds.get(conversation_id) if conversation_id is not None else None
+
+    async def dispatch(self, event: dict) -> None:
+        group = event.get("group")
+        if group is None:  # the connection's own: websocket.connect, .receive, .disconnect
+            return await super().dispatch(event)
+        if group == self.own_group:
+            handler = {
+                "conversation.joined": self._joined,
+                "conversation.left": self._left,
+                "membership.revoked": self._account_revoked,
+            }.get(event["type"])
+            if handler is not None:
+                await handler(event)
+            return
+        conversation_id = self.by_group.get(group)
+        feed = self.feeds.get(conversation_id) if conversation_id is not None else None
+        if feed is None:
+            return  # a conversation this stream no longer carries: nothing of it after its left
+        if event["type"] == "membership.revoked":
+            if event["user_id"] == str(self.user.pk):
+                # conversation.left (with the reason, to the user's group) normally follows at once.
+                self.reconcile_later(conversation_id, delay=SUBSCRIBE_SETTLE_SECONDS)
+            return
+        if event["type"] == "conversation.updated":
+            await self._send_json(
+                {"type": "conversation.updated", "conversation_id": event["conversation_id"], "conversation": event["conversation"]}
+            )
+            return
+        try:
+            await feed.handle(event)
+        except Exception:
+            metrics.broadcast_panic.inc()
+            logger.exception("delivery failed on conversation %s", conversation_id)
+            raise
+
+    async def _joined(self, event: dict) -> None:
+        conversation_id = uuid.UUID(event["conversation_id"])
+        if conversation_id in self.feeds:
+            return
+        # The rule decides, now: the event may be stale (left again since), or announce a
+        # participant who has no access (a banned user added in the admin).
+        standings = await in_thread(stream_standings)(user=self.user, conversation_ids=[conversation_id])
+        if not standings:
+            return
+        if not await self._subscribe([events.conversation_group(conversation_id)]):
+            return
+        # From where the conversation stood at the join: what was sent since is in the store
+        # (the gate reads it when a later message shows the gap, or the settle look below).
+        self._open_feed(
+            Standing(standings[0].participant_id, conversation_id, event["last_seq"], event["last_change"])
+        )
+        await self._send_json(
+            {
+                "type": "conversation.joined",
+                "conversation_id": event["conversation_id"],
+                "conversation": event["conversation"],
+                "last_seq": event["last_seq"],
+                "last_change": event["last_change"],
+            }
+        )
+        self._spawn(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS, [conversation_id]))
+
+    async def _left(self, event: dict) -> None:
+        conversation_id = uuid.UUID(event["conversation_id"])
+        feed = self.feeds.get(conversation_id)
+        if feed is None:
+            return
+        if event.get("last_seq") is not None:
+            # Everything committed while the user was a member goes out first.
+            async with feed.busy:
+                await feed.catch_up_now(event["last_seq"], event["last_change"])
+        await self._close_feed(conversation_id)
+        await self._send_json({"type": "conversation.left", "conversation_id": str(conversation_id), "reason": event["reason"]})
+
+    async def _account_revoked(self, event: dict) -> None:
+        if event["user_id"] == str(self.user.pk):
+            await self.revoke()
+
+    def reconcile_later(self, conversation_id: uuid.UUID, *, delay: float) -> None:
+        """A revocation without its conversation.left (lost, or found by chat.recheck): after
+        `delay`, if the stream still carries the conversation and the rule says no, leave it."""
+        self._spawn(self._reconcile(conversation_id, delay))
+
+    async def _reconcile(self, conversation_id: uuid.UUID, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if conversation_id not in self.feeds:
+            return
+        try:
+            if await in_thread(stream_standings)(user=self.user, conversation_ids=[conversation_id]):
+                return
+            reason = await in_thread(access_lost_reason)(user=self.user, conversation_id=conversation_id)
+        except Exception:
+            logger.warning("websocket: membership read failed", exc_info=True)
+            return
+        if reason == "inactive":
+            return await self.revoke()
+        # Through the inbox, so it is handled in order with the conversation's other events.
+        self.feed({"type": "conversation.left", "group": self.own_group, "conversation_id": str(conversation_id), "reason": reason})
+
+    # --- inbound frames ------------------------------------------------------------------------
+    def frame_handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:
+        return {
+            **super().frame_handlers(),
+            "message.send": lambda frame: self._send_message(frame.get("conversation_id"), frame),
+            "typing": self._on_typing,
+            "read": lambda frame: self._read_in(frame.get("conversation_id"), frame),
+            "resume": self._on_resume,
+        }
+
+    async def _on_typing(self, frame: dict) -> None:
+        try:
+            conversation_id = parse_conversation_id(frame.get("conversation_id"))
+        except AccessDenied:
+            conversation_id = None
+        if conversation_id not in self.feeds:  # the stream carries exactly the user's conversations
+            return await self._error("forbidden", "You are not a participant of this conversation.")
+        await self._typing_in(conversation_id)
+
+    async def _on_resume(self, frame: dict) -> None:
+        try:
+            cursors = parse_cursors(frame.get("cursors"))
+        except ValueError as exc:
+            return await self._error("bad_request", str(exc))
+        # The membership rule and where each conversation stands, for all of them in one read.
+        standings = {
+            standing.conversation_id: standing
+            for standing in await in_thread(stream_standings)(user=self.user, conversation_ids=list(cursors))
+        }
+        outcome: dict[str, dict] = {}
+        for conversation_id, cursor in cursors.items():
+            standing, feed = standings.get(conversation_id), self.feeds.get(conversation_id)
+            if standing is None:
+                # Not the user's, or no such conversation: the same answer for both.
+                outcome[str(conversation_id)] = {"recovered": False, "forbidden": True}
+            elif feed is None:
+                # The user's, but beyond what this stream carries (CHAT_STREAM_MAX_CONVERSATIONS).
+                outcome[str(conversation_id)] = {"recovered": False}
+            else:
+                recovered = await feed.resume(cursor, standing.last_seq, standing.last_change)
+                outcome[str(conversation_id)] = {"recovered": recovered}
+        await self._send_json({"type": "resumed", "conversations": outcome})
+        self._go_live()

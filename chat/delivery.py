@@ -35,7 +35,8 @@ Fetch = Callable[[int, int, int], Awaitable[list[dict]]]
 
 
 class SeqGate:
-    """One connection's view of one conversation's seqs; `next_seq` is the next one it lets out."""
+    """One connection's view of one conversation's seqs (or change numbers: `key`); `next_seq` is
+    the next one it lets out."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class SeqGate:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         name: object = "",
+        key: str = "seq",
     ) -> None:
         self._emit_message = emit
         self._fetch = fetch
@@ -59,6 +61,9 @@ class SeqGate:
         self._clock = clock
         self._sleep = sleep
         self._name = name  # for logs: the conversation
+        # What is numbered: "seq" for messages; "change" for a conversation's changes (SPEC 4.1),
+        # which get the same guarantee by change number (updates and deletes: messages only).
+        self._key = key
         self._pending: dict[int, dict] = {}
         # Held while letting messages out, so a live arrival and a gap fill never interleave.
         self._lock = asyncio.Lock()
@@ -90,7 +95,7 @@ class SeqGate:
         """Let `message` out now if it is the next seq (and whatever it unblocks), hold it if it is
         early, drop it if it was let out or is held already."""
         async with self._lock:
-            seq = message["seq"]
+            seq = message[self._key]
             if self._closed or seq < self._next_seq or seq in self._pending:
                 metrics.broadcast_dropped.inc()
                 return
@@ -107,10 +112,10 @@ class SeqGate:
         """Fold an edit into the held message; False when it is not held (the caller sends the
         change itself)."""
         async with self._lock:
-            if message["seq"] not in self._pending:
+            if message[self._key] not in self._pending:
                 return False
             # Not let out yet: it goes out in its place in the seq order, already edited.
-            self._pending[message["seq"]] = message
+            self._pending[message[self._key]] = message
             return True
 
     async def delete(self, seq: int) -> bool:
@@ -138,13 +143,25 @@ class SeqGate:
                 before = self._next_seq
                 page = await self._fetch(before - 1, upto, min(upto - before, self._max_fetch))
                 async with self._lock:
-                    fetched = {m["seq"]: m for m in page if m["seq"] >= self._next_seq and m["seq"] not in self._pending}
+                    fetched = {m[self._key]: m for m in page if m[self._key] >= self._next_seq and m[self._key] not in self._pending}
                     await self._emit_run(fetched)
                 if self._next_seq == before:
                     return  # not in the store (yet): the next re-check looks again
         except Exception:
             metrics.broadcast_panic.inc()
             logger.exception("catch-up failed on conversation %s", self._name)
+
+    async def skip_to(self, next_seq: int) -> None:
+        """The client has everything below `next_seq` already (it said so in a resume): let out
+        nothing below it, and what is held from it on."""
+        async with self._lock:
+            if next_seq <= self._next_seq:
+                return
+            for seq in [seq for seq in self._pending if seq < next_seq]:
+                del self._pending[seq]
+                metrics.broadcast_channel_length.dec()
+            self._next_seq = next_seq
+            await self._emit_run({})
 
     def close(self) -> int:
         """Stop the gap filler and drop what is held; returns how many messages were dropped."""
@@ -159,7 +176,7 @@ class SeqGate:
 
     async def _emit(self, message: dict) -> None:
         await self._emit_message(message)
-        self._next_seq = message["seq"] + 1
+        self._next_seq = message[self._key] + 1
 
     async def _emit_run(self, fetched: dict[int, dict]) -> None:
         """Let out next_seq and its successors for as long as they are held or were fetched."""
@@ -201,7 +218,7 @@ class SeqGate:
         async with self._lock:
             # Live arrivals may have moved on while the store was read; what is held wins (it
             # carries the edits that arrived while it waited).
-            fetched = {m["seq"]: m for m in page if m["seq"] >= self._next_seq and m["seq"] not in self._pending}
+            fetched = {m[self._key]: m for m in page if m[self._key] >= self._next_seq and m[self._key] not in self._pending}
             before = self._next_seq
             await self._emit_run(fetched)
             # A page may end early (it is bounded in bytes): what it did not reach is not missing.

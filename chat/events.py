@@ -89,7 +89,7 @@ def _publish_to(group: str, event: dict[str, Any]) -> bool:
 # A lost revocation leaves a socket reading a conversation it may no longer read, so its publish is
 # retried, in the background (the caller never waits), after each of these delays; past them the
 # periodic membership re-check (chat.recheck, CHAT_MEMBERSHIP_RECHECK) still closes the socket.
-RETRIED_EVENT_TYPES = frozenset({"membership.revoked"})
+RETRIED_EVENT_TYPES = frozenset({"membership.revoked", "conversation.left"})
 RETRY_DELAYS_SECONDS = (0.25, 0.5, 1.0, 2.0, 4.0)
 _retry_tasks: set[asyncio.Task] = set()
 
@@ -155,17 +155,18 @@ def message_new(message: Message) -> None:
     )
 
 
-def message_updated(message: Message) -> None:
+# Changes (SPEC 4.1) carry their change number: sockets let them out in change order.
+def message_updated(message: Message, change: int) -> None:
     send_event_on_commit(
         conversation_group(message.conversation_id),
-        {"type": "message.updated", "message": message.inline().as_dict()},
+        {"type": "message.updated", "conversation_id": str(message.conversation_id), "message": message.inline().as_dict(), "change": change},
     )
 
 
-def message_deleted(conversation_id: uuid.UUID, seq: int) -> None:
+def message_deleted(conversation_id: uuid.UUID, seq: int, change: int) -> None:
     send_event_on_commit(
         conversation_group(conversation_id),
-        {"type": "message.deleted", "conversation_id": str(conversation_id), "seq": seq},
+        {"type": "message.deleted", "conversation_id": str(conversation_id), "seq": seq, "change": change},
     )
 
 
@@ -189,3 +190,41 @@ def membership_revoked(conversation_id: uuid.UUID, user_id: uuid.UUID) -> None:
 def user_sockets_revoked(user_id: uuid.UUID) -> None:
     """Tell all of the user's connections, on every conversation, to close (4403)."""
     send_event_on_commit(user_group(user_id), {"type": "membership.revoked", "user_id": str(user_id)})
+
+
+# Membership, live on the user stream (SPEC section 5). Joins and leaves go to the person's own
+# group, with where the conversation stood when they happened (read under the conversation's row
+# lock, so sends are ordered around them): a stream starts a joined conversation after last_seq and
+# last_change, and delivers a left one up to them before it says conversation.left.
+def conversation_joined(user_id: uuid.UUID, conversation: dict[str, Any], last_seq: int, last_change: int) -> None:
+    send_event_on_commit(
+        user_group(user_id),
+        {
+            "type": "conversation.joined",
+            "conversation_id": conversation["id"],
+            "conversation": conversation,
+            "last_seq": last_seq,
+            "last_change": last_change,
+        },
+    )
+
+
+def conversation_left(user_id: uuid.UUID, conversation_id: uuid.UUID, reason: str, last_seq: int, last_change: int) -> None:
+    send_event_on_commit(
+        user_group(user_id),
+        {
+            "type": "conversation.left",
+            "conversation_id": str(conversation_id),
+            "reason": reason,
+            "last_seq": last_seq,
+            "last_change": last_change,
+        },
+    )
+
+
+def conversation_updated(conversation: dict[str, Any]) -> None:
+    """The conversation's own fields changed (its title): one event to its group, for the streams."""
+    send_event_on_commit(
+        conversation_group(conversation["id"]),
+        {"type": "conversation.updated", "conversation_id": conversation["id"], "conversation": conversation},
+    )

@@ -16,6 +16,9 @@ class Conversation(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # The seq counter: every message's seq is allocated by an atomic increment of this row.
     last_seq = models.BigIntegerField(default=0)
+    # The change counter (SPEC 4.1): every edit, delete and reaction takes the next value, allocated
+    # like last_seq, in the relational transaction that writes the change.
+    last_change = models.BigIntegerField(default=0)
     last_activity_at = models.DateTimeField(auto_now_add=True, db_index=True)
     # "<smaller user id>:<larger user id>" for direct conversations; the unique index is what makes
     # a direct conversation unique per pair even when both people create it at the same moment.
@@ -124,6 +127,20 @@ class SqlMessage(models.Model):
         constraints = [models.UniqueConstraint(fields=["conversation_id", "seq"], name="sqlmessage_conversation_seq")]
 
 
+class SqlChange(models.Model):
+    """The change log of the `sql` message store (chat.store.Change)."""
+
+    conversation_id = models.UUIDField()
+    change = models.BigIntegerField()
+    kind = models.CharField(max_length=32)
+    seq = models.BigIntegerField()
+    at = models.DateTimeField()
+    data = models.JSONField(default=dict)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["conversation_id", "change"], name="sqlchange_conversation_change")]
+
+
 class IdempotencyKey(models.Model):
     """What a send with an idempotency key created, committed in the send's own transaction beside
     the seq it allocated (whatever the message store): a retry finds it and gets the same message;
@@ -143,4 +160,4 @@ class IdempotencyKey(models.Model):
 
 # The Cassandra tables (cqlengine models) must be attributes of this module: django-cassandra-engine's
 # `sync_cassandra` looks for them only in each app's models module.
-from chat.cassandra_models import CassandraConversationBucket, CassandraMessage  # noqa: F401,E402
+from chat.cassandra_models import CassandraChange, CassandraConversationBucket, CassandraMessage  # noqa: F401,E402

@@ -6,8 +6,10 @@ process whose publish failed for good) would leave the socket reading forever, s
 CHAT_MEMBERSHIP_RECHECK seconds one task per process re-runs the membership rule for all of the
 process's open sockets, BATCH_SIZE sockets per query (chat.access.allowed_participations), and
 closes with 4403 those that lost access. The same query reads each conversation's committed
-last_seq: a socket that is behind it (a publish was lost and no later message revealed the gap)
-reads the rest from the store, so a lost publish is delivered within the interval too.
+last_seq and last_change: a socket that is behind (a publish was lost and no later one revealed
+the gap) reads the rest from the store, so a lost publish is delivered within the interval too.
+What is watched is one socket's view of one conversation: the conversation socket itself, or one
+conversation of a user stream.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ BATCH_SIZE = 500  # participant ids per query (SQLite's limit on bound variables
 class Watched(Protocol):
     async def revoke(self) -> None: ...
 
-    def catch_up(self, last_seq: int) -> None:
-        """The conversation has committed up to last_seq: deliver what this socket lacks."""
+    def catch_up(self, last_seq: int, last_change: int) -> None:
+        """The conversation has committed up to these: deliver what this socket lacks."""
 
 
 # Open sockets of this process -> the participation each was authorized by.
@@ -76,5 +78,5 @@ async def recheck_once() -> int:
                 metrics.membership_recheck_closed.inc()
                 await socket.revoke()
             else:
-                socket.catch_up(allowed[participant_id])
+                socket.catch_up(*allowed[participant_id])
     return closed

@@ -1,5 +1,19 @@
+from urllib.parse import parse_qs
+
 from django.urls import path
 
-from chat.consumers import ChatConsumer
+from chat.consumers import ChatConsumer, UserStreamConsumer
 
-websocket_urlpatterns = [path("ws/chat/", ChatConsumer.as_asgi())]
+_conversation_socket = ChatConsumer.as_asgi()
+_user_stream = UserStreamConsumer.as_asgi()
+
+
+async def chat_socket(scope, receive, send):
+    """ws/chat/: the conversation socket with a conversation_id (even an empty or bad one, which
+    its handshake refuses), the user stream without."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin1"), keep_blank_values=True)
+    application = _conversation_socket if "conversation_id" in query else _user_stream
+    return await application(scope, receive, send)
+
+
+websocket_urlpatterns = [path("ws/chat/", chat_socket)]

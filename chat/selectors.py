@@ -15,14 +15,16 @@ on every path:
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 import orjson
 from django.conf import settings
 from django.db.models import F, OuterRef, QuerySet, Subquery
 
+from accounts.models import User
 from chat.access import allowed_participants
-from chat.models import Conversation
-from chat.store import HistoryPage, Message, StoreError, get_message_store, utf8_length
+from chat.models import Ban, Conversation
+from chat.store import Change, HistoryPage, Message, StoreError, get_message_store, utf8_length
 from core.errors import NotFound, StoreUnavailable
 
 
@@ -37,9 +39,36 @@ def conversation_list_for(*, user) -> QuerySet[Conversation]:
     )
 
 
-def conversation_last_seq(*, conversation_id: uuid.UUID) -> int:
-    """Where the conversation stands now: its committed counter (0 if it is gone)."""
-    return Conversation.objects.filter(pk=conversation_id).values_list("last_seq", flat=True).first() or 0
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """Where one of the user's conversations stands: what a user stream needs to carry it."""
+
+    participant_id: int
+    conversation_id: uuid.UUID
+    last_seq: int
+    last_change: int
+
+
+def stream_standings(*, user, conversation_ids: list[uuid.UUID] | None = None, limit: int | None = None) -> list[Standing]:
+    """The user's conversations under the membership rule (all, or those of `conversation_ids`),
+    most recently active first, at most `limit`: one query."""
+    rows = allowed_participants().filter(user_id=user.pk)
+    if conversation_ids is not None:
+        rows = rows.filter(conversation_id__in=list(conversation_ids))
+    rows = rows.order_by("-conversation__last_activity_at", "conversation_id").values_list(
+        "pk", "conversation_id", "conversation__last_seq", "conversation__last_change"
+    )
+    return [Standing(*row) for row in (rows[:limit] if limit is not None else rows)]
+
+
+def access_lost_reason(*, user, conversation_id: uuid.UUID) -> str:
+    """Why the user may no longer read the conversation, as conversation.left or a close says it:
+    "inactive" (the account), "banned", or "removed" (no longer a participant)."""
+    if not User.objects.filter(pk=user.pk, is_active=True).exists():
+        return "inactive"
+    if Ban.objects.filter(conversation_id=conversation_id, user_id=user.pk).exists():
+        return "banned"
+    return "removed"
 
 
 def message_history(
@@ -136,3 +165,71 @@ def message_of(*, conversation_id: uuid.UUID, seq: int, message_id: uuid.UUID) -
     except StoreError as exc:
         raise StoreUnavailable() from exc
     return message if message is not None and message.message_id == message_id else None
+
+
+# --- the change log (SPEC 4.1) ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ChangePage:
+    # Each change with the message it names as it is now (inline), for the kinds that show it
+    # (`updated`); None for the others.
+    changes: list[tuple[Change, Message | None]]
+    has_more: bool
+
+
+def change_range(
+    *, conversation_id: uuid.UUID, after_change: int, before_change: int, limit: int, max_bytes: int | None = None
+) -> ChangePage:
+    """The changes strictly between two numbers, ascending, for a caller that holds a committed
+    upper bound (the conversation's last_change as it read it, or a change that was published:
+    publishes happen after commit). Bounded in bytes like a history page (the edited messages
+    travel with their changes); never empty while there is one."""
+    max_bytes = settings.CHAT_MAX_PAGE_BYTES if max_bytes is None else max_bytes
+    store = get_message_store()
+    try:
+        changes = store.changes(conversation_id, after_change=after_change, before_change=before_change, limit=limit)
+        kept: list[tuple[Change, Message | None]] = []
+        size = 0
+        for change in changes:
+            message = None
+            if change.kind == "updated":
+                message = store.get(conversation_id, change.seq)
+                message = message.inline() if message is not None else None
+            cost = _MESSAGE_ENVELOPE_BYTES + (_wire_bytes(message) if message is not None else 0)
+            if kept and size + cost > max_bytes:
+                return ChangePage(kept, has_more=True)
+            kept.append((change, message))
+            size += cost
+    except StoreError as exc:
+        raise StoreUnavailable() from exc
+    return ChangePage(kept, has_more=len(changes) == limit and (not kept or kept[-1][0].change < before_change - 1))
+
+
+def change_history(*, conversation: Conversation, after_change: int = 0, limit: int = 50) -> ChangePage:
+    """GET conversations/{id}/changes/: the changes after a cursor, ascending, never past the
+    committed last_change (`conversation` read from the database for this request)."""
+    upper = conversation.last_change + 1
+    if after_change + 1 >= upper:
+        return ChangePage([], has_more=False)
+    return change_range(conversation_id=conversation.id, after_change=after_change, before_change=upper, limit=limit)
+
+
+def change_frame(conversation_id: uuid.UUID, change: Change, message: Message | None) -> dict:
+    """A change as the socket event and frame that announce it (SPEC section 5)."""
+    frame: dict = {"type": f"message.{change.kind}" if change.kind in ("updated", "deleted") else change.kind}
+    frame["conversation_id"] = str(conversation_id)
+    if change.kind == "updated" and message is not None:
+        frame["message"] = message.as_dict()
+    else:
+        frame.update(change.data)
+        frame["seq"] = change.seq
+    frame["change"] = change.change
+    return frame
+
+
+def change_entry(change: Change, message: Message | None) -> dict:
+    """A change as GET conversations/{id}/changes/ lists it."""
+    entry = change.as_dict()
+    if message is not None:
+        entry["message"] = message.as_dict()
+    return entry

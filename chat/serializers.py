@@ -5,6 +5,7 @@ from rest_framework import serializers
 from chat.models import Conversation, Participant, Report
 from chat.services.moderation import MAX_REPORT_REASON_LENGTH
 from chat.services.send import MESSAGE_TYPES
+from chat.store import CHANGE_KINDS
 
 
 class ConversationCreateInput(serializers.Serializer):
@@ -20,7 +21,7 @@ class ConversationUpdateInput(serializers.Serializer):
 class ConversationOutput(serializers.ModelSerializer):
     class Meta:
         model = Conversation
-        fields = ["id", "kind", "title", "created_by", "created_at", "last_seq", "last_activity_at"]
+        fields = ["id", "kind", "title", "created_by", "created_at", "last_seq", "last_change", "last_activity_at"]
 
 
 class ConversationListOutput(ConversationOutput):
@@ -104,4 +105,30 @@ class HistoryQuery(serializers.Serializer):
 
 class HistoryOutput(serializers.Serializer):
     results = MessageOutput(many=True)
+    has_more = serializers.BooleanField()
+
+
+class MessageChangeOutput(MessageOutput):
+    change = serializers.IntegerField(
+        allow_null=True, help_text="The change number this edit or delete took; null when it changed nothing."
+    )
+
+
+class ChangesQuery(serializers.Serializer):
+    after_change = serializers.IntegerField(min_value=0, max_value=2**63 - 2, default=0)
+    limit = serializers.IntegerField(min_value=1, max_value=200, default=50)
+
+
+class ChangeEntryOutput(serializers.Serializer):
+    change = serializers.IntegerField()
+    kind = serializers.ChoiceField(choices=CHANGE_KINDS)
+    seq = serializers.IntegerField()
+    at = serializers.DateTimeField()
+    message = MessageOutput(required=False, help_text="updated: the message as it is now.")
+    emoji = serializers.CharField(required=False, help_text="reactions: the emoji.")
+    user_id = serializers.UUIDField(required=False, help_text="reactions: who reacted.")
+
+
+class ChangesOutput(serializers.Serializer):
+    results = ChangeEntryOutput(many=True)
     has_more = serializers.BooleanField()

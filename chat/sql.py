@@ -36,7 +36,8 @@ def _allowed_participation_sql(vendor: str) -> str:
     p_conversation, p_user = _column(Participant, "conversation"), _column(Participant, "user")
     b_conversation, b_user = _column(Ban, "conversation"), _column(Ban, "user")
     return (
-        f"SELECT p.{_column(Participant, 'id')}, c.{_column(Conversation, 'last_seq')} FROM {_table(Participant)} p "
+        f"SELECT p.{_column(Participant, 'id')}, c.{_column(Conversation, 'last_seq')}, "
+        f"c.{_column(Conversation, 'last_change')} FROM {_table(Participant)} p "
         f"JOIN {_table(user)} u ON u.{_column(user, 'id')} = p.{p_user} "
         f"JOIN {_table(Conversation)} c ON c.{_column(Conversation, 'id')} = p.{p_conversation} "
         f"WHERE p.{p_conversation} = %s AND p.{p_user} = %s AND u.{_column(user, 'is_active')} = %s "
@@ -45,10 +46,10 @@ def _allowed_participation_sql(vendor: str) -> str:
     )
 
 
-def allowed_participation(user_id: uuid.UUID, conversation_id: uuid.UUID) -> tuple[int, int] | None:
+def allowed_participation(user_id: uuid.UUID, conversation_id: uuid.UUID) -> tuple[int, int, int] | None:
     """The membership rule (chat.access) in one statement: (the caller's participation id, the
-    conversation's committed last_seq) when the account is active, a participant and not banned
-    from it; None otherwise."""
+    conversation's committed last_seq and last_change) when the account is active, a participant
+    and not banned from it; None otherwise."""
     user = get_user_model()
     params = [
         _value(Conversation, "id", conversation_id),
@@ -58,7 +59,7 @@ def allowed_participation(user_id: uuid.UUID, conversation_id: uuid.UUID) -> tup
     with connection.cursor() as cursor:
         cursor.execute(_allowed_participation_sql(connection.vendor), params)
         row = cursor.fetchone()
-    return (row[0], row[1]) if row else None
+    return (row[0], row[1], row[2]) if row else None
 
 
 @cache
@@ -128,3 +129,20 @@ def idempotency_record_id(sender_id: uuid.UUID, key: str) -> int | None:
         cursor.execute(_idempotency_record_id_sql(connection.vendor), params)
         row = cursor.fetchone()
     return row[0] if row else None
+
+
+@cache
+def _allocate_change_sql(vendor: str) -> str:
+    last_change = _column(Conversation, "last_change")
+    return (
+        f"UPDATE {_table(Conversation)} SET {last_change} = {last_change} + 1 "
+        f"WHERE {_column(Conversation, 'id')} = %s RETURNING {last_change}"
+    )
+
+
+def allocate_change(conversation_id: uuid.UUID) -> int:
+    """Take the conversation's next change number, as allocate_seq takes a seq: the caller's
+    transaction holds the conversation's row until commit, so changes are written in their order."""
+    with connection.cursor() as cursor:
+        cursor.execute(_allocate_change_sql(connection.vendor), [_value(Conversation, "id", conversation_id)])
+        return cursor.fetchone()[0]

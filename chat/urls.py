@@ -16,6 +16,7 @@ urlpatterns = [
         name="participant-detail",
     ),
     path("conversations/<uuid:conversation_id>/read/", views.ReadMarkerView.as_view(), name="read-marker"),
+    path("conversations/<uuid:conversation_id>/changes/", views.ChangeListView.as_view(), name="change-list"),
     path("conversations/<uuid:conversation_id>/messages/", views.MessageHistoryView.as_view(), name="message-history"),
     path(
         "conversations/<uuid:conversation_id>/messages/<int:seq>/",

@@ -13,12 +13,15 @@ from chat.services.send import SendRequest, message_send
 from chat.access import allowed_participants
 from chat.permissions import IsConversationParticipant
 from chat.serializers import (
+    ChangesOutput,
+    ChangesQuery,
     ConversationCreateInput,
     ConversationListOutput,
     ConversationOutput,
     ConversationUpdateInput,
     HistoryOutput,
     HistoryQuery,
+    MessageChangeOutput,
     MessageEditInput,
     MessageOutput,
     MessageReportInput,
@@ -178,11 +181,11 @@ class MessageDetailView(APIView):
         conversation, _ = request.conversation_access
         return Response(selectors.message_at(conversation=conversation, seq=seq).as_dict())
 
-    @extend_schema(request=MessageEditInput, responses=MessageOutput)
+    @extend_schema(request=MessageEditInput, responses=MessageChangeOutput)
     def patch(self, request, conversation_id, seq):
         """Edit your own message: new content (same limits as a send of its type), edited_at set;
         message_type, is_encrypted and metadata stay. Connected clients get message.updated.
-        A deleted message cannot be edited (400)."""
+        A deleted message cannot be edited (400). The answer carries the change number it took."""
         data = MessageEditInput(data=request.data)
         data.is_valid(raise_exception=True)
         message = moderation.message_edit(
@@ -190,13 +193,31 @@ class MessageDetailView(APIView):
         )
         return Response(message.as_dict())
 
-    @extend_schema(responses=MessageOutput)
+    @extend_schema(responses=MessageChangeOutput)
     def delete(self, request, conversation_id, seq):
         """Delete a message (its sender, the conversation's owner or admins, staff moderators). It
         stays as a tombstone: deleted=true, content and metadata removed; the tombstone is returned.
-        Connected clients get message.deleted."""
+        Connected clients get message.deleted. `change` is the change number the delete took (null
+        when the message was already deleted)."""
         message = moderation.message_delete(actor=request.user, conversation_id=conversation_id, seq=seq)
         return Response(message.as_dict())
+
+
+class ChangeListView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(parameters=[ChangesQuery], responses=ChangesOutput)
+    def get(self, request, conversation_id):
+        """The conversation's changes (edits, deletes, reactions) after `after_change`, ascending
+        by change number: how a client that was away learns what changed. `updated` entries carry
+        the message as it is now; has_more says whether more follow."""
+        query = ChangesQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        conversation, _ = request.conversation_access
+        page = selectors.change_history(conversation=conversation, **query.validated_data)
+        return Response(
+            {"results": [selectors.change_entry(change, message) for change, message in page.changes], "has_more": page.has_more}
+        )
 
 
 class MessageReportView(APIView):

@@ -258,6 +258,12 @@ CHAT_MAX_PENDING_HANDSHAKES = env_int("CHAT_MAX_PENDING_HANDSHAKES", 64, minimum
 CHAT_ALLOW_REGISTRATION = env_bool("CHAT_ALLOW_REGISTRATION", True)
 CHAT_PUSH_BACKEND = env_str("CHAT_PUSH_BACKEND", "log", choices=("log", "webhook", "webpush"))
 CHAT_MAX_REPLAY = env_int("CHAT_MAX_REPLAY", 1000, minimum=0)
+# The user stream (SPEC section 5): a resume frame names at most this many conversations, and a
+# stream carries at most CHAT_STREAM_MAX_CONVERSATIONS of the user's conversations live (the most
+# recently active at the handshake; `ready` says `truncated` and the rest are read over REST), so a
+# user in thousands of conversations cannot make a handshake slow or a ready frame huge.
+CHAT_MAX_RESUME_CONVERSATIONS = env_int("CHAT_MAX_RESUME_CONVERSATIONS", 1000, minimum=1)
+CHAT_STREAM_MAX_CONVERSATIONS = env_int("CHAT_STREAM_MAX_CONVERSATIONS", 500, minimum=1)
 # Unread bytes a client may leave on the server before it is closed with 4008. Above the largest
 # frame (a 10 MiB message) so a healthy client on a slow link is not cut off by one big message.
 CHAT_MAX_OUTBOUND_BYTES = env_int("CHAT_MAX_OUTBOUND_BYTES", 16 * 1024 * 1024, minimum=1)

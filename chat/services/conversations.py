@@ -2,6 +2,7 @@
 revocation that follows every loss of access, whatever path caused it."""
 from __future__ import annotations
 
+import json
 import uuid
 
 from django.conf import settings
@@ -44,6 +45,7 @@ def conversation_create(
                         Participant(conversation=conversation, user=others[0], role=Participant.Role.MEMBER),
                     ]
                 )
+                _announce_joined(conversation, [creator.pk, others[0].pk])
         except IntegrityError:
             # The other person created the same pair at the same moment.
             return Conversation.objects.get(direct_key=direct_key), False
@@ -55,10 +57,11 @@ def conversation_create(
         )
     with transaction.atomic():
         conversation = Conversation.objects.create(kind=kind, title=title, created_by=creator)
-        Participant.objects.bulk_create(
+        participants = Participant.objects.bulk_create(
             [Participant(conversation=conversation, user=creator, role=Participant.Role.OWNER)]
             + [Participant(conversation=conversation, user=user, role=Participant.Role.MEMBER) for user in others]
         )
+        _announce_joined(conversation, [participant.user_id for participant in participants])
     return conversation, True
 
 
@@ -70,6 +73,7 @@ def conversation_update(*, actor: User, conversation_id: object, title: str) -> 
         raise ValidationFailed({"title": ["Direct conversations have no title."]})
     conversation.title = title
     conversation.save(update_fields=["title"])
+    events.conversation_updated(conversation_object(conversation))
     return conversation
 
 
@@ -120,6 +124,8 @@ def participant_remove(*, actor: User, conversation_id: object, user_id: uuid.UU
         )
         if not allowed:
             raise NotAllowed("You may not remove this participant.")
+    # Read by leave_on_participant_delete: the user's streams say why the conversation left them.
+    target.leave_reason = "left" if target.pk == actor_participant.pk else "removed"
     with transaction.atomic():
         target.delete()  # closes the removed user's sockets: see revoke_on_participant_delete
         if target.role == Participant.Role.OWNER:
@@ -145,6 +151,31 @@ def ban_create(*, actor: User | None, conversation: Conversation, user: User, re
     return ban
 
 
+def conversation_object(conversation: Conversation) -> dict:
+    """The conversation as REST shows it (GET conversations/{id}/), as plain JSON values: what
+    conversation.joined and conversation.updated carry."""
+    from rest_framework.renderers import JSONRenderer
+
+    from chat.serializers import ConversationOutput  # the serializers import the services
+
+    return json.loads(JSONRenderer().render(ConversationOutput(conversation).data))
+
+
+def _standing(conversation_id: uuid.UUID) -> tuple[int, int]:
+    """The conversation's (last_seq, last_change), read under its row lock in the caller's
+    transaction: a send or change commits wholly before or wholly after the membership change."""
+    with transaction.atomic():
+        row = Conversation.objects.select_for_update().filter(pk=conversation_id).values_list("last_seq", "last_change").first()
+    return row or (0, 0)
+
+
+def _announce_joined(conversation: Conversation, user_ids: list[uuid.UUID]) -> None:
+    last_seq, last_change = _standing(conversation.id)
+    shape = conversation_object(conversation)
+    for user_id in user_ids:
+        events.conversation_joined(user_id, shape, last_seq, last_change)
+
+
 # Access is revoked by model signals rather than by each service, so every path that removes a
 # participant or bans someone (services, the admin's inline and forms, cascades from a deleted
 # user or conversation) closes the affected sockets, once the change is committed.
@@ -154,6 +185,33 @@ def revoke_on_participant_delete(sender, instance: Participant, **kwargs) -> Non
 
 def revoke_on_ban_save(sender, instance: Ban, **kwargs) -> None:
     events.membership_revoked(instance.conversation_id, instance.user_id)
+
+
+# And the same signals tell the person's user streams (conversation.joined / conversation.left), so
+# the admin, cascades and services all announce membership the same way. A bulk_create sends no
+# signal: conversation_create announces its participants itself.
+def join_on_participant_save(sender, instance: Participant, created: bool, **kwargs) -> None:
+    if created:
+        _announce_joined(instance.conversation, [instance.user_id])
+
+
+def leave_on_participant_delete(sender, instance: Participant, **kwargs) -> None:
+    last_seq, last_change = _standing(instance.conversation_id)
+    reason = getattr(instance, "leave_reason", "removed")
+    events.conversation_left(instance.user_id, instance.conversation_id, reason, last_seq, last_change)
+
+
+def leave_on_ban_save(sender, instance: Ban, created: bool, **kwargs) -> None:
+    if created and Participant.objects.filter(conversation_id=instance.conversation_id, user_id=instance.user_id).exists():
+        last_seq, last_change = _standing(instance.conversation_id)
+        events.conversation_left(instance.user_id, instance.conversation_id, "banned", last_seq, last_change)
+
+
+def join_on_ban_delete(sender, instance: Ban, **kwargs) -> None:
+    """A lifted ban gives a participant their access back."""
+    participant = Participant.objects.filter(conversation_id=instance.conversation_id, user_id=instance.user_id).first()
+    if participant is not None:
+        _announce_joined(participant.conversation, [participant.user_id])
 
 
 def revoke_on_credentials_revoked(sender, user_id: uuid.UUID, **kwargs) -> None:

@@ -4,6 +4,8 @@ write path, so no caller can skip them; every moderation action lands in the adm
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
 from django.db import IntegrityError, transaction
@@ -14,6 +16,7 @@ from chat import events
 from chat.access import access_conversation
 from chat.models import Ban, Conversation, Report
 from chat.selectors import message_at
+from chat.services.changes import change_record
 from chat.services.conversations import ban_create
 from chat.services.send import check_message_input, now_ms
 from chat.store import Message, StoreError, get_message_store
@@ -26,6 +29,18 @@ MAX_REPORT_REASON_LENGTH = 1000
 MODERATE_MESSAGES_PERMISSION = "chat.change_conversation"
 HANDLE_REPORTS_PERMISSION = "chat.change_report"
 BAN_PERMISSION = "chat.add_ban"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageChange:
+    """A message as an edit or delete left it, and the change number it took (None: it changed
+    nothing, e.g. a tombstone deleted again)."""
+
+    message: Message
+    change: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.message.as_dict(), "change": self.change}
 
 
 def can_moderate(user: User, permission: str) -> bool:
@@ -53,7 +68,7 @@ def _username(user_id: uuid.UUID) -> str:
     return User.objects.filter(pk=user_id).values_list("username", flat=True).first() or str(user_id)
 
 
-def message_edit(*, editor: User, conversation_id: object, seq: object, content: object) -> Message:
+def message_edit(*, editor: User, conversation_id: object, seq: object, content: object) -> MessageChange:
     """Replace the content of your own message and stamp edited_at; emits message.updated.
 
     message_type, is_encrypted and metadata stay: an edit corrects what was said, it does not turn
@@ -71,31 +86,44 @@ def message_edit(*, editor: User, conversation_id: object, seq: object, content:
         metadata=message.metadata,
     )
     try:
-        edited = get_message_store().edit(conversation.id, message.seq, body.content, now_ms())
+        with transaction.atomic():
+            # The change number first: it locks the conversation's row, so the changes of one
+            # conversation are written one at a time, in their order.
+            change = change_record(conversation_id=conversation.id, seq=message.seq, kind="updated")
+            edited = get_message_store().edit(conversation.id, message.seq, body.content, now_ms())
+            if edited is None:
+                raise NotFound("No such message.")
+            if edited.deleted:
+                # Deleted between the read and the edit; the store kept the tombstone, and the
+                # rollback gives the change number back.
+                raise _message_was_deleted()
+            events.message_updated(edited, change.change)
     except StoreError as exc:
         raise StoreUnavailable() from exc
-    if edited is None:
-        raise NotFound("No such message.")
-    if edited.deleted:
-        raise _message_was_deleted()  # deleted between the read and the edit; the store kept the tombstone
-    events.message_updated(edited)
-    return edited
+    return MessageChange(edited, change.change)
 
 
-def _tombstone(conversation: Conversation, message: Message) -> Message:
-    """Delete the message's content in the store and announce it (once: a tombstone stays one)."""
+def _tombstone(conversation: Conversation, message: Message) -> MessageChange:
+    """Delete the message's content in the store and announce it, with the change number it takes
+    (once: a tombstone stays one, and deleting it again takes no number)."""
     try:
-        tombstone = get_message_store().tombstone(conversation.id, message.seq)
+        with transaction.atomic():
+            change = change_record(conversation_id=conversation.id, seq=message.seq, kind="deleted")
+            # Read again under the conversation's lock: a concurrent delete may have won.
+            current = get_message_store().get(conversation.id, message.seq)
+            if current is None:
+                raise NotFound("No such message.")
+            if current.deleted:
+                transaction.set_rollback(True)  # nothing changed: give the number back
+                return MessageChange(current, None)
+            tombstone = get_message_store().tombstone(conversation.id, message.seq)
+            events.message_deleted(conversation.id, message.seq, change.change)
     except StoreError as exc:
         raise StoreUnavailable() from exc
-    if tombstone is None:
-        raise NotFound("No such message.")
-    if not message.deleted:
-        events.message_deleted(conversation.id, message.seq)
-    return tombstone
+    return MessageChange(tombstone, change.change)
 
 
-def message_delete(*, actor: User, conversation_id: object, seq: object) -> Message:
+def message_delete(*, actor: User, conversation_id: object, seq: object) -> MessageChange:
     """Delete a message over the API, leaving a tombstone; emits message.deleted.
 
     Allowed to its sender, the conversation's owner and admins, and staff moderators who are
@@ -106,8 +134,8 @@ def message_delete(*, actor: User, conversation_id: object, seq: object) -> Mess
     own = message.sender_id == actor.pk
     if not (own or participant.can_manage or can_moderate(actor, MODERATE_MESSAGES_PERMISSION)):
         raise NotAllowed("Only the sender, the conversation's owner or admins, or a moderator may delete it.")
-    tombstone = _tombstone(conversation, message)
-    if not own and not message.deleted:
+    deleted = _tombstone(conversation, message)
+    if not own and deleted.change is not None:
         _admin_log(
             actor,
             conversation,
@@ -115,21 +143,21 @@ def message_delete(*, actor: User, conversation_id: object, seq: object) -> Mess
             f"Deleted message {message.seq} by {_username(message.sender_id)} over the API "
             f"(as conversation {participant.role}).",
         )
-    return tombstone
+    return deleted
 
 
-def message_moderate_delete(*, moderator: User, conversation: Conversation, seq: int) -> Message:
+def message_moderate_delete(*, moderator: User, conversation: Conversation, seq: int) -> MessageChange:
     """A moderator deletes a message of any conversation (the admin's message browser and report
     queue); emits message.deleted. The open reports about the message are resolved with it: what
     they reported is gone. Everything goes to the admin log."""
     _require_permission(moderator, MODERATE_MESSAGES_PERMISSION)
     message = message_at(conversation=conversation, seq=seq)
-    tombstone = _tombstone(conversation, message)
-    if not message.deleted:
+    deleted = _tombstone(conversation, message)
+    if deleted.change is not None:
         _admin_log(moderator, conversation, CHANGE, f"Deleted message {seq} by {_username(message.sender_id)}.")
     for report in Report.objects.filter(conversation=conversation, seq=seq, status=Report.Status.OPEN):
         _report_close(moderator, report, Report.Status.RESOLVED, f"Resolved: message {seq} deleted.")
-    return tombstone
+    return deleted
 
 
 def message_report(*, reporter: User, conversation_id: object, seq: object, reason: object) -> tuple[Report, bool]:
@@ -193,7 +221,7 @@ def report_dismiss(*, moderator: User, report: Report) -> bool:
     return _report_close(moderator, report, Report.Status.DISMISSED, "Dismissed.")
 
 
-def report_delete_message(*, moderator: User, report: Report) -> Message:
+def report_delete_message(*, moderator: User, report: Report) -> MessageChange:
     """Delete the reported message; this report and the others about it are resolved."""
     _require_permission(moderator, HANDLE_REPORTS_PERMISSION, MODERATE_MESSAGES_PERMISSION)
     return message_moderate_delete(moderator=moderator, conversation=report.conversation, seq=report.seq)

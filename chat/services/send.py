@@ -312,7 +312,7 @@ def _accept(request: SendRequest) -> _Accepted:
 
     started = time.perf_counter()
     try:
-        conversation_id, participant_id, _ = access_participation(user=sender, conversation_id=request.conversation_id)
+        conversation_id, participant_id, *_ = access_participation(user=sender, conversation_id=request.conversation_id)
     except AccessDenied:
         metrics.message_send_unauthorized.inc()
         raise

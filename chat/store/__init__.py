@@ -79,6 +79,35 @@ class HistoryPage:
     has_more: bool = False
 
 
+# What a change can be (SPEC 4.1): the kinds of the change log, and of the frames that carry them.
+CHANGE_KINDS = ("updated", "deleted", "reaction.added", "reaction.removed")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of a conversation's change log: the `change`-th edit, delete or reaction of it.
+
+    The log names the message (`seq`) and never copies its content: a deleted message's content
+    must be gone from everywhere, and readers take the message as it is now. `data` is what the
+    kind adds (a reaction's emoji and user_id); JSON-serializable."""
+
+    conversation_id: uuid.UUID
+    change: int
+    kind: str
+    seq: int
+    at: datetime
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.data,
+            "change": self.change,
+            "kind": self.kind,
+            "seq": self.seq,
+            "at": self.at.isoformat().replace("+00:00", "Z"),
+        }
+
+
 class MessageStore(abc.ABC):
     @abc.abstractmethod
     def insert(self, *messages: Message) -> None:
@@ -116,6 +145,18 @@ class MessageStore(abc.ABC):
         content: file names, sizes, links), deleted=True; id, seq, sender and times stay.
 
         Returns the tombstone (also when it already was one), or None for an unknown message."""
+
+    @abc.abstractmethod
+    def record_change(self, change: Change) -> None:
+        """Write a change log entry at its (conversation, change). An entry already there belongs to
+        a change whose relational transaction did not commit (no reader reads past the committed
+        last_change): the new one replaces it."""
+
+    @abc.abstractmethod
+    def changes(
+        self, conversation_id: uuid.UUID, *, after_change: int, before_change: int, limit: int = 50
+    ) -> list[Change]:
+        """The entries strictly between the two change numbers, ascending, at most `limit`."""
 
 
 @cache

@@ -26,7 +26,7 @@ from cassandra.query import UNSET_VALUE, PreparedStatement
 from django.conf import settings
 from django_cassandra_engine.connection import CassandraConnection
 
-from chat.store import HistoryPage, Message, MessageStore, StoreError
+from chat.store import Change, HistoryPage, Message, MessageStore, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class _Statements:
     buckets_descending: PreparedStatement
     edit: PreparedStatement
     tombstone: PreparedStatement
+    insert_change: PreparedStatement
+    changes_page: PreparedStatement
 
 
 class CassandraMessageStore(MessageStore):
@@ -189,6 +191,14 @@ class CassandraMessageStore(MessageStore):
                 f"UPDATE {by_conversation} SET content = '', metadata = '{{}}', deleted = true "
                 "WHERE conversation_id = ? AND bucket = ? AND seq = ? IF EXISTS",
                 lwt=True,
+            ),
+            insert_change=prepare(
+                "INSERT INTO {ks}.changes_by_conversation (conversation_id, bucket, change, kind, seq, at, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)"
+            ),
+            changes_page=prepare(
+                "SELECT change, kind, seq, at, data FROM {ks}.changes_by_conversation "
+                "WHERE conversation_id = ? AND bucket = ? AND change > ? AND change < ? ORDER BY change ASC LIMIT ?"
             ),
         )
 
@@ -311,3 +321,44 @@ class CassandraMessageStore(MessageStore):
         statements = self._prepared()
         self._execute(statements.tombstone, (conversation_id, seq // self._bucket_size, seq))
         return self.get(conversation_id, seq)
+
+    # --- the change log ----------------------------------------------------------------------------
+
+    def record_change(self, change: Change) -> None:
+        statements = self._prepared()
+        self._execute(
+            statements.insert_change,
+            (
+                change.conversation_id,
+                change.change // self._bucket_size,
+                change.change,
+                change.kind,
+                change.seq,
+                change.at,
+                json.dumps(change.data, separators=(",", ":"), ensure_ascii=False),
+            ),
+        )
+
+    def changes(
+        self, conversation_id: uuid.UUID, *, after_change: int, before_change: int, limit: int = 50
+    ) -> list[Change]:
+        statements = self._prepared()
+        found: list[Change] = []
+        low, high = max(after_change, 0), before_change
+        # Change numbers are dense: the buckets of the range are walked in order, no index needed.
+        bucket, last_bucket = (low + 1) // self._bucket_size, (high - 1) // self._bucket_size
+        while bucket <= last_bucket and len(found) < limit and high - low > 1:
+            rows = self._execute(statements.changes_page, (conversation_id, bucket, low, high, limit - len(found)))
+            found.extend(
+                Change(
+                    conversation_id=conversation_id,
+                    change=row["change"],
+                    kind=row["kind"],
+                    seq=row["seq"],
+                    at=_utc(row["at"]),
+                    data=json.loads(row["data"]),
+                )
+                for row in rows
+            )
+            bucket += 1
+        return found

@@ -5,8 +5,8 @@ import uuid
 
 from django.db import DatabaseError, transaction
 
-from chat.models import SqlMessage
-from chat.store import HistoryPage, Message, MessageStore, StoreError
+from chat.models import SqlChange, SqlMessage
+from chat.store import Change, HistoryPage, Message, MessageStore, StoreError
 
 
 def _to_message(row: SqlMessage) -> Message:
@@ -86,5 +86,29 @@ class SqlMessageStore(MessageStore):
                 content="", metadata={}, deleted=True
             )
             return self.get(conversation_id, seq)
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def record_change(self, change: Change) -> None:
+        try:
+            SqlChange.objects.update_or_create(
+                conversation_id=change.conversation_id,
+                change=change.change,
+                defaults={"kind": change.kind, "seq": change.seq, "at": change.at, "data": change.data},
+            )
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def changes(self, conversation_id, *, after_change, before_change, limit=50) -> list[Change]:
+        rows = SqlChange.objects.filter(
+            conversation_id=conversation_id, change__gt=after_change, change__lt=before_change
+        ).order_by("change")[:limit]
+        try:
+            return [
+                Change(
+                    conversation_id=row.conversation_id, change=row.change, kind=row.kind, seq=row.seq, at=row.at, data=row.data
+                )
+                for row in rows
+            ]
         except DatabaseError as exc:
             raise StoreError(str(exc)) from exc

@@ -212,6 +212,7 @@ class TestMessages:
     def test_member_sends_201(self, people, client_for, make_group, published):
         owner, member, _ = people
         conversation = make_group(owner, member)
+        published.clear()  # the group's conversation.joined events
         response = self.send(client_for(member), conversation, content="hello", metadata={"a": 1})
         assert response.status_code == 201
         assert set(response.data) == {

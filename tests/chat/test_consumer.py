@@ -11,7 +11,7 @@ from channels.testing import WebsocketCommunicator
 from chat import consumers, events
 
 from chat.fanout import get_fanout
-from chat.services import conversations, send as sending
+from chat.services import conversations, moderation, send as sending
 from chat.store import get_message_store
 from chatproject.asgi import application
 
@@ -25,10 +25,12 @@ def token_headers(user):
     return [(b"authorization", f"Token {key}".encode())]
 
 
-async def open_socket(user, conversation, *, after_seq=None, headers=None, origin=None):
+async def open_socket(user, conversation, *, after_seq=None, after_change=None, headers=None, origin=None):
     query = f"conversation_id={conversation.id if hasattr(conversation, 'id') else conversation}"
     if after_seq is not None:
         query += f"&after_seq={after_seq}"
+    if after_change is not None:
+        query += f"&after_change={after_change}"
     headers = headers if headers is not None else await database_sync_to_async(token_headers)(user)
     if origin:
         headers = headers + [(b"origin", origin.encode())]
@@ -91,6 +93,7 @@ class TestHandshake:
             "conversation_id": str(conversation.id),
             "user_id": str(bob.pk),
             "last_seq": 1,
+            "last_change": 0,
             "recovered": True,
         }
         assert await socket.receive_nothing(0.1)
@@ -212,6 +215,50 @@ class TestDelivery:
         await send_over_rest_path(alice, conversation, "live")
         assert [m["seq"] for m in await receive_messages(b, 1)] == [6]
         await b.disconnect()
+
+    async def test_changes_carry_their_number_live_and_resume_with_after_change(self, trio):
+        alice, bob, _, conversation = trio
+        for i in range(3):
+            await send_over_rest_path(alice, conversation, f"m{i}")
+        b, _ = await open_socket(bob, conversation)
+        assert (await receive(b))["last_change"] == 0
+        await database_sync_to_async(moderation.message_edit)(editor=alice, conversation_id=conversation.id, seq=1, content="M0")
+        await database_sync_to_async(moderation.message_delete)(actor=alice, conversation_id=conversation.id, seq=2)
+        updated, deleted = await receive(b), await receive(b)
+        assert (updated["type"], updated["change"], updated["message"]["content"]) == ("message.updated", 1, "M0")
+        assert deleted == {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 2, "change": 2}
+        await b.disconnect()
+        # Away: one more edit. Back with both cursors: the message and the changes it missed.
+        await database_sync_to_async(moderation.message_edit)(editor=alice, conversation_id=conversation.id, seq=3, content="M2")
+        b, _ = await open_socket(bob, conversation, after_seq=3, after_change=1)
+        ready = await receive(b)
+        assert (ready["last_seq"], ready["last_change"], ready["recovered"]) == (3, 3, True)
+        replayed = [await receive(b), await receive(b)]
+        assert [(f["type"], f["change"]) for f in replayed] == [("message.deleted", 2), ("message.updated", 3)]
+        assert replayed[1]["message"]["content"] == "M2"
+        assert await nothing_but_presence(b)
+        await b.disconnect()
+
+    async def test_a_change_of_a_message_not_yet_delivered_follows_that_message(self, trio, monkeypatch):
+        # The message's publish is lost; its edit arrives: the socket reads the message from the
+        # store (as edited) and lets it out first, then the change.
+        alice, bob, _, conversation = trio
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        monkeypatch.setattr(events, "message_new", lambda message: None)
+        await send_over_rest_path(alice, conversation, "typo")
+        monkeypatch.undo()
+        await database_sync_to_async(moderation.message_edit)(editor=alice, conversation_id=conversation.id, seq=1, content="fixed")
+        new, updated = await receive(b), await receive(b)
+        assert (new["type"], new["message"]["content"]) == ("message.new", "fixed")
+        assert (updated["type"], updated["change"]) == ("message.updated", 1)
+        await b.disconnect()
+
+    async def test_malformed_after_change_is_refused(self, trio):
+        _, bob, _, conversation = trio
+        for bad in ("-1", "x", "9" * 30):
+            _, connected = await open_socket(bob, conversation, after_change=bad)
+            assert not connected
 
     async def test_resume_from_the_future_is_not_recovered_and_goes_live(self, trio):
         alice, bob, _, conversation = trio

@@ -115,8 +115,14 @@ class TestEdit:
         assert (stored.content, stored.message_type, stored.metadata, stored.sent_at) == (
             "hello", "file", {"name": "a.txt"}, sent.sent_at
         )
-        assert stored.edited_at is not None and response.json() == stored.as_dict()
-        assert published == [{"type": "message.updated", "message": stored.as_dict()}]
+        assert stored.edited_at is not None and response.json() == {**stored.as_dict(), "change": 1}
+        assert published == [
+            {"type": "message.updated", "conversation_id": str(conversation.id), "message": stored.as_dict(), "change": 1}
+        ]
+        # The change is durable and numbered: the next one takes 2, and the log lists both.
+        assert client_for(bob).patch(message_url(conversation, 1), {"content": "hello!"}, format="json").json()["change"] == 2
+        conversation.refresh_from_db()
+        assert conversation.last_change == 2
 
     def test_edit_obeys_the_send_limits_of_the_messages_type(self, message_store, trio, client_for):
         _, bob, _, conversation = trio
@@ -164,8 +170,8 @@ class TestDelete:
         tombstone = message_store.get(conversation.id, 1)
         assert (tombstone.deleted, tombstone.content, tombstone.metadata) == (True, "", {})
         assert (tombstone.message_id, tombstone.sender_id) == (sent.message_id, bob.pk)
-        assert response.json() == tombstone.as_dict()
-        assert published == [{"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1}]
+        assert response.json() == {**tombstone.as_dict(), "change": 1}
+        assert published == [{"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1, "change": 1}]
         assert log_messages(conversation) == []  # not moderation: your own message
 
     def test_the_owner_deletes_a_members_message_and_it_is_logged(self, message_store, trio, client_for, published):
@@ -174,10 +180,14 @@ class TestDelete:
         assert client_for(alice).delete(message_url(conversation, 1)).status_code == 200
         assert message_store.get(conversation.id, 1).deleted
         assert log_messages(conversation) == ["Deleted message 1 by bob over the API (as conversation owner)."]
-        # Deleting a tombstone again changes nothing, announces nothing and logs nothing.
+        # Deleting a tombstone again changes nothing, announces nothing, logs nothing and takes no
+        # change number.
         published.clear()
-        assert client_for(alice).delete(message_url(conversation, 1)).status_code == 200
+        again = client_for(alice).delete(message_url(conversation, 1))
+        assert again.status_code == 200 and again.json()["change"] is None
         assert published == [] and len(log_messages(conversation)) == 1
+        conversation.refresh_from_db()
+        assert conversation.last_change == 1
 
     def test_a_member_may_not_delete_anothers_message(self, message_store, trio, client_for, published):
         alice, bob, carol, conversation = trio
@@ -302,7 +312,7 @@ class TestMessageBrowser:
         response = client.post(f"{browser_url(conversation)}2/delete/", {"next": page})
         assert response.status_code == 302 and response["Location"] == page
         assert message_store.get(conversation.id, 2).deleted and not message_store.get(conversation.id, 1).deleted
-        assert published == [{"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 2}]
+        assert published == [{"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 2, "change": 1}]
         assert log_messages(conversation) == ["Deleted message 2 by bob."]
         report.refresh_from_db()
         assert (report.status, report.handled_by) == ("resolved", moderator)
@@ -384,7 +394,9 @@ class TestReportQueue:
         client, _ = moderator_client
         assert self.act(client, "delete_message", reported).status_code == 302
         assert message_store.get(reported.conversation_id, 1).deleted
-        assert published == [{"type": "message.deleted", "conversation_id": str(reported.conversation_id), "seq": 1}]
+        assert published == [
+            {"type": "message.deleted", "conversation_id": str(reported.conversation_id), "seq": 1, "change": 1}
+        ]
         reported.refresh_from_db()
         assert reported.status == "resolved"
         assert log_messages(reported.conversation) == ["Deleted message 1 by bob."]
@@ -472,7 +484,7 @@ class TestLive:
         assert b"scam link" in queue.content
         post = database_sync_to_async(client.post)
         await post("/admin/chat/report/", {"action": "delete_message", "index": 0, "_selected_action": [report.pk]})
-        deleted = {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1}
+        deleted = {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1, "change": 1}
         assert await receive(bystander) == deleted
         assert await receive(offender) == deleted
         assert (await database_sync_to_async(message_store.get)(conversation.id, 1)).deleted
@@ -508,12 +520,13 @@ class TestLive:
         assert updated["message"] == {**message, "content": "fixed", "edited_at": updated["message"]["edited_at"]}
         assert updated["message"]["edited_at"] is not None
         await database_sync_to_async(client.post)(f"{browser_url(conversation)}1/delete/")
-        assert await receive(socket) == {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1}
+        assert await receive(socket) == {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1, "change": 2}
         await socket.disconnect()
 
     async def test_changes_to_a_message_not_yet_delivered_go_out_with_it(self, message_store, trio):
-        """An edit or delete that overtakes its message.new is folded into that message, so the
-        client never sees the old content nor a change to a message it does not have yet."""
+        """An edit or delete that overtakes its message.new is folded into that message, and its
+        change frame follows the message: the client never sees the old content nor a change to a
+        message it does not have yet, and still gets every change in change order."""
         alice, bob, _, conversation = trio
         template = (await database_sync_to_async(send)(bob, conversation, "m1", metadata={"k": "v"})).as_dict()
         socket, _ = await open_socket(alice, conversation)
@@ -523,10 +536,15 @@ class TestLive:
         # seqs 3 and 4 arrive before 2 and wait; 3's edit and 4's deletion arrive while they wait.
         await events._apublish_to(group, {"type": "message.new", "message": third})
         await events._apublish_to(group, {"type": "message.new", "message": fourth})
-        await events._apublish_to(group, {"type": "message.updated", "message": {**third, "content": "m3 edited"}})
-        await events._apublish_to(group, {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 4})
+        edited = {**third, "content": "m3 edited"}
+        await events._apublish_to(group, {"type": "message.updated", "conversation_id": str(conversation.id), "message": edited, "change": 1})
+        await events._apublish_to(group, {"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 4, "change": 2})
         await events._apublish_to(group, {"type": "message.new", "message": second})
-        delivered = await receive_messages(socket, 3)
+        frames = [await receive(socket) for _ in range(5)]
+        assert [(f["type"], f.get("change")) for f in frames] == [
+            ("message.new", None), ("message.new", None), ("message.updated", 1), ("message.new", None), ("message.deleted", 2)
+        ]
+        delivered = [f["message"] for f in frames if f["type"] == "message.new"]
         assert [(m["seq"], m["content"], m["metadata"], m["deleted"]) for m in delivered] == [
             (2, "m2", {"k": "v"}, False), (3, "m3 edited", {"k": "v"}, False), (4, "", {}, True)
         ]

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from chat.store import Message, MessageStore
+from chat.store import Change, Message, MessageStore
 
 pytestmark = pytest.mark.django_db
 
@@ -252,6 +252,58 @@ def test_edit_and_tombstone_of_unknown_messages_return_none_and_create_nothing(s
     assert store.get(conversation_id, 2) is None
     assert store.get(conversation_id, 3) is None
     assert seqs_of(store.history(conversation_id)) == [1]
+
+
+# --- the change log -------------------------------------------------------------------------------
+
+
+def make_change(conversation_id: uuid.UUID, change: int, **fields) -> Change:
+    values = {
+        "conversation_id": conversation_id,
+        "change": change,
+        "kind": "updated",
+        "seq": change * 2,
+        "at": _ms(datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=next(_sent))),
+    }
+    return Change(**(values | fields))
+
+
+def test_changes_round_trip_every_field_in_ascending_order_per_conversation(store):
+    conversation_id, other = uuid.uuid4(), uuid.uuid4()
+    written = [
+        make_change(conversation_id, 1, kind="updated"),
+        make_change(conversation_id, 2, kind="deleted"),
+        make_change(conversation_id, 3, kind="reaction.added", data={"emoji": "👍", "user_id": str(uuid.uuid4())}),
+    ]
+    for change in reversed(written):
+        store.record_change(change)
+    elsewhere = make_change(other, 1)
+    store.record_change(elsewhere)
+
+    assert store.changes(conversation_id, after_change=0, before_change=10) == written
+    assert store.changes(other, after_change=0, before_change=10) == [elsewhere]
+    assert store.changes(uuid.uuid4(), after_change=0, before_change=10) == []
+
+
+@pytest.mark.parametrize("limit", [1, 7, 50])
+def test_every_change_cursor_pair_pages_exactly_across_buckets(store, limit):
+    conversation_id = uuid.uuid4()
+    for number in range(1, 36):  # buckets of 10: crosses every kind of boundary
+        store.record_change(make_change(conversation_id, number))
+    for after, before in [(0, 36), (9, 11), (10, 21), (19, 40), (35, 36), (0, 1), (5, 6), (34, 100)]:
+        expected = [n for n in range(1, 36) if after < n < before][:limit]
+        got = [change.change for change in store.changes(conversation_id, after_change=after, before_change=before, limit=limit)]
+        assert got == expected, (after, before, limit)
+
+
+def test_a_change_recorded_again_at_its_number_replaces_the_uncommitted_one(store):
+    # A change whose relational transaction rolled back left its entry; the next change takes the
+    # same number (no reader reads past the committed last_change) and must win.
+    conversation_id = uuid.uuid4()
+    store.record_change(make_change(conversation_id, 1, kind="updated", seq=4))
+    replacement = make_change(conversation_id, 1, kind="deleted", seq=9)
+    store.record_change(replacement)
+    assert store.changes(conversation_id, after_change=0, before_change=2) == [replacement]
 
 
 # --- where the backends differ ---------------------------------------------------------------------

@@ -87,8 +87,11 @@ async def test_a_message_over_the_frame_cap_travels_without_its_content(server, 
             {"content": "z" * BIG}, conversation["alice"],
         )
         assert status == 200
+        change = edited.pop("change")
         for socket in (a, b):
-            assert await next_frame(socket) == {"type": "message.updated", "conversation_id": edited["conversation_id"], "message": omitted(edited)}
+            assert await next_frame(socket) == {
+                "type": "message.updated", "conversation_id": edited["conversation_id"], "message": omitted(edited), "change": change
+            }
 
         # Content over the inline limit sent on the socket: the ack carries the message without it.
         await b.send(json.dumps(
