@@ -125,7 +125,8 @@ class ChatSocket(AsyncWebsocketConsumer):
         self.subscribed: set[str] = set()
         # Events wait here; a drain task exists only while there are some, so an idle socket
         # holds no task (thousands of idle sockets per process).
-        self.inbox: deque[dict] = deque()
+        # (The deque itself exists only while it holds events: an empty one costs 0.7 KiB.)
+        self.inbox: deque[dict] | None = None
         self.inbox_task: asyncio.Task | None = None
         self.inbox_open = False  # until the handshake is done; and closed for good after a failure
         self.last_typing = 0.0
@@ -188,6 +189,8 @@ class ChatSocket(AsyncWebsocketConsumer):
     def feed(self, event: dict) -> None:
         """An event of one of this socket's groups, from the process's fan-out."""
         if self.inbox or self.inbox_task is not None or not self.inbox_open or not self._deliver_now(event):
+            if self.inbox is None:
+                self.inbox = deque()
             self.inbox.append(event)
             self._start_draining()
 
@@ -233,10 +236,12 @@ class ChatSocket(AsyncWebsocketConsumer):
                     # Counted and logged by the handler; the socket cannot be trusted to be in
                     # order any more: close it (the client resumes with after_seq, loses nothing).
                     self.inbox_open = False
-                    self.inbox.clear()
+                    self.inbox = None
                     await self.close(code=1011)
         finally:
             self.inbox_task = None
+            if not self.inbox:
+                self.inbox = None
 
     def _release_slot(self) -> None:
         if self.holds_slot:
@@ -287,7 +292,7 @@ class ChatSocket(AsyncWebsocketConsumer):
         self.backlog = 0
         await self._unsubscribe()
         self.inbox_open = False
-        self.inbox.clear()
+        self.inbox = None
         if self.inbox_task is not None and self.inbox_task is not asyncio.current_task():
             self.inbox_task.cancel()
         if self.counted:
@@ -555,6 +560,8 @@ class ChatConsumer(ChatSocket):
                     )
         except Exception:
             logger.warning("presence: join failed", exc_info=True)
+        finally:
+            self.presence_task = None  # a finished task kept would cost memory for the socket's life
     async def _presence_leave(self) -> None:
         if not self.presence_joined:
             return
@@ -596,14 +603,17 @@ class ChatConsumer(ChatSocket):
             self.delivery.catch_up(last_seq, last_change)
 
     async def _catch_up_after(self, delay: float) -> None:
-        await asyncio.sleep(delay)
         try:
-            standing = await in_thread(stream_standings)(user=self.user, conversation_ids=[self.conversation_id])
+            await asyncio.sleep(delay)
+            participation = await in_thread(access_participation)(user=self.user, conversation_id=self.conversation_id)
+        except AccessDenied:
+            return  # revoked meanwhile: the revocation's event or the periodic re-check closes the socket
         except Exception:
             logger.warning("websocket: catch-up read failed", exc_info=True)
             return
-        for found in standing:
-            self.catch_up(found.last_seq, found.last_change)
+        finally:
+            self.settle_task = None  # a finished task kept would cost memory for the socket's life
+        self.catch_up(participation.last_seq, participation.last_change)
 
     # --- inbound frames ------------------------------------------------------------------------
     def frame_handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:

@@ -80,23 +80,32 @@ class HandshakeAdmission:
             await receive()  # websocket.connect
             return await send({"type": "websocket.close"})
         self.pending += 1
-        done = False
-
-        def finished() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                self.pending -= 1
-
-        async def watched_send(message):
-            if message["type"] in ("websocket.accept", "websocket.close"):
-                finished()
-            await send(message)
-
+        admitted = _AdmittedSend(self, send)
         try:
-            return await self.inner(scope, receive, watched_send)
+            return await self.inner(scope, receive, admitted)
         finally:
-            finished()
+            admitted.handshake_over()
+
+
+class _AdmittedSend:
+    """The `send` of an admitted handshake: its slot frees at the accept or the refusal. (A small
+    object, not closures: it lives as long as the connection, and there are thousands.)"""
+
+    __slots__ = ("admission", "send")
+
+    def __init__(self, admission: HandshakeAdmission, send) -> None:
+        self.admission: HandshakeAdmission | None = admission
+        self.send = send
+
+    def handshake_over(self) -> None:
+        if self.admission is not None:
+            self.admission.pending -= 1
+            self.admission = None
+
+    async def __call__(self, message):
+        if self.admission is not None and message["type"] in ("websocket.accept", "websocket.close"):
+            self.handshake_over()
+        await self.send(message)
 
 
 def keep_server_send(inner):
