@@ -609,7 +609,8 @@ class _StreamedConversation:
 
     def catch_up(self, last_seq: int, last_change: int) -> None:
         feed = self.stream.feeds.get(self.conversation_id)
-        if feed is not None and not self.stream.closing:
+        # Not before the stream is live: a ?resume=1 stream's replay goes out first.
+        if feed is not None and self.stream.inbox_open and not self.stream.closing:
             feed.catch_up(last_seq, last_change)
 
 
@@ -826,8 +827,7 @@ class UserStreamConsumer(ChatSocket):
             return
         if event.get("last_seq") is not None:
             # Everything committed while the user was a member goes out first.
-            async with feed.busy:
-                await feed.catch_up_now(event["last_seq"], event["last_change"])
+            await feed.catch_up_now(event["last_seq"], event["last_change"])
         await self._close_feed(conversation_id)
         await self._send_json({"type": "conversation.left", "conversation_id": str(conversation_id), "reason": event["reason"]})
 

@@ -227,8 +227,10 @@ class ConversationFeed:
             self.catch_up_task = asyncio.create_task(self.catch_up_now(last_seq, last_change))
 
     async def catch_up_now(self, last_seq: int, last_change: int) -> None:
-        await self.messages.catch_up(last_seq)
-        await self.changes.catch_up(last_change)
+        # Not while a resume replays: what it reads would go out before the replayed past.
+        async with self.busy:
+            await self.messages.catch_up(last_seq)
+            await self.changes.catch_up(last_change)
 
     def close(self) -> None:
         self._deferred.clear()
