@@ -136,6 +136,14 @@ class ConversationFeed:
         return [change_frame(self.conversation_id, change, message) for change, message in page.changes]
 
     # --- events -----------------------------------------------------------------------------------
+    def missing(self, cursor: Cursor) -> int:
+        """How many messages and changes a resume from `cursor` would replay at most."""
+        return sum(
+            max(gate.next_seq - 1 - position, 0)
+            for gate, position in ((self.messages, cursor.seq), (self.changes, cursor.change))
+            if position is not None
+        )
+
     async def resume(self, cursor: Cursor, last_seq: int, last_change: int) -> bool:
         """A resume frame's cursor for this conversation (`last_seq`, `last_change`: committed, read
         for the resume): let out the messages after cursor.seq and the changes after cursor.change
