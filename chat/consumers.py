@@ -132,6 +132,7 @@ class ChatSocket(AsyncWebsocketConsumer):
     user = None
     holds_slot = False
     counted = False
+    accepted = False
     closing = False
     backlog = 0  # this connection's share of chat_client_send_channel_length
 
@@ -166,12 +167,9 @@ class ChatSocket(AsyncWebsocketConsumer):
                     self.subscribed.add(group)
         except Exception:
             logger.warning("websocket: channel layer unavailable, closing with %d", CLOSE_TRY_AGAIN_LATER, exc_info=True)
-            if self.counted:
-                await self._cleanup()
-                return False
-            await self._unsubscribe()
-            self._release_slot()
-            await self.accept()
+            await self._cleanup()
+            if not self.accepted:
+                await self.accept()
             await self._error("unavailable", "Realtime delivery is unavailable; reconnect and resume shortly.")
             await self.close(code=CLOSE_TRY_AGAIN_LATER)
             return False
@@ -179,6 +177,10 @@ class ChatSocket(AsyncWebsocketConsumer):
             metrics.websocket_connections.inc()
             self.counted = True
         return True
+
+    async def accept(self, subprotocol=None, headers=None) -> None:
+        self.accepted = True
+        await super().accept(subprotocol, headers)
 
     async def _unsubscribe_from(self, group: str) -> None:
         if group in self.subscribed:
