@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.run --out bench/results                  # full run, Cassandra + Redis
     .venv/bin/python -m bench.run --smoke --out /tmp/bench-smoke       # every scenario tiny, SQL store
-    options: --store sql|cassandra  --scenarios fanout,ramp,idle,persist  --no-baseline  --profile
+    options: --store sql|cassandra  --scenarios fanout,ramp,idle,persist,stream  --no-baseline  --profile
              --redis redis://127.0.0.1:6379/13  --gen-procs N  --service-env NAME=VALUE  --workers N
 
 The service runs as `make run` runs it: scripts/serve.py with --workers N daphne processes on one
@@ -36,6 +36,11 @@ Scenarios (same generator, same clients, against every target unless noted):
            connected): acked sends/s, ack latency; for the service through the whole send pipeline
            on the chosen store, with a read-back of every acked seq from the store, plus
            bench/store_persist.py's raw MessageStore.insert latency when that script is present.
+  stream   (service and raw relay) a team chat: every user on one device in many conversations
+           (full: 500 users, each in 20 conversations of 10; 100 msg/s = 1,000 deliveries/s for 20 s).
+           The service holds one user stream per user, the raw relay one socket per user and
+           conversation (all a client of it can do): server RSS per user, send->deliver latency,
+           gaps, duplicates, lost (bench/stream_gen.py).
 """
 from __future__ import annotations
 
@@ -70,6 +75,8 @@ FULL = {
     "persist": {"pairs": 20, "duration": 15, "store_count": 500},
     # after the idle window, on its connections: 20 msg/s for 3 s, restart, all reconnect, 3 s more
     "storm": {"rate": 20, "lead": 3, "after": 3, "timeout": 120, "drain": 15},
+    # a team chat: 500 people, each on one device in 20 conversations of 10 (1,000 conversations)
+    "stream": {"users": 500, "per_user": 20, "size": 10, "rate": 100, "duration": 20, "settle": 3},
     "profile_seconds": 20,
     "profile_rate": 40,
 }
@@ -79,6 +86,7 @@ SMOKE = {
     "idle": {"groups": 4, "size": 10, "window": 2, "settle": 1},
     "persist": {"pairs": 4, "duration": 2, "store_count": 0},
     "storm": {"rate": 10, "lead": 1, "after": 1, "timeout": 60, "drain": 10},
+    "stream": {"users": 20, "per_user": 4, "size": 5, "rate": 10, "duration": 2, "settle": 1},
     "profile_seconds": 3,
     "profile_rate": 20,
 }
@@ -417,8 +425,11 @@ class Bench:
         size = self.scale["idle"]["size"]
         fixture = self.work / "fixture.json"
         log(f"seeding {groups} groups of {size} + {self.scale['persist']['pairs']} pairs")
+        stream = self.scale["stream"] if "stream" in self.args.scenarios.split(",") else {"users": 0, "per_user": 0, "size": 1}
         subprocess.run([PY, "-m", "bench.seed", "--groups", str(groups), "--size", str(size), "--pairs",
-                        str(self.scale["persist"]["pairs"]), "--out", str(fixture)], cwd=ROOT, env=env, check=True)
+                        str(self.scale["persist"]["pairs"]), "--stream-users", str(stream["users"]),
+                        "--stream-per-user", str(stream["per_user"]), "--stream-size", str(stream["size"]),
+                        "--out", str(fixture)], cwd=ROOT, env=env, check=True)
         self.fixture = json.loads(fixture.read_text())
 
     def clients(self, groups: int, baseline: bool) -> list[list[str]]:
@@ -608,6 +619,55 @@ class Bench:
         if n != len(clients) - 1 or answer.get("closed"):
             self.failures.append(f"idle/{which}: {n}/{len(clients) - 1} connected, {answer.get('closed')} closed")
         log(f"{which} idle: {result['rss_per_connection_kib']} KiB/connection, {result['idle_cpu_cores']} cores")
+        return result
+
+    def stream(self, which: str, make_server) -> dict:
+        """Every user on one device in many conversations: the service with one user stream per
+        user, the raw relay with what its clients must hold instead, one socket per user and
+        conversation. Server memory per user (RSS growth from connecting them all, over their
+        count) and send->deliver latency at an open-loop rate, with the usual gap/dup/lost checks."""
+        s = self.scale["stream"]
+        fixture = self.fixture["stream"]
+        conversations = fixture["conversations"]
+        if which != "ours":  # fresh ids: the relay's seq counters start at 0 for each run
+            conversations = [[str(uuid.uuid4()), members] for _, members in conversations]
+        mode = "stream" if which == "ours" else "sockets"
+        config = self.work / f"stream-{which}.json"
+        with make_server().start() as server:
+            time.sleep(s["settle"])
+            rss_before = Usage(server.procs).rss()
+            config.write_text(json.dumps({"url": server.url, "mode": mode, "users": fixture["users"],
+                                          "conversations": conversations}))
+            gen = subprocess.Popen([PY, "-m", "bench.stream_gen", str(config)], cwd=ROOT, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True, bufsize=1)
+            gens = Generators.__new__(Generators)  # its command plumbing, over this one process
+            gens.procs, gens.ps, gens.client_count = [gen], [psutil.Process(gen.pid)], len(fixture["users"])
+            try:
+                connect = gens.command({"cmd": "connect"}, timeout=600)[0]
+                time.sleep(s["settle"])
+                rss_connected = Usage(server.procs).rss()
+                phase = self.next_phase()
+                with Usage(server.procs) as use:
+                    answer = gens.command({"cmd": "open", "phase": phase, "rate": s["rate"], "duration": s["duration"],
+                                           "drain": 30}, timeout=s["duration"] + 120)[0]
+            finally:
+                gens.close()
+        users = connect["connected_users"]
+        result = {
+            "mode": mode, "users": users, "sockets": connect["sockets"], "connect_seconds": connect["seconds"],
+            "connect_failed": connect["failed"],
+            "conversations": len(conversations), "per_user": s["per_user"], "size": s["size"],
+            "rss_before_mib": round(rss_before / 2**20, 1), "rss_connected_mib": round(rss_connected / 2**20, 1),
+            "rss_per_user_kib": round((rss_connected - rss_before) / max(users, 1) / 1024, 1),
+            "offered_msgs_per_s": s["rate"], "server_cpu_cores": round(use.cores, 3),
+            **{k: answer[k] for k in ("sent", "acked", "expected_deliveries", "received", "gaps", "dups", "lost",
+                                      "errors", "latency")},
+        }
+        self.check(f"stream/{which}", {**answer, "drained": answer["lost"] == 0})
+        if users != len(fixture["users"]):
+            self.failures.append(f"stream/{which}: {users}/{len(fixture['users'])} users connected")
+        log(f"{which} stream: {result['rss_per_user_kib']} KiB/user over {connect['sockets']} sockets, "
+            f"p99 {answer['latency']['p99_ms']} ms, lost {answer['lost']}, gaps {answer['gaps']}, dups {answer['dups']}")
         return result
 
     def storm(self, which: str, server: Server, groups: list[Generators], total: int) -> dict:
@@ -1016,6 +1076,19 @@ def markdown(results: dict) -> str:
             if "baseline" in storm:
                 lines += ["The raw relay keeps nothing, so it cannot replay: it is timed only (its gaps/dups/lost are "
                           "not checked).", ""]
+    if "stream" in sc:
+        first = next((r for r in sc["stream"].values() if isinstance(r, dict) and "users" in r), {})
+        lines += ["## User stream: every user on one device in many conversations", "",
+                  f"{first.get('users')} users, each in {first.get('per_user')} conversations of {first.get('size')} "
+                  f"({first.get('conversations')} conversations), {first.get('offered_msgs_per_s')} msg/s offered. "
+                  "The service: one user stream per user; the raw relay: one socket per user and conversation.", ""]
+        lines += table(sc["stream"], [
+            ("sockets held", key("sockets")), ("connect all (s)", key("connect_seconds")),
+            ("server RSS per user (KiB)", key("rss_per_user_kib")),
+            ("latency p50 (ms)", lat("latency", "p50_ms")), ("latency p99 (ms)", lat("latency", "p99_ms")),
+            ("deliveries", key("received")), ("gaps / dups / lost", lambda r: f"{r.get('gaps')} / {r.get('dups')} / {r.get('lost')}"),
+            ("server CPU (cores)", key("server_cpu_cores")),
+        ])
     if "persist" in sc and isinstance(sc["persist"].get("durable"), dict):
         d = sc["persist"]["durable"]
         lines += ["## Closed-loop acked sends/s, durable relay (same senders)", "", "| metric | value |", "|---|---|",
@@ -1103,7 +1176,7 @@ def main() -> int:
                         help="message store of the service (default: cassandra, or sql with --smoke)")
     parser.add_argument("--keyspace", default="chat_bench", help="Cassandra keyspace (created if missing)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13", help="Redis for both servers (not db 0/14/15)")
-    parser.add_argument("--scenarios", default="fanout,ramp,idle,persist")
+    parser.add_argument("--scenarios", default="fanout,ramp,idle,persist,stream")
     parser.add_argument("--no-baseline", action="store_true", help="the service only (neither relay)")
     parser.add_argument("--workers", type=int, default=0,
                         help="daphne workers of the service (scripts/serve.py); default: the usable cores, "

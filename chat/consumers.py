@@ -47,6 +47,10 @@ SLOW_CLIENT_GRACE_SECONDS = 2.0
 SUBSCRIBE_SETTLE_SECONDS = 1.0
 # How long a user stream opened with ?resume=1 holds live events for the client's resume frame.
 RESUME_WAIT_SECONDS = 5.0
+# One resume frame replays at most this many times CHAT_MAX_REPLAY messages and changes in all
+# (each conversation at most CHAT_MAX_REPLAY): past it, conversations are not recovered (the
+# client pages REST), so one frame of 1,000 cursors cannot ask for a million replayed messages.
+RESUME_BUDGET_PER_FRAME = 10
 
 CLOSE_MEMBERSHIP_REVOKED = 4403
 CLOSE_TOO_SLOW = 4008
@@ -115,6 +119,7 @@ class ChatSocket(AsyncWebsocketConsumer):
     user = None
     holds_slot = False
     counted = False
+    accepted = False
     closing = False
     backlog = 0  # this connection's share of chat_client_send_channel_length
 
@@ -151,12 +156,9 @@ class ChatSocket(AsyncWebsocketConsumer):
                     self.subscribed.add(group)
         except Exception:
             logger.warning("websocket: channel layer unavailable, closing with %d", CLOSE_TRY_AGAIN_LATER, exc_info=True)
-            if self.counted:
-                await self._cleanup()
-                return False
-            await self._unsubscribe()
-            self._release_slot()
-            await self.accept()
+            await self._cleanup()
+            if not self.accepted:
+                await self.accept()
             await self._error("unavailable", "Realtime delivery is unavailable; reconnect and resume shortly.")
             await self.close(code=CLOSE_TRY_AGAIN_LATER)
             return False
@@ -164,6 +166,10 @@ class ChatSocket(AsyncWebsocketConsumer):
             metrics.websocket_connections.inc()
             self.counted = True
         return True
+
+    async def accept(self, subprotocol=None, headers=None) -> None:
+        self.accepted = True
+        await super().accept(subprotocol, headers)
 
     async def _unsubscribe_from(self, group: str) -> None:
         if group in self.subscribed:
@@ -637,7 +643,8 @@ class _StreamedConversation:
 
     def catch_up(self, last_seq: int, last_change: int) -> None:
         feed = self.stream.feeds.get(self.conversation_id)
-        if feed is not None and not self.stream.closing:
+        # Not before the stream is live: a ?resume=1 stream's replay goes out first.
+        if feed is not None and self.stream.inbox_open and not self.stream.closing:
             feed.catch_up(last_seq, last_change)
 
 
@@ -833,6 +840,18 @@ class UserStreamConsumer(ChatSocket):
         standings = await in_thread(stream_standings)(user=self.user, conversation_ids=[conversation_id])
         if not standings:
             return
+        frame = {
+            "type": "conversation.joined",
+            "conversation_id": event["conversation_id"],
+            "conversation": event["conversation"],
+            "last_seq": event["last_seq"],
+            "last_change": event["last_change"],
+        }
+        if len(self.feeds) >= settings.CHAT_STREAM_MAX_CONVERSATIONS:
+            # Anyone may add you to their groups: joins cannot grow a stream without bound either.
+            # The client is told, and reads this one over REST (or on a reconnect, if it is among
+            # the most recently active then).
+            return await self._send_json({**frame, "carried": False})
         if not await self._subscribe([events.conversation_group(conversation_id)]):
             return
         # From where the conversation stood at the join: what was sent since is in the store
@@ -840,15 +859,7 @@ class UserStreamConsumer(ChatSocket):
         self._open_feed(
             Standing(standings[0].participant_id, conversation_id, event["last_seq"], event["last_change"])
         )
-        await self._send_json(
-            {
-                "type": "conversation.joined",
-                "conversation_id": event["conversation_id"],
-                "conversation": event["conversation"],
-                "last_seq": event["last_seq"],
-                "last_change": event["last_change"],
-            }
-        )
+        await self._send_json(frame)
         self._spawn(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS, [conversation_id]))
 
     async def _left(self, event: dict) -> None:
@@ -858,8 +869,7 @@ class UserStreamConsumer(ChatSocket):
             return
         if event.get("last_seq") is not None:
             # Everything committed while the user was a member goes out first.
-            async with feed.busy:
-                await feed.catch_up_now(event["last_seq"], event["last_change"])
+            await feed.catch_up_now(event["last_seq"], event["last_change"])
         await self._close_feed(conversation_id)
         await self._send_json({"type": "conversation.left", "conversation_id": str(conversation_id), "reason": event["reason"]})
 
@@ -918,6 +928,7 @@ class UserStreamConsumer(ChatSocket):
             for standing in await in_thread(stream_standings)(user=self.user, conversation_ids=list(cursors))
         }
         outcome: dict[str, dict] = {}
+        budget = RESUME_BUDGET_PER_FRAME * settings.CHAT_MAX_REPLAY
         for conversation_id, cursor in cursors.items():
             standing, feed = standings.get(conversation_id), self.feeds.get(conversation_id)
             if standing is None:
@@ -927,7 +938,10 @@ class UserStreamConsumer(ChatSocket):
                 # The user's, but beyond what this stream carries (CHAT_STREAM_MAX_CONVERSATIONS).
                 outcome[str(conversation_id)] = {"recovered": False}
             else:
-                recovered = await feed.resume(cursor, standing.last_seq, standing.last_change)
+                missing = feed.missing(cursor)
+                recovered = missing <= budget and await feed.resume(cursor, standing.last_seq, standing.last_change)
+                if recovered:
+                    budget -= missing
                 outcome[str(conversation_id)] = {"recovered": recovered}
         await self._send_json({"type": "resumed", "conversations": outcome})
         self._go_live()

@@ -139,6 +139,14 @@ class ConversationFeed:
         return [change_frame(self.conversation_id, change, message) for change, message in page.changes]
 
     # --- events -----------------------------------------------------------------------------------
+    def missing(self, cursor: Cursor) -> int:
+        """How many messages and changes a resume from `cursor` would replay at most."""
+        return sum(
+            max(gate.next_seq - 1 - position, 0)
+            for gate, position in ((self.messages, cursor.seq), (self.changes, cursor.change))
+            if position is not None
+        )
+
     async def resume(self, cursor: Cursor, last_seq: int, last_change: int) -> bool:
         """A resume frame's cursor for this conversation (`last_seq`, `last_change`: committed, read
         for the resume): let out the messages after cursor.seq and the changes after cursor.change
@@ -247,8 +255,10 @@ class ConversationFeed:
             self.catch_up_task = asyncio.create_task(self.catch_up_now(last_seq, last_change))
 
     async def catch_up_now(self, last_seq: int, last_change: int) -> None:
-        await self.messages.catch_up(last_seq)
-        await self.changes.catch_up(last_change)
+        # Not while a resume replays: what it reads would go out before the replayed past.
+        async with self.busy:
+            await self.messages.catch_up(last_seq)
+            await self.changes.catch_up(last_change)
 
     def close(self) -> None:
         self._deferred = ()

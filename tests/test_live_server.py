@@ -173,7 +173,7 @@ def test_a_body_over_the_limit_is_refused_without_copies_in_memory(server, conve
 
 
 async def test_a_handshake_while_redis_is_unreachable_gets_unavailable_then_4013(tmp_path):
-    """The channel layer cannot subscribe the socket: it would miss live events, so it is told to
+    """The channel layer cannot subscribe the socket (a conversation socket or a user stream): it would miss live events, so it is told to
     come back (an error frame, then 4013: daphne's WebSocket layer refuses 1013 itself)."""
     # Nothing listens on port 1: the channel layer cannot subscribe anything.
     with running_server(tmp_path, REDIS_URL="redis://127.0.0.1:1/0") as live:
@@ -183,6 +183,13 @@ async def test_a_handshake_while_redis_is_unreachable_gets_unavailable_then_4013
         )
         assert status == 201
         async with connect(ws_url(live, created["id"]), additional_headers={"Authorization": f"Token {alice}"}) as socket:
+            frame = await next_frame(socket)
+            assert (frame["type"], frame["code"]) == ("error", "unavailable")
+            with pytest.raises(websockets.exceptions.ConnectionClosed):
+                await asyncio.wait_for(socket.recv(), 10)
+            assert socket.close_code == 4013
+        # The user stream alike.
+        async with connect(f"{live.ws}/ws/chat/", additional_headers={"Authorization": f"Token {alice}"}) as socket:
             frame = await next_frame(socket)
             assert (frame["type"], frame["code"]) == ("error", "unavailable")
             with pytest.raises(websockets.exceptions.ConnectionClosed):

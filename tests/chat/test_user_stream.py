@@ -206,6 +206,18 @@ class TestMembership:
         assert (left["type"], left["reason"]) == ("conversation.left", "removed")
         await b.disconnect()
 
+    async def test_joins_beyond_the_limit_are_announced_not_carried(self, team, settings, make_user):
+        alice, bob, carol, one, two = team
+        settings.CHAT_STREAM_MAX_CONVERSATIONS = 2
+        b, ready = await open_stream(bob)
+        assert len(ready["conversations"]) == 2
+        third = await create_group(carol, bob, title="one too many")
+        joined = await receive(b)
+        assert (joined["type"], joined["conversation_id"], joined["carried"]) == ("conversation.joined", str(third.id), False)
+        await send_over_rest_path(carol, third, "read it over REST")
+        assert await quiet(b)
+        await b.disconnect()
+
     async def test_title_change_is_announced(self, team):
         alice, bob, _, one, _ = team
         b, _ = await open_stream(bob)
@@ -339,6 +351,22 @@ class TestResume:
         }
         await send_over_rest_path(alice, one, "live")
         assert (await receive(b))["message"]["seq"] == 4
+        await b.disconnect()
+
+    async def test_one_resume_frame_replays_a_bounded_total(self, team, settings, monkeypatch):
+        from chat import consumers
+
+        alice, bob, _, one, two = team
+        settings.CHAT_MAX_REPLAY = 3
+        monkeypatch.setattr(consumers, "RESUME_BUDGET_PER_FRAME", 1)  # 3 in all
+        for conversation in (one, two):
+            for text in ("a", "b"):
+                await send_over_rest_path(alice, conversation, text)
+        b, _ = await open_stream(bob)
+        await b.send_json_to({"type": "resume", "cursors": {str(one.id): {"seq": 0}, str(two.id): {"seq": 0}}})
+        frames = [await receive(b) for _ in range(3)]
+        assert [f["type"] for f in frames] == ["message.new", "message.new", "resumed"]
+        assert frames[-1]["conversations"] == {str(one.id): {"recovered": True}, str(two.id): {"recovered": False}}
         await b.disconnect()
 
     async def test_a_cursor_ahead_of_the_stream_skips_what_the_client_has(self, team, monkeypatch):
