@@ -260,7 +260,7 @@ class SendBatcher:
                 metrics.send_batch_size.observe(len(batch))
                 try:
                     outcomes, committed = await in_thread(events.collecting(_persist_batch))([r for r, _ in batch])
-                    await events.apublish_collected(committed)
+                    await _publish_batch(committed)
                 except Exception as exc:  # not a per-send outcome: every send of the batch fails with it
                     outcomes = [exc] * len(batch)
                 for (_, future), outcome in zip(batch, outcomes):
@@ -277,6 +277,15 @@ class SendBatcher:
             raise
         finally:
             self.task = None
+
+
+async def _publish_batch(committed: list[tuple[str, dict]]) -> None:
+    """A batch's events: each conversation's in order, the conversations side by side, so that a
+    batch costs about one round trip to Redis rather than one per send."""
+    by_group: dict[str, list[tuple[str, dict]]] = {}
+    for group, event in committed:
+        by_group.setdefault(group, []).append((group, event))
+    await asyncio.gather(*(events.apublish_collected(in_order) for in_order in by_group.values()))
 
 
 @dataclass(frozen=True, slots=True)
