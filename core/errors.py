@@ -64,3 +64,15 @@ class StoreUnavailable(ChatError):
     status = 503
     code = "unavailable"
     default_detail = "The message store is unavailable; nothing was changed. Retry later."
+
+
+class TooLarge(ChatError):
+    """A body or file over a size limit, or over what the caller may still store."""
+
+    status = 413
+    code = "request_too_large"
+    default_detail = "Too large."
+
+
+class QuotaExceeded(TooLarge):
+    code = "quota_exceeded"

@@ -1,6 +1,7 @@
 """What a notification says. The same JSON goes to every backend.
 
-Content policy: a plain text message shows an excerpt; media shows what kind it is; an
+Content policy: a plain text message shows an excerpt; media shows what kind it is (and the
+descriptors of its attachments, never their bytes: the client downloads what it wants); an
 end-to-end encrypted message (is_encrypted) shows only that a message arrived, because its
 content is opaque to the server and an excerpt of ciphertext would be noise at best and a leak of
 client-side data at worst. The client fetches the message itself by conversation_id and seq.
@@ -14,16 +15,23 @@ from chat.store import Message
 
 EXCERPT_CHARS = 140
 MEDIA_BODIES = {"image": "Sent a photo", "video": "Sent a video", "file": "Sent a file"}
+
+
+def _attachment_kind(content_type: str) -> str:
+    kind = content_type.split("/", 1)[0]
+    return kind if kind in ("image", "video") else "file"
 ENCRYPTED_BODY = "New message"
 
 
 def notification_payload(*, message: Message, conversation: Conversation, sender_name: str) -> dict[str, Any]:
     if message.is_encrypted:
         text = ENCRYPTED_BODY
-    elif message.message_type == "text":
+    elif message.message_type == "text" and message.content:
         text = message.content
         if len(text) > EXCERPT_CHARS:
             text = text[: EXCERPT_CHARS - 1] + "…"
+    elif message.attachments:
+        text = MEDIA_BODIES[_attachment_kind(message.attachments[0]["content_type"])]
     else:
         text = MEDIA_BODIES.get(message.message_type, ENCRYPTED_BODY)
     if conversation.kind == Conversation.Kind.GROUP:
@@ -44,4 +52,6 @@ def notification_payload(*, message: Message, conversation: Conversation, sender
         "message_type": message.message_type,
         "is_encrypted": message.is_encrypted,
         "sent_at": message.sent_at.isoformat().replace("+00:00", "Z"),
+        # Names of an encrypted message's files are the client's business too.
+        "attachments": [] if message.is_encrypted else list(message.attachments),
     }

@@ -28,6 +28,16 @@ def _fresh_in_memory_layer(settings):
     channel_layers.backends.clear()
 
 
+@pytest.fixture(autouse=True)
+def _attachments_in_tmp(settings, tmp_path):
+    """Each test stores attachments in a directory of its own (local storage); tests of object
+    storage switch to the S3 API server with the `s3_bucket` fixture (tests/chat/conftest.py)."""
+    settings.STORAGES = {**settings.STORAGES, "attachments": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(tmp_path / "attachments"), "base_url": None},
+    }}
+
+
 @pytest.fixture
 def make_user(db):
     def make(username: str | None = None, **fields) -> User:

@@ -4,6 +4,7 @@ write path, so no caller can skip them; every moderation action lands in the adm
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
 from django.db import IntegrityError, transaction
@@ -14,6 +15,7 @@ from chat import events
 from chat.access import access_conversation
 from chat.models import Ban, Conversation, Report
 from chat.selectors import message_at
+from chat.services.attachments import attachments_doom_message
 from chat.services.conversations import ban_create
 from chat.services.send import check_message_input, now_ms
 from chat.store import Message, StoreError, get_message_store
@@ -78,6 +80,7 @@ def message_edit(*, editor: User, conversation_id: object, seq: object, content:
         raise NotFound("No such message.")
     if edited.deleted:
         raise _message_was_deleted()  # deleted between the read and the edit; the store kept the tombstone
+    edited = replace(edited, attachments=message.attachments)  # an edit keeps them (the store does not hold them)
     events.message_updated(edited)
     return edited
 
@@ -90,6 +93,7 @@ def _tombstone(conversation: Conversation, message: Message) -> Message:
         raise StoreUnavailable() from exc
     if tombstone is None:
         raise NotFound("No such message.")
+    attachments_doom_message(message_id=message.message_id)
     if not message.deleted:
         events.message_deleted(conversation.id, message.seq)
     return tombstone

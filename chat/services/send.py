@@ -29,6 +29,7 @@ from chat import events, metrics, sql
 from chat.access import access_participant_id
 from chat.models import IdempotencyKey
 from chat.selectors import message_of
+from chat.services.attachments import attachments_attach, check_attachment_ids
 from chat.signals import message_persisted
 from chat.store import Message, StoreError, get_message_store
 from core.errors import (
@@ -66,6 +67,7 @@ class SendRequest:
     message_type: object = "text"
     is_encrypted: object = False
     metadata: object = None
+    attachments: object = None
     idempotency_key: object = None
     # Where an idempotency key error is reported: the REST header or the frame's field.
     idempotency_field: str = "Idempotency-Key"
@@ -78,6 +80,7 @@ class MessageInput:
     message_type: str
     is_encrypted: bool
     metadata: dict[str, Any]
+    attachments: tuple[uuid.UUID, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +109,20 @@ def _utf8(text: str) -> bytes | None:
 
 
 def check_message_input(
-    *, content: object, message_type: object = "text", is_encrypted: object = False, metadata: object = None
+    *,
+    content: object,
+    message_type: object = "text",
+    is_encrypted: object = False,
+    metadata: object = None,
+    attachments: object = None,
 ) -> MessageInput:
     """Validate a message body against SPEC limits; raise ValidationFailed with field errors."""
     errors: dict[str, list[str]] = {}
+    try:
+        attachment_ids = check_attachment_ids(attachments)
+    except ValidationFailed as exc:
+        errors.update(exc.detail)
+        attachment_ids = ()
     if message_type not in MESSAGE_TYPES:
         errors["message_type"] = [f"Must be one of: {', '.join(MESSAGE_TYPES)}."]
     if not isinstance(is_encrypted, bool):
@@ -127,8 +140,8 @@ def check_message_input(
             errors["metadata"] = ["Must be valid Unicode (no lone surrogates or NUL characters)."]
         elif len(encoded) > MAX_METADATA_BYTES:
             errors["metadata"] = [f"At most {MAX_METADATA_BYTES} bytes when serialized."]
-    if not isinstance(content, str) or content == "":
-        errors["content"] = ["Must be a non-empty string."]
+    if not isinstance(content, str) or (content == "" and not attachment_ids):
+        errors["content"] = ["Must be a non-empty string (it may be empty when the message carries attachments)."]
     else:
         limit = MAX_TEXT_BYTES if message_type == "text" else MAX_MEDIA_BYTES
         # A character is 1 to 4 bytes in UTF-8: a string over the limit in characters is over it
@@ -140,7 +153,7 @@ def check_message_input(
             errors["content"] = ["Must be valid Unicode (no lone surrogates or NUL characters)."]
     if errors:
         raise ValidationFailed(errors)
-    return MessageInput(content, message_type, is_encrypted, metadata)
+    return MessageInput(content, message_type, is_encrypted, metadata, attachment_ids)
 
 
 def check_idempotency_key(key: object, *, field: str) -> str:
@@ -154,8 +167,11 @@ def check_idempotency_key(key: object, *, field: str) -> str:
 
 
 def _request_hash(conversation_id: uuid.UUID, body: MessageInput) -> str:
+    fields: list[Any] = [str(conversation_id), body.content, body.message_type, body.is_encrypted, body.metadata]
+    if body.attachments:  # only then: the hashes of records written before attachments stay valid
+        fields.append([str(attachment_id) for attachment_id in body.attachments])
     canonical = json.dumps(
-        [str(conversation_id), body.content, body.message_type, body.is_encrypted, body.metadata],
+        fields,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -221,6 +237,7 @@ def _message_persist(request: SendRequest) -> SendResult:
         message_type=request.message_type,
         is_encrypted=request.is_encrypted,
         metadata=request.metadata,
+        attachments=request.attachments,
     )
     key = request.idempotency_key
     if key is not None:
@@ -284,8 +301,15 @@ def _persist(
     """Inside the send's transaction: the seq, the idempotency record, the message, the sender's
     read marker, what other apps commit with it, and the message.new event (on commit)."""
     seq = sql.allocate_seq(conversation_id, now)
+    message_id = uuid.uuid4()
+    attachments = ()
+    if body.attachments:
+        attachments = attachments_attach(
+            sender_id=request.sender.pk, attachment_ids=body.attachments, conversation_id=conversation_id,
+            message_id=message_id, seq=seq,
+        )
     message = Message(
-        message_id=uuid.uuid4(),
+        message_id=message_id,
         conversation_id=conversation_id,
         seq=seq,
         sender_id=request.sender.pk,
@@ -294,6 +318,7 @@ def _persist(
         is_encrypted=body.is_encrypted,
         metadata=body.metadata,
         sent_at=now_ms(),
+        attachments=attachments,
     )
     if key is not None:
         # Before the store write: a concurrent duplicate fails here, not after a wasted write.
