@@ -135,8 +135,9 @@ def inspect_image(file: IO[bytes], content_type: str) -> ImageFacts:
                 cleaned = _without_location(image, exif) if has_location else None
     except ValidationFailed:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValidationFailed({"file": [f"Images may have at most {MAX_IMAGE_PIXELS} pixels."]}) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ValidationFailed({"file": [f"The image could not be read: {_reason(exc)}."]}) from None
     return ImageFacts(width=width, height=height, thumbnail=thumbnail, cleaned=cleaned)
 

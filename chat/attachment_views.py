@@ -87,7 +87,7 @@ class AttachmentDownloadView(APIView):
         other type downloads as a file. Range requests are answered (video seeking)."""
         attachment = access_attachment(user=request.user, attachment_id=attachment_id)
         inline = attachment.content_type in INLINE_IMAGE_TYPES
-        return _serve(request, attachment.object_name, attachment.content_type, attachment.name, inline=inline)
+        return serve_attachment_object(request, attachment.object_name, attachment.content_type, attachment.name, inline=inline)
 
 
 class AttachmentThumbnailView(APIView):
@@ -102,10 +102,10 @@ class AttachmentThumbnailView(APIView):
         if not attachment.has_thumbnail:
             raise NotFound("This attachment has no thumbnail.")
         name = f"{attachment.name.rsplit('.', 1)[0]}-thumbnail.webp"
-        return _serve(request, attachment.thumbnail_object_name, THUMBNAIL_CONTENT_TYPE, name, inline=True)
+        return serve_attachment_object(request, attachment.thumbnail_object_name, THUMBNAIL_CONTENT_TYPE, name, inline=True)
 
 
-def _serve(request, object_name: str, content_type: str, filename: str, *, inline: bool) -> HttpResponse:
+def serve_attachment_object(request, object_name: str, content_type: str, filename: str, *, inline: bool) -> HttpResponse:
     disposition = content_disposition_header(as_attachment=not inline, filename=filename)
     storage = attachment_storage()
     if isinstance(storage, FileSystemStorage):

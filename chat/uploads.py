@@ -44,15 +44,16 @@ class AttachmentUploadHandler(FileUploadHandler):
         super().__init__(request)
         self.remaining_quota = remaining_quota
         self.received: ReceivedFile | None = None
-        self.file: IO[bytes] | None = None
+        # Not `self.file`: Django's parser closes every handler's `file` when it skips a part.
+        self.spool: IO[bytes] | None = None
 
     def new_file(self, field_name, file_name, *args, **kwargs) -> None:
         super().new_file(field_name, file_name, *args, **kwargs)
-        if field_name != UPLOAD_FIELD or self.file is not None:
+        if field_name != UPLOAD_FIELD or self.spool is not None:
             raise SkipFile()  # only one file, in its own field: anything else is ignored
         self.limit = settings.CHAT_MAX_ATTACHMENT_BYTES
         self.quota_left = self.remaining_quota()
-        self.file = tempfile.TemporaryFile()
+        self.spool = tempfile.TemporaryFile()
         self.size = 0
 
     def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
@@ -63,19 +64,19 @@ class AttachmentUploadHandler(FileUploadHandler):
         if self.size > self.quota_left:
             self._discard()
             raise quota_exceeded(self.quota_left)
-        self.file.write(raw_data)
+        self.spool.write(raw_data)
         return None
 
     def file_complete(self, file_size: int) -> ReceivedFile | None:
-        if self.file is None or self.received is not None:
+        if self.spool is None or self.received is not None:
             return None
-        self.file.seek(0)
-        self.received = ReceivedFile(self.file, self.file_name, self.size)
+        self.spool.seek(0)
+        self.received = ReceivedFile(self.spool, self.file_name, self.size)
         return self.received
 
     def _discard(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        if self.spool is not None:
+            self.spool.close()
 
 
 class _NameCheckingParser(DjangoMultiPartParser):
