@@ -127,3 +127,16 @@ def test_too_large_a_file_is_a_json_413_from_the_upload_handler(server, people):
     assert status == 413
     assert json.loads(raw) == {"detail": f"Attachments are limited to {MAX_ATTACHMENT_BYTES} bytes.",
                                "code": "request_too_large"}
+
+
+async def test_someone_elses_upload_is_an_error_frame(server, people):
+    status, raw, _ = upload(server, people["bob"], "bobs.txt", b"mine")
+    bobs = json.loads(raw)["attachment_id"]
+    url = ws_url(server, people["conversation"])
+    async with connect(url, additional_headers={"Authorization": f"Token {people['alice']}"}) as alice:
+        await next_frame(alice)
+        await alice.send(json.dumps({"type": "message.send", "client_message_id": "steal-1", "content": "",
+                                     "attachments": [bobs]}))
+        frame = await next_frame(alice)
+    assert (frame["type"], frame["code"], frame["client_message_id"]) == ("error", "validation_error", "steal-1")
+    assert "attachments" in frame["fields"]
