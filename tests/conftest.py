@@ -90,6 +90,14 @@ def client_for():
 
 
 @pytest.fixture
+def moderator(client, django_user_model):
+    """A superuser logged in to the admin through `client`."""
+    user = django_user_model.objects.create_superuser(username="mod", password="pw-for-mod-42")
+    client.force_login(user)
+    return user
+
+
+@pytest.fixture
 def make_group(make_user):
     def make(owner: User, *members: User, title: str = "team"):
         conversation, _ = conversations.conversation_create(

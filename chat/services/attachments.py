@@ -99,6 +99,7 @@ def attachment_create(*, uploader: User, file: IO[bytes], name: object, size: in
     if size == 0:
         raise ValidationFailed({"file": ["The file is empty."]})
     _check_room(uploader, size)
+    original = file
     file.seek(0)
     content_type = sniff_content_type(file.read(SNIFF_BYTES), name)
     attachment = Attachment(uploader=uploader, name=name, content_type=content_type, created_at=timezone.now())
@@ -126,6 +127,9 @@ def attachment_create(*, uploader: User, file: IO[bytes], name: object, size: in
     except BaseException:
         _delete_objects(attachment)
         raise
+    finally:
+        if file is not original:
+            file.close()  # the re-saved image's temporary file
     return attachment
 
 

@@ -317,3 +317,13 @@ class TestLifecycle:
         assert Attachment.objects.count() == 1  # the row stays: the objects are not forgotten
         assert attachments_sweep(now=timezone.now() + timedelta(minutes=11)).deleted == 1
         assert stored_files(settings) == []
+
+
+def test_the_upload_body_cap_is_the_attachment_limit_plus_its_envelope(settings):
+    from django.urls import reverse
+
+    from core.bodylimit import body_cap_for
+
+    assert settings.ATTACHMENT_UPLOAD_PATH == reverse("attachment-upload")
+    assert body_cap_for(reverse("attachment-upload")) == settings.CHAT_MAX_ATTACHMENT_BYTES + 64 * 1024
+    assert body_cap_for(reverse("message-send")) == settings.CHAT_MAX_REQUEST_BYTES

@@ -17,13 +17,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def moderator(client, django_user_model):
-    user = django_user_model.objects.create_superuser(username="mod", password="pw-for-mod-42")
-    client.force_login(user)
-    return user
-
-
-@pytest.fixture
 def sent(make_user, make_group):
     """A conversation with one message carrying a photo and a text file."""
     alice, bob = make_user("alice"), make_user("bob")
