@@ -41,7 +41,7 @@ from chat.attachment_files import (
     sha256_and_size,
     sniff_content_type,
 )
-from chat.models import Attachment, Report
+from chat.models import Attachment, Conversation, Report
 from chat.selectors import attachment_descriptor
 from core.errors import NotAllowed, QuotaExceeded, TooLarge, ValidationFailed
 
@@ -204,12 +204,17 @@ class SweepResult:
 
 
 def attachments_sweep(*, now: datetime | None = None, batch: int = 500) -> SweepResult:
-    """Doom the unattached uploads past UNATTACHED_TTL, then delete up to `batch` doomed
-    attachments (objects, then row), except those of a message with an open report."""
+    """Doom the unattached uploads past UNATTACHED_TTL and those of deleted conversations, then
+    delete up to `batch` doomed attachments (objects, then row), except those of a message with an
+    open report."""
     now = now or timezone.now()
     expired = Attachment.objects.filter(state=State.UNATTACHED, created_at__lt=now - UNATTACHED_TTL).update(
         state=State.DOOMED
     )
+    # A deleted conversation takes its messages along; their attachments must not stay behind.
+    Attachment.objects.filter(state=State.ATTACHED).filter(
+        ~Exists(Conversation.objects.filter(pk=OuterRef("conversation_id")))
+    ).update(state=State.DOOMED)
     reported = Report.objects.filter(
         conversation_id=OuterRef("conversation_id"), seq=OuterRef("seq"), status=Report.Status.OPEN
     )

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -301,15 +301,8 @@ def _persist(
     """Inside the send's transaction: the seq, the idempotency record, the message, the sender's
     read marker, what other apps commit with it, and the message.new event (on commit)."""
     seq = sql.allocate_seq(conversation_id, now)
-    message_id = uuid.uuid4()
-    attachments = ()
-    if body.attachments:
-        attachments = attachments_attach(
-            sender_id=request.sender.pk, attachment_ids=body.attachments, conversation_id=conversation_id,
-            message_id=message_id, seq=seq,
-        )
     message = Message(
-        message_id=message_id,
+        message_id=uuid.uuid4(),
         conversation_id=conversation_id,
         seq=seq,
         sender_id=request.sender.pk,
@@ -318,7 +311,6 @@ def _persist(
         is_encrypted=body.is_encrypted,
         metadata=body.metadata,
         sent_at=now_ms(),
-        attachments=attachments,
     )
     if key is not None:
         # Before the store write: a concurrent duplicate fails here, not after a wasted write.
@@ -333,6 +325,12 @@ def _persist(
                 created_at=now,
             )
         )
+    if body.attachments:
+        # After the key, so a concurrent duplicate fails on it (and replays), not on the uploads.
+        message = replace(message, attachments=attachments_attach(
+            sender_id=message.sender_id, attachment_ids=body.attachments, conversation_id=conversation_id,
+            message_id=message.message_id, seq=seq,
+        ))
     get_message_store().insert(message)
     # Your own message is read by you: unread counts never include it.
     sql.advance_read_marker(participant_id, seq)

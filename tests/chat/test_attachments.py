@@ -296,6 +296,13 @@ class TestLifecycle:
         assert attachments_sweep().deleted == 0  # nothing is deleted twice
         assert stored_files(settings) == [] and not Attachment.objects.exists()
 
+    def test_a_deleted_conversations_attachments_are_swept(self, people, client_for, conversation, settings):
+        attachment_id = upload(client_for(people[0]), "a.jpg", jpeg()).json()["attachment_id"]
+        assert send(client_for(people[0]), conversation, [attachment_id]).status_code == 201
+        conversation.delete()
+        assert attachments_sweep().deleted == 1
+        assert stored_files(settings) == [] and not Attachment.objects.exists()
+
     def test_the_management_command_sweeps(self, people, client_for, settings, capsys):
         upload(client_for(people[0]), "old.txt", b"x")
         Attachment.objects.update(created_at=timezone.now() - timedelta(days=2))
