@@ -8,6 +8,7 @@ client-side data at worst. The client fetches the message itself by conversation
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from chat.models import Conversation
@@ -15,6 +16,23 @@ from chat.store import Message
 
 EXCERPT_CHARS = 140
 MEDIA_BODIES = {"image": "Sent a photo", "video": "Sent a video", "file": "Sent a file"}
+
+
+# Web Push services refuse payloads over 4 KiB: the attachments a notification lists stop at this
+# many bytes of JSON (the first ones; `attachment_count` tells how many there are, and the client
+# reads the message for the rest).
+MAX_ATTACHMENT_BYTES = 2048
+
+
+def _attachments_within_budget(message: Message) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] = []
+    size = 2
+    for descriptor in message.attachments:
+        size += len(json.dumps(descriptor, separators=(",", ":"), ensure_ascii=False).encode()) + 1
+        if size > MAX_ATTACHMENT_BYTES:
+            break
+        listed.append(descriptor)
+    return listed
 
 
 def _attachment_kind(content_type: str) -> str:
@@ -53,5 +71,6 @@ def notification_payload(*, message: Message, conversation: Conversation, sender
         "is_encrypted": message.is_encrypted,
         "sent_at": message.sent_at.isoformat().replace("+00:00", "Z"),
         # Names of an encrypted message's files are the client's business too.
-        "attachments": [] if message.is_encrypted else list(message.attachments),
+        "attachments": [] if message.is_encrypted else _attachments_within_budget(message),
+        "attachment_count": len(message.attachments),
     }

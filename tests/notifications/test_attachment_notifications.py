@@ -39,6 +39,22 @@ def test_the_notification_says_a_photo_came_and_describes_it(webhook, make_user,
     assert notification["body"] == "alice: Sent a photo"
     assert notification["attachments"] == list(message.attachments)
     assert notification["attachments"][0]["content_type"] == "image/jpeg"
+    assert notification["attachment_count"] == 1
+
+
+def test_ten_long_named_files_still_fit_a_web_push_payload(webhook, make_user, make_group, make_device, make_worker):
+    alice, bob = make_user("alice"), make_user("bob")
+    make_device(bob)
+    files = [stored(alice, f"{i}{'x' * 250}.txt", b"words") for i in range(10)]
+    message = send(alice, make_group(alice, bob, title="t" * 200), files, content="y" * 500)
+
+    make_worker().run(once=True)
+
+    notification = json.loads(webhook.received[0].body)["notification"]
+    assert len(json.dumps(notification).encode()) < 3500  # Web Push services take 4 KiB, encryption included
+    assert notification["attachment_count"] == 10
+    assert 1 <= len(notification["attachments"]) < 10
+    assert notification["attachments"] == list(message.attachments[: len(notification["attachments"])])
 
 
 def test_an_encrypted_message_tells_nothing_of_its_files(webhook, make_user, make_group, make_device, make_worker):
@@ -51,6 +67,7 @@ def test_an_encrypted_message_tells_nothing_of_its_files(webhook, make_user, mak
 
     notification = json.loads(webhook.received[0].body)["notification"]
     assert notification["attachments"] == [] and "secret" not in json.dumps(notification)
+    assert notification["attachment_count"] == 1
 
 
 def test_the_worker_sweeps_unsent_uploads_past_a_day(make_user, make_worker, settings):
