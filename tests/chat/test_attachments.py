@@ -18,6 +18,7 @@ from chat.services import conversations, moderation
 from chat.services.attachments import MAX_PENDING_UPLOADS, attachments_sweep
 from chat.services.send import SendRequest, message_send
 from tests.chat.attachment_files import GPS_IFD, exif_of, jpeg, png, png_bomb, upload
+from tests.chat.test_moderation import message_store  # noqa: F401  (the fixture: both stores)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -334,3 +335,21 @@ def test_the_upload_body_cap_is_the_attachment_limit_plus_its_envelope(settings)
     assert settings.ATTACHMENT_UPLOAD_PATH == reverse("attachment-upload")
     assert body_cap_for(reverse("attachment-upload")) == settings.CHAT_MAX_ATTACHMENT_BYTES + 64 * 1024
     assert body_cap_for(reverse("message-send")) == settings.CHAT_MAX_REQUEST_BYTES
+
+
+class TestOnEveryMessageStore:
+    """The store keeps no attachments (the Attachment rows are their truth): the same answers on
+    the sql store and on the real Cassandra."""
+
+    def test_send_history_and_delete(self, message_store, people, client_for, conversation):
+        alice, bob, _ = people
+        attachment = upload(client_for(alice), "a.jpg", jpeg()).json()
+        sent = send(client_for(alice), conversation, [attachment["attachment_id"]], content="see")
+        assert sent.status_code == 201 and sent.json()["attachments"] == [attachment]
+        assert message_store.get(conversation.pk, 1).message_id == uuid.UUID(sent.json()["message_id"])
+        page = client_for(bob).get(f"/api/v1/conversations/{conversation.pk}/messages/").json()
+        assert page["results"][0]["attachments"] == [attachment]
+        client_for(alice).delete(f"/api/v1/conversations/{conversation.pk}/messages/1/")
+        page = client_for(bob).get(f"/api/v1/conversations/{conversation.pk}/messages/").json()
+        assert page["results"][0]["deleted"] and page["results"][0]["attachments"] == []
+        assert attachments_sweep().deleted == 1
