@@ -39,6 +39,9 @@ _VERIFIABLE_PREFIXES = ("image/", "video/", "audio/")
 _VERIFIABLE_TYPES = frozenset({"application/pdf", "application/zip", "application/x-msdownload"})
 # The EXIF tags that say where a photo was taken.
 _GPS_IFD = 0x8825
+# EXIF orientations that show the image turned by a quarter: its width and height swap on screen.
+_ORIENTATION = 0x0112
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
 
 
 def check_attachment_name(name: object) -> str:
@@ -139,6 +142,8 @@ def inspect_image(file: IO[bytes], content_type: str) -> ImageFacts:
         raise ValidationFailed({"file": [f"Images may have at most {MAX_IMAGE_PIXELS} pixels."]}) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ValidationFailed({"file": [f"The image could not be read: {_reason(exc)}."]}) from None
+    if exif.get(_ORIENTATION) in _QUARTER_TURNS:
+        width, height = height, width  # as it is shown, like its thumbnail
     return ImageFacts(width=width, height=height, thumbnail=thumbnail, cleaned=cleaned)
 
 

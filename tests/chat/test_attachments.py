@@ -5,6 +5,7 @@ tests/test_attachments_live.py."""
 from __future__ import annotations
 
 import hashlib
+import io
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -72,6 +73,16 @@ class TestUpload:
         thumbnail = client_for(alice).get(body["thumbnail_url"])
         assert thumbnail.status_code == 200 and thumbnail["Content-Type"] == "image/webp"
         assert body_of(thumbnail)[8:12] == b"WEBP"
+
+    def test_a_turned_photo_reports_the_size_it_is_shown_at(self, people, client_for):
+        from PIL import Image
+
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 degrees to show
+        out = io.BytesIO()
+        Image.new("RGB", (64, 48)).save(out, "JPEG", exif=exif.tobytes())
+        body = upload(client_for(people[0]), "turned.jpg", out.getvalue()).json()
+        assert (body["width"], body["height"]) == (48, 64)
 
     def test_a_photo_without_location_is_stored_byte_for_byte(self, people, client_for):
         original = png()
