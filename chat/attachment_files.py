@@ -37,6 +37,14 @@ UNKNOWN_TYPE = "application/octet-stream"
 # Claimed types that can be verified from bytes: a name claiming one of these must match them.
 _VERIFIABLE_PREFIXES = ("image/", "video/", "audio/")
 _VERIFIABLE_TYPES = frozenset({"application/pdf", "application/zip", "application/x-msdownload"})
+# Names for the same format: a name's type (Python's mimetypes) and the sniffed one (puremagic)
+# may use either.
+_SAME_FORMAT = {
+    "image/heif": "image/heic", "image/heic-sequence": "image/heic", "image/heif-sequence": "image/heic",
+    "image/x-ms-bmp": "image/bmp", "audio/wave": "audio/wav", "audio/x-wav": "audio/wav",
+    "application/x-gzip": "application/gzip", "audio/x-m4a": "audio/mp4", "audio/mp4a-latm": "audio/mp4",
+    "application/x-zip-compressed": "application/zip", "image/x-icon": "image/vnd.microsoft.icon",
+}
 # The EXIF tags that say where a photo was taken.
 _GPS_IFD = 0x8825
 # EXIF orientations that show the image turned by a quarter: its width and height swap on screen.
@@ -70,7 +78,7 @@ def sniff_content_type(head: bytes, name: str) -> str:
     except (puremagic.PureError, ValueError):
         matches = []
     if matches:
-        agreeing = [m for m in matches if m.extension.lower() == extension or m.mime_type == claimed]
+        agreeing = [m for m in matches if m.extension.lower() == extension or _same_format(m.mime_type, claimed)]
         if agreeing:
             return agreeing[0].mime_type
         sniffed = matches[0].mime_type
@@ -81,6 +89,10 @@ def sniff_content_type(head: bytes, name: str) -> str:
     if claimed is not None and (claimed.startswith(_VERIFIABLE_PREFIXES) or claimed in _VERIFIABLE_TYPES):
         raise _lying_name(claimed, sniffed)
     return sniffed
+
+
+def _same_format(sniffed: str, claimed: str | None) -> bool:
+    return claimed is not None and _SAME_FORMAT.get(sniffed, sniffed) == _SAME_FORMAT.get(claimed, claimed)
 
 
 def _lying_name(claimed: str, sniffed: str) -> ValidationFailed:

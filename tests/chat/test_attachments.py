@@ -364,3 +364,21 @@ class TestOnEveryMessageStore:
         page = client_for(bob).get(f"/api/v1/conversations/{conversation.pk}/messages/").json()
         assert page["results"][0]["deleted"] and page["results"][0]["attachments"] == []
         assert attachments_sweep().deleted == 1
+
+
+@pytest.mark.parametrize(
+    "name, head, content_type",
+    [
+        ("IMG_0001.HEIC", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 50, "image/heif"),
+        ("clip.mp4", b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41" + b"\x00" * 100, "video/mp4"),
+        ("song.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x00" * 50, "audio/mpeg"),
+        ("archive.zip", b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + b"\x00" * 60, "application/zip"),
+        ("table.csv", b"a,b\n1,2\n", "text/plain"),
+        ("README", "héllo\n".encode(), "text/plain"),
+        ("blob", b"\x00\x01\x02\x03", "application/octet-stream"),
+    ],
+)
+def test_common_files_are_taken_by_their_names(name, head, content_type):
+    from chat.attachment_files import sniff_content_type
+
+    assert sniff_content_type(head, name) == content_type
