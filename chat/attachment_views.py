@@ -20,7 +20,7 @@ from chat.attachment_files import INLINE_IMAGE_TYPES, THUMBNAIL_CONTENT_TYPE
 from chat.serializers import AttachmentOutput
 from chat.services.attachments import attachment_create, attachment_descriptor, attachment_quota_left, attachment_storage
 from chat.uploads import UPLOAD_FIELD, AttachmentMultiPartParser, AttachmentUploadHandler
-from core.errors import NotFound, ValidationFailed
+from core.errors import NotFound, StoreUnavailable, ValidationFailed
 from core.threads import in_thread
 
 DOWNLOAD_CHUNK_BYTES = 256 * 1024
@@ -149,7 +149,10 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 def _stream_local(request, storage: FileSystemStorage, object_name: str, content_type: str) -> HttpResponse:
-    size = storage.size(object_name)
+    try:
+        size = storage.size(object_name)
+    except OSError as exc:
+        raise StoreUnavailable("The file storage is unavailable. Retry later.") from exc
     try:
         wanted = byte_range(request.headers.get("Range"), size)
     except ValueError:

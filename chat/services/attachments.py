@@ -43,7 +43,7 @@ from chat.attachment_files import (
 )
 from chat.models import Attachment, Conversation, Report
 from chat.selectors import attachment_descriptor
-from core.errors import NotAllowed, QuotaExceeded, TooLarge, ValidationFailed
+from core.errors import NotAllowed, QuotaExceeded, StoreUnavailable, TooLarge, ValidationFailed
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ def quota_exceeded(remaining: int) -> QuotaExceeded:
         f"Your attachments may add up to {settings.CHAT_ATTACHMENT_QUOTA_BYTES} bytes; {max(remaining, 0)} "
         "bytes are left. Uploads you have not sent are deleted after 24 hours."
     )
+
+
+def storage_unavailable() -> StoreUnavailable:
+    return StoreUnavailable("The file storage is unavailable; nothing was stored. Retry later.")
 
 
 def attachment_quota_left(*, user: User) -> int:
@@ -113,20 +117,28 @@ def attachment_create(*, uploader: User, file: IO[bytes], name: object, size: in
     attachment.sha256, attachment.size = sha256_and_size(file)
     attachment.has_thumbnail = thumbnail is not None
 
-    storage = attachment_storage()
     try:
-        storage.save(attachment.object_name, File(file))
-        if thumbnail is not None:
-            storage.save(attachment.thumbnail_object_name, ContentFile(thumbnail))
+        # The row first: if the process dies while the objects are written, the row still names
+        # them and the sweeper deletes them with it a day later; nothing is left behind. Nobody
+        # can ask for the attachment before this returns its id.
         with transaction.atomic():
-            # One upload of a user at a time past this point: two parallel uploads cannot both
-            # fit the last of the quota.
-            User.objects.select_for_update().filter(pk=uploader.pk).exists()
+            # One upload of a user at a time here: two parallel uploads cannot both fit the last
+            # of the quota.
+            User.objects.select_for_update().only("pk").get(pk=uploader.pk)
             _check_room(uploader, attachment.size)
             attachment.save(force_insert=True)
-    except BaseException:
-        _delete_objects(attachment)
-        raise
+        try:
+            storage = attachment_storage()
+            storage.save(attachment.object_name, File(file))
+            if thumbnail is not None:
+                storage.save(attachment.thumbnail_object_name, ContentFile(thumbnail))
+        except BaseException as exc:
+            _delete_objects(attachment)
+            Attachment.objects.filter(pk=attachment.pk).delete()
+            if isinstance(exc, Exception):
+                logger.error("attachment %s: the storage failed: %s", attachment.pk, exc)
+                raise storage_unavailable() from exc
+            raise
     finally:
         if file is not original:
             file.close()  # the re-saved image's temporary file

@@ -382,3 +382,28 @@ def test_common_files_are_taken_by_their_names(name, head, content_type):
     from chat.attachment_files import sniff_content_type
 
     assert sniff_content_type(head, name) == content_type
+
+
+def test_a_storage_failure_during_an_upload_leaves_no_row_and_no_object(make_user, client_for, settings, monkeypatch):
+    from django.core.files.storage import FileSystemStorage
+
+    real_save = FileSystemStorage.save
+
+    def thumbnail_fails(self, name, content, *args, **kwargs):
+        if name.endswith(".thumb"):
+            raise OSError("disk full")
+        return real_save(self, name, content, *args, **kwargs)
+
+    monkeypatch.setattr(FileSystemStorage, "save", thumbnail_fails)
+    response = upload(client_for(make_user()), "a.jpg", jpeg())
+    assert response.status_code == 503 and response.json()["code"] == "unavailable"
+    assert stored_files(settings) == [] and not Attachment.objects.exists()
+
+
+def test_a_download_whose_file_is_gone_is_a_503_not_a_500(make_user, client_for, settings):
+    client = client_for(make_user())
+    url = upload(client, "a.txt", b"words").json()["url"]
+    for path in stored_files(settings):
+        path.unlink()
+    response = client.get(url)
+    assert response.status_code == 503 and response.json()["code"] == "unavailable"
