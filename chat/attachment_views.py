@@ -16,9 +16,15 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from chat.access import access_attachment
+from chat.selectors import attachment_descriptor
 from chat.attachment_files import INLINE_IMAGE_TYPES, THUMBNAIL_CONTENT_TYPE
 from chat.serializers import AttachmentOutput
-from chat.services.attachments import attachment_create, attachment_descriptor, attachment_quota_left, attachment_storage
+from chat.services.attachments import (
+    attachment_create,
+    attachment_quota_left,
+    attachment_storage,
+    check_upload_rate,
+)
 from chat.uploads import UPLOAD_FIELD, AttachmentMultiPartParser, AttachmentUploadHandler
 from core.errors import NotFound, StoreUnavailable, ValidationFailed
 from core.threads import in_thread
@@ -60,6 +66,7 @@ class AttachmentUploadView(APIView):
         carries it (`attachments: [attachment_id]`); unsent, it is deleted after 24 hours. The
         content type is sniffed from the bytes; images get width, height and a thumbnail, and lose
         their EXIF location."""
+        check_upload_rate(user=request.user)
         upload = request.FILES.get(UPLOAD_FIELD)
         if upload is None:
             raise ValidationFailed({UPLOAD_FIELD: ["Send the file as multipart/form-data in the field 'file'."]})

@@ -205,6 +205,8 @@ STORAGES = {
 # Largest attachment (SPEC 4.1) and what one user's uploads may add up to.
 CHAT_MAX_ATTACHMENT_BYTES = env_int("CHAT_MAX_ATTACHMENT_BYTES", 25 * 1024 * 1024, minimum=1)
 CHAT_ATTACHMENT_QUOTA_BYTES = env_int("CHAT_ATTACHMENT_QUOTA_BYTES", 1024 * 1024 * 1024, minimum=1)
+# Uploads per user (each one is checked, measured and maybe decoded: CPU and disk, however small).
+CHAT_UPLOAD_RATE = env_rate("CHAT_UPLOAD_RATE", "60/min")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Inbound request bodies (core/bodylimit.py): over the cap, a JSON 413 before the body is buffered.

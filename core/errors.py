@@ -48,10 +48,10 @@ class RateLimited(ChatError):
     code = "rate_limited"
     default_detail = "Too many messages; slow down."
 
-    def __init__(self, decision):
+    def __init__(self, decision, *, what: str = "messages"):
         self.decision = decision  # core.ratelimit.Decision
         self.retry_after = decision.reset
-        super().__init__(f"Too many messages; retry in {math.ceil(decision.reset)} s.")
+        super().__init__(f"Too many {what}; retry in {math.ceil(decision.reset)} s.")
 
 
 class IdempotencyMismatch(ChatError):

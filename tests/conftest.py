@@ -21,6 +21,7 @@ def _fresh_in_memory_layer(settings):
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     channel_layers.backends.clear()
     settings.CHAT_SEND_RATE = "10000/min"
+    settings.CHAT_UPLOAD_RATE = "10000/min"
     # Auth throttles off unless a test asks for them (tests/security/test_accounts.py).
     settings.CHAT_LOGIN_FAIL_RATE_USER = settings.CHAT_LOGIN_FAIL_RATE_ADDR = "100000/min"
     settings.CHAT_REGISTER_RATE = "100000/min"

@@ -43,7 +43,8 @@ from chat.attachment_files import (
 )
 from chat.models import Attachment, Conversation, Report
 from chat.selectors import attachment_descriptor
-from core.errors import NotAllowed, QuotaExceeded, StoreUnavailable, TooLarge, ValidationFailed
+from core.errors import NotAllowed, QuotaExceeded, RateLimited, StoreUnavailable, TooLarge, ValidationFailed
+from core.ratelimit import limiter_for
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,14 @@ def quota_exceeded(remaining: int) -> QuotaExceeded:
 
 def storage_unavailable() -> StoreUnavailable:
     return StoreUnavailable("The file storage is unavailable; nothing was stored. Retry later.")
+
+
+def check_upload_rate(*, user: User) -> None:
+    """Uploads per user (CHAT_UPLOAD_RATE, across processes with Redis): RateLimited past it. The
+    upload endpoint asks before it reads the body."""
+    decision = limiter_for("upload", settings.CHAT_UPLOAD_RATE).check(user.pk)
+    if not decision.allowed:
+        raise RateLimited(decision, what="uploads")
 
 
 def attachment_quota_left(*, user: User) -> int:

@@ -407,3 +407,15 @@ def test_a_download_whose_file_is_gone_is_a_503_not_a_500(make_user, client_for,
         path.unlink()
     response = client.get(url)
     assert response.status_code == 503 and response.json()["code"] == "unavailable"
+
+
+def test_uploads_are_rate_limited_per_user(make_user, client_for, settings):
+    settings.CHAT_UPLOAD_RATE = "2/min"
+    alice, bob = make_user(), make_user()
+    statuses = [upload(client_for(alice), f"{i}.txt", b"x").status_code for i in range(3)]
+    refused = upload(client_for(alice), "more.txt", b"x")
+    assert statuses == [201, 201, 429] and refused.status_code == 429
+    assert refused.json()["code"] == "rate_limited" and "uploads" in refused.json()["detail"]
+    assert int(refused["Retry-After"]) >= 1
+    assert upload(client_for(bob), "b.txt", b"x").status_code == 201
+    assert Attachment.objects.count() == 3
