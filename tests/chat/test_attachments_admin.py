@@ -75,3 +75,11 @@ def message_sender(message):
     from accounts.models import User
 
     return User.objects.get(pk=message.sender_id)
+
+
+def test_the_attachment_list_and_page_render_with_previews(client, moderator, sent):
+    _, _, photo, notes, _ = sent
+    listing = client.get("/admin/chat/attachment/?state__exact=attached").content.decode()
+    assert f'<img src="/admin/chat/attachment/{photo.pk}/thumbnail/"' in listing and "notes.txt" in listing
+    page = client.get(f"/admin/chat/attachment/{photo.pk}/change/")
+    assert page.status_code == 200 and "image/jpeg" in page.content.decode()
