@@ -21,7 +21,7 @@ from typing import NamedTuple
 from django.db.models import Exists, OuterRef, QuerySet
 
 from chat import sql
-from chat.models import Ban, Conversation, Participant
+from chat.models import Attachment, Ban, Conversation, Participant
 from core.errors import AccessDenied
 
 
@@ -71,6 +71,29 @@ def access_conversation(*, user, conversation_id: object) -> tuple[Conversation,
     if participant is None:
         raise AccessDenied()
     return participant.conversation, participant
+
+
+def access_attachment(*, user, attachment_id: object) -> Attachment:
+    """An attachment the caller may read, or AccessDenied: its uploader while no message carries
+    it; then whoever the membership rule lets read the conversation of the message that carries
+    it. Unknown, malformed, deleted and foreign ids get the same answer."""
+    denied = AccessDenied("You cannot read this attachment.")
+    if user is None or not user.is_authenticated or not user.is_active:
+        raise denied
+    try:
+        attachment_id = attachment_id if isinstance(attachment_id, uuid.UUID) else uuid.UUID(str(attachment_id))
+    except (TypeError, ValueError, AttributeError):
+        raise denied from None
+    attachment = Attachment.objects.filter(pk=attachment_id).first()
+    if attachment is None:
+        raise denied
+    if attachment.state == Attachment.State.UNATTACHED and attachment.uploader_id == user.pk:
+        return attachment
+    if attachment.state == Attachment.State.ATTACHED and (
+        allowed_participants().filter(conversation_id=attachment.conversation_id, user_id=user.pk).exists()
+    ):
+        return attachment
+    raise denied
 
 
 def allowed_participations(*, participant_ids: Collection[int]) -> dict[int, tuple[int, int]]:

@@ -15,7 +15,7 @@ from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.text import Truncator
 from django.views.decorators.http import require_POST
@@ -24,7 +24,10 @@ from accounts.models import User
 from chat import selectors
 from chat.services import conversations, moderation
 from core.errors import ChatError, NotFound, StoreUnavailable
-from chat.models import Ban, Conversation, Participant, Report
+from chat.attachment_views import serve_attachment_object
+from chat.attachment_files import THUMBNAIL_CONTENT_TYPE
+from chat.models import Attachment, Ban, Conversation, Participant, Report
+from chat.services.attachments import attachment_moderate_delete
 
 # Messages per page of the message browser.
 MESSAGE_PAGE_SIZE = 50
@@ -113,6 +116,7 @@ class ConversationAdmin(admin.ModelAdmin):
                     "message": message,
                     "sender": senders.get(message.sender_id),
                     "open_reports": open_reports.get(message.seq, 0),
+                    "attachments": [_admin_links(descriptor) for descriptor in message.attachments],
                 }
                 for message in page_messages
             ],
@@ -148,6 +152,101 @@ class ConversationAdmin(admin.ModelAdmin):
         return HttpResponseRedirect(back)
 
 
+def _admin_links(descriptor: dict) -> dict:
+    """An attachment as the message browser shows it: its descriptor and the admin's own URLs (a
+    moderator need not be a participant, so the API's URLs would answer 403)."""
+    attachment_id = descriptor["attachment_id"]
+    return {
+        **descriptor,
+        "admin_thumbnail_url": reverse("admin:chat_attachment_thumbnail", args=[attachment_id])
+        if descriptor["thumbnail_url"] else None,
+        "admin_file_url": reverse("admin:chat_attachment_file", args=[attachment_id]),
+        "admin_delete_url": reverse("admin:chat_attachment_delete", args=[attachment_id]),
+    }
+
+
+def _thumbnail_html(attachment: Attachment) -> str:
+    file_url = reverse("admin:chat_attachment_file", args=[attachment.pk])
+    if not attachment.has_thumbnail:
+        return format_html('<a href="{}">{}</a>', file_url, attachment.name)
+    return format_html(
+        '<a href="{}"><img src="{}" alt="{}" style="max-width: 160px; max-height: 160px"></a>',
+        file_url, reverse("admin:chat_attachment_thumbnail", args=[attachment.pk]), attachment.name,
+    )
+
+
+@admin.register(Attachment)
+class AttachmentAdmin(admin.ModelAdmin):
+    """Uploaded files: what they are, where they were sent, a thumbnail for images. A moderator
+    deletes one here (or from the message browser): it leaves its message at once and its bytes
+    are deleted (chat.services.attachments.attachment_moderate_delete, written to the admin log)."""
+
+    list_display = ["preview", "name", "content_type", "size", "state", "uploader", "conversation_id", "seq",
+                    "created_at"]
+    list_filter = ["state"]
+    list_select_related = ["uploader"]
+    search_fields = ["=id", "=message_id", "=conversation_id", "uploader__username", "name"]
+    ordering = ["-created_at"]
+    fields = ["preview", "name", "content_type", "size", "sha256", "width", "height", "state", "uploader",
+              "conversation_id", "seq", "message_id", "created_at"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # uploads come from people, over the API
+
+    def has_change_permission(self, request: HttpRequest, obj: Attachment | None = None) -> bool:
+        return False
+
+    @admin.display(description="preview")
+    def preview(self, attachment: Attachment) -> str:
+        return _thumbnail_html(attachment)
+
+    # The service writes the admin log entry of a deletion (with what was deleted); not twice.
+    def log_deletion(self, request: HttpRequest, obj: Attachment, object_repr: str) -> None:
+        return None
+
+    def log_deletions(self, request: HttpRequest, queryset: QuerySet[Attachment]) -> None:
+        return None
+
+    def delete_model(self, request: HttpRequest, obj: Attachment) -> None:
+        attachment_moderate_delete(moderator=request.user, attachment=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Attachment]) -> None:
+        for attachment in queryset:
+            attachment_moderate_delete(moderator=request.user, attachment=attachment)
+
+    def get_urls(self):
+        return [
+            path("<path:object_id>/file/", self.admin_site.admin_view(self.file_view), name="chat_attachment_file"),
+            path(
+                "<path:object_id>/thumbnail/",
+                self.admin_site.admin_view(self.thumbnail_view),
+                name="chat_attachment_thumbnail",
+            ),
+        ] + super().get_urls()
+
+    def _viewable(self, request: HttpRequest, object_id: str) -> Attachment:
+        attachment = self.get_object(request, unquote(object_id))
+        if attachment is None:
+            raise Http404("No such attachment.")
+        if not self.has_view_permission(request, attachment):
+            raise PermissionDenied
+        return attachment
+
+    def file_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        # Always a download here: a moderator's browser never renders what it is judging.
+        attachment = self._viewable(request, object_id)
+        return serve_attachment_object(request, attachment.object_name, attachment.content_type, attachment.name,
+                                       inline=False)
+
+    def thumbnail_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        attachment = self._viewable(request, object_id)
+        if not attachment.has_thumbnail:
+            raise Http404("No thumbnail.")
+        return serve_attachment_object(request, attachment.thumbnail_object_name, THUMBNAIL_CONTENT_TYPE,
+                                       f"{attachment.pk}-thumbnail.webp", inline=True)
+
+
 @admin.register(Ban)
 class BanAdmin(admin.ModelAdmin):
     list_display = ["user", "conversation", "banned_by", "reason", "created_at"]
@@ -179,7 +278,8 @@ class ReportAdmin(admin.ModelAdmin):
     ordering = ["-created_at"]
     actions = ["resolve", "dismiss", "delete_message", "ban_sender"]
     fields = [
-        "status", "conversation", "seq", "message_id", "sender", "reported_content", "message_now", "reporter",
+        "status", "conversation", "seq", "message_id", "sender", "reported_content", "reported_attachments",
+        "message_now", "reporter",
         "reason", "created_at", "handled_by", "handled_at",
     ]
 
@@ -201,6 +301,13 @@ class ReportAdmin(admin.ModelAdmin):
     @admin.display(description="reported message")
     def reported_message(self, report: Report) -> str:
         return _preview(report.reported_content)
+
+    @admin.display(description="attachments")
+    def reported_attachments(self, report: Report) -> str:
+        """The message's attachments, also after the message was deleted: they are kept while a
+        report about it is open."""
+        attachments = Attachment.objects.filter(message_id=report.message_id).order_by("position")
+        return format_html_join(" ", "{}", ((_thumbnail_html(a),) for a in attachments)) or "-"
 
     @admin.display(description="message now")
     def message_now(self, report: Report) -> str:

@@ -413,6 +413,7 @@ class ChatSocket(AsyncWebsocketConsumer):
                         message_type=frame.get("message_type", "text"),
                         is_encrypted=frame.get("is_encrypted", False),
                         metadata=frame.get("metadata"),
+                        attachments=frame.get("attachments"),
                         idempotency_key=client_message_id,
                         idempotency_field="client_message_id",
                         transport="websocket",

@@ -158,6 +158,57 @@ class IdempotencyKey(models.Model):
         constraints = [models.UniqueConstraint(fields=["sender_id", "key"], name="idempotency_sender_key")]
 
 
+class Attachment(models.Model):
+    """An uploaded file (docs/attachments.md). Its bytes and thumbnail live in the "attachments"
+    storage under names made of its id; this row is the truth of who may read it: the uploader
+    while it is unattached, then the participants of the conversation whose message carries it.
+
+    A row is unattached, attached (to exactly one message, at `position` among its attachments) or
+    doomed (its message was deleted, a moderator removed it, or it stayed unattached for a day):
+    doomed rows answer nobody and the sweeper (chat.services.attachments) deletes their objects,
+    then the row."""
+
+    class State(models.TextChoices):
+        UNATTACHED = "unattached"
+        ATTACHED = "attached"
+        DOOMED = "doomed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    uploader = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    name = models.CharField(max_length=255)
+    content_type = models.CharField(max_length=127)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    width = models.IntegerField(null=True, blank=True)
+    height = models.IntegerField(null=True, blank=True)
+    has_thumbnail = models.BooleanField(default=False)
+    created_at = models.DateTimeField(db_index=True)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.UNATTACHED)
+    conversation_id = models.UUIDField(null=True, blank=True)
+    message_id = models.UUIDField(null=True, blank=True, db_index=True)
+    seq = models.BigIntegerField(null=True, blank=True)
+    position = models.SmallIntegerField(default=0)
+    # The sweeper's lease on a doomed row: two sweepers never delete the same objects.
+    sweep_claimed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["state", "created_at"], name="attachment_state_created"),
+            models.Index(fields=["uploader", "state"], name="attachment_uploader_state"),
+        ]
+
+    @property
+    def object_name(self) -> str:
+        return self.id.hex
+
+    @property
+    def thumbnail_object_name(self) -> str:
+        return f"{self.id.hex}.thumb"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.content_type}, {self.size} bytes)"
+
+
 # The Cassandra tables (cqlengine models) must be attributes of this module: django-cassandra-engine's
 # `sync_cassandra` looks for them only in each app's models module.
 from chat.cassandra_models import CassandraChange, CassandraConversationBucket, CassandraMessage  # noqa: F401,E402

@@ -15,15 +15,18 @@ on every path:
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import orjson
 from django.conf import settings
 from django.db.models import F, OuterRef, QuerySet, Subquery
+from django.urls import reverse
 
 from accounts.models import User
 from chat.access import allowed_participants
-from chat.models import Ban, Conversation
+from chat.models import Attachment, Ban, Conversation
 from chat.store import Change, HistoryPage, Message, StoreError, get_message_store, utf8_length
 from core.errors import NotFound, StoreUnavailable
 
@@ -109,7 +112,7 @@ def message_range(
             raise StoreUnavailable() from exc
         if not chunk.messages:
             return _page(kept, forward, has_more=False)
-        for message in chunk.messages if forward else reversed(chunk.messages):
+        for message in with_attachments(chunk.messages if forward else chunk.messages[::-1]):
             message = message.inline()
             cost = _wire_bytes(message)
             if kept and size + cost > max_bytes:
@@ -138,7 +141,45 @@ def _wire_bytes(message: Message) -> int:
         metadata = len(orjson.dumps(message.metadata))
     except TypeError:  # integers beyond 64 bits: the send path bounds metadata at 16 KiB anyway
         metadata = 16 * 1024
-    return _MESSAGE_ENVELOPE_BYTES + metadata + (utf8_length(message.content) if message.content else 0)
+    attachments = _ATTACHMENT_BYTES * len(message.attachments)
+    return _MESSAGE_ENVELOPE_BYTES + attachments + metadata + (utf8_length(message.content) if message.content else 0)
+
+
+# What one attachment descriptor adds to a page, at most (a 255-character name, ids, URLs).
+_ATTACHMENT_BYTES = 1500
+
+
+def attachment_descriptor(attachment: Attachment) -> dict[str, Any]:
+    """The wire shape of an attachment: the upload's answer, and what messages, frames, history
+    and notifications carry (never the bytes)."""
+    return {
+        "attachment_id": str(attachment.pk),
+        "name": attachment.name,
+        "content_type": attachment.content_type,
+        "size": attachment.size,
+        "sha256": attachment.sha256,
+        "width": attachment.width,
+        "height": attachment.height,
+        "url": reverse("attachment-download", args=[attachment.pk]),
+        "thumbnail_url": reverse("attachment-thumbnail", args=[attachment.pk]) if attachment.has_thumbnail else None,
+    }
+
+
+def with_attachments(messages: Sequence[Message]) -> list[Message]:
+    """The messages with the descriptors of the attachments each carries, in one query (the store
+    does not keep them: the Attachment rows are their truth)."""
+    if not messages:
+        return []
+    found: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    rows = Attachment.objects.filter(
+        message_id__in=[message.message_id for message in messages], state=Attachment.State.ATTACHED
+    ).order_by("position")
+    for row in rows:
+        found.setdefault(row.message_id, []).append(attachment_descriptor(row))
+    return [
+        replace(message, attachments=tuple(found[message.message_id])) if message.message_id in found else message
+        for message in messages
+    ]
 
 
 def message_at(*, conversation: Conversation, seq: object) -> Message:
@@ -153,7 +194,7 @@ def message_at(*, conversation: Conversation, seq: object) -> Message:
         raise StoreUnavailable() from exc
     if message is None:
         raise NotFound("No such message.")
-    return message
+    return with_attachments([message])[0]
 
 
 def message_of(*, conversation_id: uuid.UUID, seq: int, message_id: uuid.UUID) -> Message | None:
@@ -164,7 +205,9 @@ def message_of(*, conversation_id: uuid.UUID, seq: int, message_id: uuid.UUID) -
         message = get_message_store().get(conversation_id, seq)
     except StoreError as exc:
         raise StoreUnavailable() from exc
-    return message if message is not None and message.message_id == message_id else None
+    if message is None or message.message_id != message_id:
+        return None
+    return with_attachments([message])[0]
 
 
 # --- the change log (SPEC 4.1) ---------------------------------------------------------------------
@@ -194,7 +237,7 @@ def change_range(
             message = None
             if change.kind == "updated":
                 message = store.get(conversation_id, change.seq)
-                message = message.inline() if message is not None else None
+                message = with_attachments([message.inline()])[0] if message is not None else None
             cost = _MESSAGE_ENVELOPE_BYTES + (_wire_bytes(message) if message is not None else 0)
             if kept and size + cost > max_bytes:
                 return ChangePage(kept, has_more=True)

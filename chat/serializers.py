@@ -52,11 +52,19 @@ class ReadMarkerInput(serializers.Serializer):
 
 class MessageSendInput(serializers.Serializer):
     conversation_id = serializers.UUIDField()
-    # Limits (10,000 bytes for text, 10 MiB otherwise) depend on the type: checked by the service.
-    content = serializers.CharField(trim_whitespace=False)
+    # Limits (10,000 bytes for text, 10 MiB otherwise) depend on the type: checked by the service,
+    # which also allows it empty when the message carries attachments.
+    content = serializers.CharField(trim_whitespace=False, allow_blank=True, default="")
     message_type = serializers.ChoiceField(choices=MESSAGE_TYPES, default="text")
     is_encrypted = serializers.BooleanField(default=False)
     metadata = serializers.DictField(required=False, default=dict, help_text="JSON object, at most 16 KiB.")
+    attachments = serializers.ListField(
+        child=serializers.UUIDField(),
+        required=False,
+        default=None,
+        allow_null=True,
+        help_text="1-10 of your own uploads (POST attachments/) that no message carries yet; content may then be empty.",
+    )
 
 
 class MessageEditInput(serializers.Serializer):
@@ -76,6 +84,20 @@ class ReportOutput(serializers.ModelSerializer):
         fields = ["id", "conversation_id", "seq", "message_id", "reason", "status", "created_at"]
 
 
+class AttachmentOutput(serializers.Serializer):
+    """What messages carry for each attachment, and what an upload answers; never the bytes."""
+
+    attachment_id = serializers.UUIDField()
+    name = serializers.CharField()
+    content_type = serializers.CharField(help_text="Sniffed from the bytes, not taken from the client.")
+    size = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    width = serializers.IntegerField(allow_null=True, help_text="Images only.")
+    height = serializers.IntegerField(allow_null=True, help_text="Images only.")
+    url = serializers.CharField(help_text="GET it for the bytes.")
+    thumbnail_url = serializers.CharField(allow_null=True, help_text="Images only.")
+
+
 class MessageOutput(serializers.Serializer):
     message_id = serializers.UUIDField()
     conversation_id = serializers.UUIDField()
@@ -90,6 +112,7 @@ class MessageOutput(serializers.Serializer):
     sent_at = serializers.DateTimeField()
     edited_at = serializers.DateTimeField(allow_null=True)
     deleted = serializers.BooleanField()
+    attachments = AttachmentOutput(many=True)
     content_omitted = serializers.BooleanField(
         required=False,
         help_text="Present (true) only in history pages and frames, when the content is over "

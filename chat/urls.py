@@ -1,6 +1,6 @@
 from django.urls import path
 
-from chat import views
+from chat import attachment_views, views
 
 urlpatterns = [
     path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
@@ -29,4 +29,12 @@ urlpatterns = [
         name="message-report",
     ),
     path("messages/", views.MessageSendView.as_view(), name="message-send"),
+    path("attachments/", attachment_views.AttachmentUploadView.as_view(), name="attachment-upload"),
+    # <str:>: a malformed id gets the same 403 as a foreign one, not a 404 that tells them apart.
+    path("attachments/<str:attachment_id>/", attachment_views.AttachmentDownloadView.as_view(), name="attachment-download"),
+    path(
+        "attachments/<str:attachment_id>/thumbnail/",
+        attachment_views.AttachmentThumbnailView.as_view(),
+        name="attachment-thumbnail",
+    ),
 ]

@@ -156,17 +156,67 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# Attachments (docs/attachments.md): their bytes and thumbnails live in the "attachments" storage,
+# local files by default, S3-compatible object storage with CHAT_ATTACHMENT_STORAGE=s3
+# (django-storages; downloads then redirect to a signed URL that expires within a minute).
+CHAT_ATTACHMENT_STORAGE = env_str("CHAT_ATTACHMENT_STORAGE", "local", choices=("local", "s3"))
+CHAT_ATTACHMENT_ROOT = env_str("CHAT_ATTACHMENT_ROOT", str(BASE_DIR / "media" / "attachments"))
+CHAT_S3_BUCKET = env_str("CHAT_S3_BUCKET", "chat-attachments")
+CHAT_S3_ENDPOINT_URL = env_str("CHAT_S3_ENDPOINT_URL")
+CHAT_S3_REGION = env_str("CHAT_S3_REGION", "us-east-1")
+# Empty: boto3's own credential chain (instance role, AWS_* variables, ~/.aws).
+CHAT_S3_ACCESS_KEY_ID = env_str("CHAT_S3_ACCESS_KEY_ID", secret=True)
+CHAT_S3_SECRET_ACCESS_KEY = env_str("CHAT_S3_SECRET_ACCESS_KEY", secret=True)
+# How long a signed download URL works (seconds).
+CHAT_ATTACHMENT_URL_SECONDS = 60
+
+
+def attachment_storage(kind: str) -> dict[str, object]:
+    """The STORAGES entry for attachments on `kind` ("local" or "s3"); tests switch with it."""
+    if kind == "local":
+        return {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            # No base_url: local files are served only through the download endpoint's access check.
+            "OPTIONS": {"location": CHAT_ATTACHMENT_ROOT, "base_url": None},
+        }
+    options: dict[str, object] = {
+        "bucket_name": CHAT_S3_BUCKET,
+        "region_name": CHAT_S3_REGION,
+        "querystring_auth": True,
+        "querystring_expire": CHAT_ATTACHMENT_URL_SECONDS,
+        "file_overwrite": True,  # object names are attachment ids: never a clash to avoid
+        "default_acl": None,  # private objects: readable through signed URLs only
+        "signature_version": "s3v4",
+        "addressing_style": "path",
+    }
+    if CHAT_S3_ENDPOINT_URL:
+        options["endpoint_url"] = CHAT_S3_ENDPOINT_URL
+    if CHAT_S3_ACCESS_KEY_ID:
+        options["access_key"] = CHAT_S3_ACCESS_KEY_ID
+        options["secret_key"] = CHAT_S3_SECRET_ACCESS_KEY
+    return {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": options}
+
+
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    "attachments": attachment_storage(CHAT_ATTACHMENT_STORAGE),
 }
+# Largest attachment (SPEC 4.1) and what one user's uploads may add up to.
+CHAT_MAX_ATTACHMENT_BYTES = env_int("CHAT_MAX_ATTACHMENT_BYTES", 25 * 1024 * 1024, minimum=1)
+CHAT_ATTACHMENT_QUOTA_BYTES = env_int("CHAT_ATTACHMENT_QUOTA_BYTES", 1024 * 1024 * 1024, minimum=1)
+# Uploads per user (each one is checked, measured and maybe decoded: CPU and disk, however small).
+CHAT_UPLOAD_RATE = env_rate("CHAT_UPLOAD_RATE", "60/min")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Inbound request bodies (core/bodylimit.py): over the cap, a JSON 413 before the body is buffered.
 # The default fits the largest JSON body, a 10 MiB message content plus its envelope and metadata.
 CHAT_MAX_REQUEST_BYTES = env_int("CHAT_MAX_REQUEST_BYTES", 11 * 1024 * 1024, minimum=64 * 1024)
-# Paths whose bodies have a cap of their own (exact path -> bytes), e.g. a multipart upload.
-CHAT_REQUEST_BODY_CAPS: dict[str, int] = {}
+# Paths whose bodies have a cap of their own (exact path -> bytes): the attachment upload takes
+# the largest attachment plus its multipart envelope (the file's own limit is exact, chat/uploads.py).
+ATTACHMENT_UPLOAD_PATH = "/api/v1/attachments/"
+MULTIPART_ENVELOPE_BYTES = 64 * 1024
+CHAT_REQUEST_BODY_CAPS: dict[str, int] = {ATTACHMENT_UPLOAD_PATH: CHAT_MAX_ATTACHMENT_BYTES + MULTIPART_ENVELOPE_BYTES}
 DATA_UPLOAD_MAX_MEMORY_SIZE = CHAT_MAX_REQUEST_BYTES
 
 REST_FRAMEWORK = {
@@ -346,6 +396,7 @@ LOGGING = {
 # Plain values and a factory, always defined: `manage.py cassandra_schema` and the tests use them. The
 # database alias and django-cassandra-engine are registered only when CHAT_MESSAGE_STORE=cassandra,
 # so the default run (SQLite, sql store) never opens a connection to Cassandra.
+
 from typing import Any  # noqa: E402
 
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy  # noqa: E402

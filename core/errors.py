@@ -48,10 +48,10 @@ class RateLimited(ChatError):
     code = "rate_limited"
     default_detail = "Too many messages; slow down."
 
-    def __init__(self, decision):
+    def __init__(self, decision, *, what: str = "messages"):
         self.decision = decision  # core.ratelimit.Decision
         self.retry_after = decision.reset
-        super().__init__(f"Too many messages; retry in {math.ceil(decision.reset)} s.")
+        super().__init__(f"Too many {what}; retry in {math.ceil(decision.reset)} s.")
 
 
 class IdempotencyMismatch(ChatError):
@@ -64,3 +64,15 @@ class StoreUnavailable(ChatError):
     status = 503
     code = "unavailable"
     default_detail = "The message store is unavailable; nothing was changed. Retry later."
+
+
+class TooLarge(ChatError):
+    """A body or file over a size limit, or over what the caller may still store."""
+
+    status = 413
+    code = "request_too_large"
+    default_detail = "Too large."
+
+
+class QuotaExceeded(TooLarge):
+    code = "quota_exceeded"

@@ -30,6 +30,7 @@ from accounts.models import User
 from chat.access import allowed_participants
 from chat.models import Conversation
 from chat.selectors import message_of
+from chat.services.attachments import attachments_sweep
 from chat.services.send import idempotency_keys_purge
 from chat.store import Message
 from notifications import metrics, queue
@@ -118,8 +119,10 @@ class Worker:
                     next_gauges = time.monotonic() + GAUGE_INTERVAL_SECONDS
                 if time.monotonic() >= next_purge:
                     self.purge_finished()
-                    # The service's one background process also sweeps expired idempotency records.
+                    # The service's one background process also sweeps expired idempotency records
+                    # and the attachments nobody may read any more (unsent for a day, or deleted).
                     idempotency_keys_purge()
+                    attachments_sweep()
                     next_purge = time.monotonic() + PURGE_INTERVAL_SECONDS
                 worked = self.run_once()
             except DatabaseError:

@@ -3,8 +3,10 @@
 #   - Redis (Debian's redis-server), daemonized on 127.0.0.1:${REDIS_PORT:-6379}, no persistence
 #   - Apache Cassandra 5.0 (org.apache.cassandra:cassandra-all from Maven Central) on JDK 17,
 #     CQL on 127.0.0.1:${CASSANDRA_PORT:-9042}
+#   - an S3 API server (moto's server mode, the `moto[server]` package of requirements.txt, run
+#     from the project's .venv) on 127.0.0.1:${S3_PORT:-9400}, in memory: for attachments
 #
-# Usage: scripts/services.sh start|stop|status [redis|cassandra]   (default: both)
+# Usage: scripts/services.sh start|stop|status [redis|cassandra|s3]   (default: all three)
 #
 #   start   installs what is missing, starts what is not answering, waits until it answers
 #           (idempotent: a service that already answers is left alone)
@@ -18,6 +20,7 @@
 #   CASSANDRA_START_TIMEOUT  seconds to wait for the first CQL query, default 180
 #   CASSANDRA_HEAP           max heap, default 1g (initial heap is 512m)
 #   CASSANDRA_JAVA_HOME      default /usr/lib/jvm/java-17-openjdk-amd64 (Cassandra 5.0 runs on 11/17 only)
+#   S3_PORT                  default 9400
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,6 +33,7 @@ CASSANDRA_PORT="${CASSANDRA_PORT:-9042}"
 CASSANDRA_START_TIMEOUT="${CASSANDRA_START_TIMEOUT:-180}"
 CASSANDRA_HEAP="${CASSANDRA_HEAP:-1g}"
 JDK17="${CASSANDRA_JAVA_HOME:-/usr/lib/jvm/java-17-openjdk-amd64}"
+S3_PORT="${S3_PORT:-9400}"
 
 RUN_DIR="$RUNTIME_DIR/run"
 LOG_DIR="$RUNTIME_DIR/logs"
@@ -40,6 +44,9 @@ CASS_LIB="$RUNTIME_DIR/cassandra/lib"
 CASS_DATA="$RUNTIME_DIR/cassandra/data"
 CASS_LOG_DIR="$LOG_DIR/cassandra"
 CASS_OUT="$CASS_LOG_DIR/cassandra.out"
+S3_PID="$RUN_DIR/s3.pid"
+S3_LOG="$LOG_DIR/s3.log"
+MOTO_SERVER="$REPO_ROOT/.venv/bin/moto_server"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -333,15 +340,57 @@ cassandra_status() {
   return 1
 }
 
+# ---------------------------------------------------------------- S3 (moto server)
+
+# One S3 call (ListBuckets, unsigned: moto answers it) with the standard library.
+s3_ping() {
+  python3 - "$S3_PORT" <<'PY' 2>/dev/null
+import sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=3) as response:
+    body = response.read()
+sys.exit(0 if response.status == 200 and b"ListAllMyBucketsResult" in body else 1)
+PY
+}
+
+s3_start() {
+  local t0 pid i
+  if s3_ping; then log "s3: already answering on 127.0.0.1:$S3_PORT"; return 0; fi
+  if [ ! -x "$MOTO_SERVER" ]; then
+    log "s3: $MOTO_SERVER missing; installing the project's requirements (make install)"
+    make -C "$REPO_ROOT" install >&2
+  fi
+  mkdir -p "$RUN_DIR" "$LOG_DIR"
+  t0="$(now)"
+  # setsid: own session, so the server outlives the shell (and CI step) that started it.
+  nohup setsid "$MOTO_SERVER" -H 127.0.0.1 -p "$S3_PORT" >"$S3_LOG" 2>&1 </dev/null 9>&- &
+  pid=$!
+  echo "$pid" >"$S3_PID"
+  for ((i = 0; i < 300; i++)); do
+    if s3_ping; then log "s3: up on 127.0.0.1:$S3_PORT in $(elapsed "$t0")s (pid $pid, log $S3_LOG)"; return 0; fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  log "s3: not answering on 127.0.0.1:$S3_PORT; last lines of $S3_LOG:"
+  tail -n 40 "$S3_LOG" >&2 2>/dev/null || true
+  return 1
+}
+
+s3_stop() { stop_pidfile s3 "$S3_PID" moto_server 30; }
+
+s3_status() {
+  if s3_ping; then echo "s3: up (127.0.0.1:$S3_PORT)"; return 0; fi
+  echo "s3: down (127.0.0.1:$S3_PORT)"; return 1
+}
+
 # ---------------------------------------------------------------- main
 
-usage() { echo "usage: $0 start|stop|status [redis|cassandra]" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|status [redis|cassandra|s3]" >&2; exit 2; }
 
 action="${1:-}"
 case "$action" in start|stop|status) ;; *) usage ;; esac
 case "${2:-all}" in
-  all) services=(redis cassandra) ;;
-  redis|cassandra) services=("$2") ;;
+  all) services=(redis cassandra s3) ;;
+  redis|cassandra|s3) services=("$2") ;;
   *) usage ;;
 esac
 

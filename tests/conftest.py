@@ -8,7 +8,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import User
 from chat.services import conversations
-from tests.services import cassandra_available, require
+from tests.services import S3_ENDPOINT_URL, cassandra_available, require, s3_available
 
 _names = itertools.count(1)
 
@@ -21,11 +21,50 @@ def _fresh_in_memory_layer(settings):
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     channel_layers.backends.clear()
     settings.CHAT_SEND_RATE = "10000/min"
+    settings.CHAT_UPLOAD_RATE = "10000/min"
     # Auth throttles off unless a test asks for them (tests/security/test_accounts.py).
     settings.CHAT_LOGIN_FAIL_RATE_USER = settings.CHAT_LOGIN_FAIL_RATE_ADDR = "100000/min"
     settings.CHAT_REGISTER_RATE = "100000/min"
     yield
     channel_layers.backends.clear()
+
+
+@pytest.fixture(autouse=True)
+def _attachments_in_tmp(settings, tmp_path):
+    """Each test stores attachments in a directory of its own (local storage); tests of object
+    storage switch to the S3 API server with the `s3_bucket` fixture (tests/chat/conftest.py)."""
+    settings.STORAGES = {**settings.STORAGES, "attachments": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(tmp_path / "attachments"), "base_url": None},
+    }}
+
+
+@pytest.fixture
+def s3_bucket(settings):
+    """Attachments in a bucket of their own on the S3 API server (skipped locally without it,
+    failing in CI); the boto3 Bucket, to count what is in it. Emptied and removed afterwards."""
+    require("The S3 API server", s3_available())
+    import boto3
+
+    from chatproject.settings import attachment_storage
+
+    name = f"test-attachments-{uuid.uuid4().hex[:12]}"
+    credentials = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
+    bucket = boto3.resource("s3", endpoint_url=S3_ENDPOINT_URL, **credentials).Bucket(name)
+    bucket.create()
+    settings.STORAGES = {**settings.STORAGES, "attachments": {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            **attachment_storage("s3")["OPTIONS"],
+            "bucket_name": name,
+            "endpoint_url": S3_ENDPOINT_URL,
+            "access_key": "test",
+            "secret_key": "test",
+        },
+    }}
+    yield bucket
+    bucket.objects.all().delete()
+    bucket.delete()
 
 
 @pytest.fixture
@@ -49,6 +88,14 @@ def client_for():
         return client
 
     return make
+
+
+@pytest.fixture
+def moderator(client, django_user_model):
+    """A superuser logged in to the admin through `client`."""
+    user = django_user_model.objects.create_superuser(username="mod", password="pw-for-mod-42")
+    client.force_login(user)
+    return user
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Real servers the tests use: Redis and Cassandra, started by `make services`.
+"""Real servers the tests use: Redis, Cassandra and an S3 API server, started by `make services`.
 
 On a laptop without them, their tests skip with the reason. In CI (CI=true, or
 CHAT_REQUIRE_SERVICES=1) a missing service fails the test instead: nothing silently skips there.
@@ -13,6 +13,7 @@ import pytest
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 CASSANDRA_HOST = os.environ.get("CASSANDRA_HOSTS", "127.0.0.1").split(",")[0]
 CASSANDRA_PORT = int(os.environ.get("CASSANDRA_PORT", "9042"))
+S3_ENDPOINT_URL = os.environ.get("TEST_S3_ENDPOINT_URL", f"http://127.0.0.1:{os.environ.get('S3_PORT', '9400')}")
 
 
 def services_required() -> bool:
@@ -38,6 +39,16 @@ def redis_available() -> bool:
 
 def cassandra_available() -> bool:
     return _port_open(CASSANDRA_HOST, CASSANDRA_PORT)
+
+
+def s3_available() -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(S3_ENDPOINT_URL + "/", timeout=1) as response:
+            return response.status == 200
+    except Exception:
+        return False
 
 
 def require(name: str, available: bool) -> None:

@@ -8,14 +8,6 @@ pytestmark = pytest.mark.django_db
 
 
 
-
-@pytest.fixture
-def moderator(client, django_user_model):
-    user = django_user_model.objects.create_superuser(username="mod", password="pw-for-mod-42")
-    client.force_login(user)
-    return user
-
-
 def test_ban_from_the_admin_closes_the_users_sockets(client, moderator, make_user, make_group, published, django_capture_on_commit_callbacks):
     alice, bob = make_user(), make_user()
     conversation = make_group(alice, bob)

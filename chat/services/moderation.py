@@ -4,7 +4,7 @@ write path, so no caller can skip them; every moderation action lands in the adm
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.contrib.admin.models import ADDITION, CHANGE, LogEntry
@@ -16,6 +16,7 @@ from chat import events
 from chat.access import access_conversation
 from chat.models import Ban, Conversation, Report
 from chat.selectors import message_at
+from chat.services.attachments import attachments_doom_message
 from chat.services.changes import change_record
 from chat.services.conversations import ban_create
 from chat.services.send import check_message_input, now_ms
@@ -97,6 +98,7 @@ def message_edit(*, editor: User, conversation_id: object, seq: object, content:
                 # Deleted between the read and the edit; the store kept the tombstone, and the
                 # rollback gives the change number back.
                 raise _message_was_deleted()
+            edited = replace(edited, attachments=message.attachments)  # an edit keeps them (the store does not hold them)
             events.message_updated(edited, change.change)
     except StoreError as exc:
         raise StoreUnavailable() from exc
@@ -117,6 +119,7 @@ def _tombstone(conversation: Conversation, message: Message) -> MessageChange:
                 transaction.set_rollback(True)  # nothing changed: give the number back
                 return MessageChange(current, None)
             tombstone = get_message_store().tombstone(conversation.id, message.seq)
+            attachments_doom_message(message_id=message.message_id)
             events.message_deleted(conversation.id, message.seq, change.change)
     except StoreError as exc:
         raise StoreUnavailable() from exc

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,6 +33,7 @@ from chat import events, metrics, sql
 from chat.access import access_participation
 from chat.models import IdempotencyKey
 from chat.selectors import message_of
+from chat.services.attachments import attachments_attach, check_attachment_ids
 from chat.signals import message_persisted
 from chat.store import Message, StoreError, get_message_store
 from core.errors import (
@@ -72,6 +73,7 @@ class SendRequest:
     is_encrypted: object = False
     metadata: object = None
     idempotency_key: object = None
+    attachments: object = None
     # Where an idempotency key error is reported: the REST header or the frame's field.
     idempotency_field: str = "Idempotency-Key"
     transport: str = "rest"
@@ -83,6 +85,7 @@ class MessageInput:
     message_type: str
     is_encrypted: bool
     metadata: dict[str, Any]
+    attachments: tuple[uuid.UUID, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +114,20 @@ def _utf8(text: str) -> bytes | None:
 
 
 def check_message_input(
-    *, content: object, message_type: object = "text", is_encrypted: object = False, metadata: object = None
+    *,
+    content: object,
+    message_type: object = "text",
+    is_encrypted: object = False,
+    metadata: object = None,
+    attachments: object = None,
 ) -> MessageInput:
     """Validate a message body against SPEC limits; raise ValidationFailed with field errors."""
     errors: dict[str, list[str]] = {}
+    try:
+        attachment_ids = check_attachment_ids(attachments)
+    except ValidationFailed as exc:
+        errors.update(exc.detail)
+        attachment_ids = ()
     if message_type not in MESSAGE_TYPES:
         errors["message_type"] = [f"Must be one of: {', '.join(MESSAGE_TYPES)}."]
     if not isinstance(is_encrypted, bool):
@@ -132,8 +145,8 @@ def check_message_input(
             errors["metadata"] = ["Must be valid Unicode (no lone surrogates or NUL characters)."]
         elif len(encoded) > MAX_METADATA_BYTES:
             errors["metadata"] = [f"At most {MAX_METADATA_BYTES} bytes when serialized."]
-    if not isinstance(content, str) or content == "":
-        errors["content"] = ["Must be a non-empty string."]
+    if not isinstance(content, str) or (content == "" and not attachment_ids):
+        errors["content"] = ["Must be a non-empty string (it may be empty when the message carries attachments)."]
     else:
         limit = MAX_TEXT_BYTES if message_type == "text" else MAX_MEDIA_BYTES
         # A character is 1 to 4 bytes in UTF-8: a string over the limit in characters is over it
@@ -145,7 +158,7 @@ def check_message_input(
             errors["content"] = ["Must be valid Unicode (no lone surrogates or NUL characters)."]
     if errors:
         raise ValidationFailed(errors)
-    return MessageInput(content, message_type, is_encrypted, metadata)
+    return MessageInput(content, message_type, is_encrypted, metadata, attachment_ids)
 
 
 def check_idempotency_key(key: object, *, field: str) -> str:
@@ -159,8 +172,11 @@ def check_idempotency_key(key: object, *, field: str) -> str:
 
 
 def _request_hash(conversation_id: uuid.UUID, body: MessageInput) -> str:
+    fields: list[Any] = [str(conversation_id), body.content, body.message_type, body.is_encrypted, body.metadata]
+    if body.attachments:  # only then: the hashes of records written before attachments stay valid
+        fields.append([str(attachment_id) for attachment_id in body.attachments])
     canonical = json.dumps(
-        [str(conversation_id), body.content, body.message_type, body.is_encrypted, body.metadata],
+        fields,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -308,6 +324,7 @@ def _accept(request: SendRequest) -> _Accepted:
         message_type=request.message_type,
         is_encrypted=request.is_encrypted,
         metadata=request.metadata,
+        attachments=request.attachments,
     )
     key = request.idempotency_key
     if key is not None:
@@ -358,6 +375,7 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
     started = time.perf_counter()
     earlier: list[tuple[int, _Accepted, IdempotencyKey]] = []
     created: list[tuple[int, _Accepted, Message]] = []
+    refused: list[tuple[int, SendOutcome]] = []
     try:
         with _relational_writer(), transaction.atomic():
             now = timezone.now()
@@ -366,8 +384,11 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
                 record = _earlier_send(send.request.sender.pk, send.key, now) if send.key is not None else None
                 if record is not None:
                     earlier.append((index, send, record))
-                else:
+                    continue
+                try:
                     created.append((index, send, _allocate(send, now)))
+                except ValidationFailed as exc:  # its uploads cannot be attached: this send alone fails
+                    refused.append((index, exc))
             get_message_store().insert(*(message for _, _, message in created))
             for _, send, message in created:
                 _commit_with(send, message)
@@ -381,13 +402,13 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
         record = IdempotencyKey.objects.filter(sender_id=send.request.sender.pk, key=send.key).first()
         if record is None:
             return [(index, StoreUnavailable())]
-        earlier, created = [(index, send, record)], []
+        earlier, created, refused = [(index, send, record)], [], []
     except (StoreError, DatabaseError) as exc:
         metrics.message_persisted.labels(status="error").inc(len(accepted))
         logger.error("persist failed for %d sends: %s", len(accepted), exc)
         return [(index, StoreUnavailable()) for index, _ in accepted]
 
-    outcomes: list[tuple[int, SendOutcome]] = []
+    outcomes: list[tuple[int, SendOutcome]] = refused
     for index, send, record in earlier:
         try:
             outcomes.append((index, _replay(record, send.request_hash, send.rate)))
@@ -405,34 +426,43 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
 
 
 def _allocate(send: _Accepted, now: datetime) -> Message:
-    """Inside the send's transaction: the seq, and the idempotency record beside it."""
-    seq = sql.allocate_seq(send.conversation_id, now)
-    body = send.body
-    message = Message(
-        message_id=uuid.uuid4(),
-        conversation_id=send.conversation_id,
-        seq=seq,
-        sender_id=send.request.sender.pk,
-        content=body.content,
-        message_type=body.message_type,
-        is_encrypted=body.is_encrypted,
-        metadata=body.metadata,
-        sent_at=now_ms(),
-    )
-    if send.key is not None:
-        # Before the store write: a concurrent duplicate fails here, not after a wasted write.
-        sql.insert_row(
-            IdempotencyKey(
-                sender_id=message.sender_id,
-                key=send.key,
-                request_hash=send.request_hash,
-                conversation_id=send.conversation_id,
-                seq=seq,
-                message_id=message.message_id,
-                created_at=now,
-            )
+    """Inside the send's transaction: the seq, the idempotency record beside it, and the uploads the
+    message carries (in a savepoint of their own: a list that cannot be attached gives back this
+    send's seq and record, and the other sends of its batch go on)."""
+    with transaction.atomic() if send.body.attachments else contextlib.nullcontext():
+        seq = sql.allocate_seq(send.conversation_id, now)
+        body = send.body
+        message = Message(
+            message_id=uuid.uuid4(),
+            conversation_id=send.conversation_id,
+            seq=seq,
+            sender_id=send.request.sender.pk,
+            content=body.content,
+            message_type=body.message_type,
+            is_encrypted=body.is_encrypted,
+            metadata=body.metadata,
+            sent_at=now_ms(),
         )
-    return message
+        if send.key is not None:
+            # Before the store write: a concurrent duplicate fails here, not after a wasted write.
+            sql.insert_row(
+                IdempotencyKey(
+                    sender_id=message.sender_id,
+                    key=send.key,
+                    request_hash=send.request_hash,
+                    conversation_id=send.conversation_id,
+                    seq=seq,
+                    message_id=message.message_id,
+                    created_at=now,
+                )
+            )
+        if body.attachments:
+            # After the key, so a concurrent duplicate fails on it (and replays), not on the uploads.
+            message = replace(message, attachments=attachments_attach(
+                sender_id=message.sender_id, attachment_ids=body.attachments, conversation_id=send.conversation_id,
+                message_id=message.message_id, seq=seq,
+            ))
+        return message
 
 
 def _commit_with(send: _Accepted, message: Message) -> None:

@@ -35,6 +35,9 @@ class Message:
     deleted: bool = False
     # Set by inline() only: content over CHAT_INLINE_CONTENT_BYTES was left out (content is None).
     content_omitted: bool = False
+    # The descriptors of the attachments the message carries (chat.services.attachments). Not kept
+    # by the store: the relational Attachment rows are their truth, and chat.selectors adds them.
+    attachments: tuple[dict[str, Any], ...] = ()
 
     def inline(self) -> "Message":
         """The message as frames and history pages carry it (SPEC sections 5 and 10): content over
@@ -60,6 +63,7 @@ class Message:
             "sent_at": self.sent_at.isoformat().replace("+00:00", "Z"),
             "edited_at": self.edited_at.isoformat().replace("+00:00", "Z") if self.edited_at else None,
             "deleted": self.deleted,
+            "attachments": list(self.attachments),
         }
         if self.content_omitted:
             shape["content_omitted"] = True

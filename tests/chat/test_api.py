@@ -217,8 +217,9 @@ class TestMessages:
         assert response.status_code == 201
         assert set(response.data) == {
             "message_id", "conversation_id", "seq", "sender_id", "content", "message_type",
-            "is_encrypted", "metadata", "sent_at", "edited_at", "deleted",
+            "is_encrypted", "metadata", "sent_at", "edited_at", "deleted", "attachments",
         }
+        assert response.data["attachments"] == []
         assert (response.data["seq"], response.data["sender_id"]) == (1, str(member.pk))
         assert published[0]["message"] == response.data
 

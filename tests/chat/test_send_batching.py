@@ -202,3 +202,19 @@ def test_on_sqlite_a_send_queues_behind_another_process_writing(make_user, make_
     assert done.wait(10)
     thread.join()
     assert Conversation.objects.get(pk=conversation.pk).last_seq == 1
+
+
+async def test_a_send_whose_uploads_cannot_be_attached_fails_alone_in_its_batch(store, batches, published, make_user, make_group):
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    conversation = await database_sync_to_async(make_group)(alice, bob)
+    outcomes = await send_together(
+        request(alice, conversation.id, "1"),
+        request(bob, conversation.id, "not yours", attachments=[str(uuid.uuid4())], idempotency_key="k"),
+        request(alice, conversation.id, "2"),
+    )
+    assert batches == [3]
+    assert isinstance(outcomes[1], ValidationFailed) and "attachments" in outcomes[1].detail
+    assert [(o.message.seq, o.message.content) for o in (outcomes[0], outcomes[2])] == [(1, "1"), (2, "2")]
+    assert await contents(store, conversation.id) == ["1", "2"]
+    # Its seq and its idempotency record went back with it: the key is free for a corrected retry.
+    assert not await database_sync_to_async(IdempotencyKey.objects.exists)()

@@ -67,6 +67,8 @@ class TestWebhook:
             "message_type": "text",
             "is_encrypted": False,
             "sent_at": message.sent_at.isoformat().replace("+00:00", "Z"),
+            "attachments": [],
+            "attachment_count": 0,
         }
 
     def test_a_tampered_body_does_not_verify(self, webhook, make_user, make_group, make_device, make_worker):
