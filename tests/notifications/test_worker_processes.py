@@ -119,8 +119,10 @@ def test_sigterm_finishes_the_delivery_in_flight_and_hands_back_the_rest(environ
     stopped_after = time.monotonic() - signalled
 
     assert worker.returncode == 0, output
-    # It waited for the receiver's answer to the request in flight, and started no other.
-    assert 1.0 < stopped_after < 2.9, stopped_after
+    # It waited for the receiver's answer to the request in flight, and started no other (the
+    # receiver saw one request; the other delivery was handed back). No upper bound on the time:
+    # on a loaded machine the exit itself can take seconds, and the count already says it all.
+    assert stopped_after > 1.0, stopped_after
     assert len(receiver.received) == 1
     assert stats(output) == {"expanded": 1, "sent": 1, "skipped": 0, "failed": 0, "dead": 0, "released": 1}
     rows = deliveries(database)
