@@ -17,7 +17,7 @@ WORKERS ?=
 # size limits), which bench/run.py uses too; a later option wins.
 DAPHNE_ARGS ?=
 
-.PHONY: run test test-postgres test-cluster install migrate cassandra-schema services services-stop services-status bench bench-smoke clean
+.PHONY: run test test-postgres test-cluster chaos install migrate cassandra-schema services services-stop services-status bench bench-smoke clean
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -62,6 +62,13 @@ bench: install
 # A short run of every scenario; fails on a gap, a duplicate or a broken harness (CI runs it).
 bench-smoke: install
 	$(PY) -m bench.run --smoke --out $${TMPDIR:-/tmp}/bench-smoke $(BENCH_ARGS)
+
+# Faults at random moments under load, then a checker (docs/reliability.md): starts and stops its
+# own PostgreSQL, three-node Cassandra, Redis, daphnes and worker. CHAOS_SEED replays a schedule.
+CHAOS_SECONDS ?= 300
+CHAOS_SEED ?=
+chaos: install
+	$(PY) -m chaos.run --seconds $(CHAOS_SECONDS) $(if $(strip $(CHAOS_SEED)),--seed $(CHAOS_SEED))
 
 services:
 	scripts/services.sh start
