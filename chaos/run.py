@@ -434,10 +434,9 @@ async def start_receiver(run: Run, port: int) -> web.AppRunner:
 # ---------------------------------------------------------------- the checker
 
 
-def check(run: Run, clients: Clients, services: Services) -> tuple[list[str], dict]:
-    violations: list[str] = []
+def read_histories(clients: Clients, services: Services, violations: list[str]) -> dict[str, list[dict]]:
+    """Each conversation's whole history, read back over REST in pages."""
     server = services.daphnes[0]
-    token = clients.users[0][1]
     histories: dict[str, list[dict]] = {}
     for name, conversation in clients.conversations.items():
         owner_token = clients.users[CONVERSATIONS[name][0]][1]
@@ -454,16 +453,19 @@ def check(run: Run, clients: Clients, services: Services) -> tuple[list[str], di
                 break
             after = page["results"][-1]["seq"]
         histories[name] = messages
-    del token
+    return histories
 
-    # Every acknowledged send is in history exactly once, in seq order, with no hole.
+
+def check_history(run: Run, histories: dict[str, list[dict]]) -> list[str]:
+    """Every acknowledged send is in history exactly once, in seq order, with no hole (a failed
+    send uses no seq); no idempotency key (the content) produced two messages."""
+    violations = []
     for name, messages in histories.items():
         seqs = [m["seq"] for m in messages]
         if seqs != list(range(1, len(seqs) + 1)):
             missing = sorted(set(range(1, max(seqs, default=0) + 1)) - set(seqs))
             violations.append(f"{name}: history seqs are not 1..{len(seqs)} in order (holes {missing[:10]})")
-        by_key = Counter(m["content"] for m in messages)
-        for key, count in by_key.items():
+        for key, count in Counter(m["content"] for m in messages).items():
             if count > 1:
                 violations.append(f"{name}: idempotency key {key} produced {count} messages")
         by_id = {m["message_id"]: m for m in messages}
@@ -473,8 +475,12 @@ def check(run: Run, clients: Clients, services: Services) -> tuple[list[str], di
             stored = by_id.get(send.message["message_id"])
             if stored is None or stored["seq"] != send.message["seq"] or stored["content"] != send.key:
                 violations.append(f"{name}: acknowledged send {send.key} (seq {send.message['seq']}) is not in history as acknowledged")
+    return violations
 
-    # Every client saw every message of its conversations exactly once, in order.
+
+def check_sockets(run: Run, histories: dict[str, list[dict]]) -> list[str]:
+    """Every user's socket for a conversation, over all its reconnects, got every message once, in order."""
+    violations = []
     for (user, name), record in run.sockets.items():
         last = len(histories[name])
         if record.seqs != list(range(1, last + 1)):
@@ -484,25 +490,39 @@ def check(run: Run, clients: Clients, services: Services) -> tuple[list[str], di
                 f"user {user} in {name}: received {len(record.seqs)} of {last} messages "
                 f"(missing {missing[:10]}, duplicated {duplicates[:10]}, in order: {record.seqs == sorted(record.seqs)})"
             )
+    return violations
 
-    # Every 5xx was a 503 inside a Cassandra fault window; sends with Redis down succeeded.
+
+def check_statuses(run: Run) -> tuple[list[str], Counter]:
+    """Every 5xx was a 503 that started inside a Cassandra fault window; sends that started with
+    Redis down succeeded (or were rate limited); no other 4xx than 429; every send was answered."""
+    violations: list[str] = []
     cassandra = [(s, e + CASSANDRA_GRACE) for kind, s, e in run.windows if kind == "cassandra_pause"]
     redis_down = [(s, e) for kind, s, e in run.windows if kind == "redis_restart"]
     status_counts: Counter = Counter()
     for send in run.sends:
-        for started, ended, status in send.responses:
+        for started, _, status in send.responses:
             status_counts[status] += 1
-            if isinstance(status, int) and status >= 500:
-                inside = any(s <= started <= e for s, e in cassandra)
-                if status != 503 or not inside:
-                    violations.append(f"send {send.key} at t={started:.1f}s: HTTP {status} outside a Cassandra fault window")
-            if isinstance(status, int) and any(s <= started <= e for s, e in redis_down) and status not in (200, 201, 429):
+            if not isinstance(status, int):
+                continue  # a lost connection (a daphne killed): the client retried
+            if status >= 500 and (status != 503 or not any(s <= started <= e for s, e in cassandra)):
+                violations.append(f"send {send.key} at t={started:.1f}s: HTTP {status} outside a Cassandra fault window")
+            if any(s <= started <= e for s, e in redis_down) and status not in (200, 201, 429):
                 violations.append(f"send {send.key} at t={started:.1f}s with Redis down: HTTP {status}")
-            if isinstance(status, int) and 400 <= status < 500 and status != 429:
+            if 400 <= status < 500 and status != 429:
                 violations.append(f"send {send.key} at t={started:.1f}s: HTTP {status}")
         if send.message is None and not any(status == 429 for _, _, status in send.responses):
             violations.append(f"send {send.key} was never acknowledged: {send.responses}")
+    return violations, status_counts
 
+
+def check(run: Run, clients: Clients, services: Services) -> tuple[list[str], dict]:
+    violations: list[str] = []
+    histories = read_histories(clients, services, violations)
+    violations += check_history(run, histories)
+    violations += check_sockets(run, histories)
+    status_violations, status_counts = check_statuses(run)
+    violations += status_violations
     notification_figures = check_notifications(run, clients, histories, violations)
     figures = {
         "seed": run.seed,
