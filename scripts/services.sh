@@ -467,10 +467,7 @@ cluster_status() {
 # database, both named $POSTGRES_DB, that may create databases (the tests create test_<name>).
 # PostgreSQL refuses to run as root: as root, the server runs as the package's `postgres` user.
 PG_DIR="$RUNTIME_DIR/postgres"
-PG_DATA="$PG_DIR/data"
-PG_SOCKET_DIR="$PG_DIR/socket"
 PG_PID="$RUN_DIR/postgres.pid"
-PG_LOG="$LOG_DIR/postgres.log"
 
 pg_bin_dir() {
   local dir
@@ -480,6 +477,18 @@ pg_bin_dir() {
 
 as_pg_owner() {
   if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# The server's files live in $RUNTIME_DIR/postgres, unless the runtime dir sits where the
+# `postgres` user cannot reach it (a checkout under /root): then in a directory of /var/tmp named
+# after the runtime dir, so each runtime dir keeps one server of its own.
+pg_paths() {
+  if [ "$(id -u)" -eq 0 ] && ! runuser -u postgres -- test -x "$RUNTIME_DIR" 2>/dev/null; then
+    PG_DIR="/var/tmp/chat-postgres-$(printf '%s' "$RUNTIME_DIR" | sha256sum | cut -c1-12)"
+  fi
+  PG_DATA="$PG_DIR/data"
+  PG_SOCKET_DIR="$PG_DIR/socket"
+  PG_LOG="$PG_DIR/postgres.log"
 }
 
 pg_ready() { "$(pg_bin_dir)/pg_isready" -q -h 127.0.0.1 -p "$POSTGRES_PORT" -t 3 2>/dev/null; }
@@ -492,12 +501,13 @@ postgres_start() {
   fi
   bin="$(pg_bin_dir)" || die "no PostgreSQL server binaries under /usr/lib/postgresql"
   if pg_ready; then log "postgres: already answering on 127.0.0.1:$POSTGRES_PORT"; return 0; fi
-  mkdir -p "$RUN_DIR" "$LOG_DIR" "$PG_SOCKET_DIR"
+  # Before pg_paths: the runtime dir is reachable when every parent is and it is o+x.
+  mkdir -p "$RUN_DIR" "$LOG_DIR"
+  [ "$(id -u)" -eq 0 ] && chmod o+x "$RUNTIME_DIR"
+  pg_paths
+  mkdir -p "$PG_SOCKET_DIR"
   if [ "$(id -u)" -eq 0 ]; then
     chown postgres: "$PG_DIR" "$PG_SOCKET_DIR"
-    touch "$PG_LOG" && chown postgres: "$PG_LOG"
-    # The server user must reach its data dir through every parent.
-    chmod o+x "$RUNTIME_DIR"
   fi
   if [ ! -s "$PG_DATA/PG_VERSION" ]; then
     log "postgres: initdb $PG_DATA"
@@ -524,6 +534,7 @@ SQL
 }
 
 postgres_stop() {
+  pg_paths
   # pg_ctl's fast shutdown ends the sessions and waits; the pidfile guards against stopping a
   # server this script did not start.
   if ! pid_alive "$PG_PID" postgres; then
