@@ -17,7 +17,7 @@ WORKERS ?=
 # size limits), which bench/run.py uses too; a later option wins.
 DAPHNE_ARGS ?=
 
-.PHONY: run test install migrate cassandra-schema services services-stop services-status bench bench-smoke clean
+.PHONY: run test test-postgres test-cluster chaos install migrate cassandra-schema services services-stop services-status bench bench-smoke clean
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -42,6 +42,19 @@ cassandra-schema: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The same suite on PostgreSQL, production's relational database: scripts/services.sh starts it
+# on 127.0.0.1:$(POSTGRES_PORT) (role and database `chat`) if it is not answering yet.
+POSTGRES_PORT ?= 5433
+test-postgres: install
+	POSTGRES_PORT=$(POSTGRES_PORT) scripts/services.sh start postgres
+	DATABASE_URL=postgres://chat@127.0.0.1:$(POSTGRES_PORT)/chat $(PY) -m pytest $(PYTEST_ARGS)
+
+# A three-node Cassandra losing nodes under a running daphne (docs/reliability.md); starts the
+# cluster (127.0.0.2-4) if needed and leaves it running: `scripts/services.sh stop cluster`.
+test-cluster: install
+	scripts/services.sh cluster
+	$(PY) -m pytest -m cassandra_cluster tests/test_cassandra_cluster.py $(PYTEST_ARGS)
+
 # The benchmark (docs/performance.md): needs `make services`; about 8 minutes.
 bench: install
 	$(PY) -m bench.run --out bench/results $(BENCH_ARGS)
@@ -49,6 +62,13 @@ bench: install
 # A short run of every scenario; fails on a gap, a duplicate or a broken harness (CI runs it).
 bench-smoke: install
 	$(PY) -m bench.run --smoke --out $${TMPDIR:-/tmp}/bench-smoke $(BENCH_ARGS)
+
+# Faults at random moments under load, then a checker (docs/reliability.md): starts and stops its
+# own PostgreSQL, three-node Cassandra, Redis, daphnes and worker. CHAOS_SEED replays a schedule.
+CHAOS_SECONDS ?= 300
+CHAOS_SEED ?=
+chaos: install
+	$(PY) -m chaos.run --seconds $(CHAOS_SECONDS) $(if $(strip $(CHAOS_SEED)),--seed $(CHAOS_SEED))
 
 services:
 	scripts/services.sh start

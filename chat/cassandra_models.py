@@ -78,6 +78,10 @@ class CassandraChange(Model):
 SCHEMA_MODELS: tuple[type[Model], ...] = (CassandraMessage, CassandraConversationBucket, CassandraChange)
 
 
+# Seconds a schema statement may take (the driver's own wait for schema agreement is 10 s).
+SCHEMA_CHANGE_TIMEOUT = 30.0
+
+
 def replication_cql(replication: dict[str, str | int]) -> str:
     """A CQL replication map literal, e.g. {'class': 'SimpleStrategy', 'replication_factor': 1}."""
     return "{" + ", ".join(f"'{name}': {value!r}" for name, value in replication.items()) + "}"
@@ -89,9 +93,17 @@ def sync_schema(connection: CassandraConnection, replication: dict[str, str | in
     Returns the names of the tables synced. An existing keyspace keeps its replication: changing
     replication on a live cluster is an operator's ALTER KEYSPACE plus a repair, not a side effect."""
     keyspace = connection.keyspace
-    connection.session.execute(
-        f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication_cql(replication)}"
-    )
-    for model in SCHEMA_MODELS:
-        management.sync_table(model, keyspaces=[keyspace], connections=[connection.alias])
+    # A schema change waits until every node has the new schema: on a loaded three-node cluster
+    # that took over the request timeout meant for sends (2 s). Only this connection's own
+    # statements get the longer bound, and only while they run.
+    profile = connection.session.cluster.profile_manager.default
+    request_timeout, profile.request_timeout = profile.request_timeout, max(profile.request_timeout, SCHEMA_CHANGE_TIMEOUT)
+    try:
+        connection.session.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication_cql(replication)}"
+        )
+        for model in SCHEMA_MODELS:
+            management.sync_table(model, keyspaces=[keyspace], connections=[connection.alias])
+    finally:
+        profile.request_timeout = request_timeout
     return [model.__table_name__ for model in SCHEMA_MODELS]

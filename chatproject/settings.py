@@ -399,7 +399,13 @@ LOGGING = {
 
 from typing import Any  # noqa: E402
 
-from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy  # noqa: E402
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, ExecutionProfile  # noqa: E402
+from cassandra.policies import (  # noqa: E402
+    ConstantSpeculativeExecutionPolicy,
+    DCAwareRoundRobinPolicy,
+    ExponentialReconnectionPolicy,
+    TokenAwarePolicy,
+)
 
 CASSANDRA_CONSISTENCY_LEVELS = ("ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE")
 
@@ -437,6 +443,10 @@ CASSANDRA_LOCAL_DC = env_str("CASSANDRA_LOCAL_DC")
 # Seconds: the longest a store call waits for Cassandra (each request, and each connection attempt)
 # before the send fails fast with 503 instead of holding a worker.
 CASSANDRA_REQUEST_TIMEOUT = env_float("CASSANDRA_REQUEST_TIMEOUT", 2.0, positive=True)
+# Seconds: an idempotent statement (inserts, reads) that has no answer from its replica by then is
+# also sent to the next replica, and the first answer wins. A node that crashed, hangs or is paused
+# then costs a send this delay instead of a 503 at CASSANDRA_REQUEST_TIMEOUT while a quorum is alive.
+CASSANDRA_SPECULATIVE_DELAY = env_float("CASSANDRA_SPECULATIVE_DELAY", 0.25, positive=True)
 # Native protocol version. v5 wraps every frame in checksummed segments that the Python driver
 # builds and verifies in Python (1.8 % of the server's Python CPU under load, docs/performance.md);
 # v4 leaves integrity to TCP, as every release before Cassandra 4.0 did.
@@ -449,7 +459,9 @@ def _cassandra_database(keyspace: str) -> dict[str, Any]:
     out of the OPTIONS it is given. lazy_connect + retry_connect: the process starts with Cassandra
     down and connects on first use, retrying on later uses until it succeeds. The reconnection
     policy caps the driver's retry delay for a node that went down at 5 s (the default grows to
-    10 min), so the service heals by itself within seconds of Cassandra's return."""
+    10 min), so the service heals by itself within seconds of Cassandra's return. The default
+    execution profile holds the per-request policies (the driver takes speculative execution only
+    from a profile) and the request timeout; cqlengine sets its row factory on it."""
     replication = (
         {"strategy_class": "SimpleStrategy", "replication_factor": CASSANDRA_REPLICATION["replication_factor"]}
         if CASSANDRA_REPLICATION["class"] == "SimpleStrategy"
@@ -470,12 +482,19 @@ def _cassandra_database(keyspace: str) -> dict[str, Any]:
                 "connect_timeout": CASSANDRA_REQUEST_TIMEOUT,
                 "control_connection_timeout": CASSANDRA_REQUEST_TIMEOUT,
                 "reconnection_policy": ExponentialReconnectionPolicy(base_delay=0.5, max_delay=5.0),
-                # Token aware: each statement goes straight to a replica of its partition.
-                "load_balancing_policy": TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=CASSANDRA_LOCAL_DC)),
+                "execution_profiles": {
+                    EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                        # Token aware: each statement goes straight to a replica of its partition.
+                        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=CASSANDRA_LOCAL_DC)),
+                        # Up to two more replicas (RF 3), for statements marked idempotent only.
+                        speculative_execution_policy=ConstantSpeculativeExecutionPolicy(
+                            delay=CASSANDRA_SPECULATIVE_DELAY, max_attempts=2
+                        ),
+                        # Bounds statement preparation too (the store passes the same to each execute).
+                        request_timeout=CASSANDRA_REQUEST_TIMEOUT,
+                    )
+                },
             },
-            # Applied by django-cassandra-engine to the driver's Session: bounds statement
-            # preparation too (the store passes the same timeout to each execute).
-            "session": {"default_timeout": CASSANDRA_REQUEST_TIMEOUT},
         },
     }
 

@@ -5,8 +5,13 @@
 #     CQL on 127.0.0.1:${CASSANDRA_PORT:-9042}
 #   - an S3 API server (moto's server mode, the `moto[server]` package of requirements.txt, run
 #     from the project's .venv) on 127.0.0.1:${S3_PORT:-9400}, in memory: for attachments
+#   - PostgreSQL (Debian's postgresql) on 127.0.0.1:${POSTGRES_PORT:-5433}, a cluster of its own in
+#     the runtime dir; role and database ${POSTGRES_DB:-chat}, trust authentication on loopback
 #
-# Usage: scripts/services.sh start|stop|status [redis|cassandra|s3]   (default: all three)
+#   - a three-node Cassandra cluster (`cluster`, only when asked for) on 127.0.0.2-4 (CLUSTER_HOSTS)
+#
+# Usage: scripts/services.sh start|stop|status [redis|cassandra|s3|postgres|cluster]
+#        (default: redis, cassandra, s3 and postgres); `scripts/services.sh cluster` = `start cluster`
 #
 #   start   installs what is missing, starts what is not answering, waits until it answers
 #           (idempotent: a service that already answers is left alone)
@@ -16,9 +21,14 @@
 # Environment:
 #   CHAT_SERVICES_DIR        runtime dir (jars, data, logs, pids); default <repo>/.services
 #   REDIS_PORT               default 6379
+#   POSTGRES_PORT            default 5433 (beside, not on, a system server's 5432)
+#   POSTGRES_DB              role and database name, default chat
 #   CASSANDRA_PORT           CQL port, default 9042
 #   CASSANDRA_START_TIMEOUT  seconds to wait for the first CQL query, default 180
 #   CASSANDRA_HEAP           max heap, default 1g (initial heap is 512m)
+#   CLUSTER_HOSTS            the cluster's three addresses, default "127.0.0.2 127.0.0.3 127.0.0.4"
+#   CLUSTER_CQL_PORT         CQL port on each of them, default 9042
+#   CLUSTER_HEAP             each node's max heap, default 512m (initial 256m)
 #   CASSANDRA_JAVA_HOME      default /usr/lib/jvm/java-17-openjdk-amd64 (Cassandra 5.0 runs on 11/17 only)
 #   S3_PORT                  default 9400
 set -euo pipefail
@@ -29,6 +39,8 @@ RUNTIME_DIR="${CHAT_SERVICES_DIR:-$REPO_ROOT/.services}"
 CASS_CONF_DIR="$REPO_ROOT/services/cassandra"
 
 REDIS_PORT="${REDIS_PORT:-6379}"
+POSTGRES_PORT="${POSTGRES_PORT:-5433}"
+POSTGRES_DB="${POSTGRES_DB:-chat}"
 CASSANDRA_PORT="${CASSANDRA_PORT:-9042}"
 CASSANDRA_START_TIMEOUT="${CASSANDRA_START_TIMEOUT:-180}"
 CASSANDRA_HEAP="${CASSANDRA_HEAP:-1g}"
@@ -144,15 +156,17 @@ redis_status() {
 
 # ---------------------------------------------------------------- Cassandra
 
-# One CQL round trip (native protocol v4: STARTUP, then SELECT release_version FROM system.local).
+# One CQL round trip (native protocol v4: STARTUP, then SELECT release_version FROM system.local)
+# to [host (127.0.0.1)] [port ($CASSANDRA_PORT)].
 # Prints the server's release_version and exits 0 only if the query returned a row.
 # Needs only python3's standard library; without python3, falls back to a TCP check.
 cql_ping() {
+  local host="${1:-127.0.0.1}" port="${2:-$CASSANDRA_PORT}"
   if command -v python3 >/dev/null 2>&1; then
-    python3 - "$CASSANDRA_PORT" <<'PY' 2>/dev/null
+    python3 - "$host" "$port" <<'PY' 2>/dev/null
 import socket, struct, sys
-port = int(sys.argv[1])
-s = socket.create_connection(("127.0.0.1", port), timeout=3)
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, port), timeout=3)
 s.settimeout(5)
 def frame(stream, op, body):
     return struct.pack(">BBhBi", 0x04, 0, stream, op, len(body)) + body
@@ -202,7 +216,7 @@ n = struct.unpack(">i", body[p:p + 4])[0]; p += 4
 print(body[p:p + n].decode())
 PY
   else
-    timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/'"$CASSANDRA_PORT" 2>/dev/null && echo "?"
+    timeout 3 bash -c 'exec 3<>/dev/tcp/'"$host/$port" 2>/dev/null && echo "?"
   fi
 }
 
@@ -243,11 +257,12 @@ ensure_cassandra_jars() {
   log "cassandra: $(ls "$CASS_LIB"/*.jar | wc -l) jars in $(elapsed "$t0")s"
 }
 
+# The JVM options of one node: cassandra_jvm_opts config.yaml storage-dir log-dir initial-heap max-heap cql-port
 cassandra_jvm_opts() {
-  local jamm
+  local config="$1" storage="$2" logdir="$3" heap_initial="$4" heap_max="$5" cql_port="$6" jamm
   jamm="$(ls "$CASS_LIB"/jamm-*.jar | head -n 1)"
   local opts=(
-    -Xms512m "-Xmx$CASSANDRA_HEAP" -Xss256k
+    "-Xms$heap_initial" "-Xmx$heap_max" -Xss256k
     -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxGCPauseMillis=300
     -XX:+ExitOnOutOfMemoryError -XX:+PerfDisableSharedMem
     "-javaagent:$jamm"
@@ -270,12 +285,12 @@ cassandra_jvm_opts() {
   done
   opts+=(
     -Djava.net.preferIPv4Stack=true
-    "-Dcassandra.config=file://$CASS_CONF_DIR/cassandra.yaml"
-    "-Dcassandra.storagedir=$CASS_DATA"
-    "-Dcassandra.logdir=$CASS_LOG_DIR"
+    "-Dcassandra.config=file://$config"
+    "-Dcassandra.storagedir=$storage"
+    "-Dcassandra.logdir=$logdir"
     "-Dcassandra.triggers_dir=$RUNTIME_DIR/cassandra/triggers"
     "-Dlogback.configurationFile=$CASS_CONF_DIR/logback.xml"
-    "-Dcassandra.native_transport_port=$CASSANDRA_PORT"
+    "-Dcassandra.native_transport_port=$cql_port"
     -Dcassandra-foreground=yes
     -Dcassandra.skip_wait_for_gossip_to_settle=0
     -Dcassandra.unsafesystem=true
@@ -294,7 +309,7 @@ cassandra_start() {
   else
     ensure_jdk17_and_maven
     ensure_cassandra_jars
-    mapfile -t opts < <(cassandra_jvm_opts)
+    mapfile -t opts < <(cassandra_jvm_opts "$CASS_CONF_DIR/cassandra.yaml" "$CASS_DATA" "$CASS_LOG_DIR" 512m "$CASSANDRA_HEAP" "$CASSANDRA_PORT")
     [ -s "$CASS_OUT" ] && mv -f "$CASS_OUT" "$CASS_OUT.prev"
     t0="$(now)"
     # setsid: own session, so the node outlives the shell (and CI step) that started it.
@@ -382,15 +397,222 @@ s3_status() {
   echo "s3: down (127.0.0.1:$S3_PORT)"; return 1
 }
 
+# ---------------------------------------------------------------- Cassandra cluster
+
+# Three nodes on loopback addresses of their own (127.0.0.2-4 by default: a single node may hold
+# 127.0.0.1, and every port here is per address), small heaps, one token each spread evenly over the
+# ring, all seeds and none bootstrapping, so the three start side by side. For tests and the chaos
+# run: keyspace with `SimpleStrategy:3`, LOCAL_QUORUM (docs/reliability.md).
+CLUSTER_HOSTS="${CLUSTER_HOSTS:-127.0.0.2 127.0.0.3 127.0.0.4}"
+CLUSTER_CQL_PORT="${CLUSTER_CQL_PORT:-9042}"
+CLUSTER_HEAP="${CLUSTER_HEAP:-512m}"
+CLUSTER_DIR="$RUNTIME_DIR/cluster"
+# Murmur3 tokens that split the ring in three equal parts.
+CLUSTER_TOKENS=(-9223372036854775808 -3074457345618258603 3074457345618258602)
+
+cluster_node_hosts() { read -r -a CLUSTER_NODES <<<"$CLUSTER_HOSTS"; [ "${#CLUSTER_NODES[@]}" -eq 3 ] || die "CLUSTER_HOSTS needs three addresses"; }
+cluster_node_pidfile() { echo "$RUN_DIR/cluster-node$1.pid"; }
+cluster_node_logdir() { echo "$CLUSTER_DIR/node$1/logs"; }
+
+cluster_node_config() { # node-number host -> path of its cassandra.yaml, written from the single node's
+  local n="$1" host="$2" seeds="" h config="$CLUSTER_DIR/node$1/cassandra.yaml"
+  for h in "${CLUSTER_NODES[@]}"; do seeds+="${seeds:+,}$h:7000"; done
+  sed -e "s/^cluster_name:.*/cluster_name: 'chat-cluster'/" \
+      -e "s/- seeds:.*/- seeds: \"$seeds\"/" \
+      -e "s/^listen_address:.*/listen_address: $host/" \
+      -e "s/^rpc_address:.*/rpc_address: $host/" \
+      "$CASS_CONF_DIR/cassandra.yaml" >"$config"
+  printf 'initial_token: %s\nauto_bootstrap: false\n' "${CLUSTER_TOKENS[$((n - 1))]}" >>"$config"
+  echo "$config"
+}
+
+# Starts node n unless its JVM is alive; returns at once.
+cluster_node_launch() {
+  local n="$1" host="$2" pidfile logdir config opts=() pid
+  pidfile="$(cluster_node_pidfile "$n")"
+  logdir="$(cluster_node_logdir "$n")"
+  if pid_alive "$pidfile" CassandraDaemon; then return 0; fi
+  mkdir -p "$CLUSTER_DIR/node$n/data" "$logdir" "$RUNTIME_DIR/cassandra/triggers"
+  config="$(cluster_node_config "$n" "$host")"
+  mapfile -t opts < <(cassandra_jvm_opts "$config" "$CLUSTER_DIR/node$n/data" "$logdir" 256m "$CLUSTER_HEAP" "$CLUSTER_CQL_PORT")
+  # A fresh system.log per start: readiness below counts the peers this run has seen come up.
+  [ -s "$logdir/system.log" ] && mv -f "$logdir/system.log" "$logdir/system.log.prev"
+  nohup setsid "$JDK17/bin/java" "${opts[@]}" -cp "$CASS_LIB/*" \
+    org.apache.cassandra.service.CassandraDaemon >"$logdir/cassandra.out" 2>&1 </dev/null 9>&- &
+  pid=$!
+  echo "$pid" >"$pidfile"
+  log "cluster: node$n started on $host (pid $pid, heap 256m..$CLUSTER_HEAP)"
+}
+
+# Up: CQL answers on the node and its gossip has seen both other nodes come up since it started.
+cluster_node_up() {
+  local n="$1" host="$2" h logdir
+  logdir="$(cluster_node_logdir "$n")"
+  cql_ping "$host" "$CLUSTER_CQL_PORT" >/dev/null || return 1
+  for h in "${CLUSTER_NODES[@]}"; do
+    [ "$h" = "$host" ] && continue
+    grep -q "/$h:7000 is now UP" "$logdir/system.log" 2>/dev/null || return 1
+  done
+}
+
+cluster_start() {
+  local t0 i n pending
+  cluster_node_hosts
+  ensure_jdk17_and_maven
+  ensure_cassandra_jars
+  t0="$(now)"
+  for i in 0 1 2; do
+    n=$((i + 1))
+    cql_ping "${CLUSTER_NODES[$i]}" "$CLUSTER_CQL_PORT" >/dev/null || cluster_node_launch "$n" "${CLUSTER_NODES[$i]}"
+  done
+  log "cluster: waiting up to ${CASSANDRA_START_TIMEOUT}s for CQL on ${CLUSTER_NODES[*]} (port $CLUSTER_CQL_PORT) and gossip among them"
+  while :; do
+    pending=()
+    for i in 0 1 2; do
+      cluster_node_up $((i + 1)) "${CLUSTER_NODES[$i]}" || pending+=($((i + 1)))
+    done
+    if [ "${#pending[@]}" -eq 0 ]; then
+      log "cluster: three nodes up in $(elapsed "$t0")s (CASSANDRA_HOSTS=$(IFS=,; echo "${CLUSTER_NODES[*]}"))"
+      return 0
+    fi
+    for n in "${pending[@]}"; do
+      if ! pid_alive "$(cluster_node_pidfile "$n")" CassandraDaemon && ! cql_ping "${CLUSTER_NODES[$((n - 1))]}" "$CLUSTER_CQL_PORT" >/dev/null; then
+        log "cluster: node$n exited; last lines of $(cluster_node_logdir "$n")/system.log:"
+        tail -n 40 "$(cluster_node_logdir "$n")/system.log" >&2 2>/dev/null || true
+        return 1
+      fi
+    done
+    if awk -v a="$t0" -v b="$(now)" -v t="$CASSANDRA_START_TIMEOUT" 'BEGIN { exit !(b - a > t) }'; then
+      log "cluster: node(s) ${pending[*]} not up after ${CASSANDRA_START_TIMEOUT}s (logs under $CLUSTER_DIR)"
+      return 1
+    fi
+    sleep 1
+  done
+}
+
+cluster_stop() {
+  local n
+  for n in 1 2 3; do stop_pidfile "cluster-node$n" "$(cluster_node_pidfile "$n")" CassandraDaemon 90 & done
+  wait
+}
+
+cluster_status() {
+  local i rc=0
+  cluster_node_hosts
+  for i in 0 1 2; do
+    if cql_ping "${CLUSTER_NODES[$i]}" "$CLUSTER_CQL_PORT" >/dev/null; then
+      echo "cluster node$((i + 1)): up (CQL ${CLUSTER_NODES[$i]}:$CLUSTER_CQL_PORT)"
+    else
+      echo "cluster node$((i + 1)): down (CQL ${CLUSTER_NODES[$i]}:$CLUSTER_CQL_PORT)"; rc=1
+    fi
+  done
+  return "$rc"
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+
+# Debian's postgresql server on 127.0.0.1:$POSTGRES_PORT with a cluster of its own under the runtime
+# dir (not the package's system cluster), trust authentication on loopback only, and one role and
+# database, both named $POSTGRES_DB, that may create databases (the tests create test_<name>).
+# PostgreSQL refuses to run as root: as root, the server runs as the package's `postgres` user.
+PG_DIR="$RUNTIME_DIR/postgres"
+PG_PID="$RUN_DIR/postgres.pid"
+
+pg_bin_dir() {
+  local dir
+  dir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+  [ -n "$dir" ] && [ -x "$dir/pg_ctl" ] && echo "$dir"
+}
+
+as_pg_owner() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# The server's files live in $RUNTIME_DIR/postgres, unless the runtime dir sits where the
+# `postgres` user cannot reach it (a checkout under /root): then in a directory of /var/tmp named
+# after the runtime dir, so each runtime dir keeps one server of its own.
+pg_paths() {
+  if [ "$(id -u)" -eq 0 ] && ! runuser -u postgres -- test -x "$RUNTIME_DIR" 2>/dev/null; then
+    PG_DIR="/var/tmp/chat-postgres-$(printf '%s' "$RUNTIME_DIR" | sha256sum | cut -c1-12)"
+  fi
+  PG_DATA="$PG_DIR/data"
+  PG_SOCKET_DIR="$PG_DIR/socket"
+  PG_LOG="$PG_DIR/postgres.log"
+}
+
+pg_ready() { "$(pg_bin_dir)/pg_isready" -q -h 127.0.0.1 -p "$POSTGRES_PORT" -t 3 2>/dev/null; }
+
+postgres_start() {
+  local bin t0 i pid
+  if [ -z "$(pg_bin_dir)" ]; then
+    # The package's post-install creates and may start a system cluster on 5432; ours is separate.
+    apt_install postgresql
+  fi
+  bin="$(pg_bin_dir)" || die "no PostgreSQL server binaries under /usr/lib/postgresql"
+  if pg_ready; then log "postgres: already answering on 127.0.0.1:$POSTGRES_PORT"; return 0; fi
+  # Before pg_paths: the runtime dir is reachable when every parent is and it is o+x.
+  mkdir -p "$RUN_DIR" "$LOG_DIR"
+  [ "$(id -u)" -eq 0 ] && chmod o+x "$RUNTIME_DIR"
+  pg_paths
+  mkdir -p "$PG_SOCKET_DIR"
+  if [ "$(id -u)" -eq 0 ]; then
+    chown postgres: "$PG_DIR" "$PG_SOCKET_DIR"
+  fi
+  if [ ! -s "$PG_DATA/PG_VERSION" ]; then
+    log "postgres: initdb $PG_DATA"
+    as_pg_owner "$bin/initdb" -D "$PG_DATA" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$PG_DIR/initdb.log" 2>&1 \
+      || { cat "$PG_DIR/initdb.log" >&2; die "postgres: initdb failed"; }
+  fi
+  t0="$(now)"
+  as_pg_owner "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -s -o \
+    "-c listen_addresses=127.0.0.1 -p $POSTGRES_PORT -k $PG_SOCKET_DIR -c fsync=off -c full_page_writes=off -c max_connections=200" \
+    start 9>&- || { tail -n 40 "$PG_LOG" >&2; die "postgres: pg_ctl start failed (log $PG_LOG)"; }
+  for ((i = 0; i < 300; i++)); do
+    if pg_ready; then break; fi
+    sleep 0.1
+  done
+  pg_ready || { tail -n 40 "$PG_LOG" >&2; die "postgres: not answering after 30s (log $PG_LOG)"; }
+  pid="$(head -n 1 "$PG_DATA/postmaster.pid")"
+  echo "$pid" >"$PG_PID"
+  # The application's role and database (idempotent).
+  "$bin/psql" -q -h 127.0.0.1 -p "$POSTGRES_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 >/dev/null <<SQL
+SELECT 'CREATE ROLE "$POSTGRES_DB" LOGIN CREATEDB' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$POSTGRES_DB')\gexec
+SELECT 'CREATE DATABASE "$POSTGRES_DB" OWNER "$POSTGRES_DB"' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$POSTGRES_DB')\gexec
+SQL
+  log "postgres: up on 127.0.0.1:$POSTGRES_PORT in $(elapsed "$t0")s (pid $pid, log $PG_LOG); DATABASE_URL=postgres://$POSTGRES_DB@127.0.0.1:$POSTGRES_PORT/$POSTGRES_DB"
+}
+
+postgres_stop() {
+  pg_paths
+  # pg_ctl's fast shutdown ends the sessions and waits; the pidfile guards against stopping a
+  # server this script did not start.
+  if ! pid_alive "$PG_PID" postgres; then
+    log "postgres: not running (no live pid in $PG_PID)"
+    rm -f "$PG_PID"
+    return 0
+  fi
+  log "postgres: stopping pid $(cat "$PG_PID")"
+  as_pg_owner "$(pg_bin_dir)/pg_ctl" -D "$PG_DATA" -s -m fast -w -t 60 stop || stop_pidfile postgres "$PG_PID" postgres 30
+  rm -f "$PG_PID"
+  log "postgres: stopped"
+}
+
+postgres_status() {
+  if [ -n "$(pg_bin_dir)" ] && pg_ready; then echo "postgres: up (127.0.0.1:$POSTGRES_PORT)"; return 0; fi
+  echo "postgres: down (127.0.0.1:$POSTGRES_PORT)"; return 1
+}
+
 # ---------------------------------------------------------------- main
 
-usage() { echo "usage: $0 start|stop|status [redis|cassandra|s3]" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|status [redis|cassandra|s3|postgres|cluster]  (or: $0 cluster)" >&2; exit 2; }
 
+# `cluster` alone starts the three-node cluster (it is never part of the default set).
+if [ "${1:-}" = cluster ] && [ $# -eq 1 ]; then set -- start cluster; fi
 action="${1:-}"
 case "$action" in start|stop|status) ;; *) usage ;; esac
 case "${2:-all}" in
-  all) services=(redis cassandra s3) ;;
-  redis|cassandra|s3) services=("$2") ;;
+  all) services=(redis cassandra s3 postgres) ;;
+  redis|cassandra|s3|postgres|cluster) services=("$2") ;;
   *) usage ;;
 esac
 

@@ -51,10 +51,10 @@ def s3_available() -> bool:
         return False
 
 
-def require(name: str, available: bool) -> None:
+def require(name: str, available: bool, start_with: str = "make services") -> None:
     if available:
         return
-    message = f"{name} is not running on loopback; start it with `make services`"
+    message = f"{name} is not running on loopback; start it with `{start_with}`"
     if services_required():
         pytest.fail(message + " (services are required in CI)", pytrace=False)
     pytest.skip(message)

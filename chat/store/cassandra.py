@@ -22,11 +22,31 @@ from cassandra import ConsistencyLevel, DriverException, OperationTimedOut
 from cassandra.cluster import NoHostAvailable, ResponseFuture, ResultSet, Session
 from cassandra.connection import ConnectionException
 from cassandra.cqlengine import CQLEngineException
+from cassandra.pool import HostConnection
 from cassandra.query import UNSET_VALUE, PreparedStatement
 from django.conf import settings
 from django_cassandra_engine.connection import CassandraConnection
 
 from chat.store import Change, HistoryPage, Message, MessageStore, StoreError
+
+_driver_borrow_connection = HostConnection.borrow_connection
+
+
+def _borrow_connection_failing_over_at_once(self: HostConnection, timeout: float, *args: Any, **kwargs: Any):
+    """The driver's HostConnection.borrow_connection, minus its wait on a pool whose connections
+    are all closed. A node that crashed closes its idle connection; the pool learns of it only when
+    a request hands that connection back, and the driver's borrow first waits a fixed 2 s (not the
+    request's timeout) for it to reopen, blocking the caller. The send then failed with a timeout
+    although two replicas of three were alive. Without the wait, the borrow returns the closed
+    connection, the send on it fails at once, the host is marked down and the request moves on to
+    the next replica in its plan (tests/test_cassandra_driver_failover.py, and the cluster test)."""
+    connections = list(self._connections.values())
+    if connections and all(connection.is_closed for connection in connections):
+        timeout = 0
+    return _driver_borrow_connection(self, timeout, *args, **kwargs)
+
+
+HostConnection.borrow_connection = _borrow_connection_failing_over_at_once
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +177,12 @@ class CassandraMessageStore(MessageStore):
             statement.consistency_level = self._consistency
             if lwt:
                 statement.serial_consistency_level = ConsistencyLevel.LOCAL_SERIAL
+            else:
+                # Reads, and inserts of fixed values at a fixed key: running one twice changes
+                # nothing, so the driver may send it to a second replica when the first is slow
+                # or dead (speculative execution, settings.CASSANDRA_SPECULATIVE_DELAY). A
+                # conditional update is not: its second run would report "not applied".
+                statement.is_idempotent = True
             return statement
 
         by_conversation = "{ks}.messages_by_conversation"

@@ -1,0 +1,679 @@
+"""`make chaos`: the service under load while faults hit it at random moments, then a checker
+that reads back what was acknowledged (docs/reliability.md).
+
+Everything it signals it starts itself and stops at the end, in a runtime dir of its own
+(CHAOS_DIR, default <repo>/.chaos): PostgreSQL on a free port and the three-node Cassandra through
+scripts/services.sh, a private redis-server, two daphne processes, the notification worker and a
+webhook receiver in this process. It never touches a shared Redis or Cassandra: if the cluster's
+addresses already answer, it refuses to start.
+
+    python -m chaos.run --seconds 300 [--seed N]
+
+The seed alone fixes the fault schedule (kinds, moments, targets, durations); it is printed first
+and last. Exit status 1 on any violation.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.live import LiveServer, free_port, migrate, server_env  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+
+SERVICES = str(ROOT / "scripts" / "services.sh")
+CLUSTER_NODES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+FAULT_KINDS = ("daphne_kill", "redis_restart", "cassandra_pause", "worker_kill", "drop_clients", "rate_burst")
+USERS = 6
+# Conversation -> member indexes: two groups that overlap in two users.
+CONVERSATIONS = {"A": [0, 1, 2, 3], "B": [2, 3, 4, 5]}
+SEND_RATE_PER_USER = "120/min"  # the burst fault goes past it; the steady load stays well under
+WEBHOOK_SECRET = "chaos-webhook-secret"
+# A 503 is accepted only inside a Cassandra fault window plus this much (the driver notices the
+# node is back within a few seconds).
+CASSANDRA_GRACE = 5.0
+
+
+def log(text: str) -> None:
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# ---------------------------------------------------------------- the fault schedule
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: float  # seconds after the load starts
+    kind: str
+    target: int  # daphne index, Cassandra node number, or user index; 0 where there is none
+    duration: float  # the SIGSTOP's length, the outage's length
+
+
+# Each fault gets a slot of at least this many seconds: the longest pause (15 s) and some calm.
+MIN_SLOT = 18.0
+
+
+def fault_schedule(seed: int, seconds: float) -> list[Fault]:
+    """One fault per slot of the run (10 s of calm first, 25 s at the end), at a random moment in
+    its slot: each fault ends before the next begins. From 251 s on (12 slots), every kind at least
+    twice; a shorter run draws as many kinds as fit, each at most twice."""
+    rng = random.Random(seed)
+    span = seconds - 35
+    count = max(1, int(span // 22)) if span >= 12 * MIN_SLOT else int(span // MIN_SLOT)
+    if count < 1:
+        raise SystemExit(f"{seconds:.0f} s leaves no room for a fault: give at least {35 + MIN_SLOT:.0f} s")
+    kinds = list(FAULT_KINDS) * 2
+    rng.shuffle(kinds)
+    kinds = kinds[:count] + [rng.choice(FAULT_KINDS) for _ in range(count - len(kinds))]
+    rng.shuffle(kinds)
+    slot = span / count
+    faults = []
+    for index, kind in enumerate(kinds):
+        at = 10 + index * slot + rng.uniform(0, slot - MIN_SLOT)
+        target = {"daphne_kill": rng.randrange(2), "cassandra_pause": rng.randint(1, 3), "rate_burst": rng.randrange(USERS)}.get(kind, 0)
+        duration = rng.uniform(5, 15) if kind == "cassandra_pause" else rng.uniform(1, 3)
+        faults.append(Fault(round(at, 2), kind, target, round(duration, 2)))
+    return faults
+
+
+# ---------------------------------------------------------------- what the clients record
+
+
+@dataclass
+class SendRecord:
+    user: int
+    conversation: str
+    key: str
+    responses: list[tuple[float, float, int | str]] = field(default_factory=list)  # (start, end, status or error)
+    message: dict | None = None  # the acknowledged message
+
+
+@dataclass
+class SocketLog:
+    """What one user's socket(s) for one conversation received over the whole run."""
+
+    seqs: list[int] = field(default_factory=list)
+    connects: int = 0
+    last_seq_at_first_ready: int | None = None
+
+
+@dataclass
+class Run:
+    seed: int
+    seconds: float
+    directory: Path
+    started: float = 0.0
+    sends: list[SendRecord] = field(default_factory=list)
+    sockets: dict[tuple[int, str], SocketLog] = field(default_factory=dict)
+    windows: list[tuple[str, float, float]] = field(default_factory=list)  # (kind, start, end) in run time
+    faults_done: Counter = field(default_factory=Counter)
+    webhook_hits: list[dict] = field(default_factory=list)
+    stopping: bool = False
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Services:
+    """Starts and stops what the run owns; `close` stops everything, whatever happened."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.env_services = dict(os.environ, CHAT_SERVICES_DIR=str(run.directory / "services"), POSTGRES_PORT=str(free_port()))
+        self.redis: RedisServer | None = None
+        self.daphnes: list[LiveServer] = []
+        self.worker: subprocess.Popen | None = None
+        self.worker_log = None
+        self.env: dict[str, str] = {}
+        self.cluster_started = False
+        self.postgres_started = False
+        self.paused: set[int] = set()
+
+    def services_sh(self, *args: str) -> None:
+        subprocess.run([SERVICES, *args], env=self.env_services, check=True)
+
+    def start(self, receiver_port: int) -> None:
+        from tests.services import _port_open
+
+        if any(_port_open(node, 9042) for node in CLUSTER_NODES):
+            raise SystemExit(
+                "a Cassandra already answers on 127.0.0.2-4: the chaos run starts and signals a cluster "
+                "of its own; stop that one first (scripts/services.sh stop cluster with its CHAT_SERVICES_DIR)"
+            )
+        # A fresh database and metrics directory every run; the cluster gets a fresh keyspace.
+        self.services_sh("stop", "postgres")
+        shutil.rmtree(self.run.directory / "services" / "postgres", ignore_errors=True)
+        shutil.rmtree(self.run.directory / "metrics", ignore_errors=True)
+        self.postgres_started = True
+        self.services_sh("start", "postgres")
+        self.cluster_started = True
+        self.services_sh("start", "cluster")
+        self.redis = RedisServer().start()
+        keyspace = f"chaos_{self.run.seed}_{uuid.uuid4().hex[:6]}"
+        self.env = server_env(
+            self.run.directory / "unused.sqlite3",
+            DATABASE_URL=f"postgres://chat@127.0.0.1:{self.env_services['POSTGRES_PORT']}/chat",
+            REDIS_URL=self.redis.url,
+            CHAT_MESSAGE_STORE="cassandra",
+            CASSANDRA_HOSTS=",".join(CLUSTER_NODES),
+            CASSANDRA_KEYSPACE=keyspace,
+            CASSANDRA_REPLICATION="SimpleStrategy:3",
+            CASSANDRA_CONSISTENCY="LOCAL_QUORUM",
+            CHAT_SEND_RATE=SEND_RATE_PER_USER,
+            CHAT_PUSH_BACKEND="webhook",
+            CHAT_WEBHOOK_URL=f"http://127.0.0.1:{receiver_port}/hook",
+            CHAT_WEBHOOK_SECRET=WEBHOOK_SECRET,
+            # A killed worker's claims come back after the lease, within the drain.
+            CHAT_NOTIFICATION_LEASE_SECONDS="10",
+            CHAT_NOTIFICATION_TIMEOUT="3",
+            CHAT_NOTIFICATION_POLL_INTERVAL="0.5",
+            PROMETHEUS_MULTIPROC_DIR=str(self.run.directory / "metrics"),
+            CHAT_MAX_FRAME_BYTES="2097152",  # as `make run` passes daphne
+        )
+        (self.run.directory / "metrics").mkdir(exist_ok=True)
+        migrate(self.env)
+        subprocess.run([sys.executable, "manage.py", "cassandra_schema"], cwd=ROOT, env=self.env, check=True,
+                       stdout=subprocess.DEVNULL)
+        self.daphnes = [LiveServer(self.env, self.run.directory / f"daphne{i}.log").start(timeout=60) for i in range(2)]
+        self.start_worker()
+
+    def start_worker(self) -> None:
+        self.worker_log = open(self.run.directory / "worker.log", "ab")
+        self.worker = subprocess.Popen(
+            [sys.executable, "manage.py", "run_notifications"], cwd=ROOT, env=self.env,
+            stdout=self.worker_log, stderr=subprocess.STDOUT,
+        )
+
+    def node_pid(self, number: int) -> int:
+        return int((self.run.directory / "services" / "run" / f"cluster-node{number}.pid").read_text())
+
+    def pause_node(self, number: int) -> None:
+        os.kill(self.node_pid(number), signal.SIGSTOP)
+        self.paused.add(number)
+
+    def resume_node(self, number: int) -> None:
+        os.kill(self.node_pid(number), signal.SIGCONT)
+        self.paused.discard(number)
+
+    def close(self) -> None:
+        for number in list(self.paused):
+            self.resume_node(number)
+        for daphne in self.daphnes:
+            daphne.stop()
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(15)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        if self.redis is not None:
+            self.redis.stop()
+        if self.cluster_started:
+            self.services_sh("stop", "cluster")
+        if self.postgres_started:
+            self.services_sh("stop", "postgres")
+
+
+# ---------------------------------------------------------------- clients
+
+
+class Clients:
+    def __init__(self, run: Run, services: Services) -> None:
+        self.run = run
+        self.services = services
+        self.rng = random.Random(run.seed + 1)  # the load's randomness, apart from the schedule's
+        self.users: list[tuple[str, str]] = []  # (id, token)
+        self.conversations: dict[str, str] = {}
+        self.sockets: dict[tuple[int, str], object] = {}
+        self.http: aiohttp.ClientSession | None = None
+
+    def daphne(self) -> LiveServer:
+        return self.rng.choice(self.services.daphnes)
+
+    def set_up(self) -> None:
+        server = self.services.daphnes[0]
+        for index in range(USERS):
+            user_id, token = server.signup(f"chaos{index}")
+            status, body, _ = server.request(
+                "POST", "/api/v1/push/devices/", {"kind": "fcm", "token": f"chaos-device-{index}", "name": "phone"}, token=token
+            )
+            assert status == 201, body
+            self.users.append((user_id, token))
+        for name, members in CONVERSATIONS.items():
+            owner, *others = members
+            status, body, _ = server.request(
+                "POST", "/api/v1/conversations/",
+                {"kind": "group", "title": name, "participant_ids": [self.users[m][0] for m in others]},
+                token=self.users[owner][1],
+            )
+            assert status == 201, body
+            self.conversations[name] = body["id"]
+            for member in members:
+                self.run.sockets[(member, name)] = SocketLog()
+
+    async def socket_loop(self, user: int, name: str) -> None:
+        """One user's socket for one conversation: reconnects (to either daphne) with after_seq =
+        the last seq it received, until the run stops and it has caught up."""
+        record = self.run.sockets[(user, name)]
+        token = self.users[user][1]
+        while True:
+            server = self.daphne()
+            after = record.seqs[-1] if record.seqs else 0
+            url = f"{server.ws}/ws/chat/?conversation_id={self.conversations[name]}&after_seq={after}"
+            try:
+                async with connect(url, additional_headers={"Authorization": f"Token {token}"}, open_timeout=5) as ws:
+                    self.sockets[(user, name)] = ws
+                    record.connects += 1
+                    async for raw in ws:
+                        frame = json.loads(raw)
+                        if frame["type"] == "ready" and record.last_seq_at_first_ready is None:
+                            record.last_seq_at_first_ready = frame["last_seq"]
+                        elif frame["type"] == "message.new":
+                            record.seqs.append(frame["message"]["seq"])
+            except Exception:  # a drop, a refused or failed handshake: reconnect (cancellation is not an Exception)
+                pass
+            finally:
+                self.sockets.pop((user, name), None)
+            if self.run.stopping and self.caught_up(user, name):
+                return
+            await asyncio.sleep(0.2)
+
+    def caught_up(self, user: int, name: str) -> bool:
+        return bool(self.run.sockets[(user, name)].seqs) and self.run.sockets[(user, name)].seqs[-1] >= self.last_acked_seq(name)
+
+    def last_acked_seq(self, name: str) -> int:
+        return max((s.message["seq"] for s in self.run.sends if s.conversation == name and s.message), default=0)
+
+    async def send(self, user: int, name: str, *, retries: int = 8) -> SendRecord:
+        """One send with an idempotency key, retried with the same key on a 5xx, a 429 or a lost
+        connection, to either daphne."""
+        key = f"u{user}-{uuid.uuid4().hex[:12]}"
+        record = SendRecord(user, name, key)
+        self.run.sends.append(record)
+        body = {"conversation_id": self.conversations[name], "content": key}
+        headers = {"Authorization": f"Token {self.users[user][1]}", "Idempotency-Key": key}
+        for attempt in range(retries):
+            server = self.daphne()
+            started = self.run.now()
+            try:
+                async with self.http.post(f"{server.http}/api/v1/messages/", json=body, headers=headers,
+                                          timeout=aiohttp.ClientTimeout(total=10)) as response:
+                    status = response.status
+                    payload = await response.json(content_type=None)
+                    retry_after = float(response.headers.get("Retry-After", "1"))
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                record.responses.append((started, self.run.now(), type(error).__name__))
+                await asyncio.sleep(0.3 * (attempt + 1))
+                continue
+            record.responses.append((started, self.run.now(), status))
+            if status in (200, 201):
+                record.message = payload
+                return record
+            if status == 429:
+                await asyncio.sleep(min(retry_after, 5))
+                continue
+            if status >= 500:
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            return record  # a 4xx other than 429: recorded, not retried (the checker flags it)
+        return record
+
+    async def sender_loop(self, user: int) -> None:
+        names = [name for name, members in CONVERSATIONS.items() if user in members]
+        while not self.run.stopping:
+            await self.send(user, self.rng.choice(names))
+            await asyncio.sleep(self.rng.uniform(0.6, 1.6))
+
+    async def burst(self, user: int) -> None:
+        """Past the rate limit: a quarter more sends at once than the per-minute budget."""
+        name = next(name for name, members in CONVERSATIONS.items() if user in members)
+        await asyncio.gather(*(self.send(user, name, retries=3) for _ in range(150)))
+
+    def drop(self, rng: random.Random) -> int:
+        """Cut about half the client sockets without a close frame, as a network drop would."""
+        victims = [ws for ws in list(self.sockets.values()) if rng.random() < 0.5]
+        for ws in victims:
+            ws.transport.abort()
+        return len(victims)
+
+
+# ---------------------------------------------------------------- faults
+
+
+async def inflict(fault: Fault, run: Run, services: Services, clients: Clients, rng: random.Random) -> None:
+    start = run.now()
+    if fault.kind == "daphne_kill":
+        daphne = services.daphnes[fault.target]
+        daphne.process.kill()
+        daphne.process.wait()
+        await asyncio.sleep(fault.duration)
+        await asyncio.to_thread(daphne.start, 60)
+        detail = f"daphne{fault.target} (port {daphne.port}) kill -9, restarted"
+    elif fault.kind == "redis_restart":
+        services.redis.stop()
+        await asyncio.sleep(fault.duration)
+        await asyncio.to_thread(services.redis.start)
+        detail = "Redis down and restarted (empty)"
+    elif fault.kind == "cassandra_pause":
+        services.pause_node(fault.target)
+        await asyncio.sleep(fault.duration)
+        services.resume_node(fault.target)
+        detail = f"Cassandra node{fault.target} SIGSTOP for {fault.duration:.1f} s, SIGCONT"
+    elif fault.kind == "worker_kill":
+        # Mid-delivery: right after the receiver got a request, while the worker has more under way.
+        hits = len(run.webhook_hits)
+        deadline = time.monotonic() + 10
+        while len(run.webhook_hits) == hits and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        services.worker.kill()
+        services.worker.wait()
+        await asyncio.sleep(fault.duration)
+        services.start_worker()
+        detail = "notification worker kill -9, restarted"
+    elif fault.kind == "drop_clients":
+        detail = f"{clients.drop(rng)} client sockets dropped"
+    else:
+        await clients.burst(fault.target)
+        detail = f"user {fault.target}: 150 sends at once (budget {SEND_RATE_PER_USER})"
+    run.windows.append((fault.kind, start, run.now()))
+    run.faults_done[fault.kind] += 1
+    log(f"t={start:6.1f}s..{run.now():6.1f}s {fault.kind}: {detail}")
+
+
+async def fault_loop(faults: list[Fault], run: Run, services: Services, clients: Clients) -> None:
+    rng = random.Random(run.seed + 2)
+    for fault in faults:
+        await asyncio.sleep(max(0.0, fault.at - run.now()))
+        await inflict(fault, run, services, clients, rng)
+
+
+# ---------------------------------------------------------------- webhook receiver
+
+
+async def start_receiver(run: Run, port: int) -> web.AppRunner:
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        expected = "sha256=" + hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(request.headers.get("X-Chat-Signature", ""), expected):
+            return web.Response(status=401)
+        run.webhook_hits.append(json.loads(body))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+# ---------------------------------------------------------------- the checker
+
+
+def read_histories(clients: Clients, services: Services, violations: list[str]) -> dict[str, list[dict]]:
+    """Each conversation's whole history, read back over REST in pages."""
+    server = services.daphnes[0]
+    histories: dict[str, list[dict]] = {}
+    for name, conversation in clients.conversations.items():
+        owner_token = clients.users[CONVERSATIONS[name][0]][1]
+        messages, after = [], 0
+        while True:
+            status, page, _ = server.request(
+                "GET", f"/api/v1/conversations/{conversation}/messages/?after_seq={after}&limit=200", token=owner_token
+            )
+            if status != 200:
+                violations.append(f"history of {name}: HTTP {status}")
+                break
+            messages += page["results"]
+            if not page["has_more"] or not page["results"]:
+                break
+            after = page["results"][-1]["seq"]
+        histories[name] = messages
+    return histories
+
+
+def check_history(run: Run, histories: dict[str, list[dict]]) -> list[str]:
+    """Every acknowledged send is in history exactly once, in seq order, with no hole (a failed
+    send uses no seq); no idempotency key (the content) produced two messages."""
+    violations = []
+    for name, messages in histories.items():
+        seqs = [m["seq"] for m in messages]
+        if seqs != list(range(1, len(seqs) + 1)):
+            missing = sorted(set(range(1, max(seqs, default=0) + 1)) - set(seqs))
+            violations.append(f"{name}: history seqs are not 1..{len(seqs)} in order (holes {missing[:10]})")
+        for key, count in Counter(m["content"] for m in messages).items():
+            if count > 1:
+                violations.append(f"{name}: idempotency key {key} produced {count} messages")
+        by_id = {m["message_id"]: m for m in messages}
+        for send in run.sends:
+            if send.conversation != name or send.message is None:
+                continue
+            stored = by_id.get(send.message["message_id"])
+            if stored is None or stored["seq"] != send.message["seq"] or stored["content"] != send.key:
+                violations.append(f"{name}: acknowledged send {send.key} (seq {send.message['seq']}) is not in history as acknowledged")
+    return violations
+
+
+def check_sockets(run: Run, histories: dict[str, list[dict]]) -> list[str]:
+    """Every user's socket for a conversation, over all its reconnects, got every message once, in order."""
+    violations = []
+    for (user, name), record in run.sockets.items():
+        last = len(histories[name])
+        if record.seqs != list(range(1, last + 1)):
+            duplicates = [s for s, c in Counter(record.seqs).items() if c > 1]
+            missing = sorted(set(range(1, last + 1)) - set(record.seqs))
+            violations.append(
+                f"user {user} in {name}: received {len(record.seqs)} of {last} messages "
+                f"(missing {missing[:10]}, duplicated {duplicates[:10]}, in order: {record.seqs == sorted(record.seqs)})"
+            )
+    return violations
+
+
+def check_statuses(run: Run) -> tuple[list[str], Counter]:
+    """Every 5xx was a 503 that started inside a Cassandra fault window; sends that started with
+    Redis down succeeded (or were rate limited); no other 4xx than 429; every send was answered."""
+    violations: list[str] = []
+    cassandra = [(s, e + CASSANDRA_GRACE) for kind, s, e in run.windows if kind == "cassandra_pause"]
+    redis_down = [(s, e) for kind, s, e in run.windows if kind == "redis_restart"]
+    status_counts: Counter = Counter()
+    for send in run.sends:
+        for started, _, status in send.responses:
+            status_counts[status] += 1
+            if not isinstance(status, int):
+                continue  # a lost connection (a daphne killed): the client retried
+            if status >= 500 and (status != 503 or not any(s <= started <= e for s, e in cassandra)):
+                violations.append(f"send {send.key} at t={started:.1f}s: HTTP {status} outside a Cassandra fault window")
+            if any(s <= started <= e for s, e in redis_down) and status not in (200, 201, 429):
+                violations.append(f"send {send.key} at t={started:.1f}s with Redis down: HTTP {status}")
+            if 400 <= status < 500 and status != 429:
+                violations.append(f"send {send.key} at t={started:.1f}s: HTTP {status}")
+        if send.message is None and not any(status == 429 for _, _, status in send.responses):
+            violations.append(f"send {send.key} was never acknowledged: {send.responses}")
+    return violations, status_counts
+
+
+def check(run: Run, clients: Clients, services: Services) -> tuple[list[str], dict]:
+    violations: list[str] = []
+    histories = read_histories(clients, services, violations)
+    violations += check_history(run, histories)
+    violations += check_sockets(run, histories)
+    status_violations, status_counts = check_statuses(run)
+    violations += status_violations
+    notification_figures = check_notifications(run, clients, histories, violations)
+    figures = {
+        "seed": run.seed,
+        "seconds": run.seconds,
+        "sends_acknowledged": sum(1 for s in run.sends if s.message),
+        "sends_attempted": len(run.sends),
+        "responses": {str(k): v for k, v in sorted(status_counts.items(), key=str)},
+        "messages_in_history": {name: len(m) for name, m in histories.items()},
+        "socket_connects": sum(r.connects for r in run.sockets.values()),
+        "faults": dict(run.faults_done),
+        **notification_figures,
+        "violations": len(violations),
+    }
+    return violations, figures
+
+
+def check_notifications(run: Run, clients: Clients, histories: dict[str, list[dict]], violations: list[str]) -> dict:
+    """Every notification due reached the receiver exactly once per device, counted by delivery id,
+    or is in the dead letters with a reason."""
+    from notifications.models import Delivery, OutboxEntry
+
+    entries = {str(e.message_id): e for e in OutboxEntry.objects.all()}
+    for name, messages in histories.items():
+        for message in messages:
+            entry = entries.get(message["message_id"])
+            if entry is None:
+                violations.append(f"{name} seq {message['seq']}: no outbox entry (its notifications were never queued)")
+            elif entry.status != "done":
+                violations.append(f"{name} seq {message['seq']}: outbox entry {entry.status} after the drain ({entry.last_error})")
+    received = defaultdict(int)
+    for hit in run.webhook_hits:
+        received[int(hit["delivery_id"])] += 1
+    deliveries = list(Delivery.objects.select_related("outbox").all())
+    per_device = Counter((d.outbox_id, d.device_id) for d in deliveries)
+    for (outbox, device), count in per_device.items():
+        if count > 1:
+            violations.append(f"outbox {outbox}: {count} deliveries to device {device}")
+    statuses = Counter(d.status for d in deliveries)
+    for delivery in deliveries:
+        if delivery.status == "done" and not received[delivery.id]:
+            violations.append(f"delivery {delivery.id} is done but the receiver never got it")
+        elif delivery.status == "dead" and not delivery.last_error:
+            violations.append(f"delivery {delivery.id} is dead without a reason")
+        elif delivery.status == "pending":
+            violations.append(f"delivery {delivery.id} still pending after the drain")
+    known = {d.id for d in deliveries}
+    for delivery_id in received:
+        if delivery_id not in known:
+            violations.append(f"the receiver got delivery {delivery_id}, which does not exist")
+    # Each message is due to every other member's device, except a member whose read marker
+    # already covered it when the worker expanded it: here, one who sent a later message there
+    # (a send moves its sender's marker), since nobody else moves a marker in this run.
+    user_index = {user_id: index for index, (user_id, _) in enumerate(clients.users)}
+    delivered_to = {(d.outbox.message_id, d.user_id) for d in deliveries}
+    for name, messages in histories.items():
+        last_sent = defaultdict(int)  # user index -> seq of their latest message
+        for message in messages:
+            last_sent[user_index[message["sender_id"]]] = message["seq"]
+        for message in messages:
+            for member in CONVERSATIONS[name]:
+                user_id = clients.users[member][0]
+                if user_id == message["sender_id"] or last_sent[member] > message["seq"]:
+                    continue
+                if (uuid.UUID(message["message_id"]), uuid.UUID(user_id)) not in delivered_to:
+                    violations.append(f"{name} seq {message['seq']}: no delivery to user {member}'s device")
+    return {
+        "deliveries": dict(statuses),
+        "webhook_requests": len(run.webhook_hits),
+        "webhook_repeats_same_delivery_id": sum(c - 1 for c in received.values() if c > 1),
+    }
+
+
+# ---------------------------------------------------------------- main
+
+
+async def drain(run: Run, clients: Clients, seconds: float = 90) -> None:
+    """Wait until every socket has every acknowledged message and no notification is pending."""
+    from notifications.models import Delivery, OutboxEntry
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sockets_done = all(clients.caught_up(u, n) for (u, n) in run.sockets)
+        pending = await asyncio.to_thread(
+            lambda: OutboxEntry.objects.filter(status="pending").count() + Delivery.objects.filter(status="pending").count()
+        )
+        if sockets_done and pending == 0:
+            return
+        await asyncio.sleep(1)
+    log("drain: not everything settled within the drain time; the checker reports what is missing")
+
+
+async def main_async(run: Run, services: Services) -> int:
+    receiver_port = free_port()
+    receiver = await start_receiver(run, receiver_port)
+    try:
+        await asyncio.to_thread(services.start, receiver_port)
+        import django
+
+        os.environ.update({k: v for k, v in services.env.items() if k in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")})
+        django.setup()
+        clients = Clients(run, services)
+        await asyncio.to_thread(clients.set_up)
+        faults = fault_schedule(run.seed, run.seconds)
+        async with aiohttp.ClientSession() as http:
+            clients.http = http
+            run.started = time.monotonic()
+            log(f"load on for {run.seconds:.0f} s: {USERS} users, {len(run.sockets)} sockets, {len(faults)} faults")
+            socket_tasks = [asyncio.create_task(clients.socket_loop(u, n)) for (u, n) in run.sockets]
+            senders = [asyncio.create_task(clients.sender_loop(u)) for u in range(USERS)]
+            faults_task = asyncio.create_task(fault_loop(faults, run, services, clients))
+            await asyncio.sleep(run.seconds)
+            await faults_task
+            run.stopping = True
+            await asyncio.gather(*senders)
+            log("load off; draining")
+            await drain(run, clients)
+            for ws in list(clients.sockets.values()):
+                await ws.close()
+            await asyncio.wait(socket_tasks, timeout=10)
+            for task in socket_tasks:
+                task.cancel()
+            violations, figures = await asyncio.to_thread(check, run, clients, services)
+    finally:
+        await receiver.cleanup()
+    (run.directory / "result.json").write_text(json.dumps(figures, indent=2))
+    for violation in violations[:50]:
+        log(f"VIOLATION {violation}")
+    log(json.dumps(figures))
+    log(f"{len(violations)} violations; seed {run.seed} (rerun: make chaos CHAOS_SEED={run.seed} CHAOS_SECONDS={run.seconds:.0f})")
+    return 1 if violations else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=float(os.environ.get("CHAOS_SECONDS") or 300))
+    parser.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(10**6)))
+    args = parser.parse_args()
+    directory = Path(os.environ.get("CHAOS_DIR") or ROOT / ".chaos").resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    run = Run(seed=args.seed, seconds=args.seconds, directory=directory)
+    faults = fault_schedule(run.seed, run.seconds)  # refuses a run too short for the schedule, before starting anything
+    log(f"seed {run.seed}; runtime dir {directory}; fault schedule:")
+    for fault in faults:
+        log(f"  t={fault.at:6.1f}s {fault.kind} target={fault.target} duration={fault.duration}s")
+    services = Services(run)
+    try:
+        status = asyncio.run(main_async(run, services))
+    finally:
+        services.close()
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
