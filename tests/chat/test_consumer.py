@@ -254,6 +254,19 @@ class TestDelivery:
         assert (updated["type"], updated["change"]) == ("message.updated", 1)
         await b.disconnect()
 
+    async def test_events_for_user_streams_pass_a_conversation_socket_by(self, trio, make_group):
+        # A rename (conversation.updated) and a join elsewhere (conversation.joined, on the user's
+        # own group) are for user streams; the conversation socket carries on.
+        alice, bob, _, conversation = trio
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        await database_sync_to_async(conversations.conversation_update)(actor=alice, conversation_id=conversation.id, title="new")
+        await database_sync_to_async(make_group)(alice, bob, title="another")
+        assert await nothing_but_presence(b)
+        await send_over_rest_path(alice, conversation, "still here")
+        assert [m["content"] for m in await receive_messages(b, 1)] == ["still here"]
+        await b.disconnect()
+
     async def test_malformed_after_change_is_refused(self, trio):
         _, bob, _, conversation = trio
         for bad in ("-1", "x", "9" * 30):
