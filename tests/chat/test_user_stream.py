@@ -218,6 +218,31 @@ class TestMembership:
         assert await quiet(b)
         await b.disconnect()
 
+    async def test_a_rejoin_whose_event_overtook_the_leave_is_not_lost(self, team, monkeypatch):
+        # Two processes: bob's removal and his re-adding are published by different ones, and the
+        # join's event arrives first (passed over: the stream still carries the conversation).
+        alice, bob, _, one, _ = team
+        b, _ = await open_stream(bob)
+        held: list[tuple[str, dict]] = []
+        real = events._apublish_to
+
+        async def hold_the_leave(group, event):
+            if event.get("type") == "conversation.left":
+                held.append((group, event))
+                return True
+            return await real(group, event)
+
+        monkeypatch.setattr(events, "_apublish_to", hold_the_leave)
+        await remove(alice, one, bob)
+        await add(alice, one, bob)
+        monkeypatch.undo()
+        await events._apublish_to(*held[0])  # the leave, late
+        left, joined = await receive(b), await receive(b)
+        assert (left["type"], joined["type"], joined["conversation_id"]) == ("conversation.left", "conversation.joined", str(one.id))
+        await send_over_rest_path(alice, one, "bob is back")
+        assert (await receive(b))["message"]["content"] == "bob is back"
+        await b.disconnect()
+
     async def test_title_change_is_announced(self, team):
         alice, bob, _, one, _ = team
         b, _ = await open_stream(bob)
