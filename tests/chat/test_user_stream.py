@@ -17,7 +17,14 @@ from chat.fanout import get_fanout
 from chat.models import Ban, Participant
 from chat.services import conversations, moderation
 from chatproject.asgi import application
-from tests.chat.test_consumer import expect_close, open_socket, receive, send_over_rest_path, token_headers
+from tests.chat.test_consumer import (
+    expect_close,
+    open_socket,
+    receive,
+    send_over_rest_path,
+    send_with_its_publish_lost,
+    token_headers,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -197,9 +204,7 @@ class TestMembership:
         # conversation.left, because the left carries where the conversation stood.
         alice, bob, _, one, _ = team
         b, _ = await open_stream(bob)
-        monkeypatch.setattr(events, "message_new", lambda message: None)
-        await send_over_rest_path(alice, one, "sent while bob was a member")
-        monkeypatch.undo()
+        await send_with_its_publish_lost(monkeypatch, alice, one, "sent while bob was a member")
         await remove(alice, one, bob)
         new, left = await receive(b), await receive(b)
         assert (new["type"], new["message"]["content"]) == ("message.new", "sent while bob was a member")
@@ -399,9 +404,7 @@ class TestResume:
         # and the stream does not send it again.
         alice, bob, _, one, _ = team
         b, _ = await open_stream(bob)
-        monkeypatch.setattr(events, "message_new", lambda message: None)
-        await send_over_rest_path(alice, one, "seen elsewhere")
-        monkeypatch.undo()
+        await send_with_its_publish_lost(monkeypatch, alice, one, "seen elsewhere")
         await b.send_json_to({"type": "resume", "cursors": {str(one.id): {"seq": 1}}})
         assert (await receive(b))["type"] == "resumed"
         await send_over_rest_path(alice, one, "next")
