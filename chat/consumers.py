@@ -34,7 +34,7 @@ from chat.presence import get_presence
 from core.threads import in_thread
 from chat.services.conversations import read_marker_set
 from chat.services.send import SendRequest, amessage_send
-from chat.selectors import Standing, access_lost_reason, stream_standings
+from chat.selectors import Standing, access_lost_reason, conversation_shape, stream_standings
 
 logger = logging.getLogger(__name__)
 
@@ -874,6 +874,16 @@ class UserStreamConsumer(ChatSocket):
             await feed.catch_up_now(event["last_seq"], event["last_change"])
         await self._close_feed(conversation_id)
         await self._send_json({"type": "conversation.left", "conversation_id": str(conversation_id), "reason": event["reason"]})
+        # Joins and leaves of one user are published by whichever process made them: a re-join's
+        # event may have overtaken this leave's, and was passed over while the stream still
+        # carried the conversation. The rule says which is the present.
+        standings = await in_thread(stream_standings)(user=self.user, conversation_ids=[conversation_id])
+        if standings and event.get("last_seq") is not None:
+            shape = await in_thread(conversation_shape)(conversation_id=conversation_id)
+            await self._joined(
+                {"conversation_id": str(conversation_id), "conversation": shape,
+                 "last_seq": event["last_seq"], "last_change": event["last_change"]}
+            )
 
     async def _account_revoked(self, event: dict) -> None:
         if event["user_id"] == str(self.user.pk):

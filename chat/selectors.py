@@ -64,6 +64,20 @@ def stream_standings(*, user, conversation_ids: list[uuid.UUID] | None = None, l
     return [Standing(*row) for row in (rows[:limit] if limit is not None else rows)]
 
 
+def conversation_object(conversation: Conversation) -> dict:
+    """The conversation as REST shows it (GET conversations/{id}/), as plain JSON values: what
+    conversation.joined and conversation.updated carry."""
+    from rest_framework.renderers import JSONRenderer
+
+    from chat.serializers import ConversationOutput  # the serializers import the services, which import this
+
+    return orjson.loads(JSONRenderer().render(ConversationOutput(conversation).data))
+
+
+def conversation_shape(*, conversation_id: uuid.UUID) -> dict:
+    return conversation_object(Conversation.objects.get(pk=conversation_id))
+
+
 def access_lost_reason(*, user, conversation_id: uuid.UUID) -> str:
     """Why the user may no longer read the conversation, as conversation.left or a close says it:
     "inactive" (the account), "banned", or "removed" (no longer a participant)."""

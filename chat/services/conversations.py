@@ -2,7 +2,6 @@
 revocation that follows every loss of access, whatever path caused it."""
 from __future__ import annotations
 
-import json
 import uuid
 
 from django.conf import settings
@@ -12,6 +11,7 @@ from accounts.models import User
 from chat import events
 from chat.access import access_conversation
 from chat.models import Ban, Conversation, Participant
+from chat.selectors import conversation_object
 from core.errors import NotAllowed, NotFound, ValidationFailed
 
 
@@ -149,16 +149,6 @@ def ban_create(*, actor: User | None, conversation: Conversation, user: User, re
         conversation=conversation, user=user, defaults={"banned_by": actor, "reason": reason}
     )
     return ban
-
-
-def conversation_object(conversation: Conversation) -> dict:
-    """The conversation as REST shows it (GET conversations/{id}/), as plain JSON values: what
-    conversation.joined and conversation.updated carry."""
-    from rest_framework.renderers import JSONRenderer
-
-    from chat.serializers import ConversationOutput  # the serializers import the services
-
-    return json.loads(JSONRenderer().render(ConversationOutput(conversation).data))
 
 
 def _standing(conversation_id: uuid.UUID) -> tuple[int, int]:

@@ -76,6 +76,13 @@ def trio(make_user, make_group):
     return alice, bob, carol, make_group(alice, bob)
 
 
+async def send_with_its_publish_lost(monkeypatch, sender, conversation, content):
+    """A send whose message.new never reaches the channel layer: only the store has it."""
+    with monkeypatch.context() as patched:
+        patched.setattr(events, "message_new", lambda message: None)
+        await send_over_rest_path(sender, conversation, content)
+
+
 async def send_over_rest_path(user, conversation, content="hi", **kwargs):
     return await database_sync_to_async(sending.message_send)(sending.SendRequest(
         sender=user, conversation_id=conversation.id, content=content, **kwargs
@@ -245,13 +252,24 @@ class TestDelivery:
         alice, bob, _, conversation = trio
         b, _ = await open_socket(bob, conversation)
         await receive(b)
-        monkeypatch.setattr(events, "message_new", lambda message: None)
-        await send_over_rest_path(alice, conversation, "typo")
-        monkeypatch.undo()
+        await send_with_its_publish_lost(monkeypatch, alice, conversation, "typo")
         await database_sync_to_async(moderation.message_edit)(editor=alice, conversation_id=conversation.id, seq=1, content="fixed")
         new, updated = await receive(b), await receive(b)
         assert (new["type"], new["message"]["content"]) == ("message.new", "fixed")
         assert (updated["type"], updated["change"]) == ("message.updated", 1)
+        await b.disconnect()
+
+    async def test_events_for_user_streams_pass_a_conversation_socket_by(self, trio, make_group):
+        # A rename (conversation.updated) and a join elsewhere (conversation.joined, on the user's
+        # own group) are for user streams; the conversation socket carries on.
+        alice, bob, _, conversation = trio
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        await database_sync_to_async(conversations.conversation_update)(actor=alice, conversation_id=conversation.id, title="new")
+        await database_sync_to_async(make_group)(alice, bob, title="another")
+        assert await nothing_but_presence(b)
+        await send_over_rest_path(alice, conversation, "still here")
+        assert [m["content"] for m in await receive_messages(b, 1)] == ["still here"]
         await b.disconnect()
 
     async def test_malformed_after_change_is_refused(self, trio):

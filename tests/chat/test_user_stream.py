@@ -17,7 +17,14 @@ from chat.fanout import get_fanout
 from chat.models import Ban, Participant
 from chat.services import conversations, moderation
 from chatproject.asgi import application
-from tests.chat.test_consumer import expect_close, open_socket, receive, send_over_rest_path, token_headers
+from tests.chat.test_consumer import (
+    expect_close,
+    open_socket,
+    receive,
+    send_over_rest_path,
+    send_with_its_publish_lost,
+    token_headers,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -197,9 +204,7 @@ class TestMembership:
         # conversation.left, because the left carries where the conversation stood.
         alice, bob, _, one, _ = team
         b, _ = await open_stream(bob)
-        monkeypatch.setattr(events, "message_new", lambda message: None)
-        await send_over_rest_path(alice, one, "sent while bob was a member")
-        monkeypatch.undo()
+        await send_with_its_publish_lost(monkeypatch, alice, one, "sent while bob was a member")
         await remove(alice, one, bob)
         new, left = await receive(b), await receive(b)
         assert (new["type"], new["message"]["content"]) == ("message.new", "sent while bob was a member")
@@ -216,6 +221,31 @@ class TestMembership:
         assert (joined["type"], joined["conversation_id"], joined["carried"]) == ("conversation.joined", str(third.id), False)
         await send_over_rest_path(carol, third, "read it over REST")
         assert await quiet(b)
+        await b.disconnect()
+
+    async def test_a_rejoin_whose_event_overtook_the_leave_is_not_lost(self, team, monkeypatch):
+        # Two processes: bob's removal and his re-adding are published by different ones, and the
+        # join's event arrives first (passed over: the stream still carries the conversation).
+        alice, bob, _, one, _ = team
+        b, _ = await open_stream(bob)
+        held: list[tuple[str, dict]] = []
+        real = events._apublish_to
+
+        async def hold_the_leave(group, event):
+            if event.get("type") == "conversation.left":
+                held.append((group, event))
+                return True
+            return await real(group, event)
+
+        monkeypatch.setattr(events, "_apublish_to", hold_the_leave)
+        await remove(alice, one, bob)
+        await add(alice, one, bob)
+        monkeypatch.undo()
+        await events._apublish_to(*held[0])  # the leave, late
+        left, joined = await receive(b), await receive(b)
+        assert (left["type"], joined["type"], joined["conversation_id"]) == ("conversation.left", "conversation.joined", str(one.id))
+        await send_over_rest_path(alice, one, "bob is back")
+        assert (await receive(b))["message"]["content"] == "bob is back"
         await b.disconnect()
 
     async def test_title_change_is_announced(self, team):
@@ -374,9 +404,7 @@ class TestResume:
         # and the stream does not send it again.
         alice, bob, _, one, _ = team
         b, _ = await open_stream(bob)
-        monkeypatch.setattr(events, "message_new", lambda message: None)
-        await send_over_rest_path(alice, one, "seen elsewhere")
-        monkeypatch.undo()
+        await send_with_its_publish_lost(monkeypatch, alice, one, "seen elsewhere")
         await b.send_json_to({"type": "resume", "cursors": {str(one.id): {"seq": 1}}})
         assert (await receive(b))["type"] == "resumed"
         await send_over_rest_path(alice, one, "next")
