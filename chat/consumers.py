@@ -421,7 +421,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("delivery failed on conversation %s", self.conversation_id)
             raise
 
-    message_new = message_updated = message_deleted = typing = presence = read = conversation_event
+    message_new = message_updated = message_deleted = reaction_added = reaction_removed = conversation_event
+    typing = presence = read = conversation_event
 
     async def membership_revoked(self, event: dict) -> None:
         """Removed or banned from this conversation, or deactivated (then sent to the user's group)."""
@@ -494,6 +495,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                         message_type=frame.get("message_type", "text"),
                         is_encrypted=frame.get("is_encrypted", False),
                         metadata=frame.get("metadata"),
+                        reply_to=frame.get("reply_to"),
                         idempotency_key=client_message_id,
                         idempotency_field="client_message_id",
                         transport="websocket",

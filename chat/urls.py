@@ -15,6 +15,7 @@ urlpatterns = [
         views.ParticipantDetailView.as_view(),
         name="participant-detail",
     ),
+    path("conversations/<uuid:conversation_id>/mute/", views.ConversationMuteView.as_view(), name="conversation-mute"),
     path("conversations/<uuid:conversation_id>/read/", views.ReadMarkerView.as_view(), name="read-marker"),
     path("conversations/<uuid:conversation_id>/changes/", views.ChangeListView.as_view(), name="change-list"),
     path("conversations/<uuid:conversation_id>/messages/", views.MessageHistoryView.as_view(), name="message-history"),
@@ -27,6 +28,21 @@ urlpatterns = [
         "conversations/<uuid:conversation_id>/messages/<int:seq>/report/",
         views.MessageReportView.as_view(),
         name="message-report",
+    ),
+    path(
+        "conversations/<uuid:conversation_id>/messages/<int:seq>/replies/",
+        views.MessageRepliesView.as_view(),
+        name="message-replies",
+    ),
+    path(
+        "conversations/<uuid:conversation_id>/messages/<int:seq>/edits/",
+        views.MessageEditsView.as_view(),
+        name="message-edits",
+    ),
+    path(
+        "conversations/<uuid:conversation_id>/messages/<int:seq>/reactions/<str:emoji>/",
+        views.ReactionView.as_view(),
+        name="message-reaction",
     ),
     path("messages/", views.MessageSendView.as_view(), name="message-send"),
 ]

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,7 +28,7 @@ from accounts.models import User
 from chat import events, metrics, sql
 from chat.access import access_participant_id
 from chat.models import IdempotencyKey
-from chat.selectors import message_of
+from chat.selectors import committed_message, message_of
 from chat.signals import message_persisted
 from chat.store import Message, StoreError, get_message_store
 from core.errors import (
@@ -66,6 +66,7 @@ class SendRequest:
     message_type: object = "text"
     is_encrypted: object = False
     metadata: object = None
+    reply_to: object = None  # the seq of the message this one replies to (SPEC 4.1)
     idempotency_key: object = None
     # Where an idempotency key error is reported: the REST header or the frame's field.
     idempotency_field: str = "Idempotency-Key"
@@ -78,6 +79,7 @@ class MessageInput:
     message_type: str
     is_encrypted: bool
     metadata: dict[str, Any]
+    reply_to: int | None = None  # set by check_reply_to, once the conversation is known
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +155,24 @@ def check_idempotency_key(key: object, *, field: str) -> str:
     return key
 
 
+def check_reply_to(conversation_id: uuid.UUID, reply_to: object) -> int:
+    """A reply names a message of the same conversation that is not deleted (SPEC 4.1); a seq the
+    conversation has not reached (another conversation's, say) is no message of it."""
+    if isinstance(reply_to, bool) or not isinstance(reply_to, int) or not 1 <= reply_to < 2**63:
+        raise ValidationFailed({"reply_to": ["Must be the seq of a message of this conversation."]})
+    message = committed_message(conversation_id=conversation_id, seq=reply_to)
+    if message is None:
+        raise ValidationFailed({"reply_to": ["No such message in this conversation."]})
+    if message.deleted:
+        raise ValidationFailed({"reply_to": ["That message was deleted."]})
+    return reply_to
+
+
 def _request_hash(conversation_id: uuid.UUID, body: MessageInput) -> str:
+    # reply_to only when there is one: the hashes of records written before replies existed hold.
+    reply = [body.reply_to] if body.reply_to is not None else []
     canonical = json.dumps(
-        [str(conversation_id), body.content, body.message_type, body.is_encrypted, body.metadata],
+        [str(conversation_id), body.content, body.message_type, body.is_encrypted, body.metadata, *reply],
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -239,6 +256,8 @@ def _message_persist(request: SendRequest) -> SendResult:
         metrics.message_send_unauthorized.inc()
         raise
     metrics.message_delivery_duration.labels(step="authorize").observe(time.perf_counter() - started)
+    if request.reply_to is not None:
+        body = replace(body, reply_to=check_reply_to(conversation_id, request.reply_to))
 
     request_hash = _request_hash(conversation_id, body) if key is not None else ""
     started = time.perf_counter()
@@ -294,6 +313,7 @@ def _persist(
         is_encrypted=body.is_encrypted,
         metadata=body.metadata,
         sent_at=now_ms(),
+        reply_to=body.reply_to,
     )
     if key is not None:
         # Before the store write: a concurrent duplicate fails here, not after a wasted write.
