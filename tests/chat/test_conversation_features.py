@@ -11,7 +11,15 @@ import chat.services.reactions  # noqa: F401 (imported before `message_store` sw
 from chat.models import Conversation, Participant
 from chat.services.reactions import MAX_DISTINCT_EMOJI
 from chat.services import conversations
-from tests.chat.test_moderation import message_store, message_url, send, trio  # noqa: F401 (fixtures)
+from tests.chat.test_moderation import (  # noqa: F401 (fixtures)
+    browser_url,
+    message_store,
+    message_url,
+    moderator_client,
+    send,
+    staff_client,
+    trio,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -335,3 +343,18 @@ class TestEditHistory:
         send(bob, conversation)
         assert client_for(bob).get(message_url(conversation, 1, "edits/"), query).status_code == 400
         assert client_for(bob).get(message_url(conversation, 2, "edits/")).status_code == 404
+
+    def test_the_admin_message_browser_shows_it_to_moderators(self, message_store, trio, client_for, moderator_client, staff_client):
+        _, bob, _, conversation = trio
+        send(bob, conversation, "draft one")
+        self.edit(client_for(bob), conversation, 1, "draft two")
+        self.edit(client_for(bob), conversation, 1, "final <b>text</b>")
+        client, _ = moderator_client
+        page = client.get(browser_url(conversation)).content.decode()
+        assert "2 earlier versions" in page
+        assert page.index("draft two") < page.index("draft one")  # newest first
+        assert "final &lt;b&gt;text&lt;/b&gt;" in page  # escaped like every content
+        # Staff who may only view conversations see the message as it is, not what it was.
+        viewer, _ = staff_client("view_conversation")
+        viewed = viewer.get(browser_url(conversation)).content.decode()
+        assert "final &lt;b&gt;text&lt;/b&gt;" in viewed and "draft one" not in viewed and "earlier version" not in viewed
