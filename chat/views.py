@@ -225,7 +225,7 @@ class MessageDetailView(APIView):
         )
         return Response({**_shown(request, [edited.message])[0], "change": edited.change})
 
-    @extend_schema(responses=MessageChangeOutput)
+    @extend_schema(responses={200: MessageChangeOutput})
     def delete(self, request, conversation_id, seq):
         """Delete a message (its sender, the conversation's owner or admins, staff moderators). It
         stays as a tombstone: deleted=true, content and metadata removed; the tombstone is returned.
@@ -272,10 +272,15 @@ class MessageEditsView(APIView):
         return Response({"results": [edit.as_dict() for edit in edits], "has_more": has_more})
 
 
+EMOJI_PARAMETER = OpenApiParameter(
+    "emoji", OpenApiTypes.STR, OpenApiParameter.PATH, description="1-64 bytes of UTF-8, no whitespace; percent-encoded."
+)
+
+
 class ReactionView(APIView):
     permission_classes = MEMBER_ONLY
 
-    @extend_schema(request=None, responses={201: ReactionChangeOutput, 200: ReactionChangeOutput})
+    @extend_schema(request=None, parameters=[EMOJI_PARAMETER], responses={201: ReactionChangeOutput, 200: ReactionChangeOutput})
     def put(self, request, conversation_id, seq, emoji):
         """React to a message with `emoji` (1-64 bytes of UTF-8, no whitespace; URL-encoded).
         201 with the change number it took; 200 with change null when you had reacted so already.
@@ -284,7 +289,7 @@ class ReactionView(APIView):
         result = reactions.reaction_add(user=request.user, conversation_id=conversation_id, seq=seq, emoji=emoji)
         return Response(result.as_dict(), status=status.HTTP_200_OK if result.change is None else status.HTTP_201_CREATED)
 
-    @extend_schema(responses=ReactionChangeOutput)
+    @extend_schema(parameters=[EMOJI_PARAMETER], responses={200: ReactionChangeOutput})
     def delete(self, request, conversation_id, seq, emoji):
         """Take your reaction back: 200 with the change number it took, or change null when you
         had not reacted so. Connected clients get reaction.removed."""
