@@ -10,21 +10,24 @@ connected member receives, so a script cannot flood a conversation with them ins
 """
 from __future__ import annotations
 
+import logging
 import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
 from accounts.models import User
 from chat import events, metrics
 from chat.access import access_conversation
 from chat.selectors import message_at
 from chat.services.changes import change_record
-from chat.store import Reactions, StoreError, get_message_store, utf8_length
+from chat.store import MessageStore, Reactions, StoreError, get_message_store, utf8_length
 from core.errors import NotFound, RateLimited, StoreUnavailable, ValidationFailed
 from core.ratelimit import get_send_rate_limiter
+
+logger = logging.getLogger(__name__)
 
 MAX_EMOJI_BYTES = 64
 MAX_DISTINCT_EMOJI = 50
@@ -92,6 +95,7 @@ def _reaction_set(*, user: User, conversation_id: object, seq: object, emoji: ob
         raise RateLimited(rate)
     store = get_message_store()
     kind = "reaction.added" if present else "reaction.removed"
+    written = False
     try:
         with transaction.atomic():
             # The change number first: it locks the conversation's row, so what is read below
@@ -111,14 +115,33 @@ def _reaction_set(*, user: User, conversation_id: object, seq: object, emoji: ob
                 return ReactionChange(conversation.id, message.seq, emoji, user.pk, None, reactions)
             if present and emoji not in reactions and len(reactions) >= MAX_DISTINCT_EMOJI:
                 raise ValidationFailed({"emoji": [f"A message has at most {MAX_DISTINCT_EMOJI} distinct emoji."]})
-            if present:
-                store.reaction_add(conversation.id, message.seq, emoji, user.pk)
-            else:
-                store.reaction_remove(conversation.id, message.seq, emoji, user.pk)
+            _store_reaction(store, conversation.id, message.seq, emoji, user.pk, present)
+            written = True
             events.reaction_changed(change)
     except StoreError as exc:
         raise StoreUnavailable() from exc
+    except DatabaseError as exc:
+        if written:
+            # The relational commit failed after the store write (Cassandra is no part of that
+            # transaction): undo it, or a retry would find the reaction there, change nothing
+            # and announce nothing, and nobody would ever hear of it.
+            _undo(store, conversation.id, message.seq, emoji, user.pk, present)
+        raise StoreUnavailable() from exc
     return ReactionChange(conversation.id, message.seq, emoji, user.pk, change.change, _after(reactions, emoji, present))
+
+
+def _store_reaction(store: MessageStore, conversation_id: uuid.UUID, seq: int, emoji: str, user_id: uuid.UUID, present: bool) -> None:
+    if present:
+        store.reaction_add(conversation_id, seq, emoji, user_id)
+    else:
+        store.reaction_remove(conversation_id, seq, emoji, user_id)
+
+
+def _undo(store: MessageStore, conversation_id: uuid.UUID, seq: int, emoji: str, user_id: uuid.UUID, present: bool) -> None:
+    try:
+        _store_reaction(store, conversation_id, seq, emoji, user_id, not present)
+    except StoreError:
+        logger.error("could not undo a reaction to %s/%s whose change did not commit", conversation_id, seq)
 
 
 def _after(reactions: Reactions, emoji: str, present: bool) -> Reactions:

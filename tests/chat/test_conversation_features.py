@@ -6,11 +6,13 @@ import urllib.parse
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.db import DatabaseError
 
 import chat.services.reactions  # noqa: F401 (imported before `message_store` swaps the store in)
 from chat.models import Conversation, Participant
 from chat.services.reactions import MAX_DISTINCT_EMOJI
 from chat.services import conversations
+from chat.store import StoreError
 from tests.chat.test_moderation import (  # noqa: F401 (fixtures)
     browser_url,
     message_store,
@@ -154,6 +156,28 @@ class TestReactions:
         conversations.participant_remove(actor=bob, conversation_id=conversation.id, user_id=bob.pk)
         assert client_for(bob).put(reaction_url(conversation, 1, "👍")).status_code == 403
         assert Conversation.objects.get(pk=conversation.pk).last_change == 0
+
+    def test_a_reaction_whose_change_does_not_commit_is_not_kept(self, message_store, trio, client_for, monkeypatch):
+        # Cassandra is no part of the relational transaction: a failed commit after the store
+        # write must undo it, or the retry would find it there and announce nothing.
+        alice, bob, _, conversation = trio
+        send(alice, conversation)
+
+        def commit_fails(change):
+            raise DatabaseError("the relational commit failed")
+
+        def store_fails(*args):
+            raise StoreError("down")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(chat.services.reactions.events, "reaction_changed", commit_fails)
+            assert client_for(bob).put(reaction_url(conversation, 1, "👍")).status_code == 503
+            patched.setattr(message_store, "reaction_add", store_fails)
+            assert client_for(bob).put(reaction_url(conversation, 1, "🎉")).status_code == 503
+        assert message_store.reactions(conversation.id, [1], bob.pk) == {}
+        assert Conversation.objects.get(pk=conversation.pk).last_change == 0
+        retried = client_for(bob).put(reaction_url(conversation, 1, "👍"))
+        assert (retried.status_code, retried.json()["change"]) == (201, 1)
 
     def test_reactions_count_against_the_send_rate(self, trio, client_for, settings):
         alice, _, _, conversation = trio
