@@ -284,8 +284,8 @@ class ReactionView(APIView):
     def put(self, request, conversation_id, seq, emoji):
         """React to a message with `emoji` (1-64 bytes of UTF-8, no whitespace; URL-encoded).
         201 with the change number it took; 200 with change null when you had reacted so already.
-        A message has at most 50 distinct emoji. Connected clients get reaction.added. Counts
-        against your send rate."""
+        A message has at most 50 distinct emoji, 20 of them yours. Connected clients get
+        reaction.added. Counts against your send rate."""
         result = reactions.reaction_add(user=request.user, conversation_id=conversation_id, seq=seq, emoji=emoji)
         return Response(result.as_dict(), status=status.HTTP_200_OK if result.change is None else status.HTTP_201_CREATED)
 

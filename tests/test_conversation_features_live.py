@@ -11,6 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.live import running_server
+from tests.test_live_server import next_frame as live_frame, ws_url
 
 pytestmark = pytest.mark.live_server_process
 
@@ -26,19 +27,12 @@ def server(request, tmp_path_factory):
         yield live
 
 
-def ws_url(server, conversation_id, **params):
-    return f"{server.ws}/ws/chat/?{urllib.parse.urlencode({'conversation_id': conversation_id, **params})}"
-
-
 def reaction_path(conversation_id, seq, emoji):
     return f"/api/v1/conversations/{conversation_id}/messages/{seq}/reactions/{urllib.parse.quote(emoji, safe='')}/"
 
 
 async def next_frame(socket, timeout=5):
-    while True:
-        frame = json.loads(await asyncio.wait_for(socket.recv(), timeout))
-        if frame["type"] not in ("presence", "read", "typing"):
-            return frame
+    return await live_frame(socket, timeout, skip=("presence", "read", "typing"))
 
 
 async def test_reactions_and_replies_reach_sockets_live_and_replay_after_a_reconnect(server):

@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 MAX_EMOJI_BYTES = 64
 MAX_DISTINCT_EMOJI = 50
+# Per person and message: without it one member could take all 50 places of every message, and
+# nobody else could react with anything new.
+MAX_EMOJI_PER_USER = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +116,8 @@ def _reaction_set(*, user: User, conversation_id: object, seq: object, emoji: ob
             if mine == present:
                 transaction.set_rollback(True)  # nothing changes: give the number back
                 return ReactionChange(conversation.id, message.seq, emoji, user.pk, None, reactions)
-            if present and emoji not in reactions and len(reactions) >= MAX_DISTINCT_EMOJI:
-                raise ValidationFailed({"emoji": [f"A message has at most {MAX_DISTINCT_EMOJI} distinct emoji."]})
+            if present:
+                _check_room(reactions, emoji)
             _store_reaction(store, conversation.id, message.seq, emoji, user.pk, present)
             written = True
             events.reaction_changed(change)
@@ -128,6 +131,14 @@ def _reaction_set(*, user: User, conversation_id: object, seq: object, emoji: ob
             _undo(store, conversation.id, message.seq, emoji, user.pk, present)
         raise StoreUnavailable() from exc
     return ReactionChange(conversation.id, message.seq, emoji, user.pk, change.change, _after(reactions, emoji, present))
+
+
+def _check_room(reactions: Reactions, emoji: str) -> None:
+    """Whether the caller may add `emoji` to a message with these reactions (`me` theirs)."""
+    if emoji not in reactions and len(reactions) >= MAX_DISTINCT_EMOJI:
+        raise ValidationFailed({"emoji": [f"A message has at most {MAX_DISTINCT_EMOJI} distinct emoji."]})
+    if sum(1 for state in reactions.values() if state["me"]) >= MAX_EMOJI_PER_USER:
+        raise ValidationFailed({"emoji": [f"You can react to a message with at most {MAX_EMOJI_PER_USER} emoji."]})
 
 
 def _store_reaction(store: MessageStore, conversation_id: uuid.UUID, seq: int, emoji: str, user_id: uuid.UUID, present: bool) -> None:

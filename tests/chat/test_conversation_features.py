@@ -10,7 +10,7 @@ from django.db import DatabaseError
 
 import chat.services.reactions  # noqa: F401 (imported before `message_store` swaps the store in)
 from chat.models import Conversation, Participant
-from chat.services.reactions import MAX_DISTINCT_EMOJI
+from chat.services.reactions import MAX_DISTINCT_EMOJI, MAX_EMOJI_PER_USER
 from chat.services import conversations
 from chat.store import StoreError
 from tests.chat.test_moderation import (  # noqa: F401 (fixtures)
@@ -90,21 +90,30 @@ class TestReactions:
         conversation.refresh_from_db()
         assert conversation.last_change == 4
 
-    def test_at_most_fifty_distinct_emoji_per_message(self, message_store, trio, client_for):
+    def test_at_most_fifty_distinct_emoji_per_message_and_twenty_per_person(self, message_store, trio, client_for, make_user):
         alice, bob, _, conversation = trio
         send(alice, conversation)
         emoji = [chr(0x1F600 + n) for n in range(MAX_DISTINCT_EMOJI)]
-        for each in emoji:
+        members = [alice, bob] + [make_user(f"member{n}") for n in range(1)]
+        for user in members[2:]:
+            conversations.participant_add(actor=alice, conversation_id=conversation.id, user_id=user.pk)
+        # One person cannot take every place: twenty emoji each.
+        for each in emoji[:MAX_EMOJI_PER_USER]:
             assert client_for(alice).put(reaction_url(conversation, 1, each)).status_code == 201
-        refused = client_for(bob).put(reaction_url(conversation, 1, "🦄"))
+        refused = client_for(alice).put(reaction_url(conversation, 1, emoji[-1]))
+        assert refused.status_code == 400 and "emoji" in refused.json()
+        for n, each in enumerate(emoji[MAX_EMOJI_PER_USER:]):
+            assert client_for(members[1 + n // MAX_EMOJI_PER_USER]).put(reaction_url(conversation, 1, each)).status_code == 201
+        # Fifty distinct: a new one is refused, whoever adds it.
+        refused = client_for(members[2]).put(reaction_url(conversation, 1, "🦄"))
         assert refused.status_code == 400 and "emoji" in refused.json()
         # One already there can still be added by someone else, and a freed place taken.
-        assert client_for(bob).put(reaction_url(conversation, 1, emoji[0])).status_code == 201
+        assert client_for(members[2]).put(reaction_url(conversation, 1, emoji[0])).status_code == 201
         assert client_for(alice).delete(reaction_url(conversation, 1, emoji[1])).json()["change"] is not None
-        assert client_for(bob).put(reaction_url(conversation, 1, "🦄")).status_code == 201
+        assert client_for(members[2]).put(reaction_url(conversation, 1, "🦄")).status_code == 201
         assert len(history(client_for(bob), conversation)[0]["reactions"]) == MAX_DISTINCT_EMOJI
         conversation.refresh_from_db()
-        assert conversation.last_change == MAX_DISTINCT_EMOJI + 3  # the refused one took no number
+        assert conversation.last_change == MAX_DISTINCT_EMOJI + 3  # the refused ones took no number
 
     @pytest.mark.parametrize(
         "emoji",
