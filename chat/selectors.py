@@ -159,7 +159,7 @@ def message_of(*, conversation_id: uuid.UUID, seq: int, message_id: uuid.UUID) -
 # --- what REST shows of a message beside the message itself (SPEC 4.1) ----------------------------
 
 def message_views(*, conversation_id: uuid.UUID, messages: list[Message], viewer_id: uuid.UUID | None) -> list[dict]:
-    """Messages as REST answers carry them: each with its `reactions` ({emoji: {count, me}}, `me`
+    """Messages as REST reads show them: each with its `reactions` ({emoji: {count, me}}, `me`
     for the viewer) and its `reply_count`, read for the whole list at once (a query per store
     bucket, never one per message). Frames carry neither: they change with every reaction and
     reply, which the reaction frames and message.new (with reply_to) announce."""

@@ -117,9 +117,12 @@ class MessageOutput(serializers.Serializer):
     reactions = serializers.DictField(
         child=ReactionOutput(),
         required=False,
-        help_text="REST answers only (frames leave it out): {emoji: {count, me}}, `me` for you.",
+        help_text="In reads (history, one message, threads) only: {emoji: {count, me}}, `me` for you. "
+        "Frames and the answers to writes carry the message without it.",
     )
-    reply_count = serializers.IntegerField(required=False, help_text="REST answers only: how many messages reply to this one.")
+    reply_count = serializers.IntegerField(
+        required=False, help_text="In reads only, as reactions: how many messages reply to this one."
+    )
     content_omitted = serializers.BooleanField(
         required=False,
         help_text="Present (true) only in history pages and frames, when the content is over "

@@ -175,13 +175,7 @@ class MessageSendView(APIView):
                 sender=request.user, idempotency_key=request.headers.get("Idempotency-Key"), **data.validated_data
             )
         )
-        if result.replayed:  # the original message, as it is now
-            shown = selectors.message_views(
-                conversation_id=result.message.conversation_id, messages=[result.message], viewer_id=request.user.pk
-            )[0]
-        else:  # just sent: nobody reacted or replied yet
-            shown = {**result.message.as_dict(), "reactions": {}, "reply_count": 0}
-        response = Response(shown, status=status.HTTP_201_CREATED)
+        response = Response(result.message.as_dict(), status=status.HTTP_201_CREATED)
         if result.replayed:
             response["Idempotent-Replayed"] = "true"
         for name, value in result.rate.headers().items():
@@ -220,10 +214,10 @@ class MessageDetailView(APIView):
         A deleted message cannot be edited (400). The answer carries the change number it took."""
         data = MessageEditInput(data=request.data)
         data.is_valid(raise_exception=True)
-        edited = moderation.message_edit(
+        message = moderation.message_edit(
             editor=request.user, conversation_id=conversation_id, seq=seq, content=data.validated_data["content"]
         )
-        return Response({**_shown(request, [edited.message])[0], "change": edited.change})
+        return Response(message.as_dict())
 
     @extend_schema(responses={200: MessageChangeOutput})
     def delete(self, request, conversation_id, seq):
@@ -231,12 +225,13 @@ class MessageDetailView(APIView):
         stays as a tombstone: deleted=true, content and metadata removed; the tombstone is returned.
         Connected clients get message.deleted. `change` is the change number the delete took (null
         when the message was already deleted)."""
-        deleted = moderation.message_delete(actor=request.user, conversation_id=conversation_id, seq=seq)
-        return Response({**_shown(request, [deleted.message])[0], "change": deleted.change})
+        message = moderation.message_delete(actor=request.user, conversation_id=conversation_id, seq=seq)
+        return Response(message.as_dict())
 
 
 def _shown(request, messages) -> list[dict]:
-    """Messages as REST shows them to the caller: with reactions (`me` for them) and reply counts."""
+    """Messages as REST reads show them to the caller: with reactions (`me` for them) and reply
+    counts. Answers to writes (send, edit, delete) carry the message as its frame does."""
     return selectors.message_views(conversation_id=request.conversation_access[0].id, messages=messages, viewer_id=request.user.pk)
 
 
