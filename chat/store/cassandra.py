@@ -43,6 +43,7 @@ DRIVER_ERRORS = (DriverException, NoHostAvailable, OperationTimedOut, Connection
 # connect again: a burst of sends during an outage must not queue up behind connect timeouts.
 _CONNECT_RETRY_SECONDS = 1.0
 _MAX_SEQ = 2**63 - 1
+_NO_REPLY = 0
 # Bucket ids are read from conversation_buckets in chunks of this many rows.
 _BUCKET_CHUNK = 100
 # (conversation, bucket) pairs this process has already recorded in conversation_buckets.
@@ -77,7 +78,7 @@ def _to_message(row: dict[str, Any]) -> Message:
         sent_at=_utc(row["sent_at"]),
         edited_at=_utc(row["edited_at"]),
         deleted=row["deleted"],
-        reply_to=row["reply_to"],
+        reply_to=row["reply_to"] or None,  # _NO_REPLY, or null in rows written before replies
     )
 
 
@@ -293,7 +294,10 @@ class CassandraMessageStore(MessageStore):
                     # Unset, not null: a null would write a tombstone cell for every new message.
                     UNSET_VALUE if message.edited_at is None else message.edited_at,
                     message.deleted,
-                    UNSET_VALUE if message.reply_to is None else message.reply_to,
+                    # 0 for none (seqs start at 1): written on every insert, so a send that takes the
+                    # seq of one that did not commit replaces its reply_to too, without the
+                    # tombstone cell a null would write.
+                    message.reply_to or _NO_REPLY,
                 ),
             ),
         ]
@@ -405,24 +409,32 @@ class CassandraMessageStore(MessageStore):
         self, conversation_id: uuid.UUID, seq: int, *, after_seq: int, before_seq: int, limit: int = 50
     ) -> HistoryPage:
         statements = self._prepared()
-        if before_seq - after_seq <= 1:
-            return HistoryPage()
-        rows = self._execute(
-            statements.replies_page, (conversation_id, seq // self._bucket_size, seq, after_seq, before_seq, limit + 1)
-        )
-        reply_seqs = [row["seq"] for row in rows]
-        results = self._execute_all(
-            [
-                (statements.messages_in, (conversation_id, bucket, in_bucket))
-                for bucket, in_bucket in self._by_bucket(reply_seqs[:limit]).items()
-            ]
-        )
-        # A thread row whose send did not commit names a seq another message took since: it is no reply.
-        messages = sorted(
-            (message for rows in results for row in rows if (message := _to_message(row)).reply_to == seq),
-            key=lambda message: message.seq,
-        )
-        return HistoryPage(messages=messages, has_more=len(reply_seqs) > limit)
+        bucket = seq // self._bucket_size
+        messages: list[Message] = []
+        while before_seq - after_seq > 1:
+            wanted = limit - len(messages)
+            rows = self._execute(statements.replies_page, (conversation_id, bucket, seq, after_seq, before_seq, wanted + 1))
+            reply_seqs = [row["seq"] for row in rows]
+            results = self._execute_all(
+                [
+                    (statements.messages_in, (conversation_id, message_bucket, in_bucket))
+                    for message_bucket, in_bucket in self._by_bucket(reply_seqs[:wanted]).items()
+                ]
+            )
+            # A thread row whose send did not commit names a seq that another message took since
+            # (or nobody yet): that is no reply, and the page reads on in its place.
+            messages.extend(
+                sorted(
+                    (message for rows in results for row in rows if (message := _to_message(row)).reply_to == seq),
+                    key=lambda message: message.seq,
+                )
+            )
+            if len(reply_seqs) <= wanted:
+                return HistoryPage(messages=messages, has_more=False)
+            if len(messages) == limit:
+                return HistoryPage(messages=messages, has_more=True)
+            after_seq = reply_seqs[wanted - 1]
+        return HistoryPage(messages=messages, has_more=False)
 
     # --- reactions ---------------------------------------------------------------------------------
 

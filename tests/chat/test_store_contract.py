@@ -421,3 +421,26 @@ def test_cassandra_seq_reused_after_a_rolled_back_send_belongs_to_the_new_messag
     store.insert(rolled_back)
     store.insert(sent)
     assert store.get(conversation_id, 5) == sent
+
+
+def test_cassandra_thread_rows_of_sends_that_did_not_commit_are_skipped(cassandra_connection):
+    """A reply whose relational transaction rolled back leaves its thread row; the next send takes
+    its seq (no reply, or a reply to another message). The thread reads on past it."""
+    from chat.store.cassandra import CassandraMessageStore
+
+    store = CassandraMessageStore(connection=cassandra_connection, bucket_size=BUCKET_SIZE)
+    conversation_id = uuid.uuid4()
+    store.insert(make_message(conversation_id, 3))
+    store.insert(make_message(conversation_id, 4, reply_to=3))
+    for stale in (5, 6):
+        store.insert(make_message(conversation_id, stale, reply_to=3))
+        store.insert(make_message(conversation_id, stale))  # the send that took the seq again
+    store.insert(make_message(conversation_id, 7, reply_to=3))
+    store.insert(make_message(conversation_id, 8, reply_to=3))
+    assert seqs_of(store.replies(conversation_id, 3, after_seq=0, before_seq=100)) == [4, 7, 8]
+    page = store.replies(conversation_id, 3, after_seq=4, before_seq=100, limit=1)
+    assert (seqs_of(page), page.has_more) == ([7], True)
+    page = store.replies(conversation_id, 3, after_seq=0, before_seq=100, limit=2)
+    assert (seqs_of(page), page.has_more) == ([4, 7], True)
+    page = store.replies(conversation_id, 3, after_seq=7, before_seq=100, limit=1)
+    assert (seqs_of(page), page.has_more) == ([8], False)
