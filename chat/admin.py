@@ -31,6 +31,8 @@ from chat.services.attachments import attachment_moderate_delete
 
 # Messages per page of the message browser.
 MESSAGE_PAGE_SIZE = 50
+# Earlier versions of an edited message shown in the message browser.
+EDITS_SHOWN = 20
 # Characters of a message shown in lists; the full text is on the browser page.
 PREVIEW_CHARS = 200
 
@@ -100,6 +102,7 @@ class ConversationAdmin(admin.ModelAdmin):
         except StoreUnavailable:
             messages.error(request, "The message store is unavailable; try again shortly.")
         senders = User.objects.in_bulk({message.sender_id for message in page_messages})
+        edit_history = self._edit_history(request, conversation, page_messages)
         open_reports: dict[int, int] = {}
         for seq in Report.objects.filter(
             conversation=conversation, seq__in=[m.seq for m in page_messages], status=Report.Status.OPEN
@@ -117,6 +120,7 @@ class ConversationAdmin(admin.ModelAdmin):
                     "sender": senders.get(message.sender_id),
                     "open_reports": open_reports.get(message.seq, 0),
                     "attachments": [_admin_links(descriptor) for descriptor in message.attachments],
+                    "edits": edit_history.get(message.seq, []),
                 }
                 for message in page_messages
             ],
@@ -133,6 +137,21 @@ class ConversationAdmin(admin.ModelAdmin):
             "reports_url": reverse("admin:chat_report_changelist") + f"?conversation__id__exact={conversation.pk}",
         }
         return TemplateResponse(request, "admin/chat/conversation/messages.html", context)
+
+    def _edit_history(self, request: HttpRequest, conversation: Conversation, page_messages) -> dict[int, list]:
+        """The earlier versions of the page's edited messages, newest first, for moderators (the
+        permission that lets them read edit history over the API too); a message's latest
+        EDITS_SHOWN versions, the rest are rare enough to leave out."""
+        if not moderation.can_moderate(request.user, moderation.MODERATE_MESSAGES_PERMISSION):
+            return {}
+        history: dict[int, list] = {}
+        try:
+            for message in page_messages:
+                if message.edited_at is not None and not message.deleted:
+                    history[message.seq], _ = selectors.message_edits(conversation=conversation, seq=message.seq, limit=EDITS_SHOWN)
+        except StoreUnavailable:
+            messages.error(request, "The message store is unavailable: edit history not shown.")
+        return history
 
     def message_delete_view(self, request: HttpRequest, object_id: str, seq: int) -> HttpResponse:
         conversation = self._conversation_or_404(request, object_id)

@@ -37,6 +37,7 @@ class CassandraMessage(Model):
     sent_at = columns.DateTime(required=True)
     edited_at = columns.DateTime()
     deleted = columns.Boolean(required=True)
+    reply_to = columns.BigInt()
 
 
 class CassandraConversationBucket(Model):
@@ -71,11 +72,59 @@ class CassandraChange(Model):
     data = columns.Text(required=True)
 
 
+class CassandraReply(Model):
+    """replies_by_message: the threads, one row per reply, partitioned like the messages they reply
+    to (bucket = reply_to // bucket size): a thread is a clustering range of one partition, and a
+    page's reply counts are one GROUP BY query per bucket of the page."""
+
+    __table_name__ = "replies_by_message"
+
+    conversation_id = columns.UUID(partition_key=True)
+    bucket = columns.BigInt(partition_key=True)
+    reply_to = columns.BigInt(primary_key=True, clustering_order="ASC")
+    seq = columns.BigInt(primary_key=True, clustering_order="ASC")
+
+
+class CassandraReaction(Model):
+    """reactions_by_message: one row per (message, emoji, user), partitioned like the messages
+    (bucket = seq // bucket size), so the reactions of a page of messages are one GROUP BY query per
+    bucket of the page (counts) plus one for the reader's own, never one query per message."""
+
+    __table_name__ = "reactions_by_message"
+
+    conversation_id = columns.UUID(partition_key=True)
+    bucket = columns.BigInt(partition_key=True)
+    seq = columns.BigInt(primary_key=True, clustering_order="ASC")
+    emoji = columns.Text(primary_key=True, clustering_order="ASC")
+    user_id = columns.UUID(primary_key=True, clustering_order="ASC")
+
+
+class CassandraEdit(Model):
+    """edits_by_message: a message's earlier versions (the content each edit replaced), newest
+    first. One small partition per edited message, deleted whole with the message's content."""
+
+    __table_name__ = "edits_by_message"
+
+    conversation_id = columns.UUID(partition_key=True)
+    seq = columns.BigInt(partition_key=True)
+    change = columns.BigInt(primary_key=True, clustering_order="DESC")
+    content = columns.Text(required=True)
+    written_at = columns.DateTime(required=True)
+    replaced_at = columns.DateTime(required=True)
+
+
 # Messages are read by (conversation, seq) only; idempotency records live in the relational
 # database, in the send's own transaction (chat.models.IdempotencyKey). Deployments that ran an
 # earlier version may still have messages_by_id and idempotency_keys: nothing reads them, and an
 # operator may drop them.
-SCHEMA_MODELS: tuple[type[Model], ...] = (CassandraMessage, CassandraConversationBucket, CassandraChange)
+SCHEMA_MODELS: tuple[type[Model], ...] = (
+    CassandraMessage,
+    CassandraConversationBucket,
+    CassandraChange,
+    CassandraReply,
+    CassandraReaction,
+    CassandraEdit,
+)
 
 
 # Seconds a schema statement may take (the driver's own wait for schema agreement is 10 s).

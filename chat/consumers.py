@@ -414,6 +414,7 @@ class ChatSocket(AsyncWebsocketConsumer):
                         is_encrypted=frame.get("is_encrypted", False),
                         metadata=frame.get("metadata"),
                         attachments=frame.get("attachments"),
+                        reply_to=frame.get("reply_to"),
                         idempotency_key=client_message_id,
                         idempotency_field="client_message_id",
                         transport="websocket",

@@ -24,7 +24,8 @@ from django.conf import settings
 from django.db import transaction
 
 from chat import metrics
-from chat.store import Message
+from chat.selectors import change_frame
+from chat.store import Change, Message
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,11 @@ def message_deleted(conversation_id: uuid.UUID, seq: int, change: int) -> None:
         conversation_group(conversation_id),
         {"type": "message.deleted", "conversation_id": str(conversation_id), "seq": seq, "change": change},
     )
+
+
+def reaction_changed(change: Change) -> None:
+    """reaction.added / reaction.removed, in the very shape the change log replays them."""
+    send_event_on_commit(conversation_group(change.conversation_id), change_frame(change.conversation_id, change, None))
 
 
 def read_marker(conversation_id: uuid.UUID, user_id: uuid.UUID, seq: int) -> None:

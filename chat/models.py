@@ -122,9 +122,12 @@ class SqlMessage(models.Model):
     sent_at = models.DateTimeField()
     edited_at = models.DateTimeField(null=True)
     deleted = models.BooleanField(default=False)
+    reply_to = models.BigIntegerField(null=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["conversation_id", "seq"], name="sqlmessage_conversation_seq")]
+        # A thread (the replies to one message) is read in seq order, and counted per page.
+        indexes = [models.Index(fields=["conversation_id", "reply_to", "seq"], name="sqlmessage_thread")]
 
 
 class SqlChange(models.Model):
@@ -139,6 +142,35 @@ class SqlChange(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["conversation_id", "change"], name="sqlchange_conversation_change")]
+
+
+class SqlReaction(models.Model):
+    """A reaction of the `sql` message store: one row per (message, emoji, user)."""
+
+    conversation_id = models.UUIDField()
+    seq = models.BigIntegerField()
+    emoji = models.CharField(max_length=64)
+    user_id = models.UUIDField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["conversation_id", "seq", "emoji", "user_id"], name="sqlreaction_unique")
+        ]
+
+
+class SqlEdit(models.Model):
+    """An earlier version of a message of the `sql` message store (chat.store.Edit)."""
+
+    conversation_id = models.UUIDField()
+    seq = models.BigIntegerField()
+    change = models.BigIntegerField()
+    content = models.TextField()
+    written_at = models.DateTimeField()
+    replaced_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["conversation_id", "change"], name="sqledit_conversation_change")]
+        indexes = [models.Index(fields=["conversation_id", "seq", "change"], name="sqledit_message")]
 
 
 class IdempotencyKey(models.Model):
@@ -211,4 +243,11 @@ class Attachment(models.Model):
 
 # The Cassandra tables (cqlengine models) must be attributes of this module: django-cassandra-engine's
 # `sync_cassandra` looks for them only in each app's models module.
-from chat.cassandra_models import CassandraChange, CassandraConversationBucket, CassandraMessage  # noqa: F401,E402
+from chat.cassandra_models import (  # noqa: F401,E402
+    CassandraChange,
+    CassandraConversationBucket,
+    CassandraEdit,
+    CassandraMessage,
+    CassandraReaction,
+    CassandraReply,
+)

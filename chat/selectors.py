@@ -27,16 +27,18 @@ from django.urls import reverse
 from accounts.models import User
 from chat.access import allowed_participants
 from chat.models import Attachment, Ban, Conversation
-from chat.store import Change, HistoryPage, Message, StoreError, get_message_store, utf8_length
+from chat.store import Change, Edit, HistoryPage, Message, StoreError, get_message_store, utf8_length
 from core.errors import NotFound, StoreUnavailable
 
 
 def conversation_list_for(*, user) -> QuerySet[Conversation]:
     """The caller's conversations (those the membership rule lets them see), with their read
-    position and unread count."""
+    position, unread count and whether they muted it."""
     mine = allowed_participants().filter(conversation_id=OuterRef("pk"), user_id=user.pk)
     return (
-        Conversation.objects.annotate(last_read_seq=Subquery(mine.values("last_read_seq")[:1]))
+        Conversation.objects.annotate(
+            last_read_seq=Subquery(mine.values("last_read_seq")[:1]), muted=Subquery(mine.values("muted")[:1])
+        )
         .filter(last_read_seq__isnull=False)
         .annotate(unread_count=F("last_seq") - F("last_read_seq"))
     )
@@ -86,6 +88,11 @@ def access_lost_reason(*, user, conversation_id: uuid.UUID) -> str:
     if Ban.objects.filter(conversation_id=conversation_id, user_id=user.pk).exists():
         return "banned"
     return "removed"
+
+
+def conversation_muted_by(*, conversation_id: uuid.UUID, user) -> bool:
+    """Whether `user` muted the conversation (False when they are not in it)."""
+    return bool(allowed_participants().filter(conversation_id=conversation_id, user_id=user.pk).values_list("muted", flat=True).first())
 
 
 def message_history(
@@ -211,6 +218,17 @@ def message_at(*, conversation: Conversation, seq: object) -> Message:
     return with_attachments([message])[0]
 
 
+def committed_message(*, conversation_id: uuid.UUID, seq: int) -> Message | None:
+    """The conversation's message at `seq` if its send committed, else None."""
+    committed = Conversation.objects.filter(pk=conversation_id).values_list("last_seq", flat=True).first() or 0
+    if seq > committed:
+        return None
+    try:
+        return get_message_store().get(conversation_id, seq)
+    except StoreError as exc:
+        raise StoreUnavailable() from exc
+
+
 def message_of(*, conversation_id: uuid.UUID, seq: int, message_id: uuid.UUID) -> Message | None:
     """The message a committed record names (an idempotency record, a notification outbox entry:
     both commit with their message, so its seq is below the counter), or None if the store does
@@ -222,6 +240,88 @@ def message_of(*, conversation_id: uuid.UUID, seq: int, message_id: uuid.UUID) -
     if message is None or message.message_id != message_id:
         return None
     return with_attachments([message])[0]
+
+
+# --- what REST shows of a message beside the message itself (SPEC 4.1) ----------------------------
+
+def message_views(*, conversation_id: uuid.UUID, messages: list[Message], viewer_id: uuid.UUID | None) -> list[dict]:
+    """Messages as REST reads show them: each with its `reactions` ({emoji: {count, me}}, `me`
+    for the viewer) and its `reply_count`, read for the whole list at once (a query per store
+    bucket, never one per message). Frames carry neither: they change with every reaction and
+    reply, which the reaction frames and message.new (with reply_to) announce."""
+    if not messages:
+        return []
+    seqs = [message.seq for message in messages]
+    store = get_message_store()
+    try:
+        reactions = store.reactions(conversation_id, seqs, viewer_id)
+        reply_counts = store.reply_counts(conversation_id, seqs)
+    except StoreError as exc:
+        raise StoreUnavailable() from exc
+    return [
+        {**message.as_dict(), "reactions": reactions.get(message.seq, {}), "reply_count": reply_counts.get(message.seq, 0)}
+        for message in messages
+    ]
+
+
+def message_replies(*, conversation: Conversation, seq: object, after_seq: int = 0, limit: int = 50) -> HistoryPage:
+    """GET conversations/{id}/messages/{seq}/replies/: the thread of the message at `seq`, ascending,
+    never past the committed counter; bounded in bytes like a history page (content over the
+    inline limit omitted, the page ending early once it holds CHAT_MAX_PAGE_BYTES)."""
+    parent = message_at(conversation=conversation, seq=seq)
+    upper = conversation.last_seq + 1
+    kept: list[Message] = []
+    size = 0
+    store = get_message_store()
+    while len(kept) < limit:
+        try:
+            chunk = store.replies(
+                conversation.id, parent.seq, after_seq=after_seq, before_seq=upper, limit=min(limit - len(kept), HISTORY_READ_CHUNK)
+            )
+        except StoreError as exc:
+            raise StoreUnavailable() from exc
+        for message in chunk.messages:
+            message = message.inline()
+            cost = _wire_bytes(message)
+            if kept and size + cost > settings.CHAT_MAX_PAGE_BYTES:
+                return HistoryPage(kept, has_more=True)
+            kept.append(message)
+            size += cost
+        if not chunk.has_more or not chunk.messages:
+            return HistoryPage(kept, has_more=False)
+        after_seq = chunk.messages[-1].seq
+    return HistoryPage(kept, has_more=True)
+
+
+def message_edits(
+    *, conversation: Conversation, seq: int, before_change: int | None = None, limit: int = 20
+) -> tuple[list[Edit], bool]:
+    """A message's earlier versions, newest first, and whether older ones follow (page on with
+    before_change = the last one's change). Never past the committed change counter; read a few
+    at a time and bounded in bytes like a history page, never empty while there is one."""
+    upper = conversation.last_change + 1 if before_change is None else min(before_change, conversation.last_change + 1)
+    kept: list[Edit] = []
+    size = 0
+    while len(kept) < limit:
+        wanted = min(limit - len(kept), HISTORY_READ_CHUNK)
+        try:
+            chunk = get_message_store().edits(conversation.id, seq, before_change=upper, limit=wanted)
+        except StoreError as exc:
+            raise StoreUnavailable() from exc
+        for edit in chunk:
+            cost = _MESSAGE_ENVELOPE_BYTES + utf8_length(edit.content)
+            if kept and size + cost > settings.CHAT_MAX_PAGE_BYTES:
+                return kept, True
+            kept.append(edit)
+            size += cost
+        if len(chunk) < wanted:
+            return kept, False
+        upper = chunk[-1].change
+    try:
+        more = bool(get_message_store().edits(conversation.id, seq, before_change=upper, limit=1))
+    except StoreError as exc:
+        raise StoreUnavailable() from exc
+    return kept, more
 
 
 # --- the change log (SPEC 4.1) ---------------------------------------------------------------------

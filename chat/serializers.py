@@ -19,9 +19,20 @@ class ConversationUpdateInput(serializers.Serializer):
 
 
 class ConversationOutput(serializers.ModelSerializer):
+    muted = serializers.SerializerMethodField(help_text="Whether you muted the conversation (PUT .../mute/).")
+
     class Meta:
         model = Conversation
-        fields = ["id", "kind", "title", "created_by", "created_at", "last_seq", "last_change", "last_activity_at"]
+        fields = ["id", "kind", "title", "created_by", "created_at", "last_seq", "last_change", "last_activity_at", "muted"]
+
+    def get_muted(self, conversation: Conversation) -> bool:
+        # The caller's own setting: annotated by the conversation list, set by the views that
+        # hold the caller's participation; a conversation just joined is not muted.
+        return bool(getattr(conversation, "muted", False))
+
+
+class ConversationMuteInput(serializers.Serializer):
+    muted = serializers.BooleanField()
 
 
 class ConversationListOutput(ConversationOutput):
@@ -65,6 +76,13 @@ class MessageSendInput(serializers.Serializer):
         allow_null=True,
         help_text="1-10 of your own uploads (POST attachments/) that no message carries yet; content may then be empty.",
     )
+    reply_to = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=2**63 - 1,
+        help_text="The seq of the message this one replies to: a message of the same conversation, not deleted.",
+    )
 
 
 class MessageEditInput(serializers.Serializer):
@@ -98,6 +116,11 @@ class AttachmentOutput(serializers.Serializer):
     thumbnail_url = serializers.CharField(allow_null=True, help_text="Images only.")
 
 
+class ReactionOutput(serializers.Serializer):
+    count = serializers.IntegerField()
+    me = serializers.BooleanField(help_text="Whether you reacted with this emoji.")
+
+
 class MessageOutput(serializers.Serializer):
     message_id = serializers.UUIDField()
     conversation_id = serializers.UUIDField()
@@ -113,6 +136,16 @@ class MessageOutput(serializers.Serializer):
     edited_at = serializers.DateTimeField(allow_null=True)
     deleted = serializers.BooleanField()
     attachments = AttachmentOutput(many=True)
+    reply_to = serializers.IntegerField(allow_null=True, help_text="The seq of the message this one replies to.")
+    reactions = serializers.DictField(
+        child=ReactionOutput(),
+        required=False,
+        help_text="In reads (history, one message, threads) only: {emoji: {count, me}}, `me` for you. "
+        "Frames and the answers to writes carry the message without it.",
+    )
+    reply_count = serializers.IntegerField(
+        required=False, help_text="In reads only, as reactions: how many messages reply to this one."
+    )
     content_omitted = serializers.BooleanField(
         required=False,
         help_text="Present (true) only in history pages and frames, when the content is over "
@@ -154,4 +187,35 @@ class ChangeEntryOutput(serializers.Serializer):
 
 class ChangesOutput(serializers.Serializer):
     results = ChangeEntryOutput(many=True)
+    has_more = serializers.BooleanField()
+
+
+class RepliesQuery(serializers.Serializer):
+    after_seq = serializers.IntegerField(min_value=0, max_value=2**63 - 2, default=0)
+    limit = serializers.IntegerField(min_value=1, max_value=200, default=50)
+
+
+class ReactionChangeOutput(serializers.Serializer):
+    conversation_id = serializers.UUIDField()
+    seq = serializers.IntegerField()
+    emoji = serializers.CharField()
+    user_id = serializers.UUIDField()
+    change = serializers.IntegerField(allow_null=True, help_text="The change number this took; null when it changed nothing.")
+    reactions = serializers.DictField(child=ReactionOutput(), help_text="The message's reactions now.")
+
+
+class EditsQuery(serializers.Serializer):
+    before_change = serializers.IntegerField(min_value=1, max_value=2**63 - 1, required=False)
+    limit = serializers.IntegerField(min_value=1, max_value=50, default=20)
+
+
+class EditOutput(serializers.Serializer):
+    change = serializers.IntegerField(help_text="The change number of the edit that replaced this content.")
+    content = serializers.CharField()
+    written_at = serializers.DateTimeField(help_text="When this content was written (sent, or an earlier edit).")
+    replaced_at = serializers.DateTimeField(help_text="When the edit replaced it.")
+
+
+class EditsOutput(serializers.Serializer):
+    results = EditOutput(many=True)
     has_more = serializers.BooleanField()

@@ -8,7 +8,7 @@ from rest_framework.views import APIView
 
 from chat import selectors
 from core.pagination import StrictCursorPagination
-from chat.services import conversations, moderation
+from chat.services import conversations, moderation, reactions
 from chat.services.send import SendRequest, message_send
 from chat.access import allowed_participants
 from chat.permissions import IsConversationParticipant
@@ -17,8 +17,11 @@ from chat.serializers import (
     ChangesQuery,
     ConversationCreateInput,
     ConversationListOutput,
+    ConversationMuteInput,
     ConversationOutput,
     ConversationUpdateInput,
+    EditsOutput,
+    EditsQuery,
     HistoryOutput,
     HistoryQuery,
     MessageChangeOutput,
@@ -28,7 +31,9 @@ from chat.serializers import (
     MessageSendInput,
     ParticipantAddInput,
     ParticipantOutput,
+    ReactionChangeOutput,
     ReadMarkerInput,
+    RepliesQuery,
     ReportOutput,
 )
 
@@ -56,6 +61,8 @@ class ConversationListView(ListAPIView):
         data = ConversationCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
         conversation, created = conversations.conversation_create(creator=request.user, **data.validated_data)
+        if not created:  # an existing direct conversation: the caller may have muted it
+            conversation.muted = selectors.conversation_muted_by(conversation_id=conversation.id, user=request.user)
         return Response(
             ConversationOutput(conversation).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )
@@ -66,7 +73,8 @@ class ConversationDetailView(APIView):
 
     @extend_schema(responses=ConversationOutput)
     def get(self, request, conversation_id):
-        conversation, _ = request.conversation_access
+        conversation, participant = request.conversation_access
+        conversation.muted = participant.muted
         return Response(ConversationOutput(conversation).data)
 
     @extend_schema(request=ConversationUpdateInput, responses=ConversationOutput)
@@ -76,6 +84,24 @@ class ConversationDetailView(APIView):
         conversation = conversations.conversation_update(
             actor=request.user, conversation_id=conversation_id, **data.validated_data
         )
+        conversation.muted = request.conversation_access[1].muted
+        return Response(ConversationOutput(conversation).data)
+
+
+class ConversationMuteView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(request=ConversationMuteInput, responses=ConversationOutput)
+    def put(self, request, conversation_id):
+        """Mute or unmute the conversation for yourself: while muted, no push notifications reach
+        you from it (replies to your own messages included). Messages still arrive on your
+        sockets and count as unread."""
+        data = ConversationMuteInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        conversation, participant = conversations.conversation_mute(
+            user=request.user, conversation_id=conversation_id, muted=data.validated_data["muted"]
+        )
+        conversation.muted = participant.muted
         return Response(ConversationOutput(conversation).data)
 
 
@@ -168,7 +194,7 @@ class MessageHistoryView(APIView):
         query.is_valid(raise_exception=True)
         conversation, _ = request.conversation_access
         page = selectors.message_history(conversation=conversation, **query.validated_data)
-        return Response({"results": [m.as_dict() for m in page.messages], "has_more": page.has_more})
+        return Response({"results": _shown(request, page.messages), "has_more": page.has_more})
 
 
 class MessageDetailView(APIView):
@@ -179,7 +205,7 @@ class MessageDetailView(APIView):
         """One message with its full content: how a client reads content that frames and history
         pages left out (`content_omitted: true`)."""
         conversation, _ = request.conversation_access
-        return Response(selectors.message_at(conversation=conversation, seq=seq).as_dict())
+        return Response(_shown(request, [selectors.message_at(conversation=conversation, seq=seq)])[0])
 
     @extend_schema(request=MessageEditInput, responses=MessageChangeOutput)
     def patch(self, request, conversation_id, seq):
@@ -193,7 +219,7 @@ class MessageDetailView(APIView):
         )
         return Response(message.as_dict())
 
-    @extend_schema(responses=MessageChangeOutput)
+    @extend_schema(responses={200: MessageChangeOutput})
     def delete(self, request, conversation_id, seq):
         """Delete a message (its sender, the conversation's owner or admins, staff moderators). It
         stays as a tombstone: deleted=true, content and metadata removed; the tombstone is returned.
@@ -201,6 +227,69 @@ class MessageDetailView(APIView):
         when the message was already deleted)."""
         message = moderation.message_delete(actor=request.user, conversation_id=conversation_id, seq=seq)
         return Response(message.as_dict())
+
+
+def _shown(request, messages) -> list[dict]:
+    """Messages as REST reads show them to the caller: with reactions (`me` for them) and reply
+    counts. Answers to writes (send, edit, delete) carry the message as its frame does."""
+    return selectors.message_views(conversation_id=request.conversation_access[0].id, messages=messages, viewer_id=request.user.pk)
+
+
+class MessageRepliesView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(parameters=[RepliesQuery], responses=HistoryOutput)
+    def get(self, request, conversation_id, seq):
+        """The thread of a message: the messages replying to it, ascending by seq, after
+        `after_seq`; has_more says whether more follow. Replies are ordinary messages of the
+        conversation, so they also appear in its history and arrive as message.new."""
+        query = RepliesQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        conversation, _ = request.conversation_access
+        page = selectors.message_replies(conversation=conversation, seq=seq, **query.validated_data)
+        return Response({"results": _shown(request, page.messages), "has_more": page.has_more})
+
+
+class MessageEditsView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(parameters=[EditsQuery], responses=EditsOutput)
+    def get(self, request, conversation_id, seq):
+        """A message's edit history: the content each edit replaced, newest first (page on with
+        before_change = the last entry's change). For the message's sender and for moderators
+        (the chat.change_conversation permission); 403 for other members. Deleting a message
+        deletes its history."""
+        query = EditsQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        edits, has_more = moderation.access_message_edits(
+            user=request.user, conversation_id=conversation_id, seq=seq, **query.validated_data
+        )
+        return Response({"results": [edit.as_dict() for edit in edits], "has_more": has_more})
+
+
+EMOJI_PARAMETER = OpenApiParameter(
+    "emoji", OpenApiTypes.STR, OpenApiParameter.PATH, description="1-64 bytes of UTF-8, no whitespace; percent-encoded."
+)
+
+
+class ReactionView(APIView):
+    permission_classes = MEMBER_ONLY
+
+    @extend_schema(request=None, parameters=[EMOJI_PARAMETER], responses={201: ReactionChangeOutput, 200: ReactionChangeOutput})
+    def put(self, request, conversation_id, seq, emoji):
+        """React to a message with `emoji` (1-64 bytes of UTF-8, no whitespace; URL-encoded).
+        201 with the change number it took; 200 with change null when you had reacted so already.
+        A message has at most 50 distinct emoji, 20 of them yours. Connected clients get
+        reaction.added. Counts against your send rate."""
+        result = reactions.reaction_add(user=request.user, conversation_id=conversation_id, seq=seq, emoji=emoji)
+        return Response(result.as_dict(), status=status.HTTP_200_OK if result.change is None else status.HTTP_201_CREATED)
+
+    @extend_schema(parameters=[EMOJI_PARAMETER], responses={200: ReactionChangeOutput})
+    def delete(self, request, conversation_id, seq, emoji):
+        """Take your reaction back: 200 with the change number it took, or change null when you
+        had not reacted so. Connected clients get reaction.removed."""
+        result = reactions.reaction_remove(user=request.user, conversation_id=conversation_id, seq=seq, emoji=emoji)
+        return Response(result.as_dict())
 
 
 class ChangeListView(APIView):

@@ -65,6 +65,8 @@ def notification_payload(*, message: Message, conversation: Conversation, sender
         "conversation_id": str(message.conversation_id),
         "message_id": str(message.message_id),
         "seq": message.seq,
+        # A reply says which message it answers: the client can show "replied to you".
+        "reply_to": message.reply_to,
         "sender_id": str(message.sender_id),
         "sender_name": sender_name,
         "message_type": message.message_type,

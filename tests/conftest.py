@@ -127,7 +127,9 @@ def cassandra_connection():
     connection = open_connection(alias="test_cassandra", keyspace=keyspace)
     sync_schema(connection, {"class": "SimpleStrategy", "replication_factor": 1})
     yield connection
-    connection.session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+    # Dropping a keyspace's tables is a schema change on every node: slower than a request, more
+    # so on a busy machine, so it gets more than the request timeout.
+    connection.session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
     connection.unregister()
 
 

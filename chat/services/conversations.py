@@ -220,3 +220,13 @@ def read_marker_set(*, user: User, conversation_id: object, seq: object) -> Part
     if moved:
         events.read_marker(conversation.id, user.pk, seq)
     return participant
+
+
+def conversation_mute(*, user: User, conversation_id: object, muted: bool) -> tuple[Conversation, Participant]:
+    """Mute or unmute a conversation for yourself: no push notifications reach you from it while
+    muted (the notification worker checks before every attempt); everything else stays."""
+    conversation, participant = access_conversation(user=user, conversation_id=conversation_id)
+    if participant.muted != muted:
+        Participant.objects.filter(pk=participant.pk).update(muted=muted)
+        participant.muted = muted
+    return conversation, participant

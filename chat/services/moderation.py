@@ -15,12 +15,12 @@ from accounts.models import User
 from chat import events
 from chat.access import access_conversation
 from chat.models import Ban, Conversation, Report
-from chat.selectors import message_at
+from chat.selectors import message_at, message_edits
 from chat.services.attachments import attachments_doom_message
 from chat.services.changes import change_record
 from chat.services.conversations import ban_create
 from chat.services.send import check_message_input, now_ms
-from chat.store import Message, StoreError, get_message_store
+from chat.store import Edit, Message, StoreError, get_message_store
 from core.errors import NotAllowed, NotFound, StoreUnavailable, ValidationFailed
 
 MAX_REPORT_REASON_LENGTH = 1000
@@ -91,12 +91,26 @@ def message_edit(*, editor: User, conversation_id: object, seq: object, content:
             # The change number first: it locks the conversation's row, so the changes of one
             # conversation are written one at a time, in their order.
             change = change_record(conversation_id=conversation.id, seq=message.seq, kind="updated")
-            edited = get_message_store().edit(conversation.id, message.seq, body.content, now_ms())
-            if edited is None:
+            # Read again under the conversation's lock: the content this edit replaces, and a
+            # concurrent delete (the rollback then gives the change number back).
+            current = get_message_store().get(conversation.id, message.seq)
+            if current is None:
                 raise NotFound("No such message.")
-            if edited.deleted:
-                # Deleted between the read and the edit; the store kept the tombstone, and the
-                # rollback gives the change number back.
+            if current.deleted:
+                raise _message_was_deleted()
+            edited_at = now_ms()
+            get_message_store().record_edit(
+                Edit(
+                    conversation_id=conversation.id,
+                    seq=message.seq,
+                    change=change.change,
+                    content=current.content,
+                    written_at=current.edited_at or current.sent_at,
+                    replaced_at=edited_at,
+                )
+            )
+            edited = get_message_store().edit(conversation.id, message.seq, body.content, edited_at)
+            if edited is None or edited.deleted:  # deleted between the read and the edit
                 raise _message_was_deleted()
             edited = replace(edited, attachments=message.attachments)  # an edit keeps them (the store does not hold them)
             events.message_updated(edited, change.change)
@@ -105,9 +119,24 @@ def message_edit(*, editor: User, conversation_id: object, seq: object, content:
     return MessageChange(edited, change.change)
 
 
+def access_message_edits(
+    *, user: User, conversation_id: object, seq: object, before_change: int | None = None, limit: int = 20
+) -> tuple[list[Edit], bool]:
+    """A message's edit history, newest first, and whether older versions follow: for its sender
+    and for moderators (MODERATE_MESSAGES_PERMISSION), members of the conversation either way.
+    Other members see the message as it is now, as everyone does: what someone corrected is theirs
+    and the moderators' to see."""
+    conversation, _ = access_conversation(user=user, conversation_id=conversation_id)
+    message = message_at(conversation=conversation, seq=seq)
+    if message.sender_id != user.pk and not can_moderate(user, MODERATE_MESSAGES_PERMISSION):
+        raise NotAllowed("Only the sender or a moderator may read a message's edit history.")
+    return message_edits(conversation=conversation, seq=message.seq, before_change=before_change, limit=limit)
+
+
 def _tombstone(conversation: Conversation, message: Message) -> MessageChange:
-    """Delete the message's content in the store and announce it, with the change number it takes
-    (once: a tombstone stays one, and deleting it again takes no number)."""
+    """Delete the message's content in the store (its edit history and reactions with it) and
+    announce it, with the change number it takes (once: a tombstone stays one, and deleting it
+    again takes no number)."""
     try:
         with transaction.atomic():
             change = change_record(conversation_id=conversation.id, seq=message.seq, kind="deleted")

@@ -32,7 +32,7 @@ from accounts.models import User
 from chat import events, metrics, sql
 from chat.access import access_participation
 from chat.models import IdempotencyKey
-from chat.selectors import message_of
+from chat.selectors import committed_message, message_of
 from chat.services.attachments import attachments_attach, check_attachment_ids
 from chat.signals import message_persisted
 from chat.store import Message, StoreError, get_message_store
@@ -72,6 +72,7 @@ class SendRequest:
     message_type: object = "text"
     is_encrypted: object = False
     metadata: object = None
+    reply_to: object = None  # the seq of the message this one replies to (SPEC 4.1)
     idempotency_key: object = None
     attachments: object = None
     # Where an idempotency key error is reported: the REST header or the frame's field.
@@ -86,6 +87,7 @@ class MessageInput:
     is_encrypted: bool
     metadata: dict[str, Any]
     attachments: tuple[uuid.UUID, ...] = ()
+    reply_to: int | None = None  # set by check_reply_to, once the conversation is known
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +173,27 @@ def check_idempotency_key(key: object, *, field: str) -> str:
     return key
 
 
+def check_reply_to(conversation_id: uuid.UUID, reply_to: object) -> int:
+    """A reply names a message of the same conversation that is not deleted (SPEC 4.1); a seq the
+    conversation has not reached (another conversation's, say) is no message of it."""
+    if isinstance(reply_to, bool) or not isinstance(reply_to, int) or not 1 <= reply_to < 2**63:
+        raise ValidationFailed({"reply_to": ["Must be the seq of a message of this conversation."]})
+    message = committed_message(conversation_id=conversation_id, seq=reply_to)
+    if message is None:
+        raise ValidationFailed({"reply_to": ["No such message in this conversation."]})
+    if message.deleted:
+        raise ValidationFailed({"reply_to": ["That message was deleted."]})
+    return reply_to
+
+
 def _request_hash(conversation_id: uuid.UUID, body: MessageInput) -> str:
     fields: list[Any] = [str(conversation_id), body.content, body.message_type, body.is_encrypted, body.metadata]
-    if body.attachments:  # only then: the hashes of records written before attachments stay valid
+    # Attachments and reply_to only when there are some: the hashes of records written before
+    # either existed stay valid.
+    if body.attachments:
         fields.append([str(attachment_id) for attachment_id in body.attachments])
+    if body.reply_to is not None:
+        fields.append(body.reply_to)
     canonical = json.dumps(
         fields,
         sort_keys=True,
@@ -343,6 +362,9 @@ def _accept(request: SendRequest) -> _Accepted:
         metrics.message_send_unauthorized.inc()
         raise
     metrics.message_delivery_duration.labels(step="authorize").observe(time.perf_counter() - started)
+    if request.reply_to is not None:
+        body = replace(body, reply_to=check_reply_to(conversation_id, request.reply_to))
+
     request_hash = _request_hash(conversation_id, body) if key is not None else ""
     return _Accepted(request, body, key, conversation_id, participant_id, request_hash, rate)
 
@@ -442,6 +464,7 @@ def _allocate(send: _Accepted, now: datetime) -> Message:
             is_encrypted=body.is_encrypted,
             metadata=body.metadata,
             sent_at=now_ms(),
+            reply_to=body.reply_to,
         )
         if send.key is not None:
             # Before the store write: a concurrent duplicate fails here, not after a wasted write.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cache
@@ -33,6 +34,8 @@ class Message:
     sent_at: datetime
     edited_at: datetime | None = None
     deleted: bool = False
+    # The seq of the message this one replies to (SPEC 4.1), in the same conversation; None if none.
+    reply_to: int | None = None
     # Set by inline() only: content over CHAT_INLINE_CONTENT_BYTES was left out (content is None).
     content_omitted: bool = False
     # The descriptors of the attachments the message carries (chat.services.attachments). Not kept
@@ -64,6 +67,7 @@ class Message:
             "edited_at": self.edited_at.isoformat().replace("+00:00", "Z") if self.edited_at else None,
             "deleted": self.deleted,
             "attachments": list(self.attachments),
+            "reply_to": self.reply_to,
         }
         if self.content_omitted:
             shape["content_omitted"] = True
@@ -112,6 +116,34 @@ class Change:
         }
 
 
+# What the store answers about a message's reactions, per seq: {emoji: {"count": n, "me": bool}},
+# `me` for the user who asked (the wire shape of SPEC 4.1's `reactions`).
+Reactions = dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """One previous version of a message: the content an edit replaced (SPEC 4.1, edit history).
+
+    `change` is the change number of the edit that replaced it; `written_at` when this content was
+    written (the send, or the edit before), `replaced_at` when the edit replaced it."""
+
+    conversation_id: uuid.UUID
+    seq: int
+    change: int
+    content: str
+    written_at: datetime
+    replaced_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "change": self.change,
+            "content": self.content,
+            "written_at": self.written_at.isoformat().replace("+00:00", "Z"),
+            "replaced_at": self.replaced_at.isoformat().replace("+00:00", "Z"),
+        }
+
+
 class MessageStore(abc.ABC):
     @abc.abstractmethod
     def insert(self, *messages: Message) -> None:
@@ -146,9 +178,53 @@ class MessageStore(abc.ABC):
     @abc.abstractmethod
     def tombstone(self, conversation_id: uuid.UUID, seq: int) -> Message | None:
         """Delete a message's content, keeping its place: content "", metadata {} (it describes the
-        content: file names, sizes, links), deleted=True; id, seq, sender and times stay.
+        content: file names, sizes, links), deleted=True; id, seq, sender, times and reply_to stay.
+        Its edit history (the earlier contents) and its reactions go with the content.
 
         Returns the tombstone (also when it already was one), or None for an unknown message."""
+
+    # --- replies ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def reply_counts(self, conversation_id: uuid.UUID, seqs: Sequence[int]) -> dict[int, int]:
+        """How many messages reply to each of `seqs` (tombstones included: they keep their place in
+        the thread); seqs without replies are left out. The caller bounds the answer by the
+        committed counter: it may count rows of sends that did not commit."""
+
+    @abc.abstractmethod
+    def replies(
+        self, conversation_id: uuid.UUID, seq: int, *, after_seq: int, before_seq: int, limit: int = 50
+    ) -> HistoryPage:
+        """The messages replying to `seq` with a seq strictly between the two, ascending, at most
+        `limit`; has_more when more follow before before_seq."""
+
+    # --- reactions ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def reaction_add(self, conversation_id: uuid.UUID, seq: int, emoji: str, user_id: uuid.UUID) -> None:
+        """Record that `user_id` reacted to the message with `emoji` (again: no effect)."""
+
+    @abc.abstractmethod
+    def reaction_remove(self, conversation_id: uuid.UUID, seq: int, emoji: str, user_id: uuid.UUID) -> None:
+        """Take the reaction back (one that is not there: no effect)."""
+
+    @abc.abstractmethod
+    def reactions(self, conversation_id: uuid.UUID, seqs: Sequence[int], viewer_id: uuid.UUID | None) -> dict[int, Reactions]:
+        """The reactions of each of `seqs` with their counts, `me` for `viewer_id`; seqs without
+        reactions are left out. A page of messages is answered in a query per bucket, not per
+        message."""
+
+    # --- edit history ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def record_edit(self, edit: Edit) -> None:
+        """Keep the content an edit replaces, at its (conversation, seq, change). One already there
+        belongs to an edit whose relational transaction did not commit: the new one replaces it."""
+
+    @abc.abstractmethod
+    def edits(self, conversation_id: uuid.UUID, seq: int, *, before_change: int, limit: int = 50) -> list[Edit]:
+        """The message's earlier versions replaced by edits numbered below before_change, newest
+        first, at most `limit`."""
 
     @abc.abstractmethod
     def record_change(self, change: Change) -> None:

@@ -12,8 +12,8 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone as dt_timezone
 from typing import Any
@@ -27,7 +27,7 @@ from cassandra.query import UNSET_VALUE, PreparedStatement
 from django.conf import settings
 from django_cassandra_engine.connection import CassandraConnection
 
-from chat.store import Change, HistoryPage, Message, MessageStore, StoreError
+from chat.store import Change, Edit, HistoryPage, Message, MessageStore, Reactions, StoreError
 
 _driver_borrow_connection = HostConnection.borrow_connection
 
@@ -63,13 +63,14 @@ DRIVER_ERRORS = (DriverException, NoHostAvailable, OperationTimedOut, Connection
 # connect again: a burst of sends during an outage must not queue up behind connect timeouts.
 _CONNECT_RETRY_SECONDS = 1.0
 _MAX_SEQ = 2**63 - 1
+_NO_REPLY = 0
 # Bucket ids are read from conversation_buckets in chunks of this many rows.
 _BUCKET_CHUNK = 100
 # (conversation, bucket) pairs this process has already recorded in conversation_buckets.
 _MARKED_BUCKETS_CACHED = 100_000
 _MESSAGE_COLUMNS = (
     "conversation_id, seq, message_id, sender_id, content, message_type, is_encrypted, metadata, "
-    "sent_at, edited_at, deleted"
+    "sent_at, edited_at, deleted, reply_to"
 )
 
 
@@ -97,6 +98,7 @@ def _to_message(row: dict[str, Any]) -> Message:
         sent_at=_utc(row["sent_at"]),
         edited_at=_utc(row["edited_at"]),
         deleted=row["deleted"],
+        reply_to=row["reply_to"] or None,  # _NO_REPLY, or null in rows written before replies
     )
 
 
@@ -113,6 +115,18 @@ class _Statements:
     tombstone: PreparedStatement
     insert_change: PreparedStatement
     changes_page: PreparedStatement
+    insert_reply: PreparedStatement
+    reply_counts: PreparedStatement
+    replies_page: PreparedStatement
+    messages_in: PreparedStatement
+    insert_reaction: PreparedStatement
+    delete_reaction: PreparedStatement
+    delete_reactions: PreparedStatement
+    reaction_counts: PreparedStatement
+    reactions_of: PreparedStatement
+    insert_edit: PreparedStatement
+    edits_page: PreparedStatement
+    delete_edits: PreparedStatement
 
 
 class CassandraMessageStore(MessageStore):
@@ -196,7 +210,7 @@ class CassandraMessageStore(MessageStore):
         )
         return _Statements(
             insert_message=prepare(
-                f"INSERT INTO {by_conversation} (bucket, {_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO {by_conversation} (bucket, {_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ),
             insert_bucket=prepare("INSERT INTO {ks}.conversation_buckets (conversation_id, bucket) VALUES (?, ?)"),
             get_message=prepare(
@@ -226,6 +240,46 @@ class CassandraMessageStore(MessageStore):
                 "SELECT change, kind, seq, at, data FROM {ks}.changes_by_conversation "
                 "WHERE conversation_id = ? AND bucket = ? AND change > ? AND change < ? ORDER BY change ASC LIMIT ?"
             ),
+            insert_reply=prepare("INSERT INTO {ks}.replies_by_message (conversation_id, bucket, reply_to, seq) VALUES (?, ?, ?, ?)"),
+            reply_counts=prepare(
+                "SELECT reply_to, COUNT(*) AS replies FROM {ks}.replies_by_message "
+                "WHERE conversation_id = ? AND bucket = ? AND reply_to >= ? AND reply_to <= ? GROUP BY reply_to"
+            ),
+            replies_page=prepare(
+                "SELECT seq FROM {ks}.replies_by_message "
+                "WHERE conversation_id = ? AND bucket = ? AND reply_to = ? AND seq > ? AND seq < ? LIMIT ?"
+            ),
+            messages_in=prepare(
+                f"SELECT {_MESSAGE_COLUMNS} FROM {by_conversation} WHERE conversation_id = ? AND bucket = ? AND seq IN ?"
+            ),
+            insert_reaction=prepare(
+                "INSERT INTO {ks}.reactions_by_message (conversation_id, bucket, seq, emoji, user_id) VALUES (?, ?, ?, ?, ?)"
+            ),
+            delete_reaction=prepare(
+                "DELETE FROM {ks}.reactions_by_message "
+                "WHERE conversation_id = ? AND bucket = ? AND seq = ? AND emoji = ? AND user_id = ?"
+            ),
+            delete_reactions=prepare(
+                "DELETE FROM {ks}.reactions_by_message WHERE conversation_id = ? AND bucket = ? AND seq = ?"
+            ),
+            reaction_counts=prepare(
+                "SELECT seq, emoji, COUNT(*) AS reactions FROM {ks}.reactions_by_message "
+                "WHERE conversation_id = ? AND bucket = ? AND seq >= ? AND seq <= ? GROUP BY seq, emoji"
+            ),
+            # The reader's own reactions: filtering within the slice the counts read anyway.
+            reactions_of=prepare(
+                "SELECT seq, emoji FROM {ks}.reactions_by_message "
+                "WHERE conversation_id = ? AND bucket = ? AND seq >= ? AND seq <= ? AND user_id = ? ALLOW FILTERING"
+            ),
+            insert_edit=prepare(
+                "INSERT INTO {ks}.edits_by_message (conversation_id, seq, change, content, written_at, replaced_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+            edits_page=prepare(
+                "SELECT change, content, written_at, replaced_at FROM {ks}.edits_by_message "
+                "WHERE conversation_id = ? AND seq = ? AND change < ? LIMIT ?"
+            ),
+            delete_edits=prepare("DELETE FROM {ks}.edits_by_message WHERE conversation_id = ? AND seq = ?"),
         )
 
     def _execute(self, statement: PreparedStatement, params: tuple[Any, ...]) -> ResultSet:
@@ -234,14 +288,13 @@ class CassandraMessageStore(MessageStore):
         except DRIVER_ERRORS as exc:
             raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
 
-    def _execute_all(self, requests: list[tuple[PreparedStatement, tuple[Any, ...]]]) -> None:
-        """Run independent writes concurrently: the call costs the slowest one, not their sum."""
+    def _execute_all(self, requests: list[tuple[PreparedStatement, tuple[Any, ...]]]) -> list[ResultSet]:
+        """Run independent statements concurrently: the call costs the slowest one, not their sum."""
         try:
             futures: list[ResponseFuture] = [
                 self._session.execute_async(statement, params, timeout=self._timeout) for statement, params in requests
             ]
-            for future in futures:
-                future.result()
+            return [future.result() for future in futures]
         except DRIVER_ERRORS as exc:
             raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
 
@@ -271,9 +324,20 @@ class CassandraMessageStore(MessageStore):
                         # Unset, not null: a null would write a tombstone cell for every new message.
                         UNSET_VALUE if message.edited_at is None else message.edited_at,
                         message.deleted,
+                        # 0 for none (seqs start at 1): written on every insert, so a send that takes the
+                        # seq of one that did not commit replaces its reply_to too, without the
+                        # tombstone cell a null would write.
+                        message.reply_to or _NO_REPLY,
                     ),
                 )
             )
+            if message.reply_to is not None:
+                writes.append(
+                    (
+                        statements.insert_reply,
+                        (message.conversation_id, message.reply_to // self._bucket_size, message.reply_to, message.seq),
+                    )
+                )
             markers.add((message.conversation_id, bucket))
         # Recorded when this process first writes to a bucket; re-recording one is harmless (an
         # upsert of the same row), forgetting one would hide its messages from the newest page.
@@ -345,8 +409,123 @@ class CassandraMessageStore(MessageStore):
 
     def tombstone(self, conversation_id: uuid.UUID, seq: int) -> Message | None:
         statements = self._prepared()
-        self._execute(statements.tombstone, (conversation_id, seq // self._bucket_size, seq))
+        bucket = seq // self._bucket_size
+        if self._execute(statements.tombstone, (conversation_id, bucket, seq)).was_applied:
+            # Its earlier versions and reactions go with the content.
+            self._execute_all(
+                [(statements.delete_edits, (conversation_id, seq)), (statements.delete_reactions, (conversation_id, bucket, seq))]
+            )
         return self.get(conversation_id, seq)
+
+    def _by_bucket(self, seqs: Sequence[int]) -> dict[int, list[int]]:
+        grouped: dict[int, list[int]] = defaultdict(list)
+        for seq in sorted(set(seqs)):
+            grouped[seq // self._bucket_size].append(seq)
+        return grouped
+
+    # --- replies -----------------------------------------------------------------------------------
+
+    def reply_counts(self, conversation_id: uuid.UUID, seqs: Sequence[int]) -> dict[int, int]:
+        statements = self._prepared()
+        results = self._execute_all(
+            [
+                (statements.reply_counts, (conversation_id, bucket, in_bucket[0], in_bucket[-1]))
+                for bucket, in_bucket in self._by_bucket(seqs).items()
+            ]
+        )
+        wanted = set(seqs)
+        return {row["reply_to"]: row["replies"] for rows in results for row in rows if row["reply_to"] in wanted}
+
+    def replies(
+        self, conversation_id: uuid.UUID, seq: int, *, after_seq: int, before_seq: int, limit: int = 50
+    ) -> HistoryPage:
+        statements = self._prepared()
+        bucket = seq // self._bucket_size
+        messages: list[Message] = []
+        while before_seq - after_seq > 1:
+            wanted = limit - len(messages)
+            rows = self._execute(statements.replies_page, (conversation_id, bucket, seq, after_seq, before_seq, wanted + 1))
+            reply_seqs = [row["seq"] for row in rows]
+            results = self._execute_all(
+                [
+                    (statements.messages_in, (conversation_id, message_bucket, in_bucket))
+                    for message_bucket, in_bucket in self._by_bucket(reply_seqs[:wanted]).items()
+                ]
+            )
+            # A thread row whose send did not commit names a seq that another message took since
+            # (or nobody yet): that is no reply, and the page reads on in its place.
+            messages.extend(
+                sorted(
+                    (message for rows in results for row in rows if (message := _to_message(row)).reply_to == seq),
+                    key=lambda message: message.seq,
+                )
+            )
+            if len(reply_seqs) <= wanted:
+                return HistoryPage(messages=messages, has_more=False)
+            if len(messages) == limit:
+                return HistoryPage(messages=messages, has_more=True)
+            after_seq = reply_seqs[wanted - 1]
+        return HistoryPage(messages=messages, has_more=False)
+
+    # --- reactions ---------------------------------------------------------------------------------
+
+    def reaction_add(self, conversation_id: uuid.UUID, seq: int, emoji: str, user_id: uuid.UUID) -> None:
+        statements = self._prepared()
+        self._execute(statements.insert_reaction, (conversation_id, seq // self._bucket_size, seq, emoji, user_id))
+
+    def reaction_remove(self, conversation_id: uuid.UUID, seq: int, emoji: str, user_id: uuid.UUID) -> None:
+        statements = self._prepared()
+        self._execute(statements.delete_reaction, (conversation_id, seq // self._bucket_size, seq, emoji, user_id))
+
+    def reactions(
+        self, conversation_id: uuid.UUID, seqs: Sequence[int], viewer_id: uuid.UUID | None
+    ) -> dict[int, Reactions]:
+        statements = self._prepared()
+        requests = []
+        for bucket, in_bucket in self._by_bucket(seqs).items():
+            low, high = in_bucket[0], in_bucket[-1]
+            requests.append((statements.reaction_counts, (conversation_id, bucket, low, high)))
+            if viewer_id is not None:
+                requests.append((statements.reactions_of, (conversation_id, bucket, low, high, viewer_id)))
+        wanted = set(seqs)
+        found: dict[int, Reactions] = {}
+        mine: set[tuple[int, str]] = set()
+        for rows in self._execute_all(requests):
+            for row in rows:
+                if row["seq"] not in wanted:
+                    continue
+                if "reactions" in row:
+                    found.setdefault(row["seq"], {})[row["emoji"]] = {"count": row["reactions"], "me": False}
+                else:
+                    mine.add((row["seq"], row["emoji"]))
+        for seq, emoji in mine:
+            if emoji in found.get(seq, {}):
+                found[seq][emoji]["me"] = True
+        return {seq: dict(sorted(by_emoji.items())) for seq, by_emoji in found.items()}
+
+    # --- edit history ------------------------------------------------------------------------------
+
+    def record_edit(self, edit: Edit) -> None:
+        statements = self._prepared()
+        self._execute(
+            statements.insert_edit,
+            (edit.conversation_id, edit.seq, edit.change, edit.content, edit.written_at, edit.replaced_at),
+        )
+
+    def edits(self, conversation_id: uuid.UUID, seq: int, *, before_change: int, limit: int = 50) -> list[Edit]:
+        statements = self._prepared()
+        rows = self._execute(statements.edits_page, (conversation_id, seq, before_change, limit))
+        return [
+            Edit(
+                conversation_id=conversation_id,
+                seq=seq,
+                change=row["change"],
+                content=row["content"],
+                written_at=_utc(row["written_at"]),
+                replaced_at=_utc(row["replaced_at"]),
+            )
+            for row in rows
+        ]
 
     # --- the change log ----------------------------------------------------------------------------
 

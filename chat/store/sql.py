@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import uuid
 
-from django.db import DatabaseError, transaction
+from collections.abc import Sequence
 
-from chat.models import SqlChange, SqlMessage
-from chat.store import Change, HistoryPage, Message, MessageStore, StoreError
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import Count, Q
+
+from chat.models import SqlChange, SqlEdit, SqlMessage, SqlReaction
+from chat.store import Change, Edit, HistoryPage, Message, MessageStore, Reactions, StoreError
 
 
 def _to_message(row: SqlMessage) -> Message:
@@ -22,6 +25,7 @@ def _to_message(row: SqlMessage) -> Message:
         sent_at=row.sent_at,
         edited_at=row.edited_at,
         deleted=row.deleted,
+        reply_to=row.reply_to,
     )
 
 
@@ -42,6 +46,7 @@ class SqlMessageStore(MessageStore):
                         sent_at=message.sent_at,
                         edited_at=message.edited_at,
                         deleted=message.deleted,
+                        reply_to=message.reply_to,
                     )
                     for message in messages
                 )
@@ -82,10 +87,98 @@ class SqlMessageStore(MessageStore):
 
     def tombstone(self, conversation_id, seq) -> Message | None:
         try:
-            SqlMessage.objects.filter(conversation_id=conversation_id, seq=seq).update(
-                content="", metadata={}, deleted=True
-            )
+            with transaction.atomic():
+                SqlMessage.objects.filter(conversation_id=conversation_id, seq=seq).update(
+                    content="", metadata={}, deleted=True
+                )
+                SqlEdit.objects.filter(conversation_id=conversation_id, seq=seq).delete()
+                SqlReaction.objects.filter(conversation_id=conversation_id, seq=seq).delete()
             return self.get(conversation_id, seq)
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def reply_counts(self, conversation_id, seqs: Sequence[int]) -> dict[int, int]:
+        rows = (
+            SqlMessage.objects.filter(conversation_id=conversation_id, reply_to__in=list(seqs))
+            .values_list("reply_to")
+            .annotate(count=Count("seq"))
+        )
+        try:
+            return dict(rows)
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def replies(self, conversation_id, seq, *, after_seq, before_seq, limit=50) -> HistoryPage:
+        rows = SqlMessage.objects.filter(
+            conversation_id=conversation_id, reply_to=seq, seq__gt=after_seq, seq__lt=before_seq
+        ).order_by("seq")[: limit + 1]
+        try:
+            page = list(rows)
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+        return HistoryPage(messages=[_to_message(row) for row in page[:limit]], has_more=len(page) > limit)
+
+    def reaction_add(self, conversation_id, seq, emoji, user_id) -> None:
+        try:
+            with transaction.atomic():  # a savepoint: the caller's transaction survives a duplicate
+                SqlReaction.objects.create(conversation_id=conversation_id, seq=seq, emoji=emoji, user_id=user_id)
+        except IntegrityError:
+            pass  # already there: a reaction is a set member
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def reaction_remove(self, conversation_id, seq, emoji, user_id) -> None:
+        try:
+            SqlReaction.objects.filter(conversation_id=conversation_id, seq=seq, emoji=emoji, user_id=user_id).delete()
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def reactions(self, conversation_id, seqs: Sequence[int], viewer_id) -> dict[int, Reactions]:
+        rows = (
+            SqlReaction.objects.filter(conversation_id=conversation_id, seq__in=list(seqs))
+            .values_list("seq", "emoji")
+            .annotate(count=Count("id"), mine=Count("id", filter=Q(user_id=viewer_id)))
+            .order_by("seq", "emoji")
+        )
+        found: dict[int, Reactions] = {}
+        try:
+            for seq, emoji, count, mine in rows:
+                found.setdefault(seq, {})[emoji] = {"count": count, "me": mine > 0}
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+        return found
+
+    def record_edit(self, edit: Edit) -> None:
+        try:
+            SqlEdit.objects.update_or_create(
+                conversation_id=edit.conversation_id,
+                change=edit.change,
+                defaults={
+                    "seq": edit.seq,
+                    "content": edit.content,
+                    "written_at": edit.written_at,
+                    "replaced_at": edit.replaced_at,
+                },
+            )
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def edits(self, conversation_id, seq, *, before_change, limit=50) -> list[Edit]:
+        rows = SqlEdit.objects.filter(conversation_id=conversation_id, seq=seq, change__lt=before_change).order_by(
+            "-change"
+        )[:limit]
+        try:
+            return [
+                Edit(
+                    conversation_id=row.conversation_id,
+                    seq=row.seq,
+                    change=row.change,
+                    content=row.content,
+                    written_at=row.written_at,
+                    replaced_at=row.replaced_at,
+                )
+                for row in rows
+            ]
         except DatabaseError as exc:
             raise StoreError(str(exc)) from exc
 

@@ -217,7 +217,7 @@ class TestMessages:
         assert response.status_code == 201
         assert set(response.data) == {
             "message_id", "conversation_id", "seq", "sender_id", "content", "message_type",
-            "is_encrypted", "metadata", "sent_at", "edited_at", "deleted", "attachments",
+            "is_encrypted", "metadata", "sent_at", "edited_at", "deleted", "attachments", "reply_to",
         }
         assert response.data["attachments"] == []
         assert (response.data["seq"], response.data["sender_id"]) == (1, str(member.pk))

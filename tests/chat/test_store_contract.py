@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from chat.store import Change, Message, MessageStore
+from chat.store import Change, Edit, Message, MessageStore
 
 pytestmark = pytest.mark.django_db
 
@@ -306,6 +306,116 @@ def test_a_change_recorded_again_at_its_number_replaces_the_uncommitted_one(stor
     assert store.changes(conversation_id, after_change=0, before_change=2) == [replacement]
 
 
+# --- replies -------------------------------------------------------------------------------------
+
+
+def test_reply_to_round_trips_and_threads_page_ascending_across_buckets(store):
+    conversation_id = uuid.uuid4()
+    store.insert(make_message(conversation_id, 3))
+    # Replies to 3 scattered over several buckets of 10, and replies to another message between.
+    thread = [4, 9, 10, 11, 25, 31, 33]
+    for seq in range(4, 36):
+        store.insert(make_message(conversation_id, seq, reply_to=3 if seq in thread else (12 if seq in (13, 14) else None)))
+    assert store.get(conversation_id, 9).reply_to == 3 and store.get(conversation_id, 5).reply_to is None
+    assert [m.reply_to for m in store.history(conversation_id, after_seq=8, limit=3).messages] == [3, 3, 3]
+
+    page = store.replies(conversation_id, 3, after_seq=0, before_seq=100, limit=50)
+    assert seqs_of(page) == thread and page.has_more is False
+    assert page.messages[0] == store.get(conversation_id, 4)
+    for after, before, limit in [(0, 100, 3), (4, 100, 2), (10, 26, 5), (11, 25, 5), (33, 100, 5), (0, 5, 1)]:
+        expected = [s for s in thread if after < s < before]
+        got = store.replies(conversation_id, 3, after_seq=after, before_seq=before, limit=limit)
+        assert seqs_of(got) == expected[:limit] and got.has_more == (len(expected) > limit), (after, before, limit)
+    assert seqs_of(store.replies(conversation_id, 12, after_seq=0, before_seq=100)) == [13, 14]
+    assert seqs_of(store.replies(conversation_id, 5, after_seq=0, before_seq=100)) == []
+    assert seqs_of(store.replies(uuid.uuid4(), 3, after_seq=0, before_seq=100)) == []
+
+
+def test_reply_counts_for_a_page_count_tombstones_and_leave_out_messages_without_replies(store):
+    conversation_id = uuid.uuid4()
+    for seq in range(1, 24):
+        reply_to = {5: 1, 6: 1, 7: 2, 15: 1, 16: 12, 21: 19, 22: 19, 23: 19}.get(seq)
+        store.insert(make_message(conversation_id, seq, reply_to=reply_to))
+    store.tombstone(conversation_id, 6)
+    assert store.reply_counts(conversation_id, list(range(1, 24))) == {1: 3, 2: 1, 12: 1, 19: 3}
+    assert store.reply_counts(conversation_id, [19, 2, 3]) == {2: 1, 19: 3}
+    assert store.reply_counts(conversation_id, [3, 4]) == {}
+    assert store.reply_counts(uuid.uuid4(), [1]) == {}
+
+
+# --- reactions -------------------------------------------------------------------------------------
+
+
+def test_reactions_count_per_emoji_with_me_for_the_viewer_over_a_page_across_buckets(store):
+    conversation_id = fill(store, range(1, 26))
+    alice, bob, carol = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for seq, emoji, user in [
+        (1, "👍", alice), (1, "👍", bob), (1, "🎉", bob), (9, "👍", carol), (10, "❤️", alice),
+        (11, "👍🏽", alice), (11, "👍🏽", bob), (11, "👍🏽", carol), (20, "x", bob), (25, "👍", alice),
+    ]:
+        store.reaction_add(conversation_id, seq, emoji, user)
+    store.reaction_add(conversation_id, 1, "👍", alice)  # again: a set member, counted once
+
+    page = store.reactions(conversation_id, list(range(1, 26)), alice)
+    assert page == {
+        1: {"🎉": {"count": 1, "me": False}, "👍": {"count": 2, "me": True}},
+        9: {"👍": {"count": 1, "me": False}},
+        10: {"❤️": {"count": 1, "me": True}},
+        11: {"👍🏽": {"count": 3, "me": True}},
+        20: {"x": {"count": 1, "me": False}},
+        25: {"👍": {"count": 1, "me": True}},
+    }
+    # Only the seqs asked for, whatever lies between them.
+    assert store.reactions(conversation_id, [1, 20], bob) == {
+        1: {"🎉": {"count": 1, "me": True}, "👍": {"count": 2, "me": True}},
+        20: {"x": {"count": 1, "me": True}},
+    }
+    assert store.reactions(conversation_id, [9], None) == {9: {"👍": {"count": 1, "me": False}}}
+    assert store.reactions(conversation_id, [2, 3], alice) == {}
+
+    store.reaction_remove(conversation_id, 1, "👍", alice)
+    store.reaction_remove(conversation_id, 1, "👍", alice)  # not there any more: no effect
+    store.reaction_remove(conversation_id, 9, "👍", carol)
+    assert store.reactions(conversation_id, [1, 9], alice) == {1: {"🎉": {"count": 1, "me": False}, "👍": {"count": 1, "me": False}}}
+
+
+# --- edit history ----------------------------------------------------------------------------------
+
+
+def make_edit(conversation_id: uuid.UUID, seq: int, change: int, content: str) -> Edit:
+    at = _ms(datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=next(_sent)))
+    return Edit(conversation_id=conversation_id, seq=seq, change=change, content=content, written_at=at, replaced_at=at + timedelta(seconds=1))
+
+
+def test_edits_are_kept_per_message_newest_first_and_page_by_change(store):
+    conversation_id = fill(store, [1, 2])
+    first, second, third = make_edit(conversation_id, 1, 2, "v1"), make_edit(conversation_id, 1, 5, "v2 ✓"), make_edit(conversation_id, 1, 9, "v3")
+    other = make_edit(conversation_id, 2, 7, "of 2")
+    for edit in (second, other, first, third):
+        store.record_edit(edit)
+    assert store.edits(conversation_id, 1, before_change=100) == [third, second, first]
+    assert store.edits(conversation_id, 1, before_change=100, limit=2) == [third, second]
+    assert store.edits(conversation_id, 1, before_change=5) == [first]
+    assert store.edits(conversation_id, 2, before_change=100) == [other]
+    assert store.edits(uuid.uuid4(), 1, before_change=100) == []
+    # An edit recorded again at its number (its transaction rolled back) replaces the old entry.
+    again = make_edit(conversation_id, 1, 9, "v3 again")
+    store.record_edit(again)
+    assert store.edits(conversation_id, 1, before_change=100)[0] == again
+
+
+def test_a_tombstone_takes_the_edit_history_and_the_reactions_with_the_content(store):
+    conversation_id = fill(store, [1, 2])
+    user = uuid.uuid4()
+    for seq in (1, 2):
+        store.record_edit(make_edit(conversation_id, seq, seq, "before"))
+        store.reaction_add(conversation_id, seq, "👍", user)
+    store.tombstone(conversation_id, 1)
+    assert store.edits(conversation_id, 1, before_change=100) == []
+    assert store.reactions(conversation_id, [1, 2], user) == {2: {"👍": {"count": 1, "me": True}}}
+    assert len(store.edits(conversation_id, 2, before_change=100)) == 1
+
+
 # --- where the backends differ ---------------------------------------------------------------------
 
 
@@ -322,3 +432,26 @@ def test_cassandra_seq_reused_after_a_rolled_back_send_belongs_to_the_new_messag
     store.insert(rolled_back)
     store.insert(sent)
     assert store.get(conversation_id, 5) == sent
+
+
+def test_cassandra_thread_rows_of_sends_that_did_not_commit_are_skipped(cassandra_connection):
+    """A reply whose relational transaction rolled back leaves its thread row; the next send takes
+    its seq (no reply, or a reply to another message). The thread reads on past it."""
+    from chat.store.cassandra import CassandraMessageStore
+
+    store = CassandraMessageStore(connection=cassandra_connection, bucket_size=BUCKET_SIZE)
+    conversation_id = uuid.uuid4()
+    store.insert(make_message(conversation_id, 3))
+    store.insert(make_message(conversation_id, 4, reply_to=3))
+    for stale in (5, 6):
+        store.insert(make_message(conversation_id, stale, reply_to=3))
+        store.insert(make_message(conversation_id, stale))  # the send that took the seq again
+    store.insert(make_message(conversation_id, 7, reply_to=3))
+    store.insert(make_message(conversation_id, 8, reply_to=3))
+    assert seqs_of(store.replies(conversation_id, 3, after_seq=0, before_seq=100)) == [4, 7, 8]
+    page = store.replies(conversation_id, 3, after_seq=4, before_seq=100, limit=1)
+    assert (seqs_of(page), page.has_more) == ([7], True)
+    page = store.replies(conversation_id, 3, after_seq=0, before_seq=100, limit=2)
+    assert (seqs_of(page), page.has_more) == ([4, 7], True)
+    page = store.replies(conversation_id, 3, after_seq=7, before_seq=100, limit=1)
+    assert (seqs_of(page), page.has_more) == ([8], False)

@@ -62,6 +62,7 @@ class TestWebhook:
             "conversation_id": str(message.conversation_id),
             "message_id": str(message.message_id),
             "seq": message.seq,
+            "reply_to": None,
             "sender_id": str(alice.pk),
             "sender_name": "alice",
             "message_type": "text",

@@ -53,14 +53,15 @@ def test_large_content_is_left_out_of_pages_and_read_one_message_at_a_time(conve
     wide = send(client, conversation, "é" * 600)  # 600 characters, 1200 bytes of UTF-8: over
     large = send(client, conversation, "b" * 5000)
     results = page(client, conversation)["results"]
+    read = {"reactions": {}, "reply_count": 0}  # what reads add to the message a send answers
     assert results == [
-        small,
-        {**wide, "content": None, "content_omitted": True},
-        {**large, "content": None, "content_omitted": True},
+        {**small, **read},
+        {**wide, **read, "content": None, "content_omitted": True},
+        {**large, **read, "content": None, "content_omitted": True},
     ]
     for message in (wide, large):
         full = client.get(f"/api/v1/conversations/{conversation.pk}/messages/{message['seq']}/")
-        assert full.status_code == 200 and full.data == message
+        assert full.status_code == 200 and full.data == {**message, **read}
 
 
 def test_a_page_stops_at_max_page_bytes_but_never_empty(conversation, client_for, settings):
