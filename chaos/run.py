@@ -224,6 +224,8 @@ class Services:
         self.start_worker()
 
     def start_worker(self) -> None:
+        if self.worker_log is not None:
+            self.worker_log.close()
         self.worker_log = open(self.run.directory / "worker.log", "ab")
         self.worker = subprocess.Popen(
             [sys.executable, "manage.py", "run_notifications"], cwd=ROOT, env=self.env,
@@ -253,6 +255,8 @@ class Services:
             except subprocess.TimeoutExpired:
                 self.worker.kill()
                 self.worker.wait()
+        if self.worker_log is not None:
+            self.worker_log.close()
         if self.redis is not None:
             self.redis.stop()
         if self.cluster_started:
