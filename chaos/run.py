@@ -29,11 +29,13 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,6 +47,13 @@ SERVICES = str(ROOT / "scripts" / "services.sh")
 CLUSTER_NODES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 FAULT_KINDS = ("daphne_kill", "redis_restart", "cassandra_pause", "worker_kill", "drop_clients", "rate_burst")
 USERS = 6
+# One more user, added to and removed from conversation A again and again (never sends).
+CHURN = USERS
+# Seconds a removed member's socket may stay open: "within a second" (docs/websocket.md) plus
+# scheduling slack on two shared cores; when the announcement was lost (Redis down), the periodic
+# recheck's CHAT_MEMBERSHIP_RECHECK (30 s) plus the same slack.
+REMOVAL_CLOSE_SECONDS = 3.0
+REMOVAL_CLOSE_SECONDS_REDIS_DOWN = 33.0
 # Conversation -> member indexes: two groups that overlap in two users.
 CONVERSATIONS = {"A": [0, 1, 2, 3], "B": [2, 3, 4, 5]}
 SEND_RATE_PER_USER = "120/min"  # the burst fault goes past it; the steady load stays well under
@@ -118,6 +127,19 @@ class SocketLog:
 
 
 @dataclass
+class MembershipPeriod:
+    """One stay of the churning user in conversation A: added, socket open, removed."""
+
+    added_at: float
+    removed_at: float | None = None  # run time of the removal's answer
+    removed_wall: float | None = None  # the same moment as wall-clock time, to compare with sent_at
+    closed_at: float | None = None  # run time the socket closed with 4403, or a reconnect was refused
+    ready_last_seq: int | None = None  # last_seq in the first `ready`
+    seqs: list[int] = field(default_factory=list)
+    late: list[int] = field(default_factory=list)  # seqs received that were sent after the removal
+
+
+@dataclass
 class Run:
     seed: int
     seconds: float
@@ -129,6 +151,7 @@ class Run:
     faults_done: Counter = field(default_factory=Counter)
     webhook_hits: list[dict] = field(default_factory=list)
     stopping: bool = False
+    periods: list[MembershipPeriod] = field(default_factory=list)
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -201,6 +224,8 @@ class Services:
         self.start_worker()
 
     def start_worker(self) -> None:
+        if self.worker_log is not None:
+            self.worker_log.close()
         self.worker_log = open(self.run.directory / "worker.log", "ab")
         self.worker = subprocess.Popen(
             [sys.executable, "manage.py", "run_notifications"], cwd=ROOT, env=self.env,
@@ -230,6 +255,8 @@ class Services:
             except subprocess.TimeoutExpired:
                 self.worker.kill()
                 self.worker.wait()
+        if self.worker_log is not None:
+            self.worker_log.close()
         if self.redis is not None:
             self.redis.stop()
         if self.cluster_started:
@@ -256,13 +283,15 @@ class Clients:
 
     def set_up(self) -> None:
         server = self.services.daphnes[0]
-        for index in range(USERS):
+        for index in range(USERS + 1):
             user_id, token = server.signup(f"chaos{index}")
+            self.users.append((user_id, token))
+            if index == CHURN:
+                continue  # no device: its notifications are not checked
             status, body, _ = server.request(
                 "POST", "/api/v1/push/devices/", {"kind": "fcm", "token": f"chaos-device-{index}", "name": "phone"}, token=token
             )
             assert status == 201, body
-            self.users.append((user_id, token))
         for name, members in CONVERSATIONS.items():
             owner, *others = members
             status, body, _ = server.request(
@@ -347,6 +376,68 @@ class Clients:
         while not self.run.stopping:
             await self.send(user, self.rng.choice(names))
             await asyncio.sleep(self.rng.uniform(0.6, 1.6))
+
+    async def churn_loop(self) -> None:
+        """The owner of A adds the churning user, who opens a socket on A; 8-15 s later the owner
+        removes them, and the socket must close with 4403 and receive nothing sent after."""
+        owner_token = self.users[CONVERSATIONS["A"][0]][1]
+        churn_id = self.users[CHURN][0]
+        path = f"/api/v1/conversations/{self.conversations['A']}/participants/"
+
+        async def owner_request(method: str, target: str, body: dict | None) -> int | None:
+            try:
+                status, _, _ = await asyncio.to_thread(self.daphne().request, method, target, body, owner_token)
+                return status
+            except OSError:  # that daphne is being restarted
+                return None
+
+        while not self.run.stopping:
+            await asyncio.sleep(self.rng.uniform(3, 8))
+            if await owner_request("POST", path, {"user_id": churn_id}) not in (200, 201):
+                continue  # try again later
+            period = MembershipPeriod(added_at=self.run.now())
+            socket_task = asyncio.create_task(self.churn_socket(period))
+            await asyncio.sleep(self.rng.uniform(8, 15))
+            while await owner_request("DELETE", f"{path}{churn_id}/", None) != 204:
+                await asyncio.sleep(0.5)
+            period.removed_at, period.removed_wall = self.run.now(), time.time()
+            await asyncio.wait([socket_task], timeout=REMOVAL_CLOSE_SECONDS_REDIS_DOWN + 5)
+            socket_task.cancel()
+            self.run.periods.append(period)
+
+    async def churn_socket(self, period: MembershipPeriod) -> None:
+        token = self.users[CHURN][1]
+        while True:
+            after = period.seqs[-1] if period.seqs else period.ready_last_seq
+            url = f"{self.daphne().ws}/ws/chat/?conversation_id={self.conversations['A']}"
+            if after is not None:
+                url += f"&after_seq={after}"
+            code = None
+            try:
+                async with connect(url, additional_headers={"Authorization": f"Token {token}"}, open_timeout=5) as ws:
+                    try:
+                        async for raw in ws:
+                            frame = json.loads(raw)
+                            if frame["type"] == "ready" and period.ready_last_seq is None:
+                                period.ready_last_seq = frame["last_seq"]
+                            elif frame["type"] == "message.new":
+                                message = frame["message"]
+                                period.seqs.append(message["seq"])
+                                sent = datetime.fromisoformat(message["sent_at"].replace("Z", "+00:00")).timestamp()
+                                if period.removed_wall is not None and sent > period.removed_wall:
+                                    period.late.append(message["seq"])
+                    except ConnectionClosed:
+                        pass
+                    code = ws.close_code
+            except InvalidStatus as refused:
+                if period.removed_at is not None and refused.response.status_code == 403:
+                    code = 4403  # reconnecting after the removal is refused: the removal holds
+            except Exception:  # a drop or a failed handshake: reconnect
+                pass
+            if code == 4403 and period.removed_at is not None:
+                period.closed_at = self.run.now()
+                return
+            await asyncio.sleep(0.2)
 
     async def burst(self, user: int) -> None:
         """Past the rate limit: a quarter more sends at once than the per-minute budget."""
@@ -493,6 +584,30 @@ def check_sockets(run: Run, histories: dict[str, list[dict]]) -> list[str]:
     return violations
 
 
+def check_membership(run: Run) -> list[str]:
+    """Each removal closed the removed member's socket with 4403 within the promised time (longer
+    when Redis was down around it), it received nothing sent after the removal, and while a member
+    it got every message from its first `ready` on, once, in order."""
+    violations = []
+    for number, period in enumerate(run.periods):
+        label = f"membership period {number} (added t={period.added_at:.1f}s, removed t={period.removed_at:.1f}s)"
+        redis_down_nearby = any(
+            kind == "redis_restart" and start - 3 <= period.removed_at <= end + 3 for kind, start, end in run.windows
+        )
+        limit = REMOVAL_CLOSE_SECONDS_REDIS_DOWN if redis_down_nearby else REMOVAL_CLOSE_SECONDS
+        if period.closed_at is None:
+            violations.append(f"{label}: the socket did not close with 4403")
+        elif period.closed_at - period.removed_at > limit:
+            violations.append(f"{label}: the socket closed {period.closed_at - period.removed_at:.1f} s after the removal (limit {limit:.0f} s)")
+        if period.late:
+            violations.append(f"{label}: received seqs {period.late[:10]} sent after the removal")
+        if period.ready_last_seq is not None:
+            expected = list(range(period.ready_last_seq + 1, period.ready_last_seq + 1 + len(period.seqs)))
+            if period.seqs != expected:
+                violations.append(f"{label}: received {period.seqs[:20]}..., not one each of the seqs after {period.ready_last_seq}")
+    return violations
+
+
 def check_statuses(run: Run) -> tuple[list[str], Counter]:
     """Every 5xx was a 503 that started inside a Cassandra fault window; sends that started with
     Redis down succeeded (or were rate limited); no other 4xx than 429; every send was answered."""
@@ -521,6 +636,7 @@ def check(run: Run, clients: Clients, services: Services) -> tuple[list[str], di
     histories = read_histories(clients, services, violations)
     violations += check_history(run, histories)
     violations += check_sockets(run, histories)
+    violations += check_membership(run)
     status_violations, status_counts = check_statuses(run)
     violations += status_violations
     notification_figures = check_notifications(run, clients, histories, violations)
@@ -532,6 +648,7 @@ def check(run: Run, clients: Clients, services: Services) -> tuple[list[str], di
         "responses": {str(k): v for k, v in sorted(status_counts.items(), key=str)},
         "messages_in_history": {name: len(m) for name, m in histories.items()},
         "socket_connects": sum(r.connects for r in run.sockets.values()),
+        "membership_removals": len(run.periods),
         "faults": dict(run.faults_done),
         **notification_figures,
         "violations": len(violations),
@@ -632,6 +749,7 @@ async def main_async(run: Run, services: Services) -> int:
             log(f"load on for {run.seconds:.0f} s: {USERS} users, {len(run.sockets)} sockets, {len(faults)} faults")
             socket_tasks = [asyncio.create_task(clients.socket_loop(u, n)) for (u, n) in run.sockets]
             senders = [asyncio.create_task(clients.sender_loop(u)) for u in range(USERS)]
+            senders.append(asyncio.create_task(clients.churn_loop()))
             faults_task = asyncio.create_task(fault_loop(faults, run, services, clients))
             await asyncio.sleep(run.seconds)
             await faults_task
@@ -648,6 +766,11 @@ async def main_async(run: Run, services: Services) -> int:
     finally:
         await receiver.cleanup()
     (run.directory / "result.json").write_text(json.dumps(figures, indent=2))
+    # Every send's attempts, for looking into a failing seed: (start, end, status or error) in run time.
+    with open(run.directory / "sends.jsonl", "w") as sends:
+        for send in run.sends:
+            sends.write(json.dumps({"key": send.key, "user": send.user, "conversation": send.conversation,
+                                    "responses": send.responses, "seq": send.message and send.message["seq"]}) + "\n")
     for violation in violations[:50]:
         log(f"VIOLATION {violation}")
     log(json.dumps(figures))

@@ -80,7 +80,9 @@ async def test_sends_survive_one_node_fail_fast_without_quorum_and_heal(cluster_
         kill_node(2)
         await assert_sends_fail_fast_and_cleanly(server, database, socket, send, "node2 and node3 down")
 
-        subprocess.run([SERVICES, "start", "cluster"], check=True)  # the killed nodes come back
+        # The killed nodes come back (30-40 s). Off the event loop: the socket keeps answering
+        # daphne's pings meanwhile, or daphne would drop it as dead.
+        await asyncio.to_thread(subprocess.run, [SERVICES, "start", "cluster"], check=True)
         status, healed = await send_until_healed(send, "after the nodes are back")
         assert status == 201, healed
         assert json.loads(await asyncio.wait_for(socket.recv(), 5))["message"] == healed

@@ -33,14 +33,15 @@ async def test_cassandra_down_fails_sends_fast_and_cleanly_then_heals(cassandra_
         assert status == 201
         assert json.loads(await socket.recv())["message"] == before
 
-        subprocess.run([SERVICES, "stop", "cassandra"], check=True)
+        # Off the event loop, so the socket keeps answering daphne's pings.
+        await asyncio.to_thread(subprocess.run, [SERVICES, "stop", "cassandra"], check=True)
         assert not cassandra_available(), (
             "Cassandra still answers: it was not started by this checkout's scripts/services.sh, "
             "so this test cannot stop it (run `make services` from this checkout)"
         )
         await assert_sends_fail_fast_and_cleanly(server, database, socket, send, "while Cassandra is down")
 
-        subprocess.run([SERVICES, "start", "cassandra"], check=True)
+        await asyncio.to_thread(subprocess.run, [SERVICES, "start", "cassandra"], check=True)
         status, after = await send_until_healed(send, "after Cassandra is back")
         assert status == 201
         assert after["seq"] == before["seq"] + 1  # the failed sends burned no seq

@@ -2,7 +2,18 @@
 is there to flag, so a clean `make chaos` means something."""
 from pathlib import Path
 
-from chaos.run import FAULT_KINDS, Run, SendRecord, SocketLog, check_history, check_sockets, check_statuses, fault_schedule
+from chaos.run import (
+    FAULT_KINDS,
+    MembershipPeriod,
+    Run,
+    SendRecord,
+    SocketLog,
+    check_history,
+    check_membership,
+    check_sockets,
+    check_statuses,
+    fault_schedule,
+)
 
 
 def message(seq: int, key: str) -> dict:
@@ -63,3 +74,19 @@ def test_statuses_accept_a_503_only_inside_a_cassandra_window_and_nothing_but_su
     assert any("send redis " in v and "Redis down" in v for v in violations)
     assert any("send lost was never acknowledged" in v for v in violations)
     assert counts[503] == 2 and counts[201] == 3
+
+
+def test_membership_flags_a_slow_close_a_message_after_removal_and_a_gap():
+    run = run_with(windows=[("redis_restart", 100.0, 102.0)])
+    run.periods = [
+        MembershipPeriod(added_at=10, removed_at=20, closed_at=20.5, ready_last_seq=4, seqs=[5, 6, 7]),  # clean
+        MembershipPeriod(added_at=30, removed_at=40, closed_at=50, ready_last_seq=7, seqs=[8]),  # slow
+        MembershipPeriod(added_at=90, removed_at=101, closed_at=120, ready_last_seq=9, seqs=[10]),  # Redis down: 30 s recheck
+        MembershipPeriod(added_at=60, removed_at=70, closed_at=None, ready_last_seq=8, seqs=[9, 11], late=[11]),
+    ]
+    violations = check_membership(run)
+    assert not any("period 0 " in v or "period 2 " in v for v in violations)
+    assert any("period 1 " in v and "closed 10.0 s after" in v for v in violations)
+    assert any("period 3 " in v and "did not close" in v for v in violations)
+    assert any("period 3 " in v and "sent after the removal" in v for v in violations)
+    assert any("period 3 " in v and "not one each" in v for v in violations)
