@@ -3,8 +3,10 @@
 #   - Redis (Debian's redis-server), daemonized on 127.0.0.1:${REDIS_PORT:-6379}, no persistence
 #   - Apache Cassandra 5.0 (org.apache.cassandra:cassandra-all from Maven Central) on JDK 17,
 #     CQL on 127.0.0.1:${CASSANDRA_PORT:-9042}
+#   - the browser for the web client's tests (tests/browser): Debian's chromium and
+#     chromium-driver, installed when missing (nothing runs: each test starts its own)
 #
-# Usage: scripts/services.sh start|stop|status [redis|cassandra]   (default: both)
+# Usage: scripts/services.sh start|stop|status [redis|cassandra|browser]   (default: all three)
 #
 #   start   installs what is missing, starts what is not answering, waits until it answers
 #           (idempotent: a service that already answers is left alone)
@@ -333,15 +335,34 @@ cassandra_status() {
   return 1
 }
 
+# ---------------------------------------------------------------- browser
+
+# Debian's packages, so chromedriver always matches the browser and no test downloads one.
+browser_present() { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }
+
+browser_start() {
+  if browser_present; then log "browser: $(chromium --version 2>/dev/null | head -n 1) and chromedriver present"; return 0; fi
+  apt_install chromium chromium-driver
+  browser_present || die "chromium or chromedriver missing after apt-get install"
+  log "browser: installed $(chromium --version 2>/dev/null | head -n 1)"
+}
+
+browser_stop() { :; }  # nothing runs between tests
+
+browser_status() {
+  if browser_present; then echo "browser: present ($(chromium --version 2>/dev/null | head -n 1))"; return 0; fi
+  echo "browser: missing (chromium, chromium-driver)"; return 1
+}
+
 # ---------------------------------------------------------------- main
 
-usage() { echo "usage: $0 start|stop|status [redis|cassandra]" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|status [redis|cassandra|browser]" >&2; exit 2; }
 
 action="${1:-}"
 case "$action" in start|stop|status) ;; *) usage ;; esac
 case "${2:-all}" in
-  all) services=(redis cassandra) ;;
-  redis|cassandra) services=("$2") ;;
+  all) services=(redis cassandra browser) ;;
+  redis|cassandra|browser) services=("$2") ;;
   *) usage ;;
 esac
 
