@@ -42,6 +42,7 @@ def signup(browser, username: str) -> None:
 
 def start_conversation(browser, names: list[str], title: str = "") -> None:
     driver = browser.driver
+    driver.find_element(By.CSS_SELECTOR, "#new-details summary").click()
     Select(driver.find_element(By.ID, "new-kind")).select_by_value("group" if title else "direct")
     if title:
         driver.find_element(By.ID, "new-title").send_keys(title)

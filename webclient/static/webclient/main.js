@@ -9,6 +9,7 @@ import { $, el, formatTime, show } from "./dom.js";
 const PAGE = 50;
 const TYPING_SHOWN_MS = 4000;
 const TYPING_SENT_EVERY_MS = 2000;
+const MAX_RESUME = 1000;
 
 const state = {
   me: null,
@@ -222,9 +223,19 @@ async function onReady(frame) {
     // Titles, kinds and unread counts of the new ones (and fresh counts for all).
     loadConversations().catch(() => {});
   }
+  // At most MAX_RESUME conversations per resume frame (the server's CHAT_MAX_RESUME_CONVERSATIONS
+  // default): the most recently active; any others start from where ready put them.
   const cursors = {};
-  for (const [id, conversation] of state.conversations) {
-    if (id in carried) cursors[id] = { seq: conversation.lastSeq, change: conversation.lastChange };
+  const resumable = [...state.conversations.values()].filter((c) => c.id in carried)
+    .sort((a, b) => (a.lastActivity < b.lastActivity ? 1 : -1));
+  for (const conversation of resumable.slice(0, MAX_RESUME)) {
+    cursors[conversation.id] = { seq: conversation.lastSeq, change: conversation.lastChange };
+  }
+  for (const conversation of resumable.slice(MAX_RESUME)) {
+    conversation.lastSeq = Math.max(conversation.lastSeq, carried[conversation.id].last_seq);
+    conversation.lastChange = Math.max(conversation.lastChange, carried[conversation.id].last_change);
+    conversation.messages.clear();
+    conversation.loaded = false;
   }
   state.stream.resume(cursors);
 }
@@ -480,9 +491,12 @@ async function openConversation(id) {
     renderPeople(conversation);
     if (!conversation.loaded) await loadNewest(conversation);
     if (state.openId !== id) return;
+    // One announcement for the page, not one per message, for screen readers.
+    $("#messages").setAttribute("aria-busy", "true");
     for (const seq of [...conversation.messages.keys()].filter((s) => s >= conversation.oldestSeq).sort((a, b) => a - b)) {
       renderMessage(conversation, conversation.messages.get(seq));
     }
+    $("#messages").setAttribute("aria-busy", "false");
     show($("#older"), conversation.hasOlder);
     scrollToEnd();
     markRead();
@@ -845,6 +859,7 @@ async function createConversation(event) {
     if (!conversation.participants) await loadParticipants(conversation);
     $("#new-people").value = "";
     $("#new-title").value = "";
+    $("#new-details").open = false;
     renderList();
     location.hash = `#c/${created.id}`;
   } catch (error) {
