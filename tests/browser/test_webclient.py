@@ -166,9 +166,10 @@ def test_two_people_converse_and_one_comes_back_from_offline_to_every_message_on
     assert [text for _, text in assert_in_order_once(bob)] == expected
     assert [text for _, text in assert_in_order_once(alice)] == expected
     # The send that waited went out once, however often it was tried.
+    conversation_id = js(alice, "return location.hash.slice(3)").replace("-", "")
     with sqlite3.connect(live.env["DATABASE_URL"].removeprefix("sqlite:///")) as db:
-        (count,) = db.execute("SELECT last_seq FROM chat_conversation").fetchone()
-    assert count == len(expected)
+        (last_seq,) = db.execute("SELECT last_seq FROM chat_conversation WHERE id = ?", [conversation_id]).fetchone()
+    assert last_seq == len(expected)
 
     # And a report of alice's message from bob's side reaches the moderation queue.
     report = [b for b in bob.driver.find_elements(By.CSS_SELECTOR, "#messages li button") if b.text == "Report"][0]
@@ -177,7 +178,7 @@ def test_two_people_converse_and_one_comes_back_from_offline_to_every_message_on
     bob.driver.find_element(By.ID, "dialog-ok").click()
     wait_for(bob, lambda d: "moderators will look" in d.find_element(By.ID, "conversation-status").text, "report confirmed")
     with sqlite3.connect(live.env["DATABASE_URL"].removeprefix("sqlite:///")) as db:
-        assert db.execute("SELECT reason FROM chat_report").fetchall() == [("spam",)]
+        assert db.execute("SELECT reason FROM chat_report WHERE conversation_id = ?", [conversation_id]).fetchall() == [("spam",)]
 
 
 def alice_edit(alice, seq: int, content: str) -> None:
@@ -197,7 +198,7 @@ def alice_delete(alice, seq: int) -> None:
     wait_for(alice, lambda d: dict(timeline(alice))[seq] == "This message was deleted.", "the tombstone shown")
 
 
-def test_a_removed_participant_loses_the_conversation(browsers):
+def test_a_removed_participant_loses_the_conversation(browsers, live):
     carol, dave = browsers("carol"), browsers("dave")
     signup(carol, "carol")
     signup(dave, "dave")
@@ -219,6 +220,14 @@ def test_a_removed_participant_loses_the_conversation(browsers):
     wait_for(carol, shows_texts(carol, ["welcome", "after dave left"]), "carol's message")
     time.sleep(1)
     assert "project" not in list_entries(dave)
+
+    # Logging out revokes this browser's token on the server and shows the log-in form.
+    dave_token = js(dave, "return localStorage.getItem('chat.token')")
+    dave.driver.find_element(By.ID, "logout").click()
+    wait_for(dave, lambda d: d.find_element(By.ID, "auth-view").is_displayed(), "the log-in form after logging out")
+    assert js(dave, "return localStorage.getItem('chat.token')") is None
+    status, _, _ = live.request("GET", "/api/v1/users/me/", token=dave_token)
+    assert status == 401
 
 
 def test_history_pages_upward_on_a_phone_sized_screen_and_nothing_leaves_the_origin(browsers, live):
