@@ -143,6 +143,10 @@ function upsertConversation(data) {
     return conversation;
   }
   // The same conversation seen again (a fresh list, a join): numbers never move backwards.
+  if (data.kind && known.kind !== data.kind) {
+    known.kind = data.kind;
+    if (known.kind === "direct" && !known.participants) loadParticipants(known).then(renderList, () => {});
+  }
   known.title = data.title;
   known.lastSeq = Math.max(known.lastSeq, data.last_seq ?? 0);
   if (data.last_read_seq !== undefined) known.lastReadSeq = Math.max(known.lastReadSeq, data.last_read_seq);
@@ -217,7 +221,8 @@ async function onReady(frame) {
   for (const id of unknown) {
     // Joined while this client was away: its numbers start where it stands now.
     const standing = carried[id];
-    upsertConversation({ id, kind: "group", title: "", last_seq: standing.last_seq, last_change: standing.last_change, last_read_seq: 0 });
+    // Its kind, title and read marker come with the list read below.
+    upsertConversation({ id, kind: null, title: "", last_seq: standing.last_seq, last_change: standing.last_change, last_read_seq: 0 });
   }
   if (unknown.length) {
     // Titles, kinds and unread counts of the new ones (and fresh counts for all).
@@ -420,6 +425,7 @@ function markRead() {
 // ------------------------------------------------------------------ the conversation list
 
 function conversationName(conversation) {
+  if (!conversation.kind) return "…";
   if (conversation.kind === "group") return conversation.title || "Untitled group";
   const other = conversation.participants && [...conversation.participants.entries()].find(([id]) => id !== state.me.id);
   return other ? other[1].username : "Direct conversation";
@@ -659,7 +665,9 @@ function attachmentList(attachments) {
 }
 
 async function attachmentUrl(attachment, thumbnail = false) {
-  const path = thumbnail && attachment.thumbnail_url ? new URL(attachment.thumbnail_url, location.href).pathname : `/api/v1/attachments/${attachment.attachment_id}/`;
+  // Only this origin's path of the URL the server gave: the request carries the token.
+  const given = thumbnail && attachment.thumbnail_url ? attachment.thumbnail_url : attachment.url;
+  const path = given ? new URL(given, location.href).pathname : `/api/v1/attachments/${encodeURIComponent(attachment.attachment_id)}/`;
   const response = await api("GET", path, { raw: true });
   return URL.createObjectURL(await response.blob());
 }
