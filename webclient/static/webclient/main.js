@@ -306,7 +306,9 @@ function dropConversation(id, notice) {
 
 function onError(frame) {
   if (frame.client_message_id && state.outbox.has(frame.client_message_id)) {
-    state.outbox.refused(frame.client_message_id, frame.code, frame.fields ? "The message was refused: " + JSON.stringify(frame.fields) : frame.detail);
+    // Field errors ({"content": ["…"]}) read as their sentences.
+    const reasons = frame.fields ? Object.values(frame.fields).flat().join(" ") : "";
+    state.outbox.refused(frame.client_message_id, frame.code, reasons || frame.detail);
   }
 }
 
@@ -474,7 +476,8 @@ function renderList() {
 function showConversationFromHash() {
   const match = location.hash.match(/^#c\/([0-9a-f-]{36})$/);
   if (match && state.conversations.has(match[1])) openConversation(match[1]);
-  else if (!match) closeConversationPane();
+  // Other fragments (the skip link's #composer-input) are in-page jumps, not navigation.
+  else if (!location.hash || location.hash === "#") closeConversationPane();
 }
 
 async function openConversation(id) {

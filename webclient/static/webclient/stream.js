@@ -8,6 +8,7 @@ const PING_EVERY_MS = 25_000;   // daphne drops idle peers; this also finds a de
 const PONG_WITHIN_MS = 10_000;
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 15_000;
+const RESUMED_WITHIN_MS = 15_000; // a resume never answered: start over on a new connection
 
 export class UserStream {
   // handlers: onFrame(frame) for every frame; onState(state, detail) with state one of
@@ -23,6 +24,7 @@ export class UserStream {
     this.pingTimer = null;
     this.pongTimer = null;
     this.retryAt = 0;
+    this.resumeTimer = null;
     window.addEventListener("online", () => this.retryNow());
   }
 
@@ -46,7 +48,10 @@ export class UserStream {
 
   // After the ready frame: ask for what was missed. The stream is live once `resumed` answers.
   resume(cursors) {
-    this.socket?.send(JSON.stringify({ type: "resume", cursors }));
+    const socket = this.socket;
+    if (!socket) return;
+    socket.send(JSON.stringify({ type: "resume", cursors }));
+    this.resumeTimer = setTimeout(() => { if (socket === this.socket && !this.live) socket.close(); }, RESUMED_WITHIN_MS);
   }
 
   retryNow() {
@@ -85,6 +90,7 @@ export class UserStream {
     this.armPing();
     if (frame.type === "pong") return;
     if (frame.type === "resumed") {
+      clearTimeout(this.resumeTimer);
       this.live = true;
       this.attempt = 0;
       this.onFrame(frame);
@@ -105,6 +111,7 @@ export class UserStream {
     this.live = false;
     clearTimeout(this.pingTimer);
     clearTimeout(this.pongTimer);
+    clearTimeout(this.resumeTimer);
     if (socket && socket.readyState <= WebSocket.OPEN) socket.close();
   }
 
