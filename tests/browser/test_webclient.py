@@ -1,7 +1,7 @@
 """The web client in real headless Chromium against a live daphne (issue 19): two people converse,
 one loses the network while the other writes and edits, and comes back to every message once, in
 order; a removed participant's view drops the conversation; history pages upward on a phone-sized
-screen; every request stays on the server's own origin."""
+screen; every request stays on the server's own origin (the page's headers: tests/test_webclient_page.py)."""
 from __future__ import annotations
 
 import sqlite3
@@ -286,16 +286,3 @@ def test_history_pages_upward_on_a_phone_sized_screen_and_nothing_leaves_the_ori
     assert foreign == []
     severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
     assert severe == []
-
-
-def test_the_page_is_served_with_a_strict_content_security_policy(live):
-    import urllib.request
-
-    with urllib.request.urlopen(live.http + "/", timeout=10) as response:
-        policy = response.headers["Content-Security-Policy"]
-        page = response.read().decode()
-    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
-    assert "frame-ancestors 'none'" in policy
-    assert '<script type="module" src="/static/webclient/main.js">' in page
-    with urllib.request.urlopen(live.http + "/static/webclient/main.js", timeout=10) as response:
-        assert response.status == 200
