@@ -165,7 +165,7 @@ async function loadParticipants(conversation) {
 
 // ------------------------------------------------------------------ the stream
 
-function streamState(status, detail) {
+function streamState(status) {
   state.online = status === "online";
   const banner = $("#offline-banner");
   if (status === "unauthorized") {
@@ -179,11 +179,8 @@ function streamState(status, detail) {
     return;
   }
   if (status === "offline") {
-    const seconds = Math.max(1, Math.round((detail.retryAt - Date.now()) / 1000));
-    banner.textContent = `You are offline. Reconnecting in ${seconds} s… Messages you send wait here until then.`;
+    banner.textContent = "Offline: reconnecting… Messages you write are sent when the connection is back.";
     show(banner, true);
-  } else if (!banner.hidden) {
-    banner.textContent = "You are offline. Reconnecting…";
   }
 }
 
