@@ -81,6 +81,7 @@ INSTALLED_APPS = [
     "accounts",
     "chat",
     "notifications",
+    "webclient",
 ]
 
 MIDDLEWARE = [

@@ -7,11 +7,13 @@
 #     from the project's .venv) on 127.0.0.1:${S3_PORT:-9400}, in memory: for attachments
 #   - PostgreSQL (Debian's postgresql) on 127.0.0.1:${POSTGRES_PORT:-5433}, a cluster of its own in
 #     the runtime dir; role and database ${POSTGRES_DB:-chat}, trust authentication on loopback
+#   - the browser for the web client's tests (tests/browser): Debian's chromium and
+#     chromium-driver, installed when missing (nothing runs: each test starts its own)
 #
 #   - a three-node Cassandra cluster (`cluster`, only when asked for) on 127.0.0.2-4 (CLUSTER_HOSTS)
 #
-# Usage: scripts/services.sh start|stop|status [redis|cassandra|s3|postgres|cluster]
-#        (default: redis, cassandra, s3 and postgres); `scripts/services.sh cluster` = `start cluster`
+# Usage: scripts/services.sh start|stop|status [redis|cassandra|s3|postgres|browser|cluster]
+#        (default: redis, cassandra, s3, postgres and browser); `scripts/services.sh cluster` = `start cluster`
 #
 #   start   installs what is missing, starts what is not answering, waits until it answers
 #           (idempotent: a service that already answers is left alone)
@@ -602,17 +604,36 @@ postgres_status() {
   echo "postgres: down (127.0.0.1:$POSTGRES_PORT)"; return 1
 }
 
+# ---------------------------------------------------------------- browser
+
+# Debian's packages, so chromedriver always matches the browser and no test downloads one.
+browser_present() { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }
+
+browser_start() {
+  if browser_present; then log "browser: $(chromium --version 2>/dev/null | head -n 1) and chromedriver present"; return 0; fi
+  apt_install chromium chromium-driver
+  browser_present || die "chromium or chromedriver missing after apt-get install"
+  log "browser: installed $(chromium --version 2>/dev/null | head -n 1)"
+}
+
+browser_stop() { :; }  # nothing runs between tests
+
+browser_status() {
+  if browser_present; then echo "browser: present ($(chromium --version 2>/dev/null | head -n 1))"; return 0; fi
+  echo "browser: missing (chromium, chromium-driver)"; return 1
+}
+
 # ---------------------------------------------------------------- main
 
-usage() { echo "usage: $0 start|stop|status [redis|cassandra|s3|postgres|cluster]  (or: $0 cluster)" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|status [redis|cassandra|s3|postgres|browser|cluster]  (or: $0 cluster)" >&2; exit 2; }
 
 # `cluster` alone starts the three-node cluster (it is never part of the default set).
 if [ "${1:-}" = cluster ] && [ $# -eq 1 ]; then set -- start cluster; fi
 action="${1:-}"
 case "$action" in start|stop|status) ;; *) usage ;; esac
 case "${2:-all}" in
-  all) services=(redis cassandra s3 postgres) ;;
-  redis|cassandra|s3|postgres|cluster) services=("$2") ;;
+  all) services=(redis cassandra s3 postgres browser) ;;
+  redis|cassandra|s3|postgres|browser|cluster) services=("$2") ;;
   *) usage ;;
 esac
 
