@@ -27,7 +27,7 @@ from chat import events, metrics, overload, recheck
 from chat.access import access_participation, parse_conversation_id
 from chat.feed import ConversationFeed, Cursor, parse_position
 from chat.fanout import get_fanout
-from chat.frames import encode_frame, frame_too_large, message_new_frame
+from chat.frames import encode_frame, frame_too_large, member_frame, message_new_frame
 from core.errors import AccessDenied, ChatError, ValidationFailed
 from core.jsonsafe import loads_bounded
 from chat.presence import get_presence
@@ -127,6 +127,8 @@ class ChatSocket(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         self.user = self.scope.get("user")
         self.cleaned_up = False
+        # This connection's name in presence entries (there is no per-socket channel name).
+        self.connection_id = uuid.uuid4().hex
         self.subscribed: set[str] = set()
         # Events wait here; a drain task exists only while there are some, so an idle socket
         # holds no task (thousands of idle sockets per process).
@@ -310,6 +312,38 @@ class ChatSocket(AsyncWebsocketConsumer):
     async def release_conversations(self) -> None:
         """The subclass's part of _cleanup: its feeds, watches, presence."""
 
+    # --- presence (best effort: a failure, Redis down, is logged and never costs the connection) -
+    # The conversations where this socket holds a presence entry (a set once there is one).
+    present_in: set[uuid.UUID] | tuple = ()
+
+    async def _presence_enter(self, conversation_id: uuid.UUID) -> None:
+        """Hold this socket's presence entry in the conversation: its user is announced online
+        there if this is their first live entry, and this socket is told who else is online."""
+        presence = get_presence()
+        if not self.present_in:
+            self.present_in = set()
+        self.present_in.add(conversation_id)  # before the call: a failed join is still left on disconnect
+        try:
+            if await presence.join(conversation_id, self.user.pk, self.connection_id):
+                await events.presence(conversation_id, self.user.pk, online=True)
+            for user_id in await presence.online(conversation_id):
+                if user_id != self.user.pk:
+                    await self._send_json(
+                        member_frame({"type": "presence", "user_id": str(user_id), "online": True}, conversation_id)
+                    )
+        except Exception:
+            logger.warning("presence: join failed", exc_info=True)
+
+    async def _presence_exit(self, conversation_id: uuid.UUID) -> None:
+        if conversation_id not in self.present_in:
+            return
+        self.present_in.discard(conversation_id)
+        try:
+            if await get_presence().leave(conversation_id, self.user.pk, self.connection_id):
+                await events.presence(conversation_id, self.user.pk, online=False)
+        except Exception:
+            logger.warning("presence: leave failed", exc_info=True)
+
     # --- outbound: in order, exactly once ------------------------------------------------------
     async def _send_json(self, frame: dict, text: str | None = None) -> None:
         """Write one frame (`text`: the frame already encoded). A frame that cannot go out (over
@@ -470,15 +504,12 @@ class ChatConsumer(ChatSocket):
     """The conversation socket: `ws/chat/?conversation_id=<uuid>[&after_seq=<n>][&after_change=<m>]`."""
 
     conversation_id: uuid.UUID | None = None
-    presence_joined = False
     presence_task: asyncio.Task | None = None
     settle_task: asyncio.Task | None = None
     delivery: ConversationFeed | None = None  # the conversation, from the end of the handshake on
 
     # --- handshake -------------------------------------------------------------------------
     async def handshake(self) -> None:
-        # This connection's name in presence entries (there is no per-socket channel name).
-        self.connection_id = uuid.uuid4().hex
         after_seq, after_change = _query_param(self.scope, "after_seq"), _query_param(self.scope, "after_change")
         cursor = Cursor(seq=parse_position(after_seq), change=parse_position(after_change))
         if (after_seq is not None and cursor.seq is None) or (after_change is not None and cursor.change is None):
@@ -552,34 +583,16 @@ class ChatConsumer(ChatSocket):
         for task in (self.presence_task, self.settle_task):
             if task is not None and not task.done():
                 task.cancel()
-        await self._presence_leave()
+        if self.conversation_id is not None:
+            await self._presence_exit(self.conversation_id)
         if self.delivery is not None:
             self.delivery.close()
 
     async def _presence_join(self) -> None:
-        presence = get_presence()
-        self.presence_joined = True  # before the call: a failed join is still left on disconnect
         try:
-            if await presence.join(self.conversation_id, self.user.pk, self.connection_id):
-                await events.presence(self.conversation_id, self.user.pk, online=True)
-            for user_id in await presence.online(self.conversation_id):
-                if user_id != self.user.pk:
-                    await self._send_json(
-                        {"type": "presence", "conversation_id": str(self.conversation_id), "user_id": str(user_id), "online": True}
-                    )
-        except Exception:
-            logger.warning("presence: join failed", exc_info=True)
+            await self._presence_enter(self.conversation_id)
         finally:
             self.presence_task = None  # a finished task kept would cost memory for the socket's life
-    async def _presence_leave(self) -> None:
-        if not self.presence_joined:
-            return
-        self.presence_joined = False
-        try:
-            if await get_presence().leave(self.conversation_id, self.user.pk, self.connection_id):
-                await events.presence(self.conversation_id, self.user.pk, online=False)
-        except Exception:
-            logger.warning("presence: leave failed", exc_info=True)
 
     # --- channel-layer events ----------------------------------------------------------------
     def conversation_of(self, event: dict) -> ConversationFeed | None:
@@ -742,6 +755,14 @@ class UserStreamConsumer(ChatSocket):
         # As the conversation socket does: one look at the store once the subscriptions are
         # surely live (a message published before Redis processed them).
         self._spawn(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS, list(self.feeds)))
+        # The user is online in every conversation the stream carries: announced in the
+        # background, one conversation after the other (best effort, as for a conversation socket).
+        self._spawn(self._presence_enter_each(list(self.feeds)))
+
+    async def _presence_enter_each(self, conversation_ids: list[uuid.UUID]) -> None:
+        for conversation_id in conversation_ids:
+            if conversation_id in self.feeds:  # still carried (not left meanwhile)
+                await self._presence_enter(conversation_id)
 
     async def _go_live_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -765,6 +786,7 @@ class UserStreamConsumer(ChatSocket):
     async def _close_feed(self, conversation_id: uuid.UUID) -> None:
         feed = self.feeds.pop(conversation_id)
         feed.close()
+        await self._presence_exit(conversation_id)
         group = events.conversation_group(conversation_id)
         self.by_group.pop(group, None)
         recheck.unwatch(self.watched.pop(conversation_id))
@@ -782,6 +804,8 @@ class UserStreamConsumer(ChatSocket):
             recheck.unwatch(watch)
         for feed in getattr(self, "feeds", {}).values():
             feed.close()
+        for conversation_id in list(self.present_in):
+            await self._presence_exit(conversation_id)
 
     async def _catch_up_after(self, delay: float, conversation_ids: list[uuid.UUID]) -> None:
         await asyncio.sleep(delay)
@@ -864,6 +888,7 @@ class UserStreamConsumer(ChatSocket):
         )
         await self._send_json(frame)
         self._spawn(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS, [conversation_id]))
+        self._spawn(self._presence_enter_each([conversation_id]))
 
     async def _left(self, event: dict) -> None:
         conversation_id = uuid.UUID(event["conversation_id"])

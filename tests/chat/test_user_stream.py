@@ -411,3 +411,36 @@ class TestResume:
         assert (await receive(b))["message"]["seq"] == 2
         await asyncio.sleep(0)
         await b.disconnect()
+
+
+class TestPresence:
+    async def test_a_stream_is_online_in_every_conversation_it_carries_and_hears_who_else_is(self, team):
+        alice, bob, carol, one, two = team
+        a, _ = await open_socket(alice, one)
+        await receive(a)
+        stream, _ = await open_stream(bob)
+        # alice (on `one`) hears bob come online; bob's stream hears that alice is online in `one`.
+        assert await receive(a, skip=()) == {"type": "presence", "conversation_id": str(one.id), "user_id": str(bob.pk), "online": True}
+        assert await receive(stream, skip=()) == {
+            "type": "presence", "conversation_id": str(one.id), "user_id": str(alice.pk), "online": True
+        }
+        # A conversation joined live is announced too.
+        group = await create_group(carol, bob, title="three")
+        c, _ = await open_socket(carol, group)
+        await receive(c)
+        joined = await receive(stream)
+        assert joined["type"] == "conversation.joined"
+        assert await receive(c, skip=()) == {"type": "presence", "conversation_id": str(group.id), "user_id": str(bob.pk), "online": True}
+        # Leaving a conversation takes the user offline there, the stream stays (and online elsewhere).
+        # (carol may have heard bob come online twice: from the list read at her join and from his
+        # announcement, when the two crossed.)
+        await remove(carol, group, bob)
+        while (frame := await receive(c, skip=()))["online"]:
+            assert frame["user_id"] == str(bob.pk)
+        assert frame == {"type": "presence", "conversation_id": str(group.id), "user_id": str(bob.pk), "online": False}
+        assert await a.receive_nothing(0.2)
+        # The stream's disconnect takes bob offline where he still was.
+        await stream.disconnect()
+        assert await receive(a, skip=()) == {"type": "presence", "conversation_id": str(one.id), "user_id": str(bob.pk), "online": False}
+        for socket in (a, c):
+            await socket.disconnect()
