@@ -46,18 +46,23 @@ class ChatAuthMiddleware(BaseMiddleware):
     and a bad explicit credential means anonymous: it never falls back to the cookie."""
 
     async def __call__(self, scope, receive, send):
-        scope = dict(scope)
-        authorization = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin1")
-        tickets = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
-        if authorization:
-            scheme, _, key = authorization.partition(" ")
-            scope["user"] = await _user_for_token(key.strip()) if scheme.lower() == "token" else AnonymousUser()
-        elif tickets:
-            scope["user"] = await _user_for_ticket(tickets[0])
-        else:
-            # channels' get_user, run in our pool rather than channels' single thread.
-            scope["user"] = await in_thread(get_user.func)(scope)
-        return await super().__call__(scope, receive, send)
+        # The credential is read in a call of its own: this frame lives as long as the connection,
+        # and should hold neither the token nor the parsing's leftovers.
+        user = await _user_of(scope)
+        # (BaseMiddleware.__call__ would only copy the scope once more.)
+        return await self.inner({**scope, "user": user}, receive, send)
+
+
+async def _user_of(scope):
+    authorization = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin1")
+    tickets = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
+    if authorization:
+        scheme, _, key = authorization.partition(" ")
+        return await _user_for_token(key.strip()) if scheme.lower() == "token" else AnonymousUser()
+    if tickets:
+        return await _user_for_ticket(tickets[0])
+    # channels' get_user, run in our pool rather than channels' single thread.
+    return await in_thread(get_user.func)(scope)
 
 
 class HandshakeAdmission:
@@ -112,11 +117,12 @@ def keep_server_send(inner):
     """Put the server's own `send` in the scope, before middleware wraps it: the consumer reads
     the socket's unsent backlog through it (chat.consumers.socket_backlog_probe)."""
 
-    async def app(scope, receive, send):
+    def app(scope, receive, send):
         # In place: this is the outermost application and the scope is the server's, made for this
-        # connection; a copy would stay alive as long as the socket.
+        # connection; a copy would stay alive as long as the socket. And no coroutine of its own
+        # (the inner application's is returned, for the server to run): a frame per connection.
         scope["server_send"] = send
-        return await inner(scope, receive, send)
+        return inner(scope, receive, send)
 
     return app
 
