@@ -109,6 +109,22 @@ def make_group(make_user):
     return make
 
 
+@pytest.fixture(params=["sql", "cassandra"])
+def each_message_store(request, monkeypatch):
+    """Each message store in turn (Cassandra: the real server), in place of the configured one for
+    every module that reads it."""
+    if request.param == "sql":
+        from chat.store.sql import SqlMessageStore
+
+        store = SqlMessageStore()
+    else:
+        from chat.store.cassandra import CassandraMessageStore
+
+        store = CassandraMessageStore(connection=request.getfixturevalue("cassandra_connection"))
+    use_message_store(monkeypatch, store)
+    return store
+
+
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -18,19 +18,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 SENDERS = 8
 
 
-@pytest.fixture(params=["sql", "cassandra"])
-def store(request, monkeypatch):
-    if request.param == "sql":
-        from chat.store.sql import SqlMessageStore
-
-        chosen = SqlMessageStore()
-    else:
-        from chat.store.cassandra import CassandraMessageStore
-
-        chosen = CassandraMessageStore(connection=request.getfixturevalue("cassandra_connection"))
-    use_message_store(monkeypatch, chosen)
+@pytest.fixture
+def store(each_message_store, monkeypatch):
     monkeypatch.setattr(events, "_apublish_to", nothing_published)
-    return chosen
+    return each_message_store
 
 
 @pytest.mark.parametrize("round_", range(3))

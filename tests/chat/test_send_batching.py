@@ -17,18 +17,9 @@ from tests.conftest import use_message_store
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(params=["sql", "cassandra"])
-def store(request, monkeypatch):
-    if request.param == "sql":
-        from chat.store.sql import SqlMessageStore
-
-        chosen = SqlMessageStore()
-    else:
-        from chat.store.cassandra import CassandraMessageStore
-
-        chosen = CassandraMessageStore(connection=request.getfixturevalue("cassandra_connection"))
-    use_message_store(monkeypatch, chosen)
-    return chosen
+@pytest.fixture
+def store(each_message_store):
+    return each_message_store
 
 
 @pytest.fixture
