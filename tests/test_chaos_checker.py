@@ -208,3 +208,18 @@ def test_membership_flags_a_change_after_a_ban_and_a_gap_in_the_changes():
     assert not any("period 0 " in v for v in violations)
     assert any("period 1 " in v and "banned t=20.0s" in v and "changes [3] made after the removal" in v for v in violations)
     assert any("period 2 " in v and "not one each of those after 0" in v for v in violations)
+
+
+def test_statuses_hold_edits_and_deletes_to_the_same_rules_as_sends():
+    inside = ChangeRecord(0, "A", 1, "updated", "k1~e1", [(12.0, 14.0, 503), (14.5, 14.6, 200)], 1, True)
+    outside = ChangeRecord(0, "A", 2, "deleted", None, [(40.0, 40.1, 503), (41.0, 41.1, 200)], 2, True)
+    refused = ChangeRecord(0, "A", 3, "updated", "k3~e1", [(50.0, 50.1, 400)])
+    lost = ChangeRecord(0, "A", 4, "deleted", None, [(70.0, 80.0, "ServerDisconnectedError")])
+    run = run_with(windows=[("cassandra_pause", 10.0, 20.0)])
+    run.changes = [inside, outside, refused, lost]
+    violations, counts = check_statuses(run)
+    assert not any("updated of A seq 1 " in v for v in violations)
+    assert any("deleted of A seq 2 at t=40.0s: HTTP 503 outside" in v for v in violations)
+    assert any("updated of A seq 3 at t=50.0s: HTTP 400" in v for v in violations)
+    assert any("deleted of A seq 4 was never acknowledged" in v for v in violations)
+    assert counts[200] == 2
