@@ -118,25 +118,46 @@ class SendRecord:
 
 
 @dataclass
+class ChangeRecord:
+    """One edit or delete of an acknowledged message, over REST by its sender, retried on a 5xx or
+    a lost connection (an edit retried after a lost answer may take a second change number)."""
+
+    user: int
+    conversation: str
+    seq: int
+    kind: str  # "updated" (an edit) or "deleted"
+    content: str | None = None  # an edit's new content: "<the send's key>~e<n>"
+    responses: list[tuple[float, float, int | str]] = field(default_factory=list)
+    change: int | None = None  # the change number of the acknowledged answer
+    acknowledged: bool = False
+
+
+@dataclass
 class SocketLog:
     """What one user's socket(s) for one conversation received over the whole run."""
 
     seqs: list[int] = field(default_factory=list)
+    # (change, seq, how many messages had arrived before it): the order of changes among messages.
+    changes: list[tuple[int, int, int]] = field(default_factory=list)
     connects: int = 0
     last_seq_at_first_ready: int | None = None
 
 
 @dataclass
 class MembershipPeriod:
-    """One stay of the churning user in conversation A: added, socket open, removed."""
+    """One stay of the churning user in conversation A: added (or a ban lifted), socket open,
+    removed or banned."""
 
     added_at: float
-    removed_at: float | None = None  # run time of the removal's answer
+    how: str = "removed"  # or "banned"
+    removed_at: float | None = None  # run time of the removal's answer, or of the ban's commit
     removed_wall: float | None = None  # the same moment as wall-clock time, to compare with sent_at
     closed_at: float | None = None  # run time the socket closed with 4403, or a reconnect was refused
     ready_last_seq: int | None = None  # last_seq in the first `ready`
+    ready_last_change: int | None = None  # last_change in the first `ready`
     seqs: list[int] = field(default_factory=list)
     late: list[int] = field(default_factory=list)  # seqs received that were sent after the removal
+    changes: list[int] = field(default_factory=list)  # change numbers received
 
 
 @dataclass
@@ -146,6 +167,7 @@ class Run:
     directory: Path
     started: float = 0.0
     sends: list[SendRecord] = field(default_factory=list)
+    changes: list[ChangeRecord] = field(default_factory=list)
     sockets: dict[tuple[int, str], SocketLog] = field(default_factory=dict)
     windows: list[tuple[str, float, float]] = field(default_factory=list)  # (kind, start, end) in run time
     faults_done: Counter = field(default_factory=Counter)
@@ -312,7 +334,8 @@ class Clients:
         while True:
             server = self.daphne()
             after = record.seqs[-1] if record.seqs else 0
-            url = f"{server.ws}/ws/chat/?conversation_id={self.conversations[name]}&after_seq={after}"
+            after_change = max((c for c, _, _ in record.changes), default=0)
+            url = f"{server.ws}/ws/chat/?conversation_id={self.conversations[name]}&after_seq={after}&after_change={after_change}"
             try:
                 async with connect(url, additional_headers={"Authorization": f"Token {token}"}, open_timeout=5) as ws:
                     self.sockets[(user, name)] = ws
@@ -323,6 +346,9 @@ class Clients:
                             record.last_seq_at_first_ready = frame["last_seq"]
                         elif frame["type"] == "message.new":
                             record.seqs.append(frame["message"]["seq"])
+                        elif frame["type"] in ("message.updated", "message.deleted"):
+                            seq = frame["message"]["seq"] if frame["type"] == "message.updated" else frame["seq"]
+                            record.changes.append((frame["change"], seq, len(record.seqs)))
             except Exception:  # a drop, a refused or failed handshake: reconnect (cancellation is not an Exception)
                 pass
             finally:
@@ -332,10 +358,15 @@ class Clients:
             await asyncio.sleep(0.2)
 
     def caught_up(self, user: int, name: str) -> bool:
-        return bool(self.run.sockets[(user, name)].seqs) and self.run.sockets[(user, name)].seqs[-1] >= self.last_acked_seq(name)
+        record = self.run.sockets[(user, name)]
+        last_change = max((c for c, _, _ in record.changes), default=0)
+        return bool(record.seqs) and record.seqs[-1] >= self.last_acked_seq(name) and last_change >= self.last_acked_change(name)
 
     def last_acked_seq(self, name: str) -> int:
         return max((s.message["seq"] for s in self.run.sends if s.conversation == name and s.message), default=0)
+
+    def last_acked_change(self, name: str) -> int:
+        return max((c.change for c in self.run.changes if c.conversation == name and c.change), default=0)
 
     async def send(self, user: int, name: str, *, retries: int = 8) -> SendRecord:
         """One send with an idempotency key, retried with the same key on a 5xx, a 429 or a lost
@@ -377,9 +408,61 @@ class Clients:
             await self.send(user, self.rng.choice(names))
             await asyncio.sleep(self.rng.uniform(0.6, 1.6))
 
+    async def change_loop(self, user: int) -> None:
+        """Now and then the user edits (two times in three) or deletes one of their acknowledged
+        messages that is not deleted yet, over REST to either daphne."""
+        edits = Counter()
+        deleted: set[tuple[str, int]] = set()
+        while not self.run.stopping:
+            await asyncio.sleep(self.rng.uniform(2, 5))
+            mine = [s for s in self.run.sends if s.user == user and s.message and (s.conversation, s.message["seq"]) not in deleted]
+            if not mine:
+                continue
+            send = self.rng.choice(mine)
+            seq = send.message["seq"]
+            if self.rng.random() < 2 / 3:
+                edits[send.key] += 1
+                record = ChangeRecord(user, send.conversation, seq, "updated", f"{send.key}~e{edits[send.key]}")
+            else:
+                deleted.add((send.conversation, seq))
+                record = ChangeRecord(user, send.conversation, seq, "deleted")
+            self.run.changes.append(record)
+            await self.change(record)
+
+    async def change(self, record: ChangeRecord, retries: int = 6) -> None:
+        url = f"/api/v1/conversations/{self.conversations[record.conversation]}/messages/{record.seq}/"
+        headers = {"Authorization": f"Token {self.users[record.user][1]}"}
+        for attempt in range(retries):
+            server = self.daphne()
+            started = self.run.now()
+            try:
+                if record.kind == "updated":
+                    call = self.http.patch(f"{server.http}{url}", json={"content": record.content}, headers=headers,
+                                           timeout=aiohttp.ClientTimeout(total=10))
+                else:
+                    call = self.http.delete(f"{server.http}{url}", headers=headers, timeout=aiohttp.ClientTimeout(total=10))
+                async with call as response:
+                    status = response.status
+                    payload = await response.json(content_type=None)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                record.responses.append((started, self.run.now(), type(error).__name__))
+                await asyncio.sleep(0.3 * (attempt + 1))
+                continue
+            record.responses.append((started, self.run.now(), status))
+            if status == 200:
+                # A delete retried after its answer was lost finds a tombstone: change null.
+                record.acknowledged, record.change = True, payload["change"]
+                return
+            if status >= 500:
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            return  # a 4xx: recorded, not retried (the checker flags it)
+
     async def churn_loop(self) -> None:
         """The owner of A adds the churning user, who opens a socket on A; 8-15 s later the owner
-        removes them, and the socket must close with 4403 and receive nothing sent after."""
+        removes them, or (one time in three) a moderator bans them, and the socket must close with
+        4403 and receive nothing sent or changed after. A ban is lifted 2-5 s later, which makes
+        the user a member again (bans keep the participant row): the next add finds them there."""
         owner_token = self.users[CONVERSATIONS["A"][0]][1]
         churn_id = self.users[CHURN][0]
         path = f"/api/v1/conversations/{self.conversations['A']}/participants/"
@@ -398,20 +481,47 @@ class Clients:
             period = MembershipPeriod(added_at=self.run.now())
             socket_task = asyncio.create_task(self.churn_socket(period))
             await asyncio.sleep(self.rng.uniform(8, 15))
-            while await owner_request("DELETE", f"{path}{churn_id}/", None) != 204:
-                await asyncio.sleep(0.5)
+            if self.rng.random() < 1 / 3:
+                period.how = "banned"
+                await asyncio.to_thread(self.set_ban, True)
+            else:
+                while await owner_request("DELETE", f"{path}{churn_id}/", None) != 204:
+                    await asyncio.sleep(0.5)
             period.removed_at, period.removed_wall = self.run.now(), time.time()
             await asyncio.wait([socket_task], timeout=REMOVAL_CLOSE_SECONDS_REDIS_DOWN + 5)
             socket_task.cancel()
             self.run.periods.append(period)
+            if period.how == "banned":
+                await asyncio.sleep(self.rng.uniform(2, 5))
+                await asyncio.to_thread(self.set_ban, False)
+
+    def set_ban(self, banned: bool) -> None:
+        """Ban the churning user from A, or lift the ban, as the moderation admin does (there is
+        no REST endpoint for bans): through the service, whose model signals announce it."""
+        from django.db import close_old_connections
+
+        from chat.models import Ban, Conversation
+        from chat.services.conversations import ban_create
+
+        close_old_connections()
+        conversation = Conversation.objects.get(pk=self.conversations["A"])
+        if banned:
+            from django.contrib.auth import get_user_model
+
+            users = get_user_model().objects
+            ban_create(actor=users.get(pk=self.users[CONVERSATIONS["A"][0]][0]), conversation=conversation,
+                       user=users.get(pk=self.users[CHURN][0]), reason="chaos")
+        else:
+            Ban.objects.get(conversation=conversation, user_id=self.users[CHURN][0]).delete()
 
     async def churn_socket(self, period: MembershipPeriod) -> None:
         token = self.users[CHURN][1]
         while True:
             after = period.seqs[-1] if period.seqs else period.ready_last_seq
+            after_change = period.changes[-1] if period.changes else period.ready_last_change
             url = f"{self.daphne().ws}/ws/chat/?conversation_id={self.conversations['A']}"
             if after is not None:
-                url += f"&after_seq={after}"
+                url += f"&after_seq={after}&after_change={after_change}"
             code = None
             try:
                 async with connect(url, additional_headers={"Authorization": f"Token {token}"}, open_timeout=5) as ws:
@@ -419,7 +529,9 @@ class Clients:
                         async for raw in ws:
                             frame = json.loads(raw)
                             if frame["type"] == "ready" and period.ready_last_seq is None:
-                                period.ready_last_seq = frame["last_seq"]
+                                period.ready_last_seq, period.ready_last_change = frame["last_seq"], frame["last_change"]
+                            elif frame["type"] in ("message.updated", "message.deleted"):
+                                period.changes.append(frame["change"])
                             elif frame["type"] == "message.new":
                                 message = frame["message"]
                                 period.seqs.append(message["seq"])
@@ -547,16 +659,55 @@ def read_histories(clients: Clients, services: Services, violations: list[str]) 
     return histories
 
 
+def read_change_logs(clients: Clients, services: Services, violations: list[str]) -> dict[str, list[dict]]:
+    """Each conversation's whole change log (GET changes/), read back in pages."""
+    server = services.daphnes[0]
+    logs: dict[str, list[dict]] = {}
+    for name, conversation in clients.conversations.items():
+        owner_token = clients.users[CONVERSATIONS[name][0]][1]
+        entries, after = [], 0
+        while True:
+            status, page, _ = server.request(
+                "GET", f"/api/v1/conversations/{conversation}/changes/?after_change={after}&limit=200", token=owner_token
+            )
+            if status != 200:
+                violations.append(f"change log of {name}: HTTP {status}")
+                break
+            entries += page["results"]
+            if not page["has_more"] or not page["results"]:
+                break
+            after = page["results"][-1]["change"]
+        logs[name] = entries
+    return logs
+
+
+def expected_content(run: Run, name: str, seq: int, key: str) -> tuple[set[str], str | None]:
+    """What a message may read back as after its edits and deletes: (every content it may hold,
+    "" standing for the tombstone; the one it must hold when its last change was acknowledged,
+    else None). An unacknowledged change may or may not have been applied."""
+    attempts = [c for c in run.changes if c.conversation == name and c.seq == seq]
+    allowed = {key} | {c.content if c.kind == "updated" else "" for c in attempts}
+    if not attempts:
+        return allowed, key
+    last = attempts[-1]  # one user changes their own messages one at a time, in this order
+    if not last.acknowledged:
+        return allowed, None
+    return allowed, last.content if last.kind == "updated" else ""
+
+
 def check_history(run: Run, histories: dict[str, list[dict]]) -> list[str]:
     """Every acknowledged send is in history exactly once, in seq order, with no hole (a failed
-    send uses no seq); no idempotency key (the content) produced two messages."""
+    send uses no seq), reading as its edits and deletes left it; no idempotency key (the content,
+    or the start of an edit's) produced two messages."""
     violations = []
     for name, messages in histories.items():
         seqs = [m["seq"] for m in messages]
         if seqs != list(range(1, len(seqs) + 1)):
             missing = sorted(set(range(1, max(seqs, default=0) + 1)) - set(seqs))
             violations.append(f"{name}: history seqs are not 1..{len(seqs)} in order (holes {missing[:10]})")
-        for key, count in Counter(m["content"] for m in messages).items():
+        # A tombstone has no content left to compare; only acknowledged sends are deleted, and
+        # those are checked one by one below.
+        for key, count in Counter(m["content"].split("~")[0] for m in messages if not m.get("deleted")).items():
             if count > 1:
                 violations.append(f"{name}: idempotency key {key} produced {count} messages")
         by_id = {m["message_id"]: m for m in messages}
@@ -564,8 +715,95 @@ def check_history(run: Run, histories: dict[str, list[dict]]) -> list[str]:
             if send.conversation != name or send.message is None:
                 continue
             stored = by_id.get(send.message["message_id"])
-            if stored is None or stored["seq"] != send.message["seq"] or stored["content"] != send.key:
+            if stored is None or stored["seq"] != send.message["seq"]:
                 violations.append(f"{name}: acknowledged send {send.key} (seq {send.message['seq']}) is not in history as acknowledged")
+                continue
+            allowed, required = expected_content(run, name, stored["seq"], send.key)
+            content = "" if stored.get("deleted") else stored["content"]
+            if content not in allowed or (required is not None and content != required):
+                violations.append(f"{name} seq {stored['seq']}: reads {content!r} (deleted: {stored.get('deleted')}), "
+                                  f"not what its acknowledged send and changes left ({required!r})")
+    return violations
+
+
+def check_change_log(run: Run, logs: dict[str, list[dict]]) -> list[str]:
+    """Each conversation's change numbers are 1..last in order; every acknowledged edit or delete
+    is in the log exactly once, with the number, kind and seq it was acknowledged with (a delete
+    retried after its answer was lost is acknowledged with change null: its seq has one delete
+    all the same); every entry is a change the load attempted."""
+    violations = []
+    for name, entries in logs.items():
+        numbers = [e["change"] for e in entries]
+        if numbers != list(range(1, len(numbers) + 1)):
+            violations.append(f"{name}: change numbers are not 1..{len(numbers)} in order ({numbers[:20]})")
+        by_number = defaultdict(list)
+        for entry in entries:
+            by_number[entry["change"]].append(entry)
+        deletes = Counter(e["seq"] for e in entries if e["kind"] == "deleted")
+        attempted = {(c.kind, c.seq) for c in run.changes if c.conversation == name}
+        for entry in entries:
+            if (entry["kind"], entry["seq"]) not in attempted:
+                violations.append(f"{name} change {entry['change']}: {entry['kind']} of seq {entry['seq']}, which nobody asked for")
+        for seq, count in deletes.items():
+            if count > 1:
+                violations.append(f"{name} seq {seq}: deleted {count} times in the change log")
+        for record in run.changes:
+            if record.conversation != name or not record.acknowledged:
+                continue
+            label = f"{name}: acknowledged {record.kind} of seq {record.seq} (change {record.change})"
+            if record.change is None:
+                if record.kind != "deleted" or deletes[record.seq] != 1:
+                    violations.append(f"{label} is not in the change log once")
+                continue
+            found = by_number.get(record.change, [])
+            if len(found) != 1 or found[0]["kind"] != record.kind or found[0]["seq"] != record.seq:
+                violations.append(f"{label} is not in the change log once with its number: {found}")
+            elif record.kind == "deleted" and deletes[record.seq] != 1:
+                violations.append(f"{label} is not in the change log once")
+    return violations
+
+
+def check_deleted_content(run: Run, histories: dict[str, list[dict]], logs: dict[str, list[dict]]) -> list[str]:
+    """A message whose delete was acknowledged reads back as a tombstone (deleted, content "",
+    metadata {}), and none of what it ever said (its send's key, the content of any edit of it)
+    is anywhere in its conversation's history or change log."""
+    violations = []
+    keys = {(s.conversation, s.message["seq"]): s.key for s in run.sends if s.message}
+    for name, messages in histories.items():
+        by_seq = {m["seq"]: m for m in messages}
+        readable = json.dumps([messages, logs.get(name, [])])
+        for record in run.changes:
+            if record.conversation != name or record.kind != "deleted" or not record.acknowledged:
+                continue
+            stored = by_seq.get(record.seq)
+            if stored is None or not stored.get("deleted") or stored["content"] != "" or stored.get("metadata"):
+                violations.append(f"{name} seq {record.seq}: deleted, but history does not show a tombstone: {stored}")
+            # Every edit's content starts with the key, so this finds them too.
+            if keys[(name, record.seq)] in readable:
+                violations.append(f"{name} seq {record.seq}: deleted, but its content {keys[(name, record.seq)]} is still readable")
+    return violations
+
+
+def check_socket_changes(run: Run, logs: dict[str, list[dict]]) -> list[str]:
+    """Every user's socket for a conversation, over all its reconnects, got every change of the
+    conversation once, in change order, for the seq the log has, and each only after the message
+    it changes."""
+    violations = []
+    for (user, name), record in run.sockets.items():
+        log_seqs = {e["change"]: e["seq"] for e in logs[name]}
+        numbers = [change for change, _, _ in record.changes]
+        if numbers != [e["change"] for e in logs[name]]:
+            duplicates = [c for c, n in Counter(numbers).items() if n > 1]
+            missing = sorted(set(log_seqs) - set(numbers))
+            violations.append(
+                f"user {user} in {name}: received {len(numbers)} of {len(log_seqs)} changes "
+                f"(missing {missing[:10]}, duplicated {duplicates[:10]}, in order: {numbers == sorted(numbers)})"
+            )
+        for change, seq, messages_before in record.changes:
+            if change in log_seqs and log_seqs[change] != seq:
+                violations.append(f"user {user} in {name}: change {change} came for seq {seq}, the log has seq {log_seqs[change]}")
+            if seq not in record.seqs[:messages_before]:
+                violations.append(f"user {user} in {name}: change {change} of seq {seq} came before the message")
     return violations
 
 
@@ -584,13 +822,18 @@ def check_sockets(run: Run, histories: dict[str, list[dict]]) -> list[str]:
     return violations
 
 
-def check_membership(run: Run) -> list[str]:
-    """Each removal closed the removed member's socket with 4403 within the promised time (longer
-    when Redis was down around it), it received nothing sent after the removal, and while a member
-    it got every message from its first `ready` on, once, in order."""
+def wall_time(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def check_membership(run: Run, logs: dict[str, list[dict]]) -> list[str]:
+    """Each removal or ban closed the member's socket with 4403 within the promised time (longer
+    when Redis was down around it), it received nothing sent or changed after it, and while a
+    member it got every message and every change from its first `ready` on, once, in order."""
     violations = []
+    changed_at = {e["change"]: wall_time(e["at"]) for e in logs.get("A", [])}
     for number, period in enumerate(run.periods):
-        label = f"membership period {number} (added t={period.added_at:.1f}s, removed t={period.removed_at:.1f}s)"
+        label = f"membership period {number} (added t={period.added_at:.1f}s, {period.how} t={period.removed_at:.1f}s)"
         redis_down_nearby = any(
             kind == "redis_restart" and start - 3 <= period.removed_at <= end + 3 for kind, start, end in run.windows
         )
@@ -601,42 +844,55 @@ def check_membership(run: Run) -> list[str]:
             violations.append(f"{label}: the socket closed {period.closed_at - period.removed_at:.1f} s after the removal (limit {limit:.0f} s)")
         if period.late:
             violations.append(f"{label}: received seqs {period.late[:10]} sent after the removal")
+        late_changes = [c for c in period.changes if changed_at.get(c, 0) > period.removed_wall]
+        if late_changes:
+            violations.append(f"{label}: received changes {late_changes[:10]} made after the removal")
         if period.ready_last_seq is not None:
             expected = list(range(period.ready_last_seq + 1, period.ready_last_seq + 1 + len(period.seqs)))
             if period.seqs != expected:
                 violations.append(f"{label}: received {period.seqs[:20]}..., not one each of the seqs after {period.ready_last_seq}")
+            expected = list(range(period.ready_last_change + 1, period.ready_last_change + 1 + len(period.changes)))
+            if period.changes != expected:
+                violations.append(f"{label}: received changes {period.changes[:20]}..., not one each of those after {period.ready_last_change}")
     return violations
 
 
 def check_statuses(run: Run) -> tuple[list[str], Counter]:
-    """Every 5xx was a 503 that started inside a Cassandra fault window; sends that started with
-    Redis down succeeded (or were rate limited); no other 4xx than 429; every send was answered."""
+    """Every 5xx of a send, an edit or a delete was a 503 that started inside a Cassandra fault
+    window; those that started with Redis down succeeded (or were rate limited); no other 4xx than
+    429; every one was answered."""
     violations: list[str] = []
     cassandra = [(s, e + CASSANDRA_GRACE) for kind, s, e in run.windows if kind == "cassandra_pause"]
     redis_down = [(s, e) for kind, s, e in run.windows if kind == "redis_restart"]
     status_counts: Counter = Counter()
-    for send in run.sends:
-        for started, _, status in send.responses:
+    requests = [(f"send {s.key}", s.responses, s.message is not None) for s in run.sends]
+    requests += [(f"{c.kind} of {c.conversation} seq {c.seq}", c.responses, c.acknowledged) for c in run.changes]
+    for label, responses, acknowledged in requests:
+        for started, _, status in responses:
             status_counts[status] += 1
             if not isinstance(status, int):
                 continue  # a lost connection (a daphne killed): the client retried
             if status >= 500 and (status != 503 or not any(s <= started <= e for s, e in cassandra)):
-                violations.append(f"send {send.key} at t={started:.1f}s: HTTP {status} outside a Cassandra fault window")
+                violations.append(f"{label} at t={started:.1f}s: HTTP {status} outside a Cassandra fault window")
             if any(s <= started <= e for s, e in redis_down) and status not in (200, 201, 429):
-                violations.append(f"send {send.key} at t={started:.1f}s with Redis down: HTTP {status}")
+                violations.append(f"{label} at t={started:.1f}s with Redis down: HTTP {status}")
             if 400 <= status < 500 and status != 429:
-                violations.append(f"send {send.key} at t={started:.1f}s: HTTP {status}")
-        if send.message is None and not any(status == 429 for _, _, status in send.responses):
-            violations.append(f"send {send.key} was never acknowledged: {send.responses}")
+                violations.append(f"{label} at t={started:.1f}s: HTTP {status}")
+        if not acknowledged and not any(status == 429 for _, _, status in responses):
+            violations.append(f"{label} was never acknowledged: {responses}")
     return violations, status_counts
 
 
 def check(run: Run, clients: Clients, services: Services) -> tuple[list[str], dict]:
     violations: list[str] = []
     histories = read_histories(clients, services, violations)
+    logs = read_change_logs(clients, services, violations)
     violations += check_history(run, histories)
+    violations += check_change_log(run, logs)
+    violations += check_deleted_content(run, histories, logs)
     violations += check_sockets(run, histories)
-    violations += check_membership(run)
+    violations += check_socket_changes(run, logs)
+    violations += check_membership(run, logs)
     status_violations, status_counts = check_statuses(run)
     violations += status_violations
     notification_figures = check_notifications(run, clients, histories, violations)
@@ -647,8 +903,13 @@ def check(run: Run, clients: Clients, services: Services) -> tuple[list[str], di
         "sends_attempted": len(run.sends),
         "responses": {str(k): v for k, v in sorted(status_counts.items(), key=str)},
         "messages_in_history": {name: len(m) for name, m in histories.items()},
+        "edits_acknowledged": sum(1 for c in run.changes if c.acknowledged and c.kind == "updated"),
+        "deletes_acknowledged": sum(1 for c in run.changes if c.acknowledged and c.kind == "deleted"),
+        "changes_attempted": len(run.changes),
+        "changes_in_log": {name: len(entries) for name, entries in logs.items()},
         "socket_connects": sum(r.connects for r in run.sockets.values()),
-        "membership_removals": len(run.periods),
+        "membership_removals": sum(1 for p in run.periods if p.how == "removed"),
+        "membership_bans": sum(1 for p in run.periods if p.how == "banned"),
         "faults": dict(run.faults_done),
         **notification_figures,
         "violations": len(violations),
@@ -738,7 +999,8 @@ async def main_async(run: Run, services: Services) -> int:
         await asyncio.to_thread(services.start, receiver_port)
         import django
 
-        os.environ.update({k: v for k, v in services.env.items() if k in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")})
+        # REDIS_URL too: a ban made here announces itself through the channel layer.
+        os.environ.update({k: v for k, v in services.env.items() if k in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE", "REDIS_URL")})
         django.setup()
         clients = Clients(run, services)
         await asyncio.to_thread(clients.set_up)
@@ -749,6 +1011,7 @@ async def main_async(run: Run, services: Services) -> int:
             log(f"load on for {run.seconds:.0f} s: {USERS} users, {len(run.sockets)} sockets, {len(faults)} faults")
             socket_tasks = [asyncio.create_task(clients.socket_loop(u, n)) for (u, n) in run.sockets]
             senders = [asyncio.create_task(clients.sender_loop(u)) for u in range(USERS)]
+            senders += [asyncio.create_task(clients.change_loop(u)) for u in range(USERS)]
             senders.append(asyncio.create_task(clients.churn_loop()))
             faults_task = asyncio.create_task(fault_loop(faults, run, services, clients))
             await asyncio.sleep(run.seconds)
@@ -771,6 +1034,10 @@ async def main_async(run: Run, services: Services) -> int:
         for send in run.sends:
             sends.write(json.dumps({"key": send.key, "user": send.user, "conversation": send.conversation,
                                     "responses": send.responses, "seq": send.message and send.message["seq"]}) + "\n")
+    with open(run.directory / "changes.jsonl", "w") as changes:
+        for change in run.changes:
+            changes.write(json.dumps({"kind": change.kind, "user": change.user, "conversation": change.conversation, "seq": change.seq,
+                                      "responses": change.responses, "change": change.change, "acknowledged": change.acknowledged}) + "\n")
     for violation in violations[:50]:
         log(f"VIOLATION {violation}")
     log(json.dumps(figures))

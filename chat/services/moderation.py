@@ -133,6 +133,19 @@ def access_message_edits(
     return message_edits(conversation=conversation, seq=message.seq, before_change=before_change, limit=limit)
 
 
+def _delete_recorded(conversation_id: uuid.UUID, seq: int, last_change: int) -> bool:
+    """Whether the committed change log (numbers up to last_change) holds the delete of seq."""
+    after = 0
+    while after < last_change:
+        page = get_message_store().changes(conversation_id, after_change=after, before_change=last_change + 1, limit=200)
+        if not page:
+            return False
+        if any(entry.kind == "deleted" and entry.seq == seq for entry in page):
+            return True
+        after = page[-1].change
+    return False
+
+
 def _tombstone(conversation: Conversation, message: Message) -> MessageChange:
     """Delete the message's content in the store (its edit history and reactions with it) and
     announce it, with the change number it takes (once: a tombstone stays one, and deleting it
@@ -144,10 +157,15 @@ def _tombstone(conversation: Conversation, message: Message) -> MessageChange:
             current = get_message_store().get(conversation.id, message.seq)
             if current is None:
                 raise NotFound("No such message.")
-            if current.deleted:
+            # The store and the relational database do not commit together: a process that dies
+            # between writing the tombstone and committing its change number leaves a tombstone
+            # that no change announces (its log entry is overwritten by the next change). The
+            # next delete of it (the client's retry) records that delete, so every client hears
+            # of it; only a delete already in the committed log makes this one a no-op.
+            if current.deleted and _delete_recorded(conversation.id, message.seq, change.change - 1):
                 transaction.set_rollback(True)  # nothing changed: give the number back
                 return MessageChange(current, None)
-            tombstone = get_message_store().tombstone(conversation.id, message.seq)
+            tombstone = current if current.deleted else get_message_store().tombstone(conversation.id, message.seq)
             attachments_doom_message(message_id=message.message_id)
             events.message_deleted(conversation.id, message.seq, change.change)
     except StoreError as exc:

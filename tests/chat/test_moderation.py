@@ -19,7 +19,7 @@ from chat import events, sql
 from chat.services import conversations, moderation, send as sending
 from core.errors import NotAllowed, StoreUnavailable
 from chat.models import Ban, Conversation, Report
-from chat.store import MessageStore
+from chat.store import Change, MessageStore
 from tests.conftest import use_message_store
 from tests.chat.test_consumer import expect_close, nothing_but_presence, open_socket, receive, receive_messages
 
@@ -188,6 +188,28 @@ class TestDelete:
         assert published == [] and len(log_messages(conversation)) == 1
         conversation.refresh_from_db()
         assert conversation.last_change == 1
+
+    @pytest.mark.django_db(transaction=True)  # its events go out on commit
+    def test_a_delete_whose_commit_was_lost_is_recorded_by_the_retry(self, message_store, trio, client_for, published):
+        # Found by the chaos run: a daphne killed between writing the tombstone (and the log entry)
+        # to the store and committing the change number left a tombstone that no change announced,
+        # and the client's retry answered `change: null`. The store's state that leaves: the
+        # tombstone, and a log entry past the committed last_change.
+        alice, bob, _, conversation = trio
+        send(bob, conversation, "oops")
+        message_store.tombstone(conversation.id, 1)
+        message_store.record_change(Change(conversation.id, 1, "deleted", 1, sending.now_ms(), {}))
+        published.clear()
+        retried = client_for(bob).delete(message_url(conversation, 1))
+        assert retried.status_code == 200 and retried.json()["change"] == 1 and retried.json()["deleted"]
+        assert published == [{"type": "message.deleted", "conversation_id": str(conversation.id), "seq": 1, "change": 1}]
+        conversation.refresh_from_db()
+        assert conversation.last_change == 1
+        assert [(c.change, c.kind, c.seq) for c in message_store.changes(conversation.id, after_change=0, before_change=9)] == [(1, "deleted", 1)]
+        # Recorded now: the next delete is the no-op.
+        published.clear()
+        assert client_for(bob).delete(message_url(conversation, 1)).json()["change"] is None
+        assert published == []
 
     def test_a_member_may_not_delete_anothers_message(self, message_store, trio, client_for, published):
         alice, bob, carol, conversation = trio
