@@ -196,6 +196,8 @@ class ChatSocket(AsyncWebsocketConsumer):
 
     def feed(self, event: dict) -> None:
         """An event of one of this socket's groups, from the process's fan-out."""
+        if self.closing:
+            return
         if self.inbox or self.inbox_task is not None or not self.inbox_open or not self._deliver_now(event):
             if self.inbox is None:
                 self.inbox = deque()
@@ -245,6 +247,7 @@ class ChatSocket(AsyncWebsocketConsumer):
                     # Counted and logged by the handler; the socket cannot be trusted to be in
                     # order any more: close it (the client resumes with after_seq, loses nothing).
                     self.inbox_open = False
+                    self.closing = True
                     self.inbox = None
                     await self.close(code=1011)
         finally:
@@ -296,6 +299,9 @@ class ChatSocket(AsyncWebsocketConsumer):
         if getattr(self, "cleaned_up", True):
             return
         self.cleaned_up = True
+        # Nothing more goes out, by either path, while the rest is released.
+        self.closing = True
+        self.inbox_open = False
         await self.release_conversations()
         metrics.client_send_channel_length.dec(self.backlog)
         self.backlog = 0
@@ -697,6 +703,8 @@ class UserStreamConsumer(ChatSocket):
     drops it. Events are handled one at a time in arrival order, so nothing of a conversation
     goes out after its conversation.left."""
 
+    resuming = False  # a resume frame is being answered: ?resume=1's wait must not end it halfway
+
     # --- handshake -------------------------------------------------------------------------
     async def handshake(self) -> None:
         self.feeds: dict[uuid.UUID, ConversationFeed] = {}
@@ -766,7 +774,8 @@ class UserStreamConsumer(ChatSocket):
 
     async def _go_live_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        self._go_live()
+        if not self.resuming:  # a resume under way goes live when it is done, not halfway through
+            self._go_live()
 
     def _open_feed(self, standing: Standing) -> ConversationFeed:
         conversation_id = standing.conversation_id
@@ -960,6 +969,14 @@ class UserStreamConsumer(ChatSocket):
             cursors = parse_cursors(frame.get("cursors"))
         except ValueError as exc:
             return await self._error("bad_request", str(exc))
+        self.resuming = True
+        try:
+            await self._resume(cursors)
+        finally:
+            self.resuming = False
+        self._go_live()
+
+    async def _resume(self, cursors: dict[uuid.UUID, Cursor]) -> None:
         # The membership rule and where each conversation stands, for all of them in one read.
         standings = {
             standing.conversation_id: standing
@@ -982,4 +999,3 @@ class UserStreamConsumer(ChatSocket):
                     budget -= missing
                 outcome[str(conversation_id)] = {"recovered": recovered}
         await self._send_json({"type": "resumed", "conversations": outcome})
-        self._go_live()

@@ -87,7 +87,7 @@ class MessageInput:
     is_encrypted: bool
     metadata: dict[str, Any]
     attachments: tuple[uuid.UUID, ...] = ()
-    reply_to: int | None = None  # set by check_reply_to, once the conversation is known
+    reply_to: int | None = None  # its target is checked in the send's transaction (check_reply_target)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,17 +173,22 @@ def check_idempotency_key(key: object, *, field: str) -> str:
     return key
 
 
-def check_reply_to(conversation_id: uuid.UUID, reply_to: object) -> int:
-    """A reply names a message of the same conversation that is not deleted (SPEC 4.1); a seq the
-    conversation has not reached (another conversation's, say) is no message of it."""
+def check_reply_to(reply_to: object) -> int:
+    """The shape of a reply's target: a seq (its message is checked in the send's transaction,
+    `check_reply_target`, after a retry has had the chance to replay)."""
     if isinstance(reply_to, bool) or not isinstance(reply_to, int) or not 1 <= reply_to < 2**63:
         raise ValidationFailed({"reply_to": ["Must be the seq of a message of this conversation."]})
+    return reply_to
+
+
+def check_reply_target(conversation_id: uuid.UUID, reply_to: int) -> None:
+    """A reply names a message of the same conversation that is not deleted (SPEC 4.1); a seq the
+    conversation has not reached (another conversation's, say) is no message of it."""
     message = committed_message(conversation_id=conversation_id, seq=reply_to)
     if message is None:
         raise ValidationFailed({"reply_to": ["No such message in this conversation."]})
     if message.deleted:
         raise ValidationFailed({"reply_to": ["That message was deleted."]})
-    return reply_to
 
 
 def _request_hash(conversation_id: uuid.UUID, body: MessageInput) -> str:
@@ -264,7 +269,7 @@ class SendBatcher:
     one hop, one transaction and concurrent store writes for all of them. A lone send goes at once
     (no timer: batching costs no latency; it only forms under load)."""
 
-    MAX_BATCH = 64  # the process admits at most CHAT_MAX_SENDS_IN_FLIGHT sends anyway (chat.overload)
+    MAX_BATCH = 64  # (the process admits CHAT_MAX_SENDS_IN_FLIGHT sends at a time: 64 by default)
 
     _of_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendBatcher]" = weakref.WeakKeyDictionary()
 
@@ -295,9 +300,13 @@ class SendBatcher:
                 metrics.send_batch_size.observe(len(batch))
                 try:
                     outcomes, committed = await in_thread(events.collecting(_persist_batch))([r for r, _ in batch])
+                except Exception:  # not a per-send outcome (a bug): every send of the batch fails
+                    logger.exception("committing a batch of %d sends failed", len(batch))
+                    outcomes, committed = [StoreUnavailable() for _ in batch], []
+                try:
                     await _publish_batch(committed)
-                except Exception as exc:  # not a per-send outcome: every send of the batch fails with it
-                    outcomes = [exc] * len(batch)
+                except Exception:  # the sends committed: a publish never fails them (clients catch up)
+                    logger.exception("publishing a batch's events failed")
                 for (_, future), outcome in zip(batch, outcomes):
                     if future.done():  # its caller went away (socket closed); the send stands
                         continue
@@ -363,7 +372,7 @@ def _accept(request: SendRequest) -> _Accepted:
         raise
     metrics.message_delivery_duration.labels(step="authorize").observe(time.perf_counter() - started)
     if request.reply_to is not None:
-        body = replace(body, reply_to=check_reply_to(conversation_id, request.reply_to))
+        body = replace(body, reply_to=check_reply_to(request.reply_to))
 
     request_hash = _request_hash(conversation_id, body) if key is not None else ""
     return _Accepted(request, body, key, conversation_id, participant_id, request_hash, rate)
@@ -383,6 +392,9 @@ def _persist_batch(requests: list[SendRequest]) -> list[SendOutcome]:
             accepted.append((index, _accept(request)))
         except ChatError as exc:
             outcomes[index] = exc
+        except Exception:  # a fault reading for this send (the database, a bug): it fails alone
+            logger.exception("accepting a send failed")
+            outcomes[index] = StoreUnavailable()
     if accepted:
         for index, outcome in _persist_accepted(accepted):
             outcomes[index] = outcome
@@ -401,7 +413,11 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
     try:
         with _relational_writer(), transaction.atomic():
             now = timezone.now()
-            for index, send in accepted:
+            # Conversations in one order for every batch of every process: each seq allocation
+            # locks its conversation's row until the commit, and two batches taking two rows in
+            # opposite orders would deadlock (PostgreSQL). The sort is stable: within a
+            # conversation, sends keep the order they arrived in.
+            for index, send in sorted(accepted, key=lambda item: item[1].conversation_id.bytes):
                 # A key used earlier in this same batch is found too (same transaction).
                 record = _earlier_send(send.request.sender.pk, send.key, now) if send.key is not None else None
                 if record is not None:
@@ -409,7 +425,7 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
                     continue
                 try:
                     created.append((index, send, _allocate(send, now)))
-                except ValidationFailed as exc:  # its uploads cannot be attached: this send alone fails
+                except ValidationFailed as exc:  # its reply target or uploads are refused: it fails alone
                     refused.append((index, exc))
             get_message_store().insert(*(message for _, _, message in created))
             for _, send, message in created:
@@ -425,7 +441,17 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
         if record is None:
             return [(index, StoreUnavailable())]
         earlier, created, refused = [(index, send, record)], [], []
-    except (StoreError, DatabaseError) as exc:
+    except DatabaseError as exc:
+        if len(accepted) > 1:
+            # The relational database refused the batch (a deadlock with a transaction outside
+            # the send path, a serialization failure): each send goes alone, and only those that
+            # fail so are answered with the failure.
+            logger.warning("a batch of %d sends failed (%s); committing them one by one", len(accepted), exc)
+            return [outcome for one in accepted for outcome in _persist_accepted([one])]
+        metrics.message_persisted.labels(status="error").inc()
+        logger.error("persist failed: %s", exc)
+        return [(index, StoreUnavailable()) for index, _ in accepted]
+    except StoreError as exc:
         metrics.message_persisted.labels(status="error").inc(len(accepted))
         logger.error("persist failed for %d sends: %s", len(accepted), exc)
         return [(index, StoreUnavailable()) for index, _ in accepted]
@@ -451,9 +477,11 @@ def _allocate(send: _Accepted, now: datetime) -> Message:
     """Inside the send's transaction: the seq, the idempotency record beside it, and the uploads the
     message carries (in a savepoint of their own: a list that cannot be attached gives back this
     send's seq and record, and the other sends of its batch go on)."""
-    with transaction.atomic() if send.body.attachments else contextlib.nullcontext():
+    body = send.body
+    if body.reply_to is not None:
+        check_reply_target(send.conversation_id, body.reply_to)  # before anything is allocated
+    with transaction.atomic() if body.attachments else contextlib.nullcontext():
         seq = sql.allocate_seq(send.conversation_id, now)
-        body = send.body
         message = Message(
             message_id=uuid.uuid4(),
             conversation_id=send.conversation_id,

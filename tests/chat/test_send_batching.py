@@ -209,3 +209,66 @@ async def test_a_send_whose_uploads_cannot_be_attached_fails_alone_in_its_batch(
     assert await contents(store, conversation.id) == ["1", "2"]
     # Its seq and its idempotency record went back with it: the key is free for a corrected retry.
     assert not await database_sync_to_async(IdempotencyKey.objects.exists)()
+
+
+async def test_replies_are_checked_in_the_transaction_and_a_retry_replays_after_its_target_is_deleted(
+    store, batches, published, make_user, make_group
+):
+    from chat.services import moderation
+
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    conversation = await database_sync_to_async(make_group)(alice, bob)
+    first = await sending.amessage_send(request(alice, conversation.id, "first"))
+    second = await sending.amessage_send(request(alice, conversation.id, "second"))
+    await database_sync_to_async(moderation.message_delete)(actor=alice, conversation_id=conversation.id, seq=second.message.seq)
+    outcomes = await send_together(
+        request(bob, conversation.id, "re: first", reply_to=first.message.seq, idempotency_key="r1"),
+        request(bob, conversation.id, "re: deleted", reply_to=second.message.seq),
+        request(bob, conversation.id, "re: nothing", reply_to=99),
+    )
+    assert outcomes[0].message.reply_to == first.message.seq and outcomes[0].message.seq == 3
+    assert [o.detail["reply_to"] for o in outcomes[1:]] == [["That message was deleted."], ["No such message in this conversation."]]
+    # The reply's target is deleted afterwards: its retry still answers with the reply it created.
+    await database_sync_to_async(moderation.message_delete)(actor=alice, conversation_id=conversation.id, seq=first.message.seq)
+    retried = await sending.amessage_send(request(bob, conversation.id, "re: first", reply_to=first.message.seq, idempotency_key="r1"))
+    assert retried.replayed and retried.message == outcomes[0].message
+
+
+async def test_a_fault_accepting_one_send_fails_that_send_alone(store, batches, published, make_user, make_group, monkeypatch):
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    conversation = await database_sync_to_async(make_group)(alice, bob)
+    authorize = sending.access_participation
+
+    def faulty_for_bob(*, user, conversation_id):
+        if user.pk == bob.pk:
+            raise RuntimeError("the database went away for this one read")
+        return authorize(user=user, conversation_id=conversation_id)
+
+    monkeypatch.setattr(sending, "access_participation", faulty_for_bob)
+    outcomes = await send_together(request(alice, conversation.id, "1"), request(bob, conversation.id, "x"), request(alice, conversation.id, "2"))
+    assert isinstance(outcomes[1], StoreUnavailable)
+    assert [(o.message.seq, o.message.content) for o in (outcomes[0], outcomes[2])] == [(1, "1"), (2, "2")]
+
+
+async def test_a_batch_takes_its_conversations_rows_in_one_order(store, batches, published, make_user, make_group, monkeypatch):
+    # Every batch of every process locks conversation rows in the same order (by id): two batches
+    # taking two rows in opposite orders would deadlock on PostgreSQL.
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    one, two = await database_sync_to_async(lambda: (make_group(alice, bob), make_group(alice, bob)))()
+    low, high = sorted((one, two), key=lambda c: c.id.bytes)
+    taken = []
+    allocate = sending.sql.allocate_seq
+
+    def recorded(conversation_id, now):
+        taken.append(conversation_id)
+        return allocate(conversation_id, now)
+
+    monkeypatch.setattr(sending.sql, "allocate_seq", recorded)
+    outcomes = await send_together(
+        request(alice, high.id, "h1"), request(alice, low.id, "l1"), request(bob, high.id, "h2"), request(bob, low.id, "l2")
+    )
+    assert taken == [low.id, low.id, high.id, high.id]
+    # Within a conversation, the order they arrived in.
+    assert [(o.message.conversation_id, o.message.seq, o.message.content) for o in outcomes] == [
+        (high.id, 1, "h1"), (low.id, 1, "l1"), (high.id, 2, "h2"), (low.id, 2, "l2")
+    ]

@@ -311,6 +311,33 @@ class TestResume:
         ]
         await b.disconnect()
 
+    async def test_the_resume_wait_running_out_during_a_resume_does_not_let_live_events_ahead(self, team, monkeypatch):
+        # ?resume=1's wait ends while the resume frame is still being answered (its read is slow,
+        # as in a reconnect storm): live events still wait for the replay.
+        from chat import consumers
+
+        alice, bob, _, one, _ = team
+        await send_over_rest_path(alice, one, "a")
+        monkeypatch.setattr(consumers, "RESUME_WAIT_SECONDS", 0.2)
+        standings = consumers.stream_standings
+
+        def slow_standings(**kwargs):
+            import time
+
+            time.sleep(0.5)
+            return standings(**kwargs)
+
+        b, _ = await open_stream(bob, "?resume=1")
+        monkeypatch.setattr(consumers, "stream_standings", slow_standings)
+        await b.send_json_to({"type": "resume", "cursors": {str(one.id): {"seq": 0}}})
+        await asyncio.sleep(0.3)  # the wait is over; the resume's read is not
+        await send_over_rest_path(alice, one, "live")
+        frames = [await receive(b) for _ in range(3)]
+        assert [(f["type"], f.get("message", {}).get("seq")) for f in frames] == [
+            ("message.new", 1), ("resumed", None), ("message.new", 2)
+        ]
+        await b.disconnect()
+
     async def test_unknown_and_foreign_conversations_get_the_same_forbidden(self, team, make_group):
         alice, bob, carol, _, _ = team
         theirs = await database_sync_to_async(make_group)(alice, carol, title="not bob's")
