@@ -196,7 +196,7 @@ class ChatSocket(AsyncWebsocketConsumer):
 
     def feed(self, event: dict) -> None:
         """An event of one of this socket's groups, from the process's fan-out."""
-        if self.closing:
+        if self.closing or self.cleaned_up:
             return
         if self.inbox or self.inbox_task is not None or not self.inbox_open or not self._deliver_now(event):
             if self.inbox is None:
@@ -299,8 +299,7 @@ class ChatSocket(AsyncWebsocketConsumer):
         if getattr(self, "cleaned_up", True):
             return
         self.cleaned_up = True
-        # Nothing more goes out, by either path, while the rest is released.
-        self.closing = True
+        # No more events go out (feed() stops too) while the rest is released.
         self.inbox_open = False
         await self.release_conversations()
         metrics.client_send_channel_length.dec(self.backlog)

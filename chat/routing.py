@@ -17,4 +17,7 @@ def chat_socket(scope, receive, send):
     return application(scope, receive, send)
 
 
+chat_socket._asgi_single_callable = True  # an ASGI 3 application, though not a coroutine function
+
+
 websocket_urlpatterns = [path("ws/chat/", chat_socket)]

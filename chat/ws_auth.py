@@ -124,6 +124,7 @@ def keep_server_send(inner):
         scope["server_send"] = send
         return inner(scope, receive, send)
 
+    app._asgi_single_callable = True  # an ASGI 3 application, though not a coroutine function
     return app
 
 

@@ -2,8 +2,9 @@
 
 The REST view and the WebSocket consumer both send through here, so validation, rate limiting,
 authorization and idempotency cannot be skipped by any transport. Lifecycle: validate ->
-rate-limit -> authorize -> idempotency -> allocate seq + persist (+ whatever must commit with the
-message: chat.signals.message_persisted) -> publish, after commit.
+rate-limit -> authorize -> (in the transaction) idempotency -> reply target -> allocate seq +
+attach uploads + persist (+ whatever must commit with the message: chat.signals.message_persisted)
+-> publish, after commit. WebSocket sends commit in groups (SendBatcher), each with its own outcome.
 
 This is the hot path (docs/performance.md): the per-message statements are hand-written
 (chat.sql) and nothing here reads more than it must.
