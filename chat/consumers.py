@@ -50,7 +50,7 @@ RESUME_WAIT_SECONDS = 5.0
 # One resume frame replays at most this many times CHAT_MAX_REPLAY messages and changes in all
 # (each conversation at most CHAT_MAX_REPLAY): past it, conversations are not recovered (the
 # client pages REST), so one frame of 1,000 cursors cannot ask for a million replayed messages.
-RESUME_BUDGET_PER_FRAME = 10
+RESUME_BUDGET = 10  # times CHAT_MAX_REPLAY, per connection
 
 CLOSE_MEMBERSHIP_REVOKED = 4403
 CLOSE_TOO_SLOW = 4008
@@ -703,9 +703,14 @@ class UserStreamConsumer(ChatSocket):
     goes out after its conversation.left."""
 
     resuming = False  # a resume frame is being answered: ?resume=1's wait must not end it halfway
+    # What the resume frames of one connection may replay in all, together (set in handshake()):
+    # a client resumes once per connection, and an 80-byte frame must not buy thousands of frames
+    # again and again.
+    resume_budget = 0
 
     # --- handshake -------------------------------------------------------------------------
     async def handshake(self) -> None:
+        self.resume_budget = RESUME_BUDGET * settings.CHAT_MAX_REPLAY
         self.feeds: dict[uuid.UUID, ConversationFeed] = {}
         self.watched: dict[uuid.UUID, _StreamedConversation] = {}
         self.by_group: dict[str, uuid.UUID] = {}
@@ -982,7 +987,7 @@ class UserStreamConsumer(ChatSocket):
             for standing in await in_thread(stream_standings)(user=self.user, conversation_ids=list(cursors))
         }
         outcome: dict[str, dict] = {}
-        budget = RESUME_BUDGET_PER_FRAME * settings.CHAT_MAX_REPLAY
+        budget = self.resume_budget
         for conversation_id, cursor in cursors.items():
             standing, feed = standings.get(conversation_id), self.feeds.get(conversation_id)
             if standing is None:
@@ -996,5 +1001,6 @@ class UserStreamConsumer(ChatSocket):
                 recovered = missing <= budget and await feed.resume(cursor, standing.last_seq, standing.last_change)
                 if recovered:
                     budget -= missing
+                    self.resume_budget -= missing
                 outcome[str(conversation_id)] = {"recovered": recovered}
         await self._send_json({"type": "resumed", "conversations": outcome})

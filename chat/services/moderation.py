@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import User
-from chat import events
+from chat import events, metrics
 from chat.access import access_conversation
 from chat.models import Ban, Conversation, Report
 from chat.selectors import message_at, message_edits
@@ -21,7 +21,8 @@ from chat.services.changes import change_record
 from chat.services.conversations import ban_create
 from chat.services.send import check_message_input, now_ms
 from chat.store import Edit, Message, StoreError, get_message_store
-from core.errors import NotAllowed, NotFound, StoreUnavailable, ValidationFailed
+from core.ratelimit import get_send_rate_limiter
+from core.errors import NotAllowed, NotFound, RateLimited, StoreUnavailable, ValidationFailed
 
 MAX_REPORT_REASON_LENGTH = 1000
 
@@ -86,6 +87,12 @@ def message_edit(*, editor: User, conversation_id: object, seq: object, content:
         is_encrypted=message.is_encrypted,
         metadata=message.metadata,
     )
+    # An edit is broadcast to every member and keeps the content it replaces: it counts against
+    # the sender's send rate, as a send and a reaction do.
+    rate = get_send_rate_limiter().check(editor.pk)
+    if not rate.allowed:
+        metrics.send_rate_limited.labels(transport="rest").inc()
+        raise RateLimited(rate)
     try:
         with transaction.atomic():
             # The change number first: it locks the conversation's row, so the changes of one

@@ -59,6 +59,21 @@ class ReactionChange:
         }
 
 
+# Format characters an emoji uses: the zero-width joiner of ZWJ sequences and the tag characters
+# of subdivision flags. Any other format character (a right-to-left override, say) is refused.
+_EMOJI_FORMAT_CHARACTERS = frozenset({"\u200d"} | {chr(c) for c in range(0xE0020, 0xE0080)})
+
+
+def _emoji_character(ch: str) -> bool:
+    # U+FFFD: what invalid UTF-8 in the URL decodes to.
+    if ch == "\ufffd":
+        return False
+    category = unicodedata.category(ch)
+    if category == "Cf":
+        return ch in _EMOJI_FORMAT_CHARACTERS
+    return category not in ("Cc", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")
+
+
 def check_emoji(emoji: object) -> str:
     """1-64 bytes of UTF-8 with no whitespace and no control characters (SPEC 4.1). Which emoji
     exist is the clients' business: the server keeps the text as given."""
@@ -67,8 +82,8 @@ def check_emoji(emoji: object) -> str:
         problem = "Must be a non-empty string."
     elif len(emoji) > MAX_EMOJI_BYTES:
         problem = f"At most {MAX_EMOJI_BYTES} bytes (UTF-8)."
-    elif any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp", "Zs") for ch in emoji):
-        problem = "Must not contain whitespace or control characters."
+    elif any(ch.isspace() or not _emoji_character(ch) for ch in emoji):
+        problem = "Must not contain whitespace, control, format, private-use or unassigned characters."
     elif utf8_length(emoji) > MAX_EMOJI_BYTES:
         problem = f"At most {MAX_EMOJI_BYTES} bytes (UTF-8)."
     if problem:

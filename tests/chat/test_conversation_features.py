@@ -126,6 +126,11 @@ class TestReactions:
             "x\u00a0",  # no-break space
             "x\u2028",  # line separator
             "\u200b\x01",  # a control character
+            "\ufffd",  # what invalid UTF-8 in the URL decodes to
+            "x\u202e",  # right-to-left override (a format character)
+            "\U000e0001",  # language tag (a format character outside a flag sequence)
+            "\ue000",  # private use
+            "\uffff",  # not a character
         ],
     )
     def test_bad_emoji_are_400_with_the_field(self, trio, client_for, emoji):
@@ -187,6 +192,12 @@ class TestReactions:
         assert Conversation.objects.get(pk=conversation.pk).last_change == 0
         retried = client_for(bob).put(reaction_url(conversation, 1, "👍"))
         assert (retried.status_code, retried.json()["change"]) == (201, 1)
+
+    @pytest.mark.parametrize("emoji", ["👨\u200d👩\u200d👧", "🏴\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f", "❤\ufe0f"])
+    def test_emoji_sequences_with_joiners_tags_and_variation_selectors_are_taken(self, trio, client_for, emoji):
+        alice, _, _, conversation = trio
+        send(alice, conversation)
+        assert client_for(alice).put(reaction_url(conversation, 1, emoji)).status_code == 201
 
     def test_reactions_count_against_the_send_rate(self, trio, client_for, settings):
         alice, _, _, conversation = trio
@@ -326,6 +337,18 @@ class TestEditHistory:
         response = client.patch(message_url(conversation, seq), {"content": content}, format="json")
         assert response.status_code == 200, response.content
         return response.json()
+
+    def test_edits_count_against_the_send_rate(self, trio, client_for, settings):
+        # Each edit is broadcast and keeps the content it replaces: one message is no licence for
+        # unlimited edits.
+        alice, _, _, conversation = trio
+        send(alice, conversation)
+        settings.CHAT_SEND_RATE = "2/min"
+        self.edit(client_for(alice), conversation, 1, "one")
+        self.edit(client_for(alice), conversation, 1, "two")
+        refused = client_for(alice).patch(message_url(conversation, 1), {"content": "three"}, format="json")
+        assert refused.status_code == 429 and int(refused["Retry-After"]) >= 1
+        assert Conversation.objects.get(pk=conversation.pk).last_change == 2
 
     def test_the_sender_reads_every_earlier_version_newest_first(self, message_store, trio, client_for):
         alice, bob, _, conversation = trio

@@ -410,12 +410,12 @@ class TestResume:
         assert (await receive(b))["message"]["seq"] == 4
         await b.disconnect()
 
-    async def test_one_resume_frame_replays_a_bounded_total(self, team, settings, monkeypatch):
+    async def test_a_connection_replays_a_bounded_total_over_all_its_resume_frames(self, team, settings, monkeypatch):
         from chat import consumers
 
         alice, bob, _, one, two = team
         settings.CHAT_MAX_REPLAY = 3
-        monkeypatch.setattr(consumers, "RESUME_BUDGET_PER_FRAME", 1)  # 3 in all
+        monkeypatch.setattr(consumers, "RESUME_BUDGET", 1)  # 3 in all
         for conversation in (one, two):
             for text in ("a", "b"):
                 await send_over_rest_path(alice, conversation, text)
@@ -424,6 +424,9 @@ class TestResume:
         frames = [await receive(b) for _ in range(3)]
         assert [f["type"] for f in frames] == ["message.new", "message.new", "resumed"]
         assert frames[-1]["conversations"] == {str(one.id): {"recovered": True}, str(two.id): {"recovered": False}}
+        # The same frame again replays nothing more: the connection's budget is spent (one left).
+        await b.send_json_to({"type": "resume", "cursors": {str(one.id): {"seq": 0}}})
+        assert await receive(b) == {"type": "resumed", "conversations": {str(one.id): {"recovered": False}}}
         await b.disconnect()
 
     async def test_a_cursor_ahead_of_the_stream_skips_what_the_client_has(self, team, monkeypatch):
