@@ -1,3 +1,4 @@
+from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
@@ -7,7 +8,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from chat import selectors
+from core.errors import RateLimited
 from core.pagination import StrictCursorPagination
+from core.ratelimit import limiter_for
 from chat.services import conversations, moderation, reactions
 from chat.services.send import SendRequest, message_send
 from chat.access import allowed_participants
@@ -60,6 +63,11 @@ class ConversationListView(ListAPIView):
         exists for the pair is returned with 200."""
         data = ConversationCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
+        # Anyone may add anyone to a group, and a user stream carries a user's most recently active
+        # conversations: unlimited creation would let one account bury another's conversations.
+        decision = limiter_for("conversation_create", settings.CHAT_CONVERSATION_CREATE_RATE).check(request.user.pk)
+        if not decision.allowed:
+            raise RateLimited(decision, what="new conversations")
         conversation, created = conversations.conversation_create(creator=request.user, **data.validated_data)
         if not created:  # an existing direct conversation: the caller may have muted it
             conversation.muted = selectors.conversation_muted_by(conversation_id=conversation.id, user=request.user)

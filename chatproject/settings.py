@@ -263,6 +263,7 @@ CHAT_MAX_TOKENS_PER_USER = 100  # a login past it revokes the user's oldest toke
 CHAT_LOGIN_FAIL_RATE_USER = env_rate("CHAT_LOGIN_FAIL_RATE_USER", "10/15min")
 CHAT_LOGIN_FAIL_RATE_ADDR = env_rate("CHAT_LOGIN_FAIL_RATE_ADDR", "30/15min")
 CHAT_REGISTER_RATE = env_rate("CHAT_REGISTER_RATE", "10/hour")
+CHAT_CONVERSATION_CREATE_RATE = env_rate("CHAT_CONVERSATION_CREATE_RATE", "30/hour")
 REST_KNOX = {
     "TOKEN_TTL": timedelta(seconds=CHAT_TOKEN_TTL),
     "AUTO_REFRESH": True,  # sliding: each use moves the expiry...

@@ -29,6 +29,18 @@ class TestConversations:
         roles = dict(Participant.objects.filter(conversation_id=response.data["id"]).values_list("user__username", "role"))
         assert roles == {"owner": "owner", "member": "member"}
 
+    def test_creating_conversations_is_rate_limited_per_user(self, people, client_for, settings):
+        # Anyone may add anyone to a group: without a limit one account could bury another's
+        # conversations under its own on the user stream.
+        owner, member, other = people
+        settings.CHAT_CONVERSATION_CREATE_RATE = "2/hour"
+        for title in ("one", "two"):
+            assert create(client_for(owner), kind="group", title=title, participant_ids=[str(member.pk)]).status_code == 201
+        refused = create(client_for(owner), kind="group", title="three", participant_ids=[str(member.pk)])
+        assert refused.status_code == 429 and int(refused["Retry-After"]) >= 1
+        assert create(client_for(other), kind="group", title="theirs", participant_ids=[]).status_code == 201
+        assert Conversation.objects.filter(created_by=owner).count() == 2
+
     def test_direct_is_unique_per_pair(self, people, client_for):
         owner, member, _ = people
         first = create(client_for(owner), kind="direct", participant_ids=[str(member.pk)])
