@@ -155,4 +155,10 @@ def sync_schema(connection: CassandraConnection, replication: dict[str, str | in
             management.sync_table(model, keyspaces=[keyspace], connections=[connection.alias])
     finally:
         profile.request_timeout = request_timeout
+    # The driver waits a few seconds for every node to agree on the schema after each change, then
+    # goes on regardless. A node that has not got the new tables yet answers "keyspace does not
+    # exist" (or INCOMPATIBLE_SCHEMA) until gossip catches up, and one killed meanwhile comes back
+    # without them: done means every node has them.
+    if not connection.session.cluster.control_connection.wait_for_schema_agreement(wait_time=SCHEMA_CHANGE_TIMEOUT):
+        raise RuntimeError(f"the nodes did not agree on keyspace {keyspace}'s schema within {SCHEMA_CHANGE_TIMEOUT:.0f} s")
     return [model.__table_name__ for model in SCHEMA_MODELS]
