@@ -295,7 +295,6 @@ cassandra_jvm_opts() {
     "-Dcassandra.native_transport_port=$cql_port"
     -Dcassandra-foreground=yes
     -Dcassandra.skip_wait_for_gossip_to_settle=0
-    -Dcassandra.unsafesystem=true
   )
   printf '%s\n' "${opts[@]}"
 }
@@ -419,7 +418,12 @@ cluster_node_logdir() { echo "$CLUSTER_DIR/node$1/logs"; }
 cluster_node_config() { # node-number host -> path of its cassandra.yaml, written from the single node's
   local n="$1" host="$2" seeds="" h config="$CLUSTER_DIR/node$1/cassandra.yaml"
   for h in "${CLUSTER_NODES[@]}"; do seeds+="${seeds:+,}$h:7000"; done
+  # A write is acknowledged only once it is in the node's commit log on disk (batch sync): with the
+  # single node's periodic sync, a node killed with kill -9 comes back without the writes of its
+  # last 10 s, and a quorum read of it and a replica that was down misses writes it acknowledged.
   sed -e "s/^cluster_name:.*/cluster_name: 'chat-cluster'/" \
+      -e "s/^commitlog_sync:.*/commitlog_sync: batch/" \
+      -e "/^commitlog_sync_period:/d" \
       -e "s/- seeds:.*/- seeds: \"$seeds\"/" \
       -e "s/^listen_address:.*/listen_address: $host/" \
       -e "s/^rpc_address:.*/rpc_address: $host/" \

@@ -29,10 +29,6 @@ NODES = os.environ.get("CLUSTER_HOSTS", "127.0.0.2 127.0.0.3 127.0.0.4").split()
 CQL_PORT = int(os.environ.get("CLUSTER_CQL_PORT", "9042"))
 RUN_DIR = os.path.join(os.environ.get("CHAT_SERVICES_DIR") or str(ROOT / ".services"), "run")
 
-# services/cassandra/cassandra.yaml: commitlog_sync_period.
-COMMITLOG_SYNC_SECONDS = 10
-
-
 def node_up(number: int) -> bool:
     return _port_open(NODES[number - 1], CQL_PORT)
 
@@ -75,11 +71,6 @@ async def test_sends_survive_one_node_fail_fast_without_quorum_and_heal(cluster_
             return message
 
         accepted = [await sent_and_delivered("all three nodes up")]
-        # A node killed with kill -9 loses what its commit log had not synced yet (periodic, every
-        # 10 s: services/cassandra/cassandra.yaml), the keyspace's schema included, and came back
-        # without it ("keyspace does not exist" for over a minute). What the test is about starts
-        # once the schema is durable on every node.
-        await asyncio.sleep(COMMITLOG_SYNC_SECONDS + 1)
 
         kill_node(3)
         for attempt in range(10):  # every one succeeds: two replicas of three are a quorum
