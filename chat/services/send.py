@@ -346,8 +346,8 @@ class _Accepted:
     rate: RateDecision
 
 
-def _accept(request: SendRequest) -> _Accepted:
-    """Validate, rate-limit and authorize one send; raise the ChatError that refuses it."""
+def _validated(request: SendRequest) -> tuple[MessageInput, str | None]:
+    """A send's body and idempotency key, checked; ValidationFailed refuses it."""
     body = check_message_input(
         content=request.content,
         message_type=request.message_type,
@@ -358,23 +358,23 @@ def _accept(request: SendRequest) -> _Accepted:
     key = request.idempotency_key
     if key is not None:
         check_idempotency_key(key, field=request.idempotency_field)
-    sender = request.sender
+    if request.reply_to is not None:
+        body = replace(body, reply_to=check_reply_to(request.reply_to))
+    return body, key
 
-    rate = get_send_rate_limiter().check(sender.pk)
+
+def _authorized(request: SendRequest, body: MessageInput, key: str | None, rate: RateDecision) -> _Accepted:
+    """A validated send within its rate, authorized; the ChatError that refuses it otherwise."""
     if not rate.allowed:
         metrics.send_rate_limited.labels(transport=request.transport).inc()
         raise RateLimited(rate)
-
     started = time.perf_counter()
     try:
-        conversation_id, participant_id, *_ = access_participation(user=sender, conversation_id=request.conversation_id)
+        conversation_id, participant_id, *_ = access_participation(user=request.sender, conversation_id=request.conversation_id)
     except AccessDenied:
         metrics.message_send_unauthorized.inc()
         raise
     metrics.message_delivery_duration.labels(step="authorize").observe(time.perf_counter() - started)
-    if request.reply_to is not None:
-        body = replace(body, reply_to=check_reply_to(request.reply_to))
-
     request_hash = _request_hash(conversation_id, body) if key is not None else ""
     return _Accepted(request, body, key, conversation_id, participant_id, request_hash, rate)
 
@@ -387,10 +387,22 @@ def _persist_batch(requests: list[SendRequest]) -> list[SendOutcome]:
     each is validated, rate-limited and authorized on its own, then the accepted ones commit in one
     transaction (chat.services.send._persist_accepted)."""
     outcomes: list[SendOutcome | None] = [None] * len(requests)
-    accepted: list[tuple[int, _Accepted]] = []
+    validated: list[tuple[int, MessageInput, str | None]] = []
     for index, request in enumerate(requests):
         try:
-            accepted.append((index, _accept(request)))
+            validated.append((index, *_validated(request)))
+        except ChatError as exc:
+            outcomes[index] = exc
+        except Exception:  # a bug validating this send: it fails alone
+            logger.exception("validating a send failed")
+            outcomes[index] = StoreUnavailable()
+    # Every valid send counts against its sender's rate (one round trip for the batch), the ones
+    # then refused by the membership rule included, as when each send was checked alone.
+    rates = get_send_rate_limiter().check_many([requests[index].sender.pk for index, _, _ in validated])
+    accepted: list[tuple[int, _Accepted]] = []
+    for (index, body, key), rate in zip(validated, rates):
+        try:
+            accepted.append((index, _authorized(requests[index], body, key, rate)))
         except ChatError as exc:
             outcomes[index] = exc
         except Exception:  # a fault reading for this send (the database, a bug): it fails alone

@@ -117,6 +117,37 @@ def test_redis_next_window_starts_afresh(redis_limiter, clock):
     assert second.check(user).allowed and not first.check(user).allowed
 
 
+def test_redis_check_many_counts_every_hit_in_one_call(redis_limiter, clock):
+    """A batch of sends is one script call: each subject's hits count in order, repeats included,
+    and the counts are the ones a check per send would have seen."""
+    limiter = redis_limiter(Rate(2, 60), clock)
+    calls = []
+    real_hit = limiter._redis_hit
+
+    def counting_hit(**kwargs):
+        calls.append(kwargs["keys"])
+        return real_hit(**kwargs)
+
+    limiter._redis_hit = counting_hit
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    decisions = limiter.check_many([alice, bob, alice, alice, bob])
+    assert len(calls) == 1 and len(calls[0]) == 5
+    assert [d.allowed for d in decisions] == [True, True, True, False, True]
+    assert [d.remaining for d in decisions] == [1, 1, 0, 0, 0]
+    assert all(d.shared and 0 < d.reset <= 60 for d in decisions)
+    assert not limiter.check(bob).allowed  # the batch's hits stay counted
+    assert limiter.check_many([]) == []
+
+
+def test_check_many_without_redis_counts_per_process(clock):
+    limiter = RateLimiter(Rate(2, 60), "redis://127.0.0.1:1/0", clock=clock)
+    before = ratelimit.rate_limit_degraded._value.get()
+    decisions = limiter.check_many(["u", "v", "u", "u"])
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert not any(d.shared for d in decisions)
+    assert ratelimit.rate_limit_degraded._value.get() == before + 4
+
+
 def test_redis_down_degrades_to_a_per_process_limit(clock):
     """An unreachable Redis never fails a check and never removes the limit."""
     limiter = RateLimiter(Rate(2, 60), "redis://127.0.0.1:1/0", clock=clock)

@@ -272,3 +272,40 @@ async def test_a_batch_takes_its_conversations_rows_in_one_order(store, batches,
     assert [(o.message.conversation_id, o.message.seq, o.message.content) for o in outcomes] == [
         (high.id, 1, "h1"), (low.id, 1, "l1"), (high.id, 2, "h2"), (low.id, 2, "l2")
     ]
+
+
+async def test_a_batch_checks_its_senders_rates_in_one_call_and_refuses_only_those_over(
+    store, batches, published, make_user, make_group, monkeypatch, settings
+):
+    from core import ratelimit
+    from core.errors import RateLimited
+
+    settings.CHAT_SEND_RATE = "2/min"
+    ratelimit._limiter.cache_clear()
+    calls = []
+    check_many = ratelimit.RateLimiter.check_many
+
+    def counted(self, subjects):
+        calls.append(list(subjects))
+        return check_many(self, subjects)
+
+    monkeypatch.setattr(ratelimit.RateLimiter, "check_many", counted)
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    group = await database_sync_to_async(make_group)(alice, bob)
+    try:
+        outcomes = await send_together(
+            request(alice, group.id, "a1"),
+            request(alice, group.id, ""),  # invalid: refused before the rate counts it
+            request(alice, group.id, "a2"),
+            request(bob, group.id, "b1"),
+            request(alice, group.id, "a3"),  # alice's third within the minute
+        )
+    finally:
+        ratelimit._limiter.cache_clear()
+
+    assert batches == [5]
+    assert calls == [[alice.pk, alice.pk, bob.pk, alice.pk]]
+    assert isinstance(outcomes[1], ValidationFailed)
+    assert isinstance(outcomes[4], RateLimited)
+    assert [o.message.content for o in outcomes if isinstance(o, sending.SendResult)] == ["a1", "a2", "b1"]
+    assert await contents(store, group.id) == ["a1", "a2", "b1"]
