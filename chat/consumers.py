@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -34,6 +35,7 @@ from chat.presence import get_presence
 from core.threads import in_thread
 from chat.services.conversations import read_marker_set
 from chat.services.send import SendRequest, amessage_send
+from chat.ws_auth import authenticate
 from chat.selectors import Standing, access_lost_reason, conversation_shape, stream_standings
 
 logger = logging.getLogger(__name__)
@@ -125,7 +127,6 @@ class ChatSocket(AsyncWebsocketConsumer):
 
     # --- handshake -------------------------------------------------------------------------
     async def connect(self) -> None:
-        self.user = self.scope.get("user")
         self.cleaned_up = False
         # This connection's name in presence entries (there is no per-socket channel name).
         self.connection_id = uuid.uuid4().hex
@@ -139,7 +140,8 @@ class ChatSocket(AsyncWebsocketConsumer):
         self.last_typing = 0.0
         self.backlog_probe = socket_backlog_probe(self.scope.get("server_send"))
         self.write_now = socket_writer(self.scope.get("server_send")) if self.backlog_probe is not None else None
-        if self.user is None or not self.user.is_authenticated:
+        self.user = await authenticate(self.scope)
+        if not self.user.is_authenticated:
             return await self._refuse("unauthenticated")
         await self.handshake()
 
@@ -283,11 +285,21 @@ class ChatSocket(AsyncWebsocketConsumer):
         await handler(message)
 
     async def __call__(self, scope, receive, send):
+        # channels' AsyncConsumer.__call__ waits for the client's next message in a task of its own,
+        # through asyncio.wait, to serve a channel-layer channel beside it: this consumer has none
+        # (channel_layer_alias), and that task, its wait and their frames would cost every idle
+        # socket about 2 KiB and every client frame a task. So the client's messages are awaited here.
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
         # channels runs disconnect() only for a clean websocket.disconnect; a consumer that dies
         # of an exception (or is cancelled at shutdown) must release its slot, groups and presence
         # all the same.
         try:
-            await super().__call__(scope, receive, send)
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
         finally:
             await self._cleanup()
 

@@ -1,23 +1,24 @@
 from urllib.parse import parse_qs
 
-from django.urls import path
+from channels.security.websocket import WebsocketDenier
 
 from chat.consumers import ChatConsumer, UserStreamConsumer
 
-_conversation_socket = ChatConsumer.as_asgi()
-_user_stream = UserStreamConsumer.as_asgi()
+SOCKET_PATH = "/ws/chat/"
 
 
-def chat_socket(scope, receive, send):
+def websocket_application(scope, receive, send):
     """ws/chat/: the conversation socket with a conversation_id (even an empty or bad one, which
-    its handshake refuses), the user stream without. (Returns the consumer's coroutine rather than
-    awaiting it in one of its own: a frame that would live as long as the connection.)"""
+    its handshake refuses), the user stream without; any other path is refused (HTTP 403).
+
+    Neither channels' URLRouter nor a consumer's as_asgi(): each awaits the consumer in a coroutine
+    of its own (and the router in a copy of the scope), which would live as long as the connection.
+    This returns the consumer's coroutine for the server to run."""
+    path, root_path = scope["path"], scope.get("root_path", "")
+    if root_path and path.startswith(root_path):  # served under a prefix (daphne --root-path)
+        path = path[len(root_path):]
+    if path != SOCKET_PATH:
+        return WebsocketDenier()(scope, receive, send)
     query = parse_qs(scope.get("query_string", b"").decode("latin1"), keep_blank_values=True)
-    application = _conversation_socket if "conversation_id" in query else _user_stream
-    return application(scope, receive, send)
-
-
-chat_socket._asgi_single_callable = True  # an ASGI 3 application, though not a coroutine function
-
-
-websocket_urlpatterns = [path("ws/chat/", chat_socket)]
+    consumer = ChatConsumer if "conversation_id" in query else UserStreamConsumer
+    return consumer()(scope, receive, send)

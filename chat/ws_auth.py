@@ -1,14 +1,23 @@
-"""WebSocket handshake: Origin check and authentication (token header, one-time ticket, session)."""
+"""WebSocket handshake: admission, the Origin check and authentication (token header, one-time
+ticket, session cookie).
+
+Every layer under daphne that is a coroutine of its own keeps a frame alive (and often a copy of
+the scope) for as long as its connection: a few hundred bytes to a kilobyte each, times thousands
+of idle sockets per process. So the layers here hand on the inner application's coroutine instead
+of awaiting it where they can (`keep_server_send`, `ChatOriginValidator`), the socket reads the
+session itself instead of channels' cookie and session middlewares wrapping it, and the consumer
+authenticates in its handshake (`authenticate`) instead of a middleware around it.
+"""
 from __future__ import annotations
 
-from urllib.parse import parse_qs
+from importlib import import_module
+from urllib.parse import parse_qs, urlparse
 
 from channels.auth import get_user
-from channels.middleware import BaseMiddleware
-from channels.security.websocket import OriginValidator
-from channels.sessions import CookieMiddleware, SessionMiddleware
+from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.http.cookie import parse_cookie
 
 from chat import metrics
 from core.threads import in_thread
@@ -16,6 +25,17 @@ from core.threads import in_thread
 
 class ChatOriginValidator(OriginValidator):
     """Browsers must come from an allowed host; clients that send no Origin (not browsers) pass."""
+
+    def __call__(self, scope, receive, send):
+        # channels' own __call__ awaits the application in a frame of its own; this returns it.
+        origins = [value for name, value in scope.get("headers", []) if name == b"origin"]
+        try:
+            parsed_origin = urlparse(origins[-1].decode("latin1")) if origins else None
+            valid = self.valid_origin(parsed_origin)
+        except (UnicodeDecodeError, ValueError):  # an Origin no browser sends
+            metrics.websocket_connection_unauthorized.inc()
+            valid = False
+        return self.application(scope, receive, send) if valid else WebsocketDenier()(scope, receive, send)
 
     def valid_origin(self, parsed_origin) -> bool:
         if parsed_origin is None:
@@ -41,28 +61,28 @@ def _user_for_ticket(ticket: str):
     return ws_ticket_redeem(ticket=ticket) or AnonymousUser()
 
 
-class ChatAuthMiddleware(BaseMiddleware):
-    """Sets scope["user"]. An explicit credential (header or ticket) wins over the session cookie,
-    and a bad explicit credential means anonymous: it never falls back to the cookie."""
-
-    async def __call__(self, scope, receive, send):
-        # The credential is read in a call of its own: this frame lives as long as the connection,
-        # and should hold neither the token nor the parsing's leftovers.
-        user = await _user_of(scope)
-        # (BaseMiddleware.__call__ would only copy the scope once more.)
-        return await self.inner({**scope, "user": user}, receive, send)
+@in_thread
+def _user_for_session(session_key: str):
+    # channels' get_user: Django's checks (the backend, the session's auth hash).
+    session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    return get_user.func({"session": session})
 
 
-async def _user_of(scope):
-    authorization = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin1")
+async def authenticate(scope):
+    """The user a handshake's credential names, or AnonymousUser. An explicit credential (header or
+    ticket) wins over the session cookie, and a bad explicit credential means anonymous: it never
+    falls back to the cookie. (The consumer's handshake calls it, in a frame that ends with it: what
+    is parsed here, the token included, is not kept for the connection's lifetime.)"""
+    headers = dict(scope.get("headers", []))
+    authorization = headers.get(b"authorization", b"").decode("latin1")
     tickets = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
     if authorization:
         scheme, _, key = authorization.partition(" ")
         return await _user_for_token(key.strip()) if scheme.lower() == "token" else AnonymousUser()
     if tickets:
         return await _user_for_ticket(tickets[0])
-    # channels' get_user, run in our pool rather than channels' single thread.
-    return await in_thread(get_user.func)(scope)
+    session_key = parse_cookie(headers.get(b"cookie", b"").decode("latin1")).get(settings.SESSION_COOKIE_NAME)
+    return await _user_for_session(session_key) if session_key else AnonymousUser()
 
 
 class HandshakeAdmission:
@@ -131,5 +151,5 @@ def keep_server_send(inner):
 def websocket_stack(inner):
     allowed = settings.ALLOWED_HOSTS or (["localhost", "127.0.0.1", "[::1]"] if settings.DEBUG else [])
     return keep_server_send(
-        HandshakeAdmission(ChatOriginValidator(CookieMiddleware(SessionMiddleware(ChatAuthMiddleware(inner))), allowed))
+        HandshakeAdmission(ChatOriginValidator(inner, allowed))
     )

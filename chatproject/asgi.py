@@ -19,9 +19,7 @@ refuse_to_start_on_errors()
 # reply, while holding a transaction (docs/performance.md has the measurements).
 sys.setswitchinterval(settings.CHAT_GIL_SWITCH_INTERVAL)
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-
-from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.routing import websocket_application  # noqa: E402
 from chat.ws_auth import websocket_stack  # noqa: E402
 from core import transport  # noqa: E402
 from core.bodylimit import BodyLimitMiddleware  # noqa: E402
@@ -30,6 +28,17 @@ from core.bodylimit import BodyLimitMiddleware  # noqa: E402
 # daphne, which otherwise buffers a whole body before the app sees any of it.
 transport.install()
 
-application = ProtocolTypeRouter(
-    {"http": BodyLimitMiddleware(django_asgi_app), "websocket": websocket_stack(URLRouter(websocket_urlpatterns))}
-)
+_by_scope_type = {"http": BodyLimitMiddleware(django_asgi_app), "websocket": websocket_stack(websocket_application)}
+
+
+def application(scope, receive, send):
+    """HTTP to Django, WebSockets to the chat sockets. (Not channels' ProtocolTypeRouter, which
+    awaits the application in a coroutine of its own: a frame per connection for its lifetime.)"""
+    try:
+        inner = _by_scope_type[scope["type"]]
+    except KeyError:
+        raise ValueError(f"No application for scope type {scope['type']!r}") from None
+    return inner(scope, receive, send)
+
+
+application._asgi_single_callable = True  # an ASGI 3 application, though not a coroutine function

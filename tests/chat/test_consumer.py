@@ -136,6 +136,18 @@ class TestHandshake:
         assert connected
         await socket.disconnect()
 
+    async def test_a_malformed_origin_is_refused(self, trio):
+        alice, _, _, conversation = trio
+        # No browser sends it, and urlparse refuses it (ValueError): a refusal, not a 500.
+        assert not (await open_socket(alice, conversation, origin="http://[::1"))[1]
+
+    async def test_a_socket_on_another_path_is_refused(self, trio):
+        alice, _, _, conversation = trio
+        headers = await database_sync_to_async(token_headers)(alice)
+        for path in (f"/ws/chat?conversation_id={conversation.id}", "/ws/other/", "/ws/chat/x/"):
+            connected, _ = await WebsocketCommunicator(application, path, headers=headers).connect()
+            assert not connected, path
+
     async def test_one_time_ticket(self, trio):
         from accounts.services import ws_ticket_issue
 
