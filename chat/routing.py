@@ -1,8 +1,7 @@
 from urllib.parse import parse_qs
 
-from channels.security.websocket import WebsocketDenier
-
 from chat.consumers import ChatConsumer, UserStreamConsumer
+from chat.ws_auth import deny
 
 SOCKET_PATH = "/ws/chat/"
 
@@ -14,11 +13,11 @@ def websocket_application(scope, receive, send):
     Neither channels' URLRouter nor a consumer's as_asgi(): each awaits the consumer in a coroutine
     of its own (and the router in a copy of the scope), which would live as long as the connection.
     This returns the consumer's coroutine for the server to run."""
-    path, root_path = scope["path"], scope.get("root_path", "")
-    if root_path and path.startswith(root_path):  # served under a prefix (daphne --root-path)
+    path, root_path = scope["path"], scope.get("root_path", "").rstrip("/")
+    if root_path and path.startswith(root_path + "/"):  # served under a prefix (daphne --root-path)
         path = path[len(root_path):]
     if path != SOCKET_PATH:
-        return WebsocketDenier()(scope, receive, send)
+        return deny(scope, receive, send)
     query = parse_qs(scope.get("query_string", b"").decode("latin1"), keep_blank_values=True)
     consumer = ChatConsumer if "conversation_id" in query else UserStreamConsumer
     return consumer()(scope, receive, send)

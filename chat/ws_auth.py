@@ -14,13 +14,20 @@ from importlib import import_module
 from urllib.parse import parse_qs, urlparse
 
 from channels.auth import get_user
-from channels.security.websocket import OriginValidator, WebsocketDenier
+from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.http.cookie import parse_cookie
 
 from chat import metrics
 from core.threads import in_thread
+
+
+async def deny(scope, receive, send):
+    """Refuse the handshake (HTTP 403) with no channel-layer channel (channels' WebsocketDenier
+    subscribes one in Redis first, and dies with a 500 while Redis is down)."""
+    await receive()  # websocket.connect
+    await send({"type": "websocket.close"})
 
 
 class ChatOriginValidator(OriginValidator):
@@ -35,7 +42,7 @@ class ChatOriginValidator(OriginValidator):
         except (UnicodeDecodeError, ValueError):  # an Origin no browser sends
             metrics.websocket_connection_unauthorized.inc()
             valid = False
-        return self.application(scope, receive, send) if valid else WebsocketDenier()(scope, receive, send)
+        return self.application(scope, receive, send) if valid else deny(scope, receive, send)
 
     def valid_origin(self, parsed_origin) -> bool:
         if parsed_origin is None:
@@ -102,8 +109,7 @@ class HandshakeAdmission:
     async def __call__(self, scope, receive, send):
         if self.pending >= settings.CHAT_MAX_PENDING_HANDSHAKES:
             metrics.websocket_handshake_shed.inc()
-            await receive()  # websocket.connect
-            return await send({"type": "websocket.close"})
+            return await deny(scope, receive, send)
         self.pending += 1
         admitted = _AdmittedSend(self, send)
         try:

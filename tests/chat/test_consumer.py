@@ -148,6 +148,39 @@ class TestHandshake:
             connected, _ = await WebsocketCommunicator(application, path, headers=headers).connect()
             assert not connected, path
 
+    @pytest.mark.parametrize("root_path", ["/chat", "/chat/"])
+    async def test_served_under_a_prefix(self, trio, root_path):
+        alice, _, _, conversation = trio
+        headers = await database_sync_to_async(token_headers)(alice)
+        communicator = WebsocketCommunicator(application, f"/chat/ws/chat/?conversation_id={conversation.id}", headers=headers)
+        communicator.scope["root_path"] = root_path
+        assert (await communicator.connect())[0]
+        await communicator.disconnect()
+
+    @pytest.mark.parametrize("path, origin", [
+        ("/ws/chat/", "https://evil.example"), ("/ws/chat/", "http://[::1"), ("/ws/other/", None),
+    ])
+    async def test_a_refusal_needs_no_channel_layer(self, trio, settings, path, origin):
+        """With Redis down, a refused handshake is still a refusal (channels' WebsocketDenier opens
+        a channel-layer channel first, and died with a 500)."""
+        from channels.layers import channel_layers
+
+        settings.CHANNEL_LAYERS = {"default": {
+            "BACKEND": "chat.channel_layer.ConcurrentPublishChannelLayer",
+            "CONFIG": {"hosts": [{"address": "redis://127.0.0.1:1/0", "socket_connect_timeout": 1}]},
+        }}
+        channel_layers.backends.clear()
+        try:
+            alice, _, _, conversation = trio
+            headers = await database_sync_to_async(token_headers)(alice)
+            if origin:
+                headers.append((b"origin", origin.encode()))
+            communicator = WebsocketCommunicator(application, f"{path}?conversation_id={conversation.id}", headers=headers)
+            connected, _ = await communicator.connect(timeout=5)  # raises if the application died
+            assert not connected
+        finally:
+            channel_layers.backends.clear()
+
     async def test_one_time_ticket(self, trio):
         from accounts.services import ws_ticket_issue
 
