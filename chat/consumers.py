@@ -341,9 +341,10 @@ class ChatSocket(AsyncWebsocketConsumer):
             self.present_in = set()
         self.present_in.add(conversation_id)  # before the call: a failed join is still left on disconnect
         try:
-            if await presence.join(conversation_id, self.user.pk, self.connection_id):
+            joined = await presence.join(conversation_id, self.user.pk, self.connection_id)
+            if joined.announce:
                 await events.presence(conversation_id, self.user.pk, online=True)
-            for user_id in await presence.online(conversation_id):
+            for user_id in joined.online:
                 if user_id != self.user.pk:
                     await self._send_json(
                         member_frame({"type": "presence", "user_id": str(user_id), "online": True}, conversation_id)

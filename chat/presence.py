@@ -16,6 +16,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from functools import cache
+from typing import NamedTuple
 
 from django.conf import settings
 
@@ -25,7 +26,8 @@ ENTRY_TTL_SECONDS = 60
 REFRESH_SECONDS = 20
 
 # KEYS[1] conversation set; ARGV: member, expires, now, user prefix, key ttl ms.
-# Returns 1 when this entry brings the user online (no other live entry of theirs).
+# Returns 1 when this entry brings the user online (no other live entry of theirs), else 0, followed
+# by the other live entries: who else is online, in the same round trip.
 _JOIN = """
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
 local online = false
@@ -34,7 +36,8 @@ for _, m in ipairs(live) do
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-if online then return 0 else return 1 end
+table.insert(live, 1, online and 0 or 1)
+return live
 """
 
 # KEYS[1]; ARGV: member, now, user prefix. Returns 1 when the user has no live entry left.
@@ -65,6 +68,15 @@ for _, m in ipairs(expired) do
 end
 return gone
 """
+
+
+class Joined(NamedTuple):
+    announce: bool  # this entry brings its user online: no other live entry of theirs
+    online: set[uuid.UUID]  # who is online in the conversation now, the joining user included
+
+
+def _user_of(member: bytes | str) -> uuid.UUID:
+    return uuid.UUID((member.decode() if isinstance(member, bytes) else member)[:32])
 
 
 def _key(conversation_id: uuid.UUID) -> str:
@@ -109,15 +121,15 @@ class RedisPresence:
             self._clients[loop] = redis.asyncio.Redis(connection_pool=pool)
         return self._clients[loop]
 
-    async def join(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
+    async def join(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> Joined:
         member = _member(user_id, channel)
         self._held[conversation_id].add(member)
         self._start_refresher()
         now = self.clock()
-        result = await self._client().eval(
+        first, *live = await self._client().eval(
             _JOIN, 1, _key(conversation_id), member, now + self.ttl, now, f"{user_id.hex}:", int(self.ttl * 2000)
         )
-        return result == 1
+        return Joined(first == 1, {_user_of(m) for m in live} | {user_id})
 
     async def leave(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
         member = _member(user_id, channel)
@@ -141,7 +153,7 @@ class RedisPresence:
 
     async def online(self, conversation_id: uuid.UUID) -> set[uuid.UUID]:
         members = await self._client().zrangebyscore(_key(conversation_id), self.clock(), "+inf")
-        return {uuid.UUID((m.decode() if isinstance(m, bytes) else m)[:32]) for m in members}
+        return {_user_of(m) for m in members}
 
     def _start_refresher(self) -> None:
         loop = asyncio.get_running_loop()
@@ -167,10 +179,10 @@ class LocalPresence:
     def __init__(self) -> None:
         self._channels: dict[uuid.UUID, dict[uuid.UUID, set[str]]] = defaultdict(lambda: defaultdict(set))
 
-    async def join(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
+    async def join(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> Joined:
         channels = self._channels[conversation_id][user_id]
         channels.add(channel)
-        return len(channels) == 1
+        return Joined(len(channels) == 1, set(self._channels[conversation_id]))
 
     async def leave(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
         users = self._channels[conversation_id]

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from chat.presence import RedisPresence
+from chat.presence import Joined, RedisPresence
 from tests.services import REDIS_URL, redis_available, require
 
 TTL = 60
@@ -38,8 +38,8 @@ def make_presence(clock):
 async def test_devices_and_leaving(make_presence):
     presence = make_presence()
     conversation, user = uuid.uuid4(), uuid.uuid4()
-    assert await presence.join(conversation, user, "phone") is True
-    assert await presence.join(conversation, user, "laptop") is False
+    assert await presence.join(conversation, user, "phone") == Joined(True, {user})
+    assert await presence.join(conversation, user, "laptop") == Joined(False, {user})
     assert await presence.online(conversation) == {user}
     assert await presence.leave(conversation, user, "phone") is False
     assert await presence.leave(conversation, user, "laptop") is True
@@ -58,7 +58,7 @@ async def test_users_of_a_dead_process_expire_and_are_announced_once(make_presen
     assert await alive_process.online(conversation) == {alive}
     assert await alive_process.refresh() == [(conversation, dead)]
     assert await alive_process.refresh() == []  # announced once
-    assert await dead_process.join(conversation, dead, "reconnected") is True
+    assert await dead_process.join(conversation, dead, "reconnected") == Joined(True, {alive, dead})
 
 
 async def test_an_expired_entry_of_another_device_does_not_keep_the_user_online(make_presence, clock):
@@ -66,7 +66,7 @@ async def test_an_expired_entry_of_another_device_does_not_keep_the_user_online(
     conversation, user = uuid.uuid4(), uuid.uuid4()
     await dead_process.join(conversation, user, "phone-on-a-dead-process")
     clock.now += TTL + 1
-    assert await live_process.join(conversation, user, "laptop") is True  # online again, announced
+    assert (await live_process.join(conversation, user, "laptop")).announce  # online again, announced
     assert await live_process.leave(conversation, user, "laptop") is True  # and offline with it
 
 
@@ -80,6 +80,17 @@ async def test_refresh_covers_every_conversation_and_socket_held(make_presence, 
         clock.now += TTL * 0.6  # three refreshes span well past one lifetime
         assert await presence.refresh() == []
     assert await presence.online(first) == await presence.online(second) == {user}
+
+
+async def test_a_join_says_who_else_is_online_in_the_same_call(make_presence, clock):
+    first_process, second_process = make_presence(), make_presence()
+    conversation, alice, bob, gone = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await first_process.join(conversation, gone, "socket-that-expires")
+    clock.now += TTL + 1
+    await first_process.join(conversation, alice, "alice-phone")
+    # Another process's entries count, an expired one does not, and the joining user is included.
+    assert await second_process.join(conversation, bob, "bob-laptop") == Joined(True, {alice, bob})
+    assert await first_process.join(conversation, alice, "alice-laptop") == Joined(False, {alice, bob})
 
 
 async def test_the_key_expires_on_its_own_when_nobody_refreshes_it(make_presence):
