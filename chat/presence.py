@@ -112,11 +112,16 @@ class RedisPresence:
         loop = asyncio.get_running_loop()
         if loop not in self._clients:
             import redis.asyncio
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
 
             # A blocking pool: when hundreds of sockets close at once, their leaves wait for a
-            # connection instead of failing with "Too many connections".
+            # connection instead of failing with "Too many connections". One retry on a new
+            # connection: after a Redis restart every pooled connection is dead, and each would
+            # otherwise fail the first call that takes it (a join lost: a user never announced).
             pool = redis.asyncio.BlockingConnectionPool.from_url(
-                self.url, max_connections=32, timeout=2, socket_timeout=1, socket_connect_timeout=1
+                self.url, max_connections=32, timeout=2, socket_timeout=1, socket_connect_timeout=1,
+                retry=Retry(NoBackoff(), 1),
             )
             self._clients[loop] = redis.asyncio.Redis(connection_pool=pool)
         return self._clients[loop]
