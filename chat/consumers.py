@@ -30,7 +30,6 @@ from chat.feed import ConversationFeed, Cursor, parse_position
 from chat.fanout import get_fanout
 from chat.frames import encode_frame, frame_too_large, member_frame, message_new_frame
 from core.errors import AccessDenied, ChatError, ValidationFailed
-from core import shutdown
 from core.jsonsafe import loads_bounded
 from chat.presence import get_presence
 from core.threads import in_thread
@@ -193,9 +192,6 @@ class ChatSocket(AsyncWebsocketConsumer):
         return True
 
     async def _unsubscribe(self) -> None:
-        if shutdown.stopping():  # the process's subscriptions end with its Redis connection
-            self.subscribed.clear()
-            return
         fanout = get_fanout()
         while self.subscribed:
             await fanout.unsubscribe(self.subscribed.pop(), self)
@@ -360,8 +356,6 @@ class ChatSocket(AsyncWebsocketConsumer):
         if conversation_id not in self.present_in:
             return
         self.present_in.discard(conversation_id)
-        if shutdown.stopping():  # the entry expires as a crashed process's would (core/shutdown.py)
-            return
         try:
             if await get_presence().leave(conversation_id, self.user.pk, self.connection_id):
                 await events.presence(conversation_id, self.user.pk, online=False)

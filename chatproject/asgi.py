@@ -21,14 +21,12 @@ sys.setswitchinterval(settings.CHAT_GIL_SWITCH_INTERVAL)
 
 from chat.routing import websocket_application  # noqa: E402
 from chat.ws_auth import websocket_stack  # noqa: E402
-from core import shutdown, transport  # noqa: E402
+from core import transport  # noqa: E402
 from core.bodylimit import BodyLimitMiddleware  # noqa: E402
 
 # Request bodies are capped before they are buffered (core/bodylimit.py): in the app, and inside
 # daphne, which otherwise buffers a whole body before the app sees any of it.
 transport.install()
-# A stopping process skips its sockets' goodbyes to Redis (core/shutdown.py).
-shutdown.install()
 
 _by_scope_type = {"http": BodyLimitMiddleware(django_asgi_app), "websocket": websocket_stack(websocket_application)}
 

@@ -187,36 +187,3 @@ async def wait_until_delivery_works(receiving, sending, people, timeout=20):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.25)
-
-
-async def test_a_restarted_process_does_not_announce_its_users_offline(cluster, people):
-    """A process stopping (SIGTERM) says no goodbyes to Redis (core/shutdown.py): its users are not
-    announced offline, and online again when they reconnect to a process a moment later; their
-    entries expire as a crashed process's would. (After the Redis outage above, this also finds
-    presence working again on both processes: their pooled Redis connections died with it.)"""
-    a, b = cluster
-    # A conversation of its own: no presence entry of the other tests' sockets lingers in it.
-    status, bob_profile, _ = a.request("GET", "/api/v1/users/me/", token=people["bob"])
-    assert status == 200, bob_profile
-    status, created, _ = a.request(
-        "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_profile["id"]], "title": "presence"},
-        token=people["alice"],
-    )
-    assert status == 201, created
-    conversation = created["id"]
-    watching_headers = {"Authorization": f"Token {people['alice']}"}
-    leaving_headers = {"Authorization": f"Token {people['bob']}"}
-    async with connect(ws_url(a, conversation), additional_headers=watching_headers) as watching:
-        assert json.loads(await watching.recv())["type"] == "ready"
-        async with connect(ws_url(b, conversation), additional_headers=leaving_headers) as leaving:
-            assert json.loads(await leaving.recv())["type"] == "ready"
-            [online] = await frames_of_type(watching, "presence", 1)
-            assert online["online"] is True, online
-            await asyncio.to_thread(b.stop)  # SIGTERM, with bob's socket open on it
-        with pytest.raises(TimeoutError):
-            await frames_of_type(watching, "presence", 1, timeout=1.5)
-        b.start()
-        async with connect(ws_url(b, conversation), additional_headers=leaving_headers) as back:
-            assert json.loads(await back.recv())["type"] == "ready"
-            with pytest.raises(TimeoutError):
-                await frames_of_type(watching, "presence", 1, timeout=1.5)

@@ -559,33 +559,6 @@ class TestRevocation:
 
 
 class TestPresence:
-    async def test_a_stopping_process_says_no_goodbyes_to_redis(self, trio, monkeypatch):
-        """When the process shuts down (core/shutdown.py), a socket's clean-up releases what it holds
-        in the process only: no fan-out unsubscription, no presence leave or offline announcement."""
-        from chat import fanout, presence
-        from core import shutdown
-
-        alice, bob, _, conversation = trio
-        a, _ = await open_socket(alice, conversation)
-        await receive(a)
-        b, _ = await open_socket(bob, conversation)
-        await receive(b)
-        await receive(a, skip=())  # bob online
-        calls = []
-
-        async def recorded(name, *args):
-            calls.append(name)
-
-        monkeypatch.setattr(fanout.Fanout, "unsubscribe", lambda self, *args: recorded("unsubscribe", *args))
-        monkeypatch.setattr(type(presence.get_presence()), "leave", lambda self, *args: recorded("leave", *args))
-        monkeypatch.setattr(shutdown, "_stopping", True)
-        await b.disconnect()
-        assert calls == []
-        assert await a.receive_nothing(0.2)  # nobody is told bob went offline
-        monkeypatch.setattr(shutdown, "_stopping", False)
-        await a.disconnect()
-        assert sorted(calls) == ["leave", "unsubscribe", "unsubscribe"]  # the usual goodbyes again
-
     async def test_online_and_offline_per_conversation(self, trio):
         alice, bob, _, conversation = trio
         a, _ = await open_socket(alice, conversation)
