@@ -11,6 +11,7 @@ import time
 import pytest
 from websockets.asyncio.client import connect
 
+from chat.consumers import SUBSCRIBE_SETTLE_SECONDS
 from tests.live import LiveServer, migrate, server_env
 from tests.redis_server import RedisServer, redis_server_binary
 from tests.services import require
@@ -187,3 +188,31 @@ async def wait_until_delivery_works(receiving, sending, people, timeout=20):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.25)
+
+
+async def test_presence_works_again_on_both_processes_after_a_redis_restart(cluster, people):
+    """After the Redis outage above every pooled presence connection of both processes is dead: a
+    join must still reach Redis and announce its user (chat.presence retries on a new connection)."""
+    a, b = cluster
+    # A conversation of its own: no presence entry of the other tests' sockets lingers in it.
+    status, bob_profile, _ = a.request("GET", "/api/v1/users/me/", token=people["bob"])
+    assert status == 200, bob_profile
+    status, alice_profile, _ = a.request("GET", "/api/v1/users/me/", token=people["alice"])
+    assert status == 200, alice_profile
+    status, created, _ = a.request(
+        "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_profile["id"]], "title": "presence"},
+        token=people["alice"],
+    )
+    assert status == 201, created
+    conversation = created["id"]
+    async with connect(ws_url(a, conversation), additional_headers={"Authorization": f"Token {people['alice']}"}) as watching:
+        assert json.loads(await watching.recv())["type"] == "ready"
+        # A subscription takes effect when Redis has processed it, which nobody waits for (presence is
+        # best effort; messages are caught up from the store): give it the consumer's settle time.
+        await asyncio.sleep(SUBSCRIBE_SETTLE_SECONDS)
+        async with connect(ws_url(b, conversation), additional_headers={"Authorization": f"Token {people['bob']}"}) as joining:
+            assert json.loads(await joining.recv())["type"] == "ready"
+            [online] = await frames_of_type(watching, "presence", 1)
+            assert (online["user_id"], online["online"]) == (bob_profile["id"], True)
+            [seen] = await frames_of_type(joining, "presence", 1)  # and bob is told alice is online
+            assert (seen["user_id"], seen["online"]) == (alice_profile["id"], True)
