@@ -1,5 +1,6 @@
 from urllib.parse import parse_qs
 
+from chat import metrics
 from chat.consumers import ChatConsumer, UserStreamConsumer
 from chat.ws_auth import deny
 
@@ -17,6 +18,7 @@ def websocket_application(scope, receive, send):
     if root_path and path.startswith(root_path + "/"):  # served under a prefix (daphne --root-path)
         path = path[len(root_path):]
     if path != SOCKET_PATH:
+        metrics.websocket_connection_unauthorized.inc()
         return deny(scope, receive, send)
     query = parse_qs(scope.get("query_string", b"").decode("latin1"), keep_blank_values=True)
     consumer = ChatConsumer if "conversation_id" in query else UserStreamConsumer

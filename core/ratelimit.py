@@ -129,23 +129,25 @@ class RateLimiter:
     def check_many(self, subjects: list[object]) -> list[Decision]:
         """`check` for each of `subjects` in order (one may appear more than once: each hit counts),
         in one round trip to Redis: a batch of sends pays one instead of one each."""
+        if not subjects:  # (a batch whose every send was invalid: nothing to count)
+            return []
         now = self.clock()
         window = int(now // self.rate.period)
         keys = [f"chat:rate:{self.scope}:{subject}" for subject in subjects]
-        shared: list[tuple[int, int]] | None = None
+        redis_counts: list[tuple[int, int]] | None = None
         if self._redis_hit is not None and now >= self._redis_retry_at:
             try:
                 answer = self._redis_hit(keys=[f"{key}:{window}" for key in keys], args=[self.rate.period * 1000])
-                shared = list(zip(answer[0::2], answer[1::2]))
+                redis_counts = list(zip(answer[0::2], answer[1::2]))
             except Exception as exc:  # any Redis failure: degrade, never fail the send
                 self._redis_retry_at = now + REDIS_RETRY_SECONDS
                 logger.warning("rate limit: Redis unavailable (%s); counting per process", exc)
-        if shared is None:
+        if redis_counts is None:
             if self._redis_hit is not None:
                 rate_limit_degraded.inc(len(keys))
             counted = [self._local.hit(key, self.rate.period, now) for key in keys]
         else:
-            counted = [(count, max(ttl_ms, 0) / 1000) for count, ttl_ms in shared]
+            counted = [(count, max(ttl_ms, 0) / 1000) for count, ttl_ms in redis_counts]
         return [
             Decision(
                 allowed=count <= self.rate.limit,
@@ -153,7 +155,7 @@ class RateLimiter:
                 remaining=max(self.rate.limit - count, 0),
                 reset=max(remaining, 0.001),
                 window=window,
-                shared=shared is not None,
+                shared=redis_counts is not None,
             )
             for count, remaining in counted
         ]

@@ -27,7 +27,9 @@ pytestmark = [pytest.mark.live_server_process, pytest.mark.cassandra_cluster]
 
 NODES = os.environ.get("CLUSTER_HOSTS", "127.0.0.2 127.0.0.3 127.0.0.4").split()
 CQL_PORT = int(os.environ.get("CLUSTER_CQL_PORT", "9042"))
-RUN_DIR = os.path.join(os.environ.get("CHAT_SERVICES_DIR") or str(ROOT / ".services"), "run")
+SERVICES_DIR = os.environ.get("CHAT_SERVICES_DIR") or str(ROOT / ".services")
+RUN_DIR = os.path.join(SERVICES_DIR, "run")
+
 
 def node_up(number: int) -> bool:
     return _port_open(NODES[number - 1], CQL_PORT)
@@ -52,6 +54,12 @@ def cluster_server(tmp_path):
             f"no pidfile for node{number} in {RUN_DIR}: this test kills only a cluster that this "
             "checkout's scripts/services.sh started (with the same CHAT_SERVICES_DIR)"
         )
+        # A node writes its configuration when it starts: one started by an older services.sh
+        # acknowledges writes before they are on disk, and a kill -9 then loses them.
+        with open(os.path.join(SERVICES_DIR, "cluster", f"node{number}", "cassandra.yaml")) as config:
+            assert "\ncommitlog_sync: batch\n" in config.read(), (
+                f"node{number} runs an older configuration: restart the cluster (scripts/services.sh stop cluster)"
+            )
     # Whatever happened, the three nodes are left running.
     with cassandra_store_server(
         tmp_path, NODES, CQL_PORT, ["start", "cluster"],

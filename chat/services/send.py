@@ -363,8 +363,9 @@ def _validated(request: SendRequest) -> tuple[MessageInput, str | None]:
     return body, key
 
 
-def _authorized(request: SendRequest, body: MessageInput, key: str | None, rate: RateDecision) -> _Accepted:
-    """A validated send within its rate, authorized; the ChatError that refuses it otherwise."""
+def _admitted(request: SendRequest, body: MessageInput, key: str | None, rate: RateDecision) -> _Accepted:
+    """A validated send, admitted when it is within its sender's rate and the membership rule lets
+    the sender write the conversation; the ChatError that refuses it otherwise."""
     if not rate.allowed:
         metrics.send_rate_limited.labels(transport=request.transport).inc()
         raise RateLimited(rate)
@@ -384,8 +385,8 @@ SendOutcome = SendResult | ChatError
 
 def _persist_batch(requests: list[SendRequest]) -> list[SendOutcome]:
     """Everything of these sends up to and including the commit, one outcome per request in order:
-    each is validated, rate-limited and authorized on its own, then the accepted ones commit in one
-    transaction (chat.services.send._persist_accepted)."""
+    each is validated, the valid ones' rates are checked together (one call), each is authorized,
+    and the admitted ones commit in one transaction (chat.services.send._persist_accepted)."""
     outcomes: list[SendOutcome | None] = [None] * len(requests)
     validated: list[tuple[int, MessageInput, str | None]] = []
     for index, request in enumerate(requests):
@@ -400,9 +401,9 @@ def _persist_batch(requests: list[SendRequest]) -> list[SendOutcome]:
     # then refused by the membership rule included, as when each send was checked alone.
     rates = get_send_rate_limiter().check_many([requests[index].sender.pk for index, _, _ in validated])
     accepted: list[tuple[int, _Accepted]] = []
-    for (index, body, key), rate in zip(validated, rates):
+    for (index, body, key), rate in zip(validated, rates, strict=True):
         try:
-            accepted.append((index, _authorized(requests[index], body, key, rate)))
+            accepted.append((index, _admitted(requests[index], body, key, rate)))
         except ChatError as exc:
             outcomes[index] = exc
         except Exception:  # a fault reading for this send (the database, a bug): it fails alone

@@ -142,11 +142,16 @@ class TestHandshake:
         assert not (await open_socket(alice, conversation, origin="http://[::1"))[1]
 
     async def test_a_socket_on_another_path_is_refused(self, trio):
+        from chat import metrics
+
         alice, _, _, conversation = trio
         headers = await database_sync_to_async(token_headers)(alice)
-        for path in (f"/ws/chat?conversation_id={conversation.id}", "/ws/other/", "/ws/chat/x/"):
+        refused = metrics.websocket_connection_unauthorized._value.get()
+        paths = (f"/ws/chat?conversation_id={conversation.id}", "/ws/other/", "/ws/chat/x/")
+        for path in paths:
             connected, _ = await WebsocketCommunicator(application, path, headers=headers).connect()
             assert not connected, path
+        assert metrics.websocket_connection_unauthorized._value.get() == refused + len(paths)  # each counted
 
     @pytest.mark.parametrize("root_path", ["/chat", "/chat/"])
     async def test_served_under_a_prefix(self, trio, root_path):

@@ -290,7 +290,7 @@ async def test_a_batch_checks_its_senders_rates_in_one_call_and_refuses_only_tho
         return check_many(self, subjects)
 
     monkeypatch.setattr(ratelimit.RateLimiter, "check_many", counted)
-    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    alice, bob, outsider = await database_sync_to_async(lambda: (make_user(), make_user(), make_user()))()
     group = await database_sync_to_async(make_group)(alice, bob)
     try:
         outcomes = await send_together(
@@ -298,14 +298,16 @@ async def test_a_batch_checks_its_senders_rates_in_one_call_and_refuses_only_tho
             request(alice, group.id, ""),  # invalid: refused before the rate counts it
             request(alice, group.id, "a2"),
             request(bob, group.id, "b1"),
+            request(outsider, group.id, "o1"),  # counted, then refused by the membership rule
             request(alice, group.id, "a3"),  # alice's third within the minute
         )
     finally:
         ratelimit._limiter.cache_clear()
 
-    assert batches == [5]
-    assert calls == [[alice.pk, alice.pk, bob.pk, alice.pk]]
+    assert batches == [6]
+    assert calls == [[alice.pk, alice.pk, bob.pk, outsider.pk, alice.pk]]
     assert isinstance(outcomes[1], ValidationFailed)
-    assert isinstance(outcomes[4], RateLimited)
+    assert isinstance(outcomes[4], AccessDenied)
+    assert isinstance(outcomes[5], RateLimited)
     assert [o.message.content for o in outcomes if isinstance(o, sending.SendResult)] == ["a1", "a2", "b1"]
     assert await contents(store, group.id) == ["a1", "a2", "b1"]
