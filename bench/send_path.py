@@ -99,17 +99,17 @@ def main() -> None:
 
     def seq_in_transaction() -> None:
         with transaction.atomic():
-            sql.allocate_seq(conversation.id, timezone.now())
+            sql.allocate_seqs(conversation.id, timezone.now())
 
     steps = {
         "persist (the whole step, with a client_message_id)": send,
         "rate limit": lambda: get_send_rate_limiter().check(alice.pk),
         "authorize": lambda: access_participation(user=alice, conversation_id=conversation.id),
-        "idempotency record lookup": lambda: sql.idempotency_record_id(alice.pk, uuid.uuid4().hex),
+        "idempotency record lookup": lambda: sql.idempotency_record_ids({(alice.pk, uuid.uuid4().hex)}),
         "seq allocation (own transaction)": seq_in_transaction,
         "message store insert": store_insert,
-        "read marker": lambda: sql.advance_read_marker(participant_id, 0),
-        "outbox insert": lambda: notification_enqueue(message=last),
+        "read marker": lambda: sql.advance_read_markers({participant_id: 0}),
+        "outbox insert": lambda: notification_enqueue(messages=[last]),
     }
     results = {name: timed(fn, args.count) for name, fn in steps.items()}
     print(json.dumps({

@@ -8,15 +8,15 @@ The rule is defined once, as `allowed_participants()`: the participations that g
 Everything that decides who sees a conversation builds on it: the DRF permission and the
 REST views (through `access_conversation`), the conversation list, the notification worker's
 recipients and its check before every attempt. The send path and the WebSocket handshake run the
-same rule as one hand-written statement (chat.sql.allowed_participation, through
-`access_participation`) for speed;
+same rule as one hand-written statement (chat.sql.allowed_participations, through
+`access_participations`) for speed;
 tests/chat/test_access.py holds the two to agreement over every state a participation can be in.
 """
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection
-from typing import NamedTuple
+from collections.abc import Collection, Sequence
+from typing import Any, NamedTuple
 
 from django.db.models import Exists, OuterRef, QuerySet
 
@@ -49,15 +49,30 @@ class Participation(NamedTuple):
 
 def access_participation(*, user, conversation_id: object) -> Participation:
     """The caller's participation, or AccessDenied: the rule as one hand-written statement
-    (chat.sql), for the hot paths (every send, every WebSocket handshake). The account is checked
-    in the database too: the user object a socket holds may be stale."""
-    if user is None or not user.is_authenticated or not user.is_active:
+    (chat.sql), for the hot paths (every WebSocket handshake; a batch of sends asks for all of
+    its senders at once, `access_participations`). The account is checked in the database too:
+    the user object a socket holds may be stale."""
+    participation = access_participations([(user, conversation_id)])[0]
+    if participation is None:
         raise AccessDenied()
-    conversation_id = parse_conversation_id(conversation_id)
-    found = sql.allowed_participation(user.pk, conversation_id)
-    if found is None:
-        raise AccessDenied()
-    return Participation(conversation_id, *found)
+    return participation
+
+
+def access_participations(requests: Sequence[tuple[Any, object]]) -> list[Participation | None]:
+    """access_participation for many (user, conversation id) requests in one statement: each
+    one's participation, or None where the rule refuses it (a malformed conversation id too)."""
+    asked: list[tuple[uuid.UUID, uuid.UUID] | None] = []
+    for user, conversation_id in requests:
+        try:
+            if user is None or not user.is_authenticated or not user.is_active:
+                raise AccessDenied()
+            asked.append((user.pk, parse_conversation_id(conversation_id)))
+        except AccessDenied:
+            asked.append(None)
+    found = sql.allowed_participations({pair for pair in asked if pair is not None})
+    return [
+        Participation(pair[1], *found[pair]) if pair is not None and pair in found else None for pair in asked
+    ]
 
 
 def access_conversation(*, user, conversation_id: object) -> tuple[Conversation, Participant]:

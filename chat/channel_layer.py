@@ -7,6 +7,8 @@ Subscriptions keep that lock (they share one pub/sub connection); publishes here
 shard's connection pool concurrently, bounded so that a burst cannot open more connections than
 the pool allows. Publishes of one process are therefore no longer ordered among themselves: the
 consumer orders messages by seq (chat.consumers), and no other event depends on publish order.
+The events one piece of work committed (a batch of sends) go out together in one pipeline
+(`group_send_many`): one round trip, in order.
 """
 from __future__ import annotations
 
@@ -29,14 +31,37 @@ class _Shard(RedisSingleShardConnection):
         async with self._publishing:
             await self._redis.publish(channel, message)
 
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> None:
+        """PUBLISH each (channel, message) in this order, in one pipeline: one connection and one
+        round trip for all of them, and Redis runs them in the order sent."""
+        self._ensure_redis()
+        async with self._publishing:
+            async with self._redis.pipeline(transaction=False) as pipeline:
+                for channel, message in items:
+                    pipeline.publish(channel, message)
+                await pipeline.execute()
+
 
 class _LoopLayer(RedisPubSubLoopLayer):
     def __init__(self, hosts=None, **kwargs) -> None:
         super().__init__(hosts, **kwargs)
         self._shards = [_Shard(host, self) for host in decode_hosts(hosts)]
 
+    async def group_send_many(self, items: list[tuple[str, dict]]) -> None:
+        """group_send for each (group, message), in this order within each group: one pipeline per
+        shard, the shards side by side."""
+        by_shard: dict[_Shard, list[tuple[str, bytes]]] = {}
+        for group, message in items:
+            channel = self._get_group_channel_name(group)
+            by_shard.setdefault(self._get_shard(channel), []).append((channel, self.channel_layer.serialize(message)))
+        await asyncio.gather(*(shard.publish_many(published) for shard, published in by_shard.items()))
+
 
 class ConcurrentPublishChannelLayer(RedisPubSubChannelLayer):
+    async def group_send_many(self, items: list[tuple[str, dict]]) -> None:
+        """Publish many events at once (chat.events.apublish_collected): each group's in order."""
+        await self._get_layer().group_send_many(items)
+
     def _get_layer(self) -> RedisPubSubLoopLayer:
         # As channels-redis does it, with our loop layer: one per event loop.
         loop = asyncio.get_running_loop()

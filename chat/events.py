@@ -141,11 +141,37 @@ def collecting(func: Callable[..., Any]) -> Callable[..., tuple[Any, list[tuple[
 
 
 async def apublish_collected(events: list[tuple[str, dict[str, Any]]]) -> None:
-    for group, event in events:
-        if not await _apublish_to(group, event) and event.get("type") in RETRIED_EVENT_TYPES:
+    """Publish what one piece of work committed, each group's events in order. On the Redis layer
+    they go in one pipeline (a batch of sends costs one round trip); otherwise one by one."""
+    layer = get_channel_layer()
+    if len(events) > 1 and hasattr(layer, "group_send_many"):
+        failed = [] if await _apublish_many(layer, events) else events
+    else:
+        failed = [(group, event) for group, event in events if not await _apublish_to(group, event)]
+    for group, event in failed:
+        if event.get("type") in RETRIED_EVENT_TYPES:
             task = asyncio.get_running_loop().create_task(_aretry(group, event))
             _retry_tasks.add(task)
             task.add_done_callback(_retry_tasks.discard)
+
+
+async def _apublish_many(layer, events: list[tuple[str, dict[str, Any]]]) -> bool:
+    """_apublish_to for many events in one call of the layer; each is counted."""
+    started = time.perf_counter()
+    items = [(group, {**event, "group": group}) for group, event in events]
+    try:
+        await asyncio.wait_for(retry_once(lambda: layer.group_send_many(items)), PUBLISH_TIMEOUT_SECONDS)
+    except Exception:
+        metrics.message_published.labels(status="error").inc(len(events))
+        metrics.redis_publish_error.inc(len(events))
+        logger.warning("publish of %d events failed", len(events), exc_info=True)
+        return False
+    metrics.message_published.labels(status="success").inc(len(events))
+    metrics.redis_publish_success.inc(len(events))
+    share = (time.perf_counter() - started) / len(events)
+    for _ in events:  # observed once per event, as one by one
+        metrics.message_delivery_duration.labels(step="publish").observe(share)
+    return True
 
 
 # Events carry messages as frames do (Message.inline): large content goes neither through the

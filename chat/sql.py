@@ -4,11 +4,13 @@ Building and compiling a queryset costs this machine 0.3-0.9 ms of CPU per state
 docs/performance.md), several times what SQLite or PostgreSQL take to run it; a send runs these on
 every message. Everything else uses the ORM. The SQL is portable between SQLite (3.35+, for
 RETURNING) and PostgreSQL, names tables and columns from the models, and passes values through the
-fields' own database conversion. Each statement's text is built once per database vendor.
+fields' own database conversion. A statement of a fixed shape is built once per database vendor; one
+for a batch of rows is formatted for its size on each call (microseconds).
 """
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from functools import cache
 
@@ -30,105 +32,137 @@ def _value(model, field: str, value):
     return model._meta.get_field(field).get_db_prep_value(value, connection)
 
 
-@cache
-def _allowed_participation_sql(vendor: str) -> str:
+def _uuid(value) -> uuid.UUID:
+    """A UUID column's value as the database returns it (PostgreSQL: a UUID; SQLite: hex text)."""
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+def _allowed_participations_sql(conversations: int, users: int) -> str:
     user = get_user_model()
     p_conversation, p_user = _column(Participant, "conversation"), _column(Participant, "user")
     b_conversation, b_user = _column(Ban, "conversation"), _column(Ban, "user")
     return (
-        f"SELECT p.{_column(Participant, 'id')}, c.{_column(Conversation, 'last_seq')}, "
-        f"c.{_column(Conversation, 'last_change')} FROM {_table(Participant)} p "
+        f"SELECT p.{p_user}, p.{p_conversation}, p.{_column(Participant, 'id')}, "
+        f"c.{_column(Conversation, 'last_seq')}, c.{_column(Conversation, 'last_change')} "
+        f"FROM {_table(Participant)} p "
         f"JOIN {_table(user)} u ON u.{_column(user, 'id')} = p.{p_user} "
         f"JOIN {_table(Conversation)} c ON c.{_column(Conversation, 'id')} = p.{p_conversation} "
-        f"WHERE p.{p_conversation} = %s AND p.{p_user} = %s AND u.{_column(user, 'is_active')} = %s "
+        f"WHERE p.{p_conversation} IN ({_placeholders(conversations)}) AND p.{p_user} IN ({_placeholders(users)}) "
+        f"AND u.{_column(user, 'is_active')} = %s "
         f"AND NOT EXISTS (SELECT 1 FROM {_table(Ban)} b "
         f"WHERE b.{b_conversation} = p.{p_conversation} AND b.{b_user} = p.{p_user})"
     )
 
 
-def allowed_participation(user_id: uuid.UUID, conversation_id: uuid.UUID) -> tuple[int, int, int] | None:
-    """The membership rule (chat.access) in one statement: (the caller's participation id, the
-    conversation's committed last_seq and last_change) when the account is active, a participant
-    and not banned from it; None otherwise."""
+def allowed_participations(
+    pairs: Collection[tuple[uuid.UUID, uuid.UUID]],
+) -> dict[tuple[uuid.UUID, uuid.UUID], tuple[int, int, int]]:
+    """The membership rule (chat.access) in one statement for many (user id, conversation id)
+    pairs: for each pair whose account is active, a participant and not banned from the
+    conversation, (the participation id, the conversation's committed last_seq and last_change).
+    Pairs the rule refuses are absent. (The statement asks for every user in every conversation
+    named and keeps the pairs asked for: a batch's senders are few.)"""
+    if not pairs:
+        return {}
     user = get_user_model()
+    conversations = {conversation_id for _, conversation_id in pairs}
+    users = {user_id for user_id, _ in pairs}
     params = [
-        _value(Conversation, "id", conversation_id),
-        _value(user, "id", user_id),
+        *(_value(Conversation, "id", conversation_id) for conversation_id in conversations),
+        *(_value(user, "id", user_id) for user_id in users),
         _value(user, "is_active", True),
     ]
     with connection.cursor() as cursor:
-        cursor.execute(_allowed_participation_sql(connection.vendor), params)
-        row = cursor.fetchone()
-    return (row[0], row[1], row[2]) if row else None
+        cursor.execute(_allowed_participations_sql(len(conversations), len(users)), params)
+        rows = cursor.fetchall()
+    wanted = set(pairs)
+    found = {}
+    for user_id, conversation_id, participant_id, last_seq, last_change in rows:
+        pair = (_uuid(user_id), _uuid(conversation_id))
+        if pair in wanted:
+            found[pair] = (participant_id, last_seq, last_change)
+    return found
 
 
 @cache
 def _allocate_seq_sql(vendor: str) -> str:
     last_seq = _column(Conversation, "last_seq")
     return (
-        f"UPDATE {_table(Conversation)} SET {last_seq} = {last_seq} + 1, "
+        f"UPDATE {_table(Conversation)} SET {last_seq} = {last_seq} + %s, "
         f"{_column(Conversation, 'last_activity_at')} = %s WHERE {_column(Conversation, 'id')} = %s "
         f"RETURNING {last_seq}"
     )
 
 
-def allocate_seq(conversation_id: uuid.UUID, now: datetime) -> int:
-    """Take the conversation's next seq (the caller's transaction holds it until commit)."""
-    params = [_value(Conversation, "last_activity_at", now), _value(Conversation, "id", conversation_id)]
+def allocate_seqs(conversation_id: uuid.UUID, now: datetime, count: int = 1) -> int:
+    """Take the conversation's next `count` seqs; the last of them (the caller's transaction holds
+    them until commit)."""
+    params = [count, _value(Conversation, "last_activity_at", now), _value(Conversation, "id", conversation_id)]
     with connection.cursor() as cursor:
         cursor.execute(_allocate_seq_sql(connection.vendor), params)
         return cursor.fetchone()[0]
 
 
-@cache
-def _advance_read_marker_sql(vendor: str) -> str:
+def advance_read_markers(seqs: dict[int, int]) -> None:
+    """Move read markers forward, participation id -> seq, in one statement; never backwards."""
+    if not seqs:
+        return
     last_read_seq = _column(Participant, "last_read_seq")
-    return (
-        f"UPDATE {_table(Participant)} SET {last_read_seq} = %s "
-        f"WHERE {_column(Participant, 'id')} = %s AND {last_read_seq} < %s"
-    )
-
-
-def advance_read_marker(participant_id: int, seq: int) -> None:
-    """Move a read marker forward to `seq`; never backwards."""
+    # (CAST: PostgreSQL cannot tell a bare parameter's type inside CASE.)
+    new_seq = "CASE " + _column(Participant, "id") + " " + " ".join(["WHEN %s THEN CAST(%s AS BIGINT)"] * len(seqs)) + " END"
+    pairs = [value for participant_id, seq in seqs.items() for value in (participant_id, seq)]
     with connection.cursor() as cursor:
-        cursor.execute(_advance_read_marker_sql(connection.vendor), [seq, participant_id, seq])
+        cursor.execute(
+            f"UPDATE {_table(Participant)} SET {last_read_seq} = {new_seq} "
+            f"WHERE {_column(Participant, 'id')} IN ({_placeholders(len(seqs))}) AND {last_read_seq} < {new_seq}",
+            [*pairs, *seqs, *pairs],
+        )
 
 
-def insert_row(instance: models.Model) -> None:
-    """INSERT one new row for a model instance whose primary key the database assigns, as save()
-    would write it (field defaults and conversions included), without the compiler. No signals
-    are sent and the instance does not learn its id: for the append-only rows of every send (the
-    notification outbox entry, the idempotency record)."""
-    fields, sql = _insert_sql(type(instance), connection.vendor)
-    params = [field.get_db_prep_save(field.pre_save(instance, True), connection) for field in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-
-
-@cache
-def _insert_sql(model: type[models.Model], vendor: str) -> tuple[list, str]:
+def insert_rows(instances: Sequence[models.Model]) -> None:
+    """INSERT new rows for instances of one model whose primary key the database assigns, in one
+    statement, as save() would write each (field defaults and conversions included), without the
+    compiler. No signals are sent and the instances do not learn their ids: for the append-only
+    rows of every send (the notification outbox entries, the idempotency records)."""
+    if not instances:
+        return
+    model = type(instances[0])
     fields = [field for field in model._meta.concrete_fields if not field.primary_key]
     columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
-    return fields, f"INSERT INTO {_table(model)} ({columns}) VALUES ({', '.join(['%s'] * len(fields))})"
-
-
-@cache
-def _idempotency_record_id_sql(vendor: str) -> str:
-    return (
-        f"SELECT {_column(IdempotencyKey, 'id')} FROM {_table(IdempotencyKey)} "
-        f"WHERE {_column(IdempotencyKey, 'sender_id')} = %s AND {_column(IdempotencyKey, 'key')} = %s"
-    )
-
-
-def idempotency_record_id(sender_id: uuid.UUID, key: str) -> int | None:
-    """The id of the sender's idempotency record for `key`, or None: every keyed send asks, and
-    almost always hears None (a retry is what finds one, and then reads it with the ORM)."""
-    params = [_value(IdempotencyKey, "sender_id", sender_id), _value(IdempotencyKey, "key", key)]
+    row = f"({_placeholders(len(fields))})"
+    params = [field.get_db_prep_save(field.pre_save(instance, True), connection) for instance in instances for field in fields]
     with connection.cursor() as cursor:
-        cursor.execute(_idempotency_record_id_sql(connection.vendor), params)
-        row = cursor.fetchone()
-    return row[0] if row else None
+        cursor.execute(f"INSERT INTO {_table(model)} ({columns}) VALUES {', '.join([row] * len(instances))}", params)
+
+
+def idempotency_record_ids(pairs: Collection[tuple[uuid.UUID, str]]) -> dict[tuple[uuid.UUID, str], int]:
+    """The ids of the senders' idempotency records for these (sender id, key) pairs, in one
+    statement: every keyed send asks, and almost always hears nothing (a retry is what finds one,
+    and then reads it with the ORM)."""
+    if not pairs:
+        return {}
+    senders = {sender_id for sender_id, _ in pairs}
+    keys = {key for _, key in pairs}
+    params = [
+        *(_value(IdempotencyKey, "sender_id", sender_id) for sender_id in senders),
+        *(_value(IdempotencyKey, "key", key) for key in keys),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {_column(IdempotencyKey, 'id')}, {_column(IdempotencyKey, 'sender_id')}, {_column(IdempotencyKey, 'key')} "
+            f"FROM {_table(IdempotencyKey)} WHERE {_column(IdempotencyKey, 'sender_id')} IN ({_placeholders(len(senders))}) "
+            f"AND {_column(IdempotencyKey, 'key')} IN ({_placeholders(len(keys))})",
+            params,
+        )
+        rows = cursor.fetchall()
+    wanted = set(pairs)
+    return {
+        (_uuid(sender_id), key): record_id for record_id, sender_id, key in rows if (_uuid(sender_id), key) in wanted
+    }
 
 
 @cache
@@ -141,7 +175,7 @@ def _allocate_change_sql(vendor: str) -> str:
 
 
 def allocate_change(conversation_id: uuid.UUID) -> int:
-    """Take the conversation's next change number, as allocate_seq takes a seq: the caller's
+    """Take the conversation's next change number, as allocate_seqs takes seqs: the caller's
     transaction holds the conversation's row until commit, so changes are written in their order."""
     with connection.cursor() as cursor:
         cursor.execute(_allocate_change_sql(connection.vendor), [_value(Conversation, "id", conversation_id)])

@@ -6,7 +6,7 @@ class NotificationsConfig(AppConfig):
 
     def ready(self) -> None:
         # The send path reaches the outbox through chat's signal: chat never imports this app.
-        from chat.signals import message_persisted
-        from notifications.services import enqueue_on_message_persisted
+        from chat.signals import messages_persisted
+        from notifications.services import enqueue_on_messages_persisted
 
-        message_persisted.connect(enqueue_on_message_persisted, dispatch_uid="notifications-enqueue")
+        messages_persisted.connect(enqueue_on_messages_persisted, dispatch_uid="notifications-enqueue")

@@ -18,23 +18,24 @@ from notifications.backends.webpush import endpoint_policy
 from notifications.models import Delivery, Device, OutboxEntry
 
 
-def notification_enqueue(*, message: Message) -> None:
-    """Record that `message` needs push notifications. One insert; no network call, no read:
+def notification_enqueue(*, messages: list[Message]) -> None:
+    """Record that `messages` need push notifications. One insert; no network call, no read:
     recipients and devices are worked out by the worker (notifications/worker.py). Every send
-    runs it, so it skips the ORM's compiler (chat.sql.insert_row)."""
-    sql.insert_row(
+    runs it, so it skips the ORM's compiler (chat.sql.insert_rows)."""
+    sql.insert_rows([
         OutboxEntry(
             message_id=message.message_id,
             conversation_id=message.conversation_id,
             seq=message.seq,
             sender_id=message.sender_id,
         )
-    )
+        for message in messages
+    ])
 
 
-def enqueue_on_message_persisted(sender, message: Message, **kwargs) -> None:
-    """chat.signals.message_persisted: inside the send's transaction."""
-    notification_enqueue(message=message)
+def enqueue_on_messages_persisted(sender, messages: list[Message], **kwargs) -> None:
+    """chat.signals.messages_persisted: inside the sends' transaction."""
+    notification_enqueue(messages=messages)
 
 
 def _b64url_bytes(value: str) -> bytes | None:

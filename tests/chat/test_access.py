@@ -1,5 +1,5 @@
 """The membership rule is defined once (chat.access.allowed_participants); the send path runs it as
-one hand-written statement (chat.sql.allowed_participation). Here the two, and every caller
+one hand-written statement (chat.sql.allowed_participations). Here the two, and every caller
 built on them, are held to the same answer over every state a participation can be in."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from accounts.models import User
 from chat import selectors, sql
-from chat.access import access_conversation, access_participation, allowed_participants
-from chat.models import Ban, Participant
+from chat.access import access_conversation, access_participation, access_participations, allowed_participants
+from chat.models import Ban, Conversation, Participant
 from chat.services import conversations
 from core.errors import AccessDenied
 
@@ -76,7 +76,7 @@ def test_every_definition_gives_the_same_answer(state, situation):
     answers = {
         "allowed_participants": parsed is not None
         and allowed_participants().filter(conversation_id=parsed, user_id=user.pk).exists(),
-        "hand-written statement": parsed is not None and sql.allowed_participation(user.pk, parsed) is not None,
+        "hand-written statement": parsed is not None and (user.pk, parsed) in sql.allowed_participations({(user.pk, parsed)}),
         "access_participation (send path, handshake, stale user object)": _allows(access_participation, user, conversation_id),
         "access_conversation (REST, WebSocket)": _allows(access_conversation, fresh, conversation_id),
         "conversation list": parsed is not None
@@ -97,5 +97,24 @@ def test_the_hand_written_statement_and_the_queryset_agree_on_a_mixed_conversati
     User.objects.filter(pk=inactive.pk).update(is_active=False)
     everyone = [owner, admin, member, banned, lifted, inactive]
     by_queryset = set(allowed_participants().filter(conversation=conversation).values_list("user_id", flat=True))
-    by_statement = {u.pk for u in everyone if sql.allowed_participation(u.pk, conversation.pk) is not None}
+    by_statement = {user_id for user_id, _ in sql.allowed_participations({(u.pk, conversation.pk) for u in everyone})}
     assert by_queryset == by_statement == {owner.pk, admin.pk, member.pk, lifted.pk}
+
+
+def test_the_statement_for_many_answers_only_the_pairs_asked(make_user, make_group):
+    """A batch of sends asks for its senders in their conversations at once; a sender who is a
+    member of another conversation of the batch, where they did not send, is not an answer, and
+    each answer carries its own conversation's counters."""
+    alice, bob, carol = make_user(), make_user(), make_user()
+    first, second = make_group(alice, bob, carol), make_group(alice, bob)
+    conversations.ban_create(actor=alice, conversation=second, user=bob)
+    Conversation.objects.filter(pk=first.pk).update(last_seq=7, last_change=3)
+    asked = {(alice.pk, second.pk), (bob.pk, first.pk), (bob.pk, second.pk), (carol.pk, second.pk)}
+    found = sql.allowed_participations(asked)
+    assert set(found) == {(alice.pk, second.pk), (bob.pk, first.pk)}
+    assert found[(bob.pk, first.pk)] == (Participant.objects.get(conversation=first, user=bob).pk, 7, 3)
+    assert found[(alice.pk, second.pk)][1:] == (0, 0)
+    assert access_participations([(alice, second.pk), (alice, "not-a-uuid"), (carol, second.pk), (bob, first.pk)]) == [
+        (second.pk, Participant.objects.get(conversation=second, user=alice).pk, 0, 0), None, None,
+        (first.pk, Participant.objects.get(conversation=first, user=bob).pk, 7, 3),
+    ]

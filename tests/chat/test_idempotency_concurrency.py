@@ -73,7 +73,7 @@ def test_a_send_whose_commit_fails_after_the_store_write_is_retried_not_replayed
     def commit_breaks(*args):
         raise DatabaseError("the relational database went away")
 
-    monkeypatch.setattr(sending.sql, "advance_read_marker", commit_breaks)
+    monkeypatch.setattr(sending.sql, "advance_read_markers", commit_breaks)
     with pytest.raises(StoreUnavailable):
         sending.message_send(sending.SendRequest(sender=alice, conversation_id=conversation.id, content="hi", idempotency_key="k"))
     monkeypatch.undo()

@@ -23,7 +23,7 @@ from chat.store import Change, MessageStore
 from tests.conftest import use_message_store
 from tests.chat.test_consumer import expect_close, nothing_but_presence, open_socket, receive, receive_messages
 
-real_advance_read_marker = sql.advance_read_marker
+real_advance_read_markers = sql.advance_read_markers
 
 # Small Cassandra buckets, so a page of the message browser spans several partitions.
 CASSANDRA_BUCKET_SIZE = 10
@@ -308,10 +308,10 @@ class TestMessageBrowser:
         def commit_breaks(*args):
             raise DatabaseError("the relational database went away")
 
-        monkeypatch.setattr(sql, "advance_read_marker", commit_breaks)
+        monkeypatch.setattr(sql, "advance_read_markers", commit_breaks)
         with pytest.raises(StoreUnavailable):
             send(alice, conversation, "never acknowledged")
-        monkeypatch.setattr(sql, "advance_read_marker", real_advance_read_marker)
+        monkeypatch.setattr(sql, "advance_read_markers", real_advance_read_markers)
 
         history = client_for(alice).get(f"/api/v1/conversations/{conversation.pk}/messages/").data["results"]
         assert [m["content"] for m in history] == ["acknowledged"]

@@ -136,7 +136,7 @@ async def test_a_key_committed_elsewhere_meanwhile_replays_and_the_rest_of_the_b
     elsewhere = await database_sync_to_async(sending.message_send)(request(alice, conversation.id, "once", idempotency_key="k"))
     # Another process's send with the same key commits between this batch's look for an earlier
     # send and its insert of the key: the batch meets the key's unique constraint.
-    monkeypatch.setattr(sending, "_earlier_send", lambda sender_id, key, now: None)
+    monkeypatch.setattr(sending, "_earlier_sends", lambda keyed, now: {})
 
     outcomes = await send_together(
         request(bob, conversation.id, "before"),
@@ -237,14 +237,15 @@ async def test_replies_are_checked_in_the_transaction_and_a_retry_replays_after_
 async def test_a_fault_accepting_one_send_fails_that_send_alone(store, batches, published, make_user, make_group, monkeypatch):
     alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
     conversation = await database_sync_to_async(make_group)(alice, bob)
-    authorize = sending.access_participation
+    authorize = sending.access_participations
 
-    def faulty_for_bob(*, user, conversation_id):
-        if user.pk == bob.pk:
-            raise RuntimeError("the database went away for this one read")
-        return authorize(user=user, conversation_id=conversation_id)
+    def faulty_for_bob(requests):
+        # The batch's one read fails; then each send is read alone, and only bob's read fails.
+        if any(user.pk == bob.pk for user, _ in requests):
+            raise RuntimeError("the database went away for this read")
+        return authorize(requests)
 
-    monkeypatch.setattr(sending, "access_participation", faulty_for_bob)
+    monkeypatch.setattr(sending, "access_participations", faulty_for_bob)
     outcomes = await send_together(request(alice, conversation.id, "1"), request(bob, conversation.id, "x"), request(alice, conversation.id, "2"))
     assert isinstance(outcomes[1], StoreUnavailable)
     assert [(o.message.seq, o.message.content) for o in (outcomes[0], outcomes[2])] == [(1, "1"), (2, "2")]
@@ -257,17 +258,17 @@ async def test_a_batch_takes_its_conversations_rows_in_one_order(store, batches,
     one, two = await database_sync_to_async(lambda: (make_group(alice, bob), make_group(alice, bob)))()
     low, high = sorted((one, two), key=lambda c: c.id.bytes)
     taken = []
-    allocate = sending.sql.allocate_seq
+    allocate = sending.sql.allocate_seqs
 
-    def recorded(conversation_id, now):
-        taken.append(conversation_id)
-        return allocate(conversation_id, now)
+    def recorded(conversation_id, now, count=1):
+        taken.append((conversation_id, count))
+        return allocate(conversation_id, now, count)
 
-    monkeypatch.setattr(sending.sql, "allocate_seq", recorded)
+    monkeypatch.setattr(sending.sql, "allocate_seqs", recorded)
     outcomes = await send_together(
         request(alice, high.id, "h1"), request(alice, low.id, "l1"), request(bob, high.id, "h2"), request(bob, low.id, "l2")
     )
-    assert taken == [low.id, low.id, high.id, high.id]
+    assert taken == [(low.id, 2), (high.id, 2)]  # each conversation's seqs in one statement
     # Within a conversation, the order they arrived in.
     assert [(o.message.conversation_id, o.message.seq, o.message.content) for o in outcomes] == [
         (high.id, 1, "h1"), (low.id, 1, "l1"), (high.id, 2, "h2"), (low.id, 2, "l2")
@@ -311,3 +312,54 @@ async def test_a_batch_checks_its_senders_rates_in_one_call_and_refuses_only_tho
     assert isinstance(outcomes[5], RateLimited)
     assert [o.message.content for o in outcomes if isinstance(o, sending.SendResult)] == ["a1", "a2", "b1"]
     assert await contents(store, group.id) == ["a1", "a2", "b1"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_costs_the_same_statements_whatever_its_size(make_user, make_group, published):
+    """Set-wise: a batch runs one statement per kind (authorization, idempotency lookup, records,
+    read markers, outbox) and one seq allocation per conversation, not a round of statements per
+    send; and every send still has its own record, read marker and outbox entry."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from chat.models import Participant
+
+    senders = [make_user() for _ in range(3)]
+    first, second = make_group(*senders), make_group(*senders)
+
+    def batch(size: int) -> tuple[list, int]:
+        requests = [
+            request(senders[n % 3], (first, second)[n % 2].id, f"m{n}", idempotency_key=uuid.uuid4().hex)
+            for n in range(size)
+        ]
+        with CaptureQueriesContext(connection) as queries:
+            outcomes = sending._persist_batch(requests)
+        return outcomes, len(queries)
+
+    small, small_statements = batch(2)
+    large, large_statements = batch(12)
+    assert all(isinstance(o, sending.SendResult) and not o.replayed for o in small + large)
+    assert large_statements == small_statements
+    assert IdempotencyKey.objects.count() == OutboxEntry.objects.count() == 14
+    # Each sender's read marker is at its own last message in each conversation.
+    for conversation in (first, second):
+        for sender in senders:
+            own = [o.message.seq for o in small + large if o.message.conversation_id == conversation.id and o.message.sender_id == sender.pk]
+            marker = Participant.objects.get(conversation=conversation, user=sender).last_read_seq
+            assert marker == max(own, default=0)
+
+
+async def test_a_key_reused_in_the_same_batch_for_another_message_is_refused(store, batches, published, make_user, make_group):
+    from core.errors import IdempotencyMismatch
+
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    conversation = await database_sync_to_async(make_group)(alice, bob)
+    outcomes = await send_together(
+        request(alice, conversation.id, "first", idempotency_key="k"),
+        request(alice, conversation.id, "something else", idempotency_key="k"),
+        request(bob, conversation.id, "first", idempotency_key="k"),  # another sender's key is another key
+    )
+    assert batches == [3]
+    assert isinstance(outcomes[1], IdempotencyMismatch)
+    assert [(o.message.seq, o.replayed) for o in (outcomes[0], outcomes[2])] == [(1, False), (2, False)]
+    assert await contents(store, conversation.id) == ["first", "first"]

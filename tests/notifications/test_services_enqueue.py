@@ -14,29 +14,33 @@ from tests.notifications.receiver import unused_port
 pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.notifications.urls")]
 
 
-def test_enqueue_is_a_single_insert(django_assert_num_queries):
-    message = Message(
-        message_id=uuid.uuid4(),
-        conversation_id=uuid.uuid4(),
-        seq=7,
-        sender_id=uuid.uuid4(),
-        content="hello",
-        message_type="text",
-        is_encrypted=False,
-        metadata={},
-        sent_at=timezone.now(),
-    )
+def test_enqueue_is_a_single_insert_for_the_sends_that_commit_together(django_assert_num_queries):
+    messages = [
+        Message(
+            message_id=uuid.uuid4(),
+            conversation_id=uuid.uuid4(),
+            seq=seq,
+            sender_id=uuid.uuid4(),
+            content="hello",
+            message_type="text",
+            is_encrypted=False,
+            metadata={},
+            sent_at=timezone.now(),
+        )
+        for seq in (7, 8, 9)
+    ]
     with django_assert_num_queries(1) as captured:
-        notification_enqueue(message=message)
+        notification_enqueue(messages=messages)
     assert captured.captured_queries[0]["sql"].startswith("INSERT")
-    entry = OutboxEntry.objects.get()
-    assert (entry.message_id, entry.conversation_id, entry.seq, entry.sender_id) == (
-        message.message_id, message.conversation_id, 7, message.sender_id
-    )
-    assert (entry.status, entry.attempts, entry.claimed_by, entry.last_error) == ("pending", 0, "", "")
-    assert entry.claimed_until is None and entry.finished_at is None
-    assert abs((timezone.now() - entry.next_attempt_at).total_seconds()) < 5
-    assert abs((timezone.now() - entry.created_at).total_seconds()) < 5
+    entries = list(OutboxEntry.objects.order_by("seq"))
+    assert [(e.message_id, e.conversation_id, e.seq, e.sender_id) for e in entries] == [
+        (m.message_id, m.conversation_id, m.seq, m.sender_id) for m in messages
+    ]
+    for entry in entries:
+        assert (entry.status, entry.attempts, entry.claimed_by, entry.last_error) == ("pending", 0, "", "")
+        assert entry.claimed_until is None and entry.finished_at is None
+        assert abs((timezone.now() - entry.next_attempt_at).total_seconds()) < 5
+        assert abs((timezone.now() - entry.created_at).total_seconds()) < 5
 
 
 def test_send_with_the_receiver_down_returns_201_and_makes_no_network_call(

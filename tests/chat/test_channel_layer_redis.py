@@ -1,0 +1,69 @@
+"""The Redis channel layer's batch publish (chat.channel_layer.group_send_many), on the real Redis:
+the events one piece of work committed go out in one pipeline, each group's in order, to every
+subscriber, and chat.events counts each of them."""
+import asyncio
+import uuid
+
+import pytest
+
+from chat import events, metrics
+from chat.channel_layer import ConcurrentPublishChannelLayer
+from tests.services import REDIS_URL, redis_available, require
+
+
+@pytest.fixture
+def layer():
+    require("Redis", redis_available())
+    return ConcurrentPublishChannelLayer(hosts=[REDIS_URL])
+
+
+async def subscribed(layer, group: str) -> str:
+    channel = await layer.new_channel()
+    await layer.group_add(group, channel)
+    return channel
+
+
+async def received(layer, channel: str, count: int) -> list[dict]:
+    return [await asyncio.wait_for(layer.receive(channel), 5) for _ in range(count)]
+
+
+async def test_many_events_reach_each_group_in_order(layer):
+    one, two = f"conversation.{uuid.uuid4().hex}", f"conversation.{uuid.uuid4().hex}"
+    first, second, both = await subscribed(layer, one), await subscribed(layer, two), await subscribed(layer, two)
+    await layer.group_add(one, both)
+    items = [(one if n % 3 else two, {"type": "message.new", "n": n}) for n in range(30)]
+    await layer.group_send_many(items)
+    ones = [m["n"] for m in await received(layer, first, 20)]
+    twos = [m["n"] for m in await received(layer, second, 10)]
+    assert ones == [n for n in range(30) if n % 3]
+    assert twos == [n for n in range(30) if not n % 3]
+    # A subscriber of both groups gets both, each group's in order.
+    everything = [m["n"] for m in await received(layer, both, 30)]
+    assert [n for n in everything if n % 3] == ones and [n for n in everything if not n % 3] == twos
+    await layer.flush()
+
+
+async def test_apublish_collected_sends_a_batch_in_one_call_and_counts_each_event(layer, settings, monkeypatch):
+    from channels.layers import channel_layers
+
+    settings.REDIS_URL = REDIS_URL
+    monkeypatch.setitem(channel_layers.backends, "default", layer)
+    group = events.conversation_group(uuid.uuid4())
+    channel = await subscribed(layer, group)
+    calls = []
+    many = layer.group_send_many
+
+    async def counted(items):
+        calls.append(len(items))
+        await many(items)
+
+    monkeypatch.setattr(layer, "group_send_many", counted)
+    published = metrics.message_published.labels(status="success")
+    before = published._value.get()
+    await events.apublish_collected([(group, {"type": "message.new", "seq": seq}) for seq in (1, 2, 3)])
+    assert calls == [3]
+    messages = await received(layer, channel, 3)
+    assert [m["seq"] for m in messages] == [1, 2, 3]
+    assert {m["group"] for m in messages} == {group}  # the fan-out routes by it (chat.fanout)
+    assert published._value.get() == before + 3
+    await layer.flush()
