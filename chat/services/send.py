@@ -222,20 +222,22 @@ def _replay(record: IdempotencyKey, request_hash: str, rate: RateDecision) -> Se
     return SendResult(message=message, replayed=True, rate=rate)
 
 
-def _earlier_sends(keyed: list[_Accepted], now: datetime) -> dict[tuple[uuid.UUID, str], IdempotencyKey]:
+def _earlier_sends(keyed: list[_Accepted], now: datetime) -> tuple[dict[tuple[uuid.UUID, str], IdempotencyKey], list[int]]:
     """The senders' records for these sends' keys within their lifetime, (sender id, key) ->
-    record, in one statement. An expired one is deleted here, in the send's transaction, so that
-    the key can be used again."""
+    record, in one statement; and the ids of those past it, which the sends' transaction deletes
+    so that the keys can be used again. Read before the transaction, to keep it short: a record
+    committed meanwhile by another process makes the transaction's insert of the key fail on its
+    unique constraint, and the send is then answered from that record (`_persist_accepted`)."""
     record_ids = sql.idempotency_record_ids({(send.request.sender.pk, send.key) for send in keyed})
     if not record_ids:
-        return {}
-    records = {}
+        return {}, []
+    records, expired = {}, []
     for record in IdempotencyKey.objects.filter(pk__in=record_ids.values()):
         if record.created_at > now - IDEMPOTENCY_TTL:
             records[(record.sender_id, record.key)] = record
         else:
-            record.delete()
-    return records
+            expired.append(record.pk)
+    return records, expired
 
 
 def idempotency_keys_purge(*, now: datetime | None = None, batch: int = 1000) -> int:
@@ -447,9 +449,11 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
     created: list[tuple[int, _Accepted, Message]] = []
     refused: list[tuple[int, SendOutcome]] = []
     try:
+        now = timezone.now()
+        records, expired = _earlier_sends([send for _, send in accepted if send.key is not None], now)
         with _relational_writer(), transaction.atomic():
-            now = timezone.now()
-            records = _earlier_sends([send for _, send in accepted if send.key is not None], now)
+            if expired:
+                IdempotencyKey.objects.filter(pk__in=expired).delete()
             new_records: list[IdempotencyKey] = []
             # Conversations in one order for every batch of every process: each seq allocation
             # locks its conversation's row until the commit, and two batches taking two rows in
@@ -481,9 +485,8 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
                 _allocate_plain(conversation_id, plain, now, created, new_records, records)
             # Before the store write: a concurrent duplicate fails here, not after a wasted write.
             sql.insert_rows(new_records)
-            messages = [message for _, _, message in created]
-            get_message_store().insert(*messages)
-            _commit_with(created)
+            # What commits with the messages is written while the store writes are in flight.
+            get_message_store().insert(*(message for _, _, message in created), meanwhile=lambda: _commit_with(created))
     except IntegrityError:
         # A concurrent send in another process committed one of these keys a moment ago (its
         # record's unique key): everything of ours rolled back. Rare; each send then goes alone,
@@ -598,8 +601,8 @@ def _allocate_checked(send: _Accepted, now: datetime) -> tuple[Message, Idempote
 
 
 def _commit_with(created: list[tuple[int, _Accepted, Message]]) -> None:
-    """Inside the batch's transaction, after the store write: the senders' read markers, what other
-    apps commit with the messages, and the message.new events (on commit)."""
+    """Inside the batch's transaction, while the store writes are in flight: the senders' read
+    markers, what other apps commit with the messages, and the message.new events (on commit)."""
     # Your own message is read by you: unread counts never include it.
     read_up_to: dict[int, int] = {}
     for _, send, message in created:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cache
@@ -146,11 +146,13 @@ class Edit:
 
 class MessageStore(abc.ABC):
     @abc.abstractmethod
-    def insert(self, *messages: Message) -> None:
+    def insert(self, *messages: Message, meanwhile: Callable[[], None] | None = None) -> None:
         """Persist new messages, each at its (conversation, seq), all or (raising StoreError) not
         all: the caller's transaction then rolls their seqs back. A row already there belongs to a
         send whose relational transaction did not commit (no reader reads past the committed
-        counter): the new message replaces it."""
+        counter): the new message replaces it. `meanwhile` is run while the writes are in flight
+        (a store across the network waits for them after it), so that the caller's own work
+        within its transaction costs no extra time; an exception from it propagates."""
 
     @abc.abstractmethod
     def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None: ...

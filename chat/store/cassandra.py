@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone as dt_timezone
 from typing import Any
@@ -288,19 +288,24 @@ class CassandraMessageStore(MessageStore):
         except DRIVER_ERRORS as exc:
             raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
 
-    def _execute_all(self, requests: list[tuple[PreparedStatement, tuple[Any, ...]]]) -> list[ResultSet]:
-        """Run independent statements concurrently: the call costs the slowest one, not their sum."""
+    def _execute_all(
+        self, requests: list[tuple[PreparedStatement, tuple[Any, ...]]], meanwhile: Callable[[], None] | None = None
+    ) -> list[ResultSet]:
+        """Run independent statements concurrently: the call costs the slowest one, not their sum;
+        `meanwhile` runs while they are in flight."""
         try:
             futures: list[ResponseFuture] = [
                 self._session.execute_async(statement, params, timeout=self._timeout) for statement, params in requests
             ]
+            if meanwhile is not None:
+                meanwhile()
             return [future.result() for future in futures]
         except DRIVER_ERRORS as exc:
             raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
 
     # --- messages --------------------------------------------------------------------------------
 
-    def insert(self, *messages: Message) -> None:
+    def insert(self, *messages: Message, meanwhile: Callable[[], None] | None = None) -> None:
         # One request per message, all in flight at once: a group of sends costs the slowest write.
         statements = self._prepared()
         writes = []
@@ -343,7 +348,7 @@ class CassandraMessageStore(MessageStore):
         # upsert of the same row), forgetting one would hide its messages from the newest page.
         new_markers = [marker for marker in markers if marker not in self._marked_buckets]
         writes.extend((statements.insert_bucket, marker) for marker in new_markers)
-        self._execute_all(writes)
+        self._execute_all(writes, meanwhile)
         with self._lock:
             for marker in new_markers:
                 self._marked_buckets[marker] = None

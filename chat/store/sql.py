@@ -30,7 +30,7 @@ def _to_message(row: SqlMessage) -> Message:
 
 
 class SqlMessageStore(MessageStore):
-    def insert(self, *messages: Message) -> None:
+    def insert(self, *messages: Message, meanwhile=None) -> None:
         try:
             with transaction.atomic():
                 SqlMessage.objects.bulk_create(
@@ -52,6 +52,8 @@ class SqlMessageStore(MessageStore):
                 )
         except DatabaseError as exc:
             raise StoreError(str(exc)) from exc
+        if meanwhile is not None:  # (nothing is in flight here: the rows are written)
+            meanwhile()
 
     def get(self, conversation_id: uuid.UUID, seq: int) -> Message | None:
         row = SqlMessage.objects.filter(conversation_id=conversation_id, seq=seq).first()

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from channels.db import database_sync_to_async
 
-from chat.models import Conversation, IdempotencyKey
+from chat.models import Conversation, IdempotencyKey, Participant
 from chat.services import send as sending
 from core.errors import AccessDenied, StoreUnavailable, ValidationFailed
 from notifications.models import OutboxEntry
@@ -105,7 +105,9 @@ async def test_a_failed_store_write_fails_the_batch_and_burns_no_seq(store, batc
     alice, bob, outsider = await database_sync_to_async(lambda: (make_user(), make_user(), make_user()))()
     conversation = await database_sync_to_async(make_group)(alice, bob)
 
-    def unavailable(*messages):
+    def unavailable(*messages, meanwhile=None):
+        # The writes fail after what commits with them was written (while they were in flight).
+        meanwhile()
         raise StoreError("down")
 
     monkeypatch.setattr(store, "insert", unavailable)
@@ -121,6 +123,8 @@ async def test_a_failed_store_write_fails_the_batch_and_burns_no_seq(store, batc
     assert await database_sync_to_async(lambda: Conversation.objects.get(pk=conversation.pk).last_seq)() == 0
     assert not await database_sync_to_async(IdempotencyKey.objects.exists)()
     assert not await database_sync_to_async(OutboxEntry.objects.exists)()
+    markers = await database_sync_to_async(lambda: set(Participant.objects.values_list("last_read_seq", flat=True)))()
+    assert markers == {0}
 
     monkeypatch.undo()
     use_message_store(monkeypatch, store)
@@ -136,7 +140,7 @@ async def test_a_key_committed_elsewhere_meanwhile_replays_and_the_rest_of_the_b
     elsewhere = await database_sync_to_async(sending.message_send)(request(alice, conversation.id, "once", idempotency_key="k"))
     # Another process's send with the same key commits between this batch's look for an earlier
     # send and its insert of the key: the batch meets the key's unique constraint.
-    monkeypatch.setattr(sending, "_earlier_sends", lambda keyed, now: {})
+    monkeypatch.setattr(sending, "_earlier_sends", lambda keyed, now: ({}, []))
 
     outcomes = await send_together(
         request(bob, conversation.id, "before"),
@@ -321,8 +325,6 @@ def test_a_batch_costs_the_same_statements_whatever_its_size(make_user, make_gro
     send; and every send still has its own record, read marker and outbox entry."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
-
-    from chat.models import Participant
 
     senders = [make_user() for _ in range(3)]
     first, second = make_group(*senders), make_group(*senders)

@@ -136,6 +136,20 @@ def test_one_insert_of_several_messages_writes_every_one(store):
     assert seqs_of(store.history(second)) == [9, 10, 11]
 
 
+def test_insert_runs_meanwhile_once_and_an_exception_from_it_propagates(store):
+    conversation_id = uuid.uuid4()
+    ran = []
+    store.insert(make_message(conversation_id, 1), make_message(conversation_id, 2), meanwhile=lambda: ran.append(1))
+    assert ran == [1]
+    assert [m.seq for m in store.history(conversation_id).messages] == [1, 2]
+
+    def fails():
+        raise RuntimeError("the caller's own work failed")
+
+    with pytest.raises(RuntimeError):
+        store.insert(make_message(conversation_id, 3), meanwhile=fails)
+
+
 @pytest.mark.parametrize("count", [9, 10, 11, 20, 21, 30])
 @pytest.mark.parametrize("limit", [1, 9, 10, 11, 30, 31])
 def test_newest_page_at_bucket_boundaries(store, count, limit):
