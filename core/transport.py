@@ -119,9 +119,45 @@ class CappedHTTPFactory(http_protocol.HTTPFactory):
         return protocol
 
 
+def _websocket_factory_class():
+    """daphne's WebSocket factory, building connections that read autobahn's settings from their
+    class. autobahn copies its ~30 settings from the factory onto every new connection object and
+    formats the list with pprint for a debug log line, whether or not that line is logged: 9 % of
+    a handshake's CPU (docs/performance.md), and a dict of 30 entries per open socket. Here the
+    settings are class attributes of one protocol class per factory, set when daphne sets them,
+    and autobahn's copy loop has nothing to copy (CONFIG_ATTRS empty); a connection that changes a
+    setting still sets it on itself."""
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+    from daphne import ws_protocol
+
+    settings = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
+
+    class Protocol(ws_protocol.WebSocketProtocol):
+        CONFIG_ATTRS = ()
+
+    class Factory(ws_protocol.WebSocketFactory):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._share_settings()
+
+        def setProtocolOptions(self, *args, **kwargs):
+            super().setProtocolOptions(*args, **kwargs)
+            self._share_settings()
+
+        def _share_settings(self) -> None:
+            values = {name: getattr(self, name) for name in settings}
+            # A function setting (perMessageCompressionAccept) must stay a plain function, not a method.
+            values = {name: staticmethod(value) if callable(value) else value for name, value in values.items()}
+            self.protocol = type("WebSocketProtocol", (Protocol,), values)
+
+    return Factory
+
+
 def install() -> None:
-    """Make daphne's server build its HTTP connections from the classes above (daphne.server
-    instantiates `HTTPFactory` by that module-level name when it starts listening)."""
+    """Make daphne's server build its HTTP connections from the classes above and its WebSocket
+    connections with their settings shared (daphne.server instantiates `HTTPFactory` and
+    `WebSocketFactory` by those module-level names when it starts)."""
     import daphne.server
 
     daphne.server.HTTPFactory = CappedHTTPFactory
+    daphne.server.WebSocketFactory = _websocket_factory_class()
