@@ -4,15 +4,16 @@ Building and compiling a queryset costs this machine 0.3-0.9 ms of CPU per state
 docs/performance.md), several times what SQLite or PostgreSQL take to run it; a send runs these on
 every message. Everything else uses the ORM. The SQL is portable between SQLite (3.35+, for
 RETURNING) and PostgreSQL, names tables and columns from the models, and passes values through the
-fields' own database conversion. A statement of a fixed shape is built once per database vendor; one
-for a batch of rows is formatted for its size on each call (microseconds).
+fields' own database conversion. Each statement's text is built once per database vendor and, for
+a batch, per size (the most recent 256 sizes of each: a batch holds at most SendBatcher.MAX_BATCH
+sends).
 """
 from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 
 from django.contrib.auth import get_user_model
 from django.db import connection, models
@@ -41,7 +42,8 @@ def _placeholders(count: int) -> str:
     return ", ".join(["%s"] * count)
 
 
-def _allowed_participations_sql(conversations: int, users: int) -> str:
+@lru_cache(maxsize=256)
+def _allowed_participations_sql(vendor: str, conversations: int, users: int) -> str:
     user = get_user_model()
     p_conversation, p_user = _column(Participant, "conversation"), _column(Participant, "user")
     b_conversation, b_user = _column(Ban, "conversation"), _column(Ban, "user")
@@ -77,7 +79,7 @@ def allowed_participations(
         _value(user, "is_active", True),
     ]
     with connection.cursor() as cursor:
-        cursor.execute(_allowed_participations_sql(len(conversations), len(users)), params)
+        cursor.execute(_allowed_participations_sql(connection.vendor, len(conversations), len(users)), params)
         rows = cursor.fetchall()
     wanted = set(pairs)
     found = {}
@@ -111,16 +113,20 @@ def advance_read_markers(seqs: dict[int, int]) -> None:
     """Move read markers forward, participation id -> seq, in one statement; never backwards."""
     if not seqs:
         return
-    last_read_seq = _column(Participant, "last_read_seq")
-    # (CAST: PostgreSQL cannot tell a bare parameter's type inside CASE.)
-    new_seq = "CASE " + _column(Participant, "id") + " " + " ".join(["WHEN %s THEN CAST(%s AS BIGINT)"] * len(seqs)) + " END"
     pairs = [value for participant_id, seq in seqs.items() for value in (participant_id, seq)]
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {_table(Participant)} SET {last_read_seq} = {new_seq} "
-            f"WHERE {_column(Participant, 'id')} IN ({_placeholders(len(seqs))}) AND {last_read_seq} < {new_seq}",
-            [*pairs, *seqs, *pairs],
-        )
+        cursor.execute(_advance_read_markers_sql(connection.vendor, len(seqs)), [*pairs, *seqs, *pairs])
+
+
+@lru_cache(maxsize=256)
+def _advance_read_markers_sql(vendor: str, count: int) -> str:
+    last_read_seq = _column(Participant, "last_read_seq")
+    # (CAST: PostgreSQL cannot tell a bare parameter's type inside CASE.)
+    new_seq = "CASE " + _column(Participant, "id") + " " + " ".join(["WHEN %s THEN CAST(%s AS BIGINT)"] * count) + " END"
+    return (
+        f"UPDATE {_table(Participant)} SET {last_read_seq} = {new_seq} "
+        f"WHERE {_column(Participant, 'id')} IN ({_placeholders(count)}) AND {last_read_seq} < {new_seq}"
+    )
 
 
 def insert_rows(instances: Sequence[models.Model]) -> None:
@@ -130,13 +136,18 @@ def insert_rows(instances: Sequence[models.Model]) -> None:
     rows of every send (the notification outbox entries, the idempotency records)."""
     if not instances:
         return
-    model = type(instances[0])
+    fields, sql = _insert_rows_sql(type(instances[0]), connection.vendor, len(instances))
+    params = [field.get_db_prep_save(field.pre_save(instance, True), connection) for instance in instances for field in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+@lru_cache(maxsize=256)
+def _insert_rows_sql(model: type[models.Model], vendor: str, count: int) -> tuple[list, str]:
     fields = [field for field in model._meta.concrete_fields if not field.primary_key]
     columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
     row = f"({_placeholders(len(fields))})"
-    params = [field.get_db_prep_save(field.pre_save(instance, True), connection) for instance in instances for field in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(f"INSERT INTO {_table(model)} ({columns}) VALUES {', '.join([row] * len(instances))}", params)
+    return fields, f"INSERT INTO {_table(model)} ({columns}) VALUES {', '.join([row] * count)}"
 
 
 def idempotency_record_ids(pairs: Collection[tuple[uuid.UUID, str]]) -> dict[tuple[uuid.UUID, str], int]:
@@ -152,17 +163,21 @@ def idempotency_record_ids(pairs: Collection[tuple[uuid.UUID, str]]) -> dict[tup
         *(_value(IdempotencyKey, "key", key) for key in keys),
     ]
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {_column(IdempotencyKey, 'id')}, {_column(IdempotencyKey, 'sender_id')}, {_column(IdempotencyKey, 'key')} "
-            f"FROM {_table(IdempotencyKey)} WHERE {_column(IdempotencyKey, 'sender_id')} IN ({_placeholders(len(senders))}) "
-            f"AND {_column(IdempotencyKey, 'key')} IN ({_placeholders(len(keys))})",
-            params,
-        )
+        cursor.execute(_idempotency_record_ids_sql(connection.vendor, len(senders), len(keys)), params)
         rows = cursor.fetchall()
     wanted = set(pairs)
     return {
         (_uuid(sender_id), key): record_id for record_id, sender_id, key in rows if (_uuid(sender_id), key) in wanted
     }
+
+
+@lru_cache(maxsize=256)
+def _idempotency_record_ids_sql(vendor: str, senders: int, keys: int) -> str:
+    return (
+        f"SELECT {_column(IdempotencyKey, 'id')}, {_column(IdempotencyKey, 'sender_id')}, {_column(IdempotencyKey, 'key')} "
+        f"FROM {_table(IdempotencyKey)} WHERE {_column(IdempotencyKey, 'sender_id')} IN ({_placeholders(senders)}) "
+        f"AND {_column(IdempotencyKey, 'key')} IN ({_placeholders(keys)})"
+    )
 
 
 @cache
