@@ -5,8 +5,8 @@ docs/performance.md), several times what SQLite or PostgreSQL take to run it; a 
 every message. Everything else uses the ORM. The SQL is portable between SQLite (3.35+, for
 RETURNING) and PostgreSQL, names tables and columns from the models, and passes values through the
 fields' own database conversion. Each statement's text is built once per database vendor and, for
-a batch, per size (the most recent 256 sizes of each: a batch holds at most SendBatcher.MAX_BATCH
-sends).
+a batch, per shape (its numbers of rows or distinct values; the 256 most recent shapes of each
+statement are kept: a batch holds at most SendBatcher.MAX_BATCH sends).
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 The REST view and the WebSocket consumer both send through here, so validation, rate limiting,
 authorization and idempotency cannot be skipped by any transport. Lifecycle: validate ->
-rate-limit -> authorize -> (in the transaction) idempotency -> reply target -> allocate seq +
+rate-limit -> authorize -> idempotency (looked up just before the transaction, recorded in it) ->
+(in the transaction) reply target -> allocate seq +
 attach uploads + persist (+ whatever must commit with the message: chat.signals.messages_persisted)
 -> publish, after commit. WebSocket sends commit in groups (SendBatcher), each with its own outcome.
 
@@ -224,7 +225,7 @@ def _replay(record: IdempotencyKey, request_hash: str, rate: RateDecision) -> Se
 
 def _earlier_sends(keyed: list[_Accepted], now: datetime) -> tuple[dict[tuple[uuid.UUID, str], IdempotencyKey], list[int]]:
     """The senders' records for these sends' keys within their lifetime, (sender id, key) ->
-    record, in one statement; and the ids of those past it, which the sends' transaction deletes
+    record (one statement, and a second one to read the records found); and the ids of those past it, which the sends' transaction deletes
     so that the keys can be used again. Read before the transaction, to keep it short: a record
     committed meanwhile by another process makes the transaction's insert of the key fail on its
     unique constraint, and the send is then answered from that record (`_persist_accepted`)."""
@@ -392,7 +393,7 @@ def _admitted(
             except Exception as exc:
                 logger.error("authorizing a send failed: %s", exc)
                 participations.append(exc)
-    share = (time.perf_counter() - started) / max(len(asked), 1)  # each step is observed once per send
+    elapsed = time.perf_counter() - started  # what each send of the batch waited for: observed once per send
     accepted: list[tuple[int, _Accepted]] = []
     for (index, body, key, rate), participation in zip(within, participations, strict=True):
         if isinstance(participation, Exception):
@@ -405,7 +406,7 @@ def _admitted(
             request_hash = _request_hash(conversation_id, body) if key is not None else ""
             send = _Accepted(requests[index], body, key, conversation_id, participation.participant_id, request_hash, rate)
             accepted.append((index, send))
-            metrics.message_delivery_duration.labels(step="authorize").observe(share)
+            metrics.message_delivery_duration.labels(step="authorize").observe(elapsed)
     return accepted, refused
 
 
@@ -439,18 +440,24 @@ def _persist_batch(requests: list[SendRequest]) -> list[SendOutcome]:
     return outcomes  # type: ignore[return-value]
 
 
-def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, SendOutcome]]:
-    """One relational transaction for all of `accepted`: for each, look for an earlier send with the
-    same key, or allocate the seq and record the key beside it; then the store writes (concurrent),
-    and what commits with each message. A failed persist rolls every counter back (no seq is
-    burned) and leaves no record, and seqs become durable in the order they are taken."""
+def _persist_accepted(accepted: list[tuple[int, _Accepted]], *, retried: bool = False) -> list[tuple[int, SendOutcome]]:
+    """One relational transaction for all of `accepted`: for each, the sender's earlier send with the
+    same key (looked up just before), or the seq allocated and the key recorded beside it; then the
+    store writes (concurrent), and what commits with each message. A failed persist rolls every
+    counter back (no seq is burned) and leaves no record, and seqs become durable in the order
+    they are taken."""
+    first_uses, reuses = _split_reused_keys(accepted)
+    if reuses:
+        # A key an earlier send of this batch uses: that send commits first, and this one after it
+        # (then it replays that send, is refused for another body, or goes on if that send failed).
+        return _persist_accepted(first_uses) + _persist_accepted(reuses)
     started = time.perf_counter()
     earlier: list[tuple[int, _Accepted, IdempotencyKey]] = []
     created: list[tuple[int, _Accepted, Message]] = []
     refused: list[tuple[int, SendOutcome]] = []
     try:
         now = timezone.now()
-        records, expired = _earlier_sends([send for _, send in accepted if send.key is not None], now)
+        found, expired = _earlier_sends([send for _, send in accepted if send.key is not None], now)
         with _relational_writer(), transaction.atomic():
             if expired:
                 IdempotencyKey.objects.filter(pk__in=expired).delete()
@@ -463,41 +470,34 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
             for conversation_id, sends in itertools.groupby(ordered, key=lambda item: item[1].conversation_id):
                 plain: list[tuple[int, _Accepted]] = []  # the next seqs of this conversation, taken together
                 for index, send in sends:
-                    # A key used earlier in this same batch is found too.
-                    record = records.get((send.request.sender.pk, send.key)) if send.key is not None else None
+                    record = found.get((send.request.sender.pk, send.key)) if send.key is not None else None
                     if record is not None:
                         earlier.append((index, send, record))
                     elif send.body.reply_to is None and not send.body.attachments:
                         plain.append((index, send))
-                        if send.key is not None:
-                            records[(send.request.sender.pk, send.key)] = _record_of(send)  # its seq comes below
                     else:
-                        _allocate_plain(conversation_id, plain, now, created, new_records, records)
+                        created += _allocate_plain(conversation_id, plain, now, new_records)
                         plain = []
                         try:
-                            message, record = _allocate_checked(send, now)
+                            created.append((index, send, _allocate_checked(send, now)))
                         except ValidationFailed as exc:  # its reply target or uploads are refused: it fails alone
                             refused.append((index, exc))
-                            continue
-                        created.append((index, send, message))
-                        if record is not None:
-                            records[(send.request.sender.pk, send.key)] = record
-                _allocate_plain(conversation_id, plain, now, created, new_records, records)
+                created += _allocate_plain(conversation_id, plain, now, new_records)
             # Before the store write: a concurrent duplicate fails here, not after a wasted write.
             sql.insert_rows(new_records)
             # What commits with the messages is written while the store writes are in flight.
             get_message_store().insert(*(message for _, _, message in created), meanwhile=lambda: _commit_with(created))
-    except IntegrityError:
-        # A concurrent send in another process committed one of these keys a moment ago (its
-        # record's unique key): everything of ours rolled back. Rare; each send then goes alone,
-        # and the one whose key was taken gets what that send created.
+    except IntegrityError as exc:
+        # A send of another process committed one of these keys after the lookup (its record's
+        # unique key): everything of ours rolled back. Once more, the lookup finds that send and
+        # this one replays it; past that, each send goes alone.
+        if not retried:
+            return _persist_accepted(accepted, retried=True)
         if len(accepted) > 1:
             return [outcome for one in accepted for outcome in _persist_accepted([one])]
-        index, send = accepted[0]
-        record = IdempotencyKey.objects.filter(sender_id=send.request.sender.pk, key=send.key).first()
-        if record is None:
-            return [(index, StoreUnavailable())]
-        earlier, created, refused = [(index, send, record)], [], []
+        metrics.message_persisted.labels(status="error").inc()
+        logger.error("persist failed twice on a unique key: %s", exc)
+        return [(index, StoreUnavailable()) for index, _ in accepted]
     except DatabaseError as exc:
         if len(accepted) > 1:
             # The relational database refused the batch (a deadlock with a transaction outside
@@ -531,14 +531,25 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]]) -> list[tuple[int, 
     return outcomes
 
 
-def _record_of(send: _Accepted) -> IdempotencyKey:
-    """The idempotency record a keyed send writes beside its message (seq and message id to come)."""
-    return IdempotencyKey(
-        sender_id=send.request.sender.pk, key=send.key, request_hash=send.request_hash, conversation_id=send.conversation_id,
-    )
+def _split_reused_keys(accepted: list[tuple[int, _Accepted]]) -> tuple[list[tuple[int, _Accepted]], list[tuple[int, _Accepted]]]:
+    """The sends whose key no earlier send of the batch uses (in the order they arrived), and the
+    rest."""
+    seen: set[tuple[uuid.UUID, str]] = set()
+    first_uses, reuses = [], []
+    for item in accepted:
+        send = item[1]
+        if send.key is None:
+            first_uses.append(item)
+            continue
+        key = (send.request.sender.pk, send.key)
+        (reuses if key in seen else first_uses).append(item)
+        seen.add(key)
+    return first_uses, reuses
 
 
-def _message_of(send: _Accepted, seq: int, now: datetime, record: IdempotencyKey | None) -> Message:
+def _message_of(send: _Accepted, seq: int, now: datetime) -> tuple[Message, IdempotencyKey | None]:
+    """The message a send creates at `seq`, and the idempotency record written beside it when the
+    send has a key."""
     body = send.body
     message = Message(
         message_id=uuid.uuid4(),
@@ -552,33 +563,33 @@ def _message_of(send: _Accepted, seq: int, now: datetime, record: IdempotencyKey
         sent_at=now_ms(),
         reply_to=body.reply_to,
     )
-    if record is not None:
-        record.seq, record.message_id, record.created_at = seq, message.message_id, now
-    return message
+    if send.key is None:
+        return message, None
+    return message, IdempotencyKey(
+        sender_id=message.sender_id, key=send.key, request_hash=send.request_hash, conversation_id=send.conversation_id,
+        seq=seq, message_id=message.message_id, created_at=now,
+    )
 
 
 def _allocate_plain(
-    conversation_id: uuid.UUID,
-    plain: list[tuple[int, _Accepted]],
-    now: datetime,
-    created: list[tuple[int, _Accepted, Message]],
-    new_records: list[IdempotencyKey],
-    records: dict[tuple[uuid.UUID, str], IdempotencyKey],
-) -> None:
+    conversation_id: uuid.UUID, plain: list[tuple[int, _Accepted]], now: datetime, new_records: list[IdempotencyKey]
+) -> list[tuple[int, _Accepted, Message]]:
     """Inside the batch's transaction: the next seqs of a conversation for sends with nothing to
     check (no reply target, no uploads), in one statement, and their messages; their idempotency
-    records (made as they were met, `_record_of`) get their seqs and go with the batch's."""
+    records join `new_records`, which the batch inserts in one statement."""
     if not plain:
-        return
+        return []
     first = sql.allocate_seqs(conversation_id, now, count=len(plain)) - len(plain) + 1
+    created = []
     for offset, (index, send) in enumerate(plain):
-        record = records[(send.request.sender.pk, send.key)] if send.key is not None else None
-        created.append((index, send, _message_of(send, first + offset, now, record)))
+        message, record = _message_of(send, first + offset, now)
+        created.append((index, send, message))
         if record is not None:
             new_records.append(record)
+    return created
 
 
-def _allocate_checked(send: _Accepted, now: datetime) -> tuple[Message, IdempotencyKey | None]:
+def _allocate_checked(send: _Accepted, now: datetime) -> Message:
     """Inside the batch's transaction, for a send whose reply target or uploads must be checked:
     its seq, its idempotency record, and the uploads the message carries (in a savepoint of their
     own: a list that cannot be attached gives back this send's seq and record, and the other sends
@@ -587,8 +598,7 @@ def _allocate_checked(send: _Accepted, now: datetime) -> tuple[Message, Idempote
     if body.reply_to is not None:
         check_reply_target(send.conversation_id, body.reply_to)  # before anything is allocated
     with transaction.atomic() if body.attachments else contextlib.nullcontext():
-        record = _record_of(send) if send.key is not None else None
-        message = _message_of(send, sql.allocate_seqs(send.conversation_id, now), now, record)
+        message, record = _message_of(send, sql.allocate_seqs(send.conversation_id, now), now)
         if record is not None:
             # Before the uploads, so a concurrent duplicate fails on the key (and replays), not on them.
             sql.insert_rows([record])
@@ -597,7 +607,7 @@ def _allocate_checked(send: _Accepted, now: datetime) -> tuple[Message, Idempote
                 sender_id=message.sender_id, attachment_ids=body.attachments, conversation_id=send.conversation_id,
                 message_id=message.message_id, seq=message.seq,
             ))
-        return message, record
+        return message
 
 
 def _commit_with(created: list[tuple[int, _Accepted, Message]]) -> None:
@@ -661,8 +671,12 @@ def _announce_persisted(messages: list[Message]) -> None:
         with transaction.atomic():  # a savepoint: the sends' transaction survives a failed receiver
             messages_persisted.send(sender=Message, messages=messages)
     except Exception:
-        metrics.notification_enqueue_error.inc(len(messages))
-        logger.exception("a messages_persisted receiver failed for %d messages", len(messages))
-    share = (time.perf_counter() - started) / len(messages)
-    for _ in messages:  # each step is observed once per send
-        metrics.message_delivery_duration.labels(step="notify").observe(share)
+        if len(messages) > 1:  # one message's failure must not cost the others their notifications
+            for message in messages:
+                _announce_persisted([message])
+            return
+        metrics.notification_enqueue_error.inc()
+        logger.exception("a messages_persisted receiver failed for message %s", messages[0].message_id)
+    elapsed = time.perf_counter() - started
+    for _ in messages:  # what each send waited for: observed once per send
+        metrics.message_delivery_duration.labels(step="notify").observe(elapsed)

@@ -297,8 +297,21 @@ class CassandraMessageStore(MessageStore):
             futures: list[ResponseFuture] = [
                 self._session.execute_async(statement, params, timeout=self._timeout) for statement, params in requests
             ]
-            if meanwhile is not None:
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
+        if meanwhile is not None:
+            try:
                 meanwhile()
+            except BaseException:
+                # The caller's own work failed, and its transaction will give these messages' seqs
+                # to the next sends: these writes land before that, not after their rows.
+                for future in futures:
+                    try:
+                        future.result()
+                    except DRIVER_ERRORS:
+                        pass
+                raise
+        try:
             return [future.result() for future in futures]
         except DRIVER_ERRORS as exc:
             raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc

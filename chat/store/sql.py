@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import uuid
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Count, Q
@@ -30,7 +30,7 @@ def _to_message(row: SqlMessage) -> Message:
 
 
 class SqlMessageStore(MessageStore):
-    def insert(self, *messages: Message, meanwhile=None) -> None:
+    def insert(self, *messages: Message, meanwhile: Callable[[], None] | None = None) -> None:
         try:
             with transaction.atomic():
                 SqlMessage.objects.bulk_create(

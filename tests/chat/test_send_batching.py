@@ -139,8 +139,16 @@ async def test_a_key_committed_elsewhere_meanwhile_replays_and_the_rest_of_the_b
     conversation = await database_sync_to_async(make_group)(alice, bob)
     elsewhere = await database_sync_to_async(sending.message_send)(request(alice, conversation.id, "once", idempotency_key="k"))
     # Another process's send with the same key commits between this batch's look for an earlier
-    # send and its insert of the key: the batch meets the key's unique constraint.
-    monkeypatch.setattr(sending, "_earlier_sends", lambda keyed, now: ({}, []))
+    # send and its insert of the key: the batch meets the key's unique constraint (once: the
+    # batch's second attempt looks again).
+    lookups = []
+    real_lookup = sending._earlier_sends
+
+    def missed_once(keyed, now):
+        lookups.append(len(keyed))
+        return ({}, []) if len(lookups) == 1 else real_lookup(keyed, now)
+
+    monkeypatch.setattr(sending, "_earlier_sends", missed_once)
 
     outcomes = await send_together(
         request(bob, conversation.id, "before"),
@@ -149,6 +157,7 @@ async def test_a_key_committed_elsewhere_meanwhile_replays_and_the_rest_of_the_b
     )
     assert [o.replayed for o in outcomes] == [False, True, False]
     assert outcomes[1].message == elsewhere.message
+    assert lookups == [1, 1]  # the batch went again as a whole, not one send at a time
     assert await contents(store, conversation.id) == ["once", "before", "after"]
     assert await database_sync_to_async(lambda: Conversation.objects.get(pk=conversation.pk).last_seq)() == 3
 
@@ -365,3 +374,47 @@ async def test_a_key_reused_in_the_same_batch_for_another_message_is_refused(sto
     assert isinstance(outcomes[1], IdempotencyMismatch)
     assert [(o.message.seq, o.replayed) for o in (outcomes[0], outcomes[2])] == [(1, False), (2, False)]
     assert await contents(store, conversation.id) == ["first", "first"]
+
+
+async def test_a_key_reused_in_one_batch_goes_by_arrival_not_by_conversation(store, batches, published, make_user, make_group):
+    """The first send of a key wins, whichever conversation sorts first; a send whose reply target is
+    refused does not take its key, and the same key's next send in the batch goes on."""
+    from core.errors import IdempotencyMismatch
+
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    one, two = await database_sync_to_async(lambda: (make_group(alice, bob), make_group(alice, bob)))()
+    low, high = sorted((one, two), key=lambda c: c.id.bytes)
+    outcomes = await send_together(
+        request(alice, high.id, "first", idempotency_key="k"),
+        request(alice, low.id, "first", idempotency_key="k"),  # the same key elsewhere: another request
+        request(bob, high.id, "re: nothing", reply_to=99, idempotency_key="r"),
+        request(bob, high.id, "plain", idempotency_key="r"),
+    )
+    assert batches == [4]
+    assert (outcomes[0].message.conversation_id, outcomes[0].replayed) == (high.id, False)
+    assert isinstance(outcomes[1], IdempotencyMismatch)
+    assert isinstance(outcomes[2], ValidationFailed)
+    assert (outcomes[3].message.content, outcomes[3].replayed) == ("plain", False)
+    assert await contents(store, low.id) == []
+    assert await contents(store, high.id) == ["first", "plain"]
+
+
+async def test_a_failed_outbox_write_costs_only_its_own_message_its_notification(store, batches, published, make_user, make_group, monkeypatch):
+    import notifications.services as notification_services
+
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    conversation = await database_sync_to_async(make_group)(alice, bob)
+    enqueue = notification_services.notification_enqueue
+
+    def fails_for_one(*, messages):
+        if any(message.content == "no push" for message in messages):
+            raise RuntimeError("the outbox refused this one")
+        enqueue(messages=messages)
+
+    monkeypatch.setattr(notification_services, "notification_enqueue", fails_for_one)
+    outcomes = await send_together(
+        request(alice, conversation.id, "1"), request(bob, conversation.id, "no push"), request(alice, conversation.id, "3"),
+    )
+    assert [o.message.seq for o in outcomes] == [1, 2, 3]
+    queued = await database_sync_to_async(lambda: sorted(OutboxEntry.objects.values_list("seq", flat=True)))()
+    assert queued == [1, 3]
