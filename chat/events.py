@@ -59,23 +59,30 @@ async def apublish(conversation_id: uuid.UUID, event: dict[str, Any]) -> bool:
 
 
 async def _apublish_to(group: str, event: dict[str, Any]) -> bool:
+    # The group travels with the event: each process's fan-out routes by it (chat.fanout).
+    return await _publish_counted(
+        lambda: get_channel_layer().group_send(group, {**event, "group": group}), 1, f"{event.get('type')} to {group}"
+    )
+
+
+async def _publish_counted(operation: Callable[[], Awaitable[None]], count: int, what: str) -> bool:
+    """Run a publish of `count` events, bounded in time and retried once; each event counted.
+    False (logged) on failure."""
     started = time.perf_counter()
     try:
-        await asyncio.wait_for(
-            # The group travels with the event: each process's fan-out routes by it (chat.fanout).
-            retry_once(lambda: get_channel_layer().group_send(group, {**event, "group": group})),
-            PUBLISH_TIMEOUT_SECONDS,
-        )
+        await asyncio.wait_for(retry_once(operation), PUBLISH_TIMEOUT_SECONDS)
     except Exception:
-        metrics.message_published.labels(status="error").inc()
+        metrics.message_published.labels(status="error").inc(count)
         if settings.REDIS_URL:
-            metrics.redis_publish_error.inc()
-        logger.warning("publish of %s to %s failed", event.get("type"), group, exc_info=True)
+            metrics.redis_publish_error.inc(count)
+        logger.warning("publish of %s failed", what, exc_info=True)
         return False
-    metrics.message_published.labels(status="success").inc()
+    metrics.message_published.labels(status="success").inc(count)
     if settings.REDIS_URL:
-        metrics.redis_publish_success.inc()
-    metrics.message_delivery_duration.labels(step="publish").observe(time.perf_counter() - started)
+        metrics.redis_publish_success.inc(count)
+    elapsed = time.perf_counter() - started
+    for _ in range(count):  # what each event waited for: observed once per event
+        metrics.message_delivery_duration.labels(step="publish").observe(elapsed)
     return True
 
 
@@ -156,22 +163,9 @@ async def apublish_collected(events: list[tuple[str, dict[str, Any]]]) -> None:
 
 
 async def _apublish_many(layer, events: list[tuple[str, dict[str, Any]]]) -> bool:
-    """_apublish_to for many events in one call of the layer; each is counted."""
-    started = time.perf_counter()
+    """_apublish_to for many events in one call of the layer."""
     items = [(group, {**event, "group": group}) for group, event in events]
-    try:
-        await asyncio.wait_for(retry_once(lambda: layer.group_send_many(items)), PUBLISH_TIMEOUT_SECONDS)
-    except Exception:
-        metrics.message_published.labels(status="error").inc(len(events))
-        metrics.redis_publish_error.inc(len(events))
-        logger.warning("publish of %d events failed", len(events), exc_info=True)
-        return False
-    metrics.message_published.labels(status="success").inc(len(events))
-    metrics.redis_publish_success.inc(len(events))
-    elapsed = time.perf_counter() - started
-    for _ in events:  # what each event waited for: observed once per event, as one by one
-        metrics.message_delivery_duration.labels(step="publish").observe(elapsed)
-    return True
+    return await _publish_counted(lambda: layer.group_send_many(items), len(events), f"{len(events)} events")
 
 
 # Events carry messages as frames do (Message.inline): large content goes neither through the

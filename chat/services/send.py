@@ -225,8 +225,8 @@ def _replay(record: IdempotencyKey, request_hash: str, rate: RateDecision) -> Se
 
 def _earlier_sends(keyed: list[_Accepted], now: datetime) -> tuple[dict[tuple[uuid.UUID, str], IdempotencyKey], list[int]]:
     """The senders' records for these sends' keys within their lifetime, (sender id, key) ->
-    record (one statement, and a second one to read the records found); and the ids of those past it, which the sends' transaction deletes
-    so that the keys can be used again. Read before the transaction, to keep it short: a record
+    record (one statement, and a second one to read the records found); and the ids of those past
+    it, which the sends' transaction deletes so that the keys can be used again. Read before the transaction, to keep it short: a record
     committed meanwhile by another process makes the transaction's insert of the key fail on its
     unique constraint, and the send is then answered from that record (`_persist_accepted`)."""
     record_ids = sql.idempotency_record_ids({(send.request.sender.pk, send.key) for send in keyed})
