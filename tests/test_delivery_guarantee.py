@@ -54,7 +54,9 @@ class Client:
     async def run(self, done: asyncio.Event):
         while not (done.is_set() and self.complete()):
             self.connections += 1
-            async with connect(self.url(), additional_headers={"Authorization": f"Token {self.token}"}) as socket:
+            # max_queue=None: leaving with more than max_queue frames unread would otherwise wait out
+            # the close timeout (see tests/test_user_stream_live.py).
+            async with connect(self.url(), additional_headers={"Authorization": f"Token {self.token}"}, max_queue=None) as socket:
                 assert json.loads(await socket.recv())["type"] == "ready"
                 self.ready.set()
                 stay = random.uniform(0.05, 0.3) if self.reconnecting else None

@@ -73,13 +73,20 @@ class StreamClient:
             except (OSError, asyncio.TimeoutError) as exc:
                 self.violation(f"connection failed: {exc!r}")
                 await asyncio.sleep(0.2)
-            if self.stop.is_set():
+            if self.done.is_set():
                 return
-            await asyncio.sleep(random.uniform(0.05, 0.5))  # away: changes happen meanwhile
+            # Away (changes happen meanwhile); a stream that was away or closing when the traffic
+            # ended comes back once more and catches up.
+            await asyncio.sleep(random.uniform(0.05, 0.5))
 
     async def connection(self, reconnect_after: float | None) -> None:
         url = f"{self.server.ws}/ws/chat/?resume=1"
-        async with connect(url, additional_headers={"Authorization": f"Token {self.token}"}, max_size=None) as socket:
+        # max_queue=None: the client library stops reading the socket while more than max_queue
+        # frames wait unread, and then cannot read the server's close reply either, so leaving a
+        # busy stream took its close timeout (10 s). An app's client reads on, as a browser does.
+        async with connect(
+            url, additional_headers={"Authorization": f"Token {self.token}"}, max_size=None, max_queue=None
+        ) as socket:
             ready = json.loads(await asyncio.wait_for(socket.recv(), 10))
             if ready["type"] != "ready":
                 return self.violation(f"first frame {ready}")
