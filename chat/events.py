@@ -26,6 +26,7 @@ from django.db import transaction
 from chat import metrics
 from chat.selectors import change_frame
 from chat.store import Change, Message
+from core.batching import Batcher, per_loop
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,10 @@ async def retry_once(operation: Callable[[], Awaitable[None]]) -> None:
 
 
 async def apublish(conversation_id: uuid.UUID, event: dict[str, Any]) -> bool:
-    """Send one event to every connection of the conversation; False (counted, logged) on failure."""
-    return await _apublish_to(conversation_group(conversation_id), event)
+    """Send one event to every connection of the conversation; False (counted, logged) on failure.
+    The events a process's sockets publish at the same moment (a reconnect storm's presence
+    announcements, typing) go out together, in one pipeline on the Redis layer."""
+    return await _publish_batcher().submit((conversation_group(conversation_id), event))
 
 
 async def _apublish_to(group: str, event: dict[str, Any]) -> bool:
@@ -148,18 +151,24 @@ def collecting(func: Callable[..., Any]) -> Callable[..., tuple[Any, list[tuple[
 
 
 async def apublish_collected(events: list[tuple[str, dict[str, Any]]]) -> None:
-    """Publish what one piece of work committed, each group's events in order. On the Redis layer
-    they go in one pipeline (a batch of sends costs one round trip); otherwise one by one."""
-    layer = get_channel_layer()
-    if len(events) > 1 and hasattr(layer, "group_send_many"):
-        failed = [] if await _apublish_many(layer, events) else events
-    else:
-        failed = [(group, event) for group, event in events if not await _apublish_to(group, event)]
-    for group, event in failed:
-        if event.get("type") in RETRIED_EVENT_TYPES:
+    """Publish what one piece of work committed, each group's events in order."""
+    for (group, event), published in zip(events, await _apublish_each(events)):
+        if not published and event.get("type") in RETRIED_EVENT_TYPES:
             task = asyncio.get_running_loop().create_task(_aretry(group, event))
             _retry_tasks.add(task)
             task.add_done_callback(_retry_tasks.discard)
+
+
+async def _apublish_each(events: list[tuple[str, dict[str, Any]]]) -> list[bool]:
+    """Publish (group, event) pairs, each group's in order; whether each went out. On the Redis
+    layer they go in one pipeline (one round trip); otherwise one by one."""
+    layer = get_channel_layer()
+    if len(events) > 1 and hasattr(layer, "group_send_many"):
+        return [await _apublish_many(layer, events)] * len(events)
+    return [await _apublish_to(group, event) for group, event in events]
+
+
+_publish_batcher = per_loop(lambda: Batcher(_apublish_each, max_batch=256))
 
 
 async def _apublish_many(layer, events: list[tuple[str, dict[str, Any]]]) -> bool:

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 from django.conf import settings
 
+from core.batching import Batcher, per_loop
+
 logger = logging.getLogger(__name__)
 
 ENTRY_TTL_SECONDS = 60
@@ -106,6 +108,10 @@ class RedisPresence:
         self._held: dict[uuid.UUID, set[str]] = defaultdict(set)
         self._clients: dict[asyncio.AbstractEventLoop, object] = {}
         self._refreshers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
+        # Joins and leaves: when thousands of sockets connect at once (a server restart), theirs go
+        # in pipelines of many, each in the order it was asked, instead of a round trip and a
+        # pool checkout each.
+        self._scripts = per_loop(lambda: Batcher(self._run_scripts, max_batch=256))
 
     def _client(self):
         # redis.asyncio clients belong to the event loop they were made on.
@@ -131,8 +137,8 @@ class RedisPresence:
         self._held[conversation_id].add(member)
         self._start_refresher()
         now = self.clock()
-        first, *live = await self._client().eval(
-            _JOIN, 1, _key(conversation_id), member, now + self.ttl, now, f"{user_id.hex}:", int(self.ttl * 2000)
+        first, *live = await self._scripts().submit(
+            (_JOIN, _key(conversation_id), (member, now + self.ttl, now, f"{user_id.hex}:", int(self.ttl * 2000)))
         )
         return Joined(first == 1, {_user_of(m) for m in live} | {user_id})
 
@@ -142,8 +148,15 @@ class RedisPresence:
         held.discard(member)
         if not held:
             self._held.pop(conversation_id, None)
-        result = await self._client().eval(_LEAVE, 1, _key(conversation_id), member, self.clock(), f"{user_id.hex}:")
+        result = await self._scripts().submit((_LEAVE, _key(conversation_id), (member, self.clock(), f"{user_id.hex}:")))
         return result == 1
+
+    async def _run_scripts(self, calls: list[tuple[str, str, tuple]]) -> list:
+        """One pipeline for a batch of (script, key, arguments): each call's reply, or its error."""
+        pipeline = self._client().pipeline(transaction=False)
+        for script, key, arguments in calls:
+            pipeline.eval(script, 1, key, *arguments)
+        return await pipeline.execute(raise_on_error=False)
 
     async def refresh(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
         """Refresh every entry this process holds; (conversation, user) for each user found gone."""

@@ -6,7 +6,7 @@ every message. Everything else uses the ORM. The SQL is portable between SQLite 
 RETURNING) and PostgreSQL, names tables and columns from the models, and passes values through the
 fields' own database conversion. Each statement's text is built once per database vendor and, for
 a batch, per shape (its numbers of rows or distinct values; the 256 most recent shapes of each
-statement are kept: a batch holds at most SendBatcher.MAX_BATCH sends).
+statement are kept: a batch holds at most chat.services.send.MAX_BATCH sends).
 """
 from __future__ import annotations
 

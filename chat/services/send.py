@@ -5,14 +5,13 @@ authorization and idempotency cannot be skipped by any transport. Lifecycle: val
 rate-limit -> authorize -> idempotency (looked up just before the transaction, recorded in it) ->
 (in the transaction) reply target -> allocate seq +
 attach uploads + persist (+ whatever must commit with the message: chat.signals.messages_persisted)
--> publish, after commit. WebSocket sends commit in groups (SendBatcher), each with its own outcome.
+-> publish, after commit. WebSocket sends commit in groups (`_send_batcher`), each with its own outcome.
 
 This is the hot path (docs/performance.md): the per-message statements are hand-written
 (chat.sql) and nothing here reads more than it must.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -23,7 +22,6 @@ import os
 import threading
 import time
 import uuid
-import weakref
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -47,6 +45,7 @@ from core.errors import (
     StoreUnavailable,
     ValidationFailed,
 )
+from core.batching import Batcher, per_loop
 from core.jsonsafe import MAX_DEPTH, json_problem
 from core.ratelimit import Decision as RateDecision
 from core.ratelimit import get_send_rate_limiter
@@ -261,75 +260,37 @@ def message_send(request: SendRequest) -> SendResult:
 
 async def amessage_send(request: SendRequest) -> SendResult:
     """message_send for the event loop (the WebSocket path), with group commit: the sends a process
-    receives while a batch is being committed go together in the next one (chat.services.send
-    .SendBatcher). The blocking part runs in the thread pool, and the events the sends committed are
-    published from the loop itself, so no thread waits for the loop and the loop never waits for a
-    thread to publish."""
-    return await SendBatcher.of_this_loop().submit(request)
+    receives while a batch is being committed go together in the next one (`_send_batcher`). The
+    blocking part runs in the thread pool, and the events the sends committed are published from
+    the loop itself, so no thread waits for the loop and the loop never waits for a thread to
+    publish."""
+    return await _send_batcher().submit(request)
 
 
-class SendBatcher:
-    """Group commit for one event loop's sends.
+# (the process admits CHAT_MAX_SENDS_IN_FLIGHT sends at a time: 64 by default)
+MAX_BATCH = 64
 
-    Each send alone pays a thread hop, a relational transaction (on SQLite, the one write lock of
-    the database, taken by each process in turn) and a store round trip. Here at most one batch of
-    a loop is in its transaction at a time, and whatever arrives meanwhile waits for the next one:
-    one hop, one transaction and concurrent store writes for all of them. A lone send goes at once
-    (no timer: batching costs no latency; it only forms under load)."""
 
-    MAX_BATCH = 64  # (the process admits CHAT_MAX_SENDS_IN_FLIGHT sends at a time: 64 by default)
+async def _commit_batch(requests: list[SendRequest]) -> list[SendResult | Exception]:
+    """Group commit for one event loop's sends. Each send alone pays a thread hop, a relational
+    transaction (on SQLite, the one write lock of the database, taken by each process in turn)
+    and a store round trip; a batch pays one hop, one transaction and concurrent store writes for
+    all of its sends."""
+    metrics.send_batch_size.observe(len(requests))
+    try:
+        outcomes, committed = await in_thread(events.collecting(_persist_batch))(requests)
+    except Exception:  # not a per-send outcome (a bug): every send of the batch fails
+        logger.exception("committing a batch of %d sends failed", len(requests))
+        return [StoreUnavailable() for _ in requests]
+    try:
+        # One round trip for the batch's events: each conversation's in seq order.
+        await events.apublish_collected(committed)
+    except Exception:  # the sends committed: a publish never fails them (clients catch up)
+        logger.exception("publishing a batch's events failed")
+    return outcomes
 
-    _of_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendBatcher]" = weakref.WeakKeyDictionary()
 
-    @classmethod
-    def of_this_loop(cls) -> "SendBatcher":
-        loop = asyncio.get_running_loop()
-        batcher = cls._of_loop.get(loop)
-        if batcher is None:
-            batcher = cls._of_loop[loop] = cls()
-        return batcher
-
-    def __init__(self) -> None:
-        self.waiting: list[tuple[SendRequest, asyncio.Future]] = []
-        self.task: asyncio.Task | None = None
-
-    async def submit(self, request: SendRequest) -> SendResult:
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append((request, future))
-        if self.task is None:
-            self.task = asyncio.create_task(self._commit_waiting())
-        return await future
-
-    async def _commit_waiting(self) -> None:
-        batch: list[tuple[SendRequest, asyncio.Future]] = []
-        try:
-            while self.waiting:
-                batch, self.waiting = self.waiting[: self.MAX_BATCH], self.waiting[self.MAX_BATCH :]
-                metrics.send_batch_size.observe(len(batch))
-                try:
-                    outcomes, committed = await in_thread(events.collecting(_persist_batch))([r for r, _ in batch])
-                except Exception:  # not a per-send outcome (a bug): every send of the batch fails
-                    logger.exception("committing a batch of %d sends failed", len(batch))
-                    outcomes, committed = [StoreUnavailable() for _ in batch], []
-                try:
-                    # One round trip for the batch's events: each conversation's in seq order.
-                    await events.apublish_collected(committed)
-                except Exception:  # the sends committed: a publish never fails them (clients catch up)
-                    logger.exception("publishing a batch's events failed")
-                for (_, future), outcome in zip(batch, outcomes):
-                    if future.done():  # its caller went away (socket closed); the send stands
-                        continue
-                    if isinstance(outcome, Exception):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
-        except asyncio.CancelledError:  # the loop is shutting down: nothing more is committed
-            for _, future in batch + self.waiting:
-                future.cancel()
-            self.waiting = []
-            raise
-        finally:
-            self.task = None
+_send_batcher = per_loop(lambda: Batcher(_commit_batch, max_batch=MAX_BATCH))
 
 
 @dataclass(frozen=True, slots=True)

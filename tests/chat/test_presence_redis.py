@@ -102,3 +102,28 @@ async def test_the_key_expires_on_its_own_when_nobody_refreshes_it(make_presence
     await presence.join(conversation, uuid.uuid4(), "socket")
     ttl_ms = redis.Redis.from_url(REDIS_URL).pttl(f"chat:presence:{conversation.hex}")
     assert TTL * 1000 < ttl_ms <= TTL * 2000
+
+
+async def test_joins_and_leaves_at_the_same_moment_go_in_order(make_presence):
+    """A reconnect storm's joins share pipelines: each still sees who joined before it, and a leave
+    asked after a join is never applied before it."""
+    import asyncio
+
+    presence = make_presence()
+    conversation = uuid.uuid4()
+    users = [uuid.uuid4() for _ in range(300)]  # more than one pipeline's worth
+    joined = await asyncio.gather(*(presence.join(conversation, user, f"socket-{i}") for i, user in enumerate(users)))
+    assert all(result.announce for result in joined)
+    for i, result in enumerate(joined):
+        assert set(users[: i + 1]) <= result.online  # everyone asked before it, and itself
+    assert await presence.online(conversation) == set(users)
+
+    same_device = uuid.uuid4()
+    join, leave = await asyncio.gather(
+        presence.join(conversation, same_device, "tablet"), presence.leave(conversation, same_device, "tablet")
+    )
+    assert join.announce and leave is True
+    assert same_device not in await presence.online(conversation)
+    left = await asyncio.gather(*(presence.leave(conversation, user, f"socket-{i}") for i, user in enumerate(users)))
+    assert all(left)
+    assert await presence.online(conversation) == set()
