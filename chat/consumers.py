@@ -32,6 +32,7 @@ from chat.frames import encode_frame, frame_too_large, member_frame, message_new
 from core.errors import AccessDenied, ChatError, ValidationFailed
 from core.jsonsafe import loads_bounded
 from chat.presence import get_presence
+from core import transport
 from core.threads import in_thread
 from chat.services.conversations import read_marker_set
 from chat.services.send import SendRequest, amessage_send
@@ -59,6 +60,10 @@ CLOSE_TOO_SLOW = 4008
 # 1013 (Try Again Later) is what this means, but daphne's WebSocket layer (autobahn) lets a server
 # close only with 1000 or 3000-4999: 4013 mirrors it in the application range.
 CLOSE_TRY_AGAIN_LATER = 4013
+# At shutdown, how long a socket waits for its close frame to leave (a client that does not read
+# holds its transport's buffer: it gets no close frame, but costs the shutdown no more than this).
+SHUTDOWN_FLUSH_SECONDS = 1.0
+CLOSE_GOING_AWAY = transport.GOING_AWAY  # the server shuts down (core.transport lets daphne send it)
 
 # Per-process connection accounting for CHAT_MAX_CONNECTIONS(_PER_USER).
 _open_connections: Counter = Counter()
@@ -300,8 +305,26 @@ class ChatSocket(AsyncWebsocketConsumer):
                 await self.dispatch(await receive())
         except StopConsumer:
             pass
+        except asyncio.CancelledError:
+            # The server is shutting down: daphne cancels every connection's application before it
+            # cuts the transports. Tell the client why (1001, SPEC section 5), so it reconnects at
+            # once rather than after detecting a dead connection. (A cancel after the client left
+            # writes nothing: daphne drops replies to a closed connection.)
+            if self.accepted and not self.closing:
+                self.closing = True
+                await self.close(code=CLOSE_GOING_AWAY)
+                await self._flush(SHUTDOWN_FLUSH_SECONDS)
+            raise
         finally:
             await self._cleanup()
+
+    async def _flush(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until the transport has handed what it holds for this client to
+        the kernel: the server cuts every transport right after its connections' applications end,
+        and Twisted writes on the loop's next turns, not at once."""
+        deadline = time.monotonic() + timeout
+        while self.backlog_probe is not None and self.backlog_probe() > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def disconnect(self, code: int) -> None:
         await self._cleanup()

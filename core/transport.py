@@ -26,6 +26,7 @@ from twisted.web import http
 from core.bodylimit import body_cap_for, too_large_body
 
 LINGER_SECONDS = 5.0
+GOING_AWAY = 1001  # the WebSocket close code of a server shutting down
 
 REASONS = {400: b"Bad Request", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
 
@@ -126,7 +127,7 @@ def _websocket_factory_class():
     a handshake's CPU (docs/performance.md), and a dict of 30 entries per open socket. Here the
     settings are class attributes of one protocol class per factory, set when daphne sets them,
     and autobahn's copy loop has nothing to copy (CONFIG_ATTRS empty); a connection that changes a
-    setting still sets it on itself."""
+    setting still sets it on itself. Its connections may also close with 1001 (going away)."""
     from autobahn.twisted.websocket import WebSocketServerProtocol
     from daphne import ws_protocol
 
@@ -134,6 +135,14 @@ def _websocket_factory_class():
 
     class Protocol(ws_protocol.WebSocketProtocol):
         CONFIG_ATTRS = ()
+
+        def serverClose(self, code=None):
+            # autobahn's sendClose lets a server close only with 1000 or 3000-4999; a server that
+            # shuts down says 1001 (RFC 6455 section 7.4.1, SPEC section 5).
+            if code == GOING_AWAY:
+                self.sendCloseFrame(code=code, isReply=False)
+            else:
+                super().serverClose(code)
 
     class Factory(ws_protocol.WebSocketFactory):
         def __init__(self, *args, **kwargs):
@@ -153,11 +162,47 @@ def _websocket_factory_class():
     return Factory
 
 
+def _server_class():
+    """daphne's server, with a shutdown that reaches every connection's application.
+
+    On SIGTERM daphne cancels each connection's application, waits for them to end, then cuts the
+    transports: the applications close their sockets (1001) and release what they hold (presence,
+    subscriptions). But daphne's own step reads `details["application_instance"]`, a key it
+    deletes once an application has ended while its connection stays open (an HTTP keep-alive
+    connection between requests): one such connection raised a KeyError that ended the step
+    before it cancelled anything, and every WebSocket was cut without a close frame or clean-up."""
+    import asyncio
+    import logging
+
+    from daphne.server import Server
+    from twisted.internet import defer
+
+    logger = logging.getLogger("daphne.server")
+
+    class ChatServer(Server):
+        def kill_all_applications(self):
+            running = []
+            for details in self.connections.values():
+                instance = details.get("application_instance")
+                if instance is not None and not instance.done():
+                    instance.cancel()
+                    running.append(instance)
+            logger.info("Killed %i pending application instances", len(running))
+            ended = defer.Deferred.fromFuture(asyncio.gather(*running))
+            ended.addErrback(lambda _: None)
+            return ended
+
+    return ChatServer
+
+
 def install() -> None:
     """Make daphne's server build its HTTP connections from the classes above and its WebSocket
     connections with their settings shared (daphne.server instantiates `HTTPFactory` and
-    `WebSocketFactory` by those module-level names when it starts)."""
+    `WebSocketFactory` by those module-level names when it starts), and make daphne's command line
+    (which imports the application before it makes its server) run the server above."""
+    import daphne.cli
     import daphne.server
 
     daphne.server.HTTPFactory = CappedHTTPFactory
     daphne.server.WebSocketFactory = _websocket_factory_class()
+    daphne.cli.CommandLineInterface.server_class = _server_class()

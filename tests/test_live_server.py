@@ -195,3 +195,29 @@ async def test_a_handshake_while_redis_is_unreachable_gets_unavailable_then_4013
             with pytest.raises(websockets.exceptions.ConnectionClosed):
                 await asyncio.wait_for(socket.recv(), 10)
             assert socket.close_code == 4013
+
+
+async def test_a_server_shutting_down_closes_every_socket_with_1001(tmp_path):
+    """SPEC section 5: 1001 when the server shuts down, on both kinds of connection, so clients
+    reconnect at once instead of waiting to notice a dead connection."""
+    from websockets.exceptions import ConnectionClosed
+
+    with running_server(tmp_path) as live:
+        _, alice = live.signup("alice")
+        bob_id, _ = live.signup("bob")
+        status, created, _ = live.request(
+            "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_id]}, token=alice
+        )
+        assert status == 201
+        headers = {"Authorization": f"Token {alice}"}
+        async with connect(ws_url(live, created["id"]), additional_headers=headers) as conversation_socket, connect(
+            f"{live.ws}/ws/chat/", additional_headers=headers
+        ) as stream:
+            for socket in (conversation_socket, stream):
+                assert (await next_frame(socket))["type"] == "ready"
+            await asyncio.to_thread(live.stop)
+            for socket in (conversation_socket, stream):
+                with pytest.raises(ConnectionClosed) as closed:
+                    await next_frame(socket)
+                assert closed.value.rcvd is not None, "closed without a close frame"
+                assert closed.value.rcvd.code == 1001

@@ -1,6 +1,9 @@
 """daphne's WebSocket connections share autobahn's settings through their class
-(core.transport._websocket_factory_class) instead of a copy per connection; the handshakes and
-frames over a real socket are the live tests' (tests/test_live_server.py and others)."""
+(core.transport._websocket_factory_class) instead of a copy per connection, and its shutdown
+reaches every connection's application (core.transport._server_class); the handshakes, frames and
+the 1001 at shutdown over a real socket are the live tests' (tests/test_live_server.py and others)."""
+import asyncio
+
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
@@ -23,3 +26,31 @@ def test_a_connection_reads_the_settings_daphne_set_and_holds_none_of_its_own():
     factory.setProtocolOptions(autoPingTimeout=9)
     assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2)).autoPingTimeout == 9
     assert connection.autoPingTimeout == 7
+
+
+def test_the_shutdown_cancels_every_running_application_past_a_connection_whose_application_ended():
+    import daphne.cli
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        server = daphne.cli.CommandLineInterface.server_class(application=None, endpoints=["tcp:port=0"])
+        running = [loop.create_task(asyncio.sleep(3600)) for _ in range(2)]
+        ended = loop.create_future()
+        ended.set_result(None)
+        server.connections = {
+            "websocket 1": {"application_instance": running[0]},
+            # An HTTP keep-alive connection between requests: daphne removed its ended application.
+            "keep-alive": {"disconnected": None},
+            "http, just answered": {"application_instance": ended},
+            "websocket 2": {"application_instance": running[1]},
+        }
+        shutdown_step = server.kill_all_applications()
+        outcome = []
+        shutdown_step.addBoth(outcome.append)
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert all(task.cancelled() for task in running)
+        assert outcome == [None]  # the step ended, with no error: the shutdown goes on
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
