@@ -163,14 +163,18 @@ def _websocket_factory_class():
 
 
 def _server_class():
-    """daphne's server, with a shutdown that reaches every connection's application.
+    """daphne's server, with a shutdown that takes no new connection and reaches every connection's
+    application.
 
     On SIGTERM daphne cancels each connection's application, waits for them to end, then cuts the
     transports: the applications close their sockets (1001) and release what they hold (presence,
     subscriptions). But daphne's own step reads `details["application_instance"]`, a key it
     deletes once an application has ended while its connection stays open (an HTTP keep-alive
     connection between requests): one such connection raised a KeyError that ended the step
-    before it cancelled anything, and every WebSocket was cut without a close frame or clean-up."""
+    before it cancelled anything, and every WebSocket was cut without a close frame or clean-up.
+    And daphne keeps listening while its applications end: a client told 1001 that reconnected at
+    once was accepted by the server going away, handshaken, then cut. Here the server stops
+    listening first (the clients' attempts are refused, and they go to the next server or retry)."""
     import asyncio
     import logging
 
@@ -180,7 +184,15 @@ def _server_class():
     logger = logging.getLogger("daphne.server")
 
     class ChatServer(Server):
+        listening_ports: list = []
+
+        def listen_success(self, port):
+            self.listening_ports = [*self.listening_ports, port]
+            return super().listen_success(port)
+
         def kill_all_applications(self):
+            for port in self.listening_ports:
+                port.stopListening()
             running = []
             for details in self.connections.values():
                 instance = details.get("application_instance")

@@ -28,13 +28,25 @@ def test_a_connection_reads_the_settings_daphne_set_and_holds_none_of_its_own():
     assert connection.autoPingTimeout == 7
 
 
-def test_the_shutdown_cancels_every_running_application_past_a_connection_whose_application_ended():
+class ListeningPort:
+    stopped = False
+
+    def getHost(self):
+        return IPv4Address("TCP", "127.0.0.1", 8000)
+
+    def stopListening(self):
+        self.stopped = True
+
+
+def test_the_shutdown_stops_listening_and_cancels_every_running_application():
     import daphne.cli
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         server = daphne.cli.CommandLineInterface.server_class(application=None, endpoints=["tcp:port=0"])
+        port = ListeningPort()
+        server.listen_success(port)
         running = [loop.create_task(asyncio.sleep(3600)) for _ in range(2)]
         ended = loop.create_future()
         ended.set_result(None)
@@ -49,6 +61,7 @@ def test_the_shutdown_cancels_every_running_application_past_a_connection_whose_
         outcome = []
         shutdown_step.addBoth(outcome.append)
         loop.run_until_complete(asyncio.sleep(0.01))
+        assert port.stopped  # it takes no new connection while its applications end
         assert all(task.cancelled() for task in running)
         assert outcome == [None]  # the step ended, with no error: the shutdown goes on
     finally:
