@@ -7,8 +7,8 @@ Subscriptions keep that lock (they share one pub/sub connection); publishes here
 shard's connection pool concurrently, bounded so that a burst cannot open more connections than
 the pool allows. Publishes of one process are therefore no longer ordered among themselves: the
 consumer orders messages by seq (chat.consumers), and no other event depends on publish order.
-The events one piece of work committed (a batch of sends) go out together in one pipeline
-(`group_send_many`): one round trip, in order.
+Events published together (what a batch of sends committed; the typing and presence events of a
+batch of sockets) go out in one pipeline (`group_send_many`): one round trip, in order.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class _LoopLayer(RedisPubSubLoopLayer):
 
 class ConcurrentPublishChannelLayer(RedisPubSubChannelLayer):
     async def group_send_many(self, items: list[tuple[str, dict]]) -> None:
-        """Publish many events at once (chat.events.apublish_collected): each group's in order."""
+        """Publish many events at once (chat.events._apublish_each): each group's in order."""
         await self._get_layer().group_send_many(items)
 
     def _get_layer(self) -> RedisPubSubLoopLayer:

@@ -29,10 +29,10 @@ from chat.access import access_participation, parse_conversation_id
 from chat.feed import ConversationFeed, Cursor, parse_position
 from chat.fanout import get_fanout
 from chat.frames import encode_frame, frame_too_large, member_frame, message_new_frame
+from core import transport
 from core.errors import AccessDenied, ChatError, ValidationFailed
 from core.jsonsafe import loads_bounded
 from chat.presence import get_presence
-from core import transport
 from core.threads import in_thread
 from chat.services.conversations import read_marker_set
 from chat.services.send import SendRequest, amessage_send
@@ -81,9 +81,10 @@ def socket_backlog_probe(send) -> Callable[[], int] | None:
     """
     protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
     transport = getattr(protocol, "transport", None)
-    if transport is None or not all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen")):
+    if transport is None or not all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen", "disconnected")):
         return None
-    return lambda: len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    # A connection that is gone holds nothing for anyone: what its buffer kept never leaves.
+    return lambda: 0 if transport.disconnected else len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 def socket_writer(send) -> Callable[[str], bool] | None:
@@ -309,8 +310,10 @@ class ChatSocket(AsyncWebsocketConsumer):
             # The server is shutting down: daphne cancels every connection's application before it
             # cuts the transports. Tell the client why (1001, SPEC section 5), so it reconnects at
             # once rather than after detecting a dead connection. (A cancel after the client left
-            # writes nothing: daphne drops replies to a closed connection.)
-            if self.accepted and not self.closing:
+            # writes nothing: daphne drops replies to a closed connection. A CancelledError that
+            # is not this task's own cancellation is no shutdown.)
+            task = asyncio.current_task()
+            if self.accepted and not self.closing and task is not None and task.cancelling():
                 self.closing = True
                 await self.close(code=CLOSE_GOING_AWAY)
                 await self._flush(SHUTDOWN_FLUSH_SECONDS)

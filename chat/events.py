@@ -58,7 +58,12 @@ async def apublish(conversation_id: uuid.UUID, event: dict[str, Any]) -> bool:
     """Send one event to every connection of the conversation; False (counted, logged) on failure.
     The events a process's sockets publish at the same moment (a reconnect storm's presence
     announcements, typing) go out together, in one pipeline on the Redis layer."""
-    return await _publish_batcher().submit((conversation_group(conversation_id), event))
+    try:
+        return await _publish_batcher().submit((conversation_group(conversation_id), event))
+    except Exception:  # waited too long for its batch, or no channel layer: counted like a failed publish
+        metrics.message_published.labels(status="error").inc()
+        logger.warning("publish of %s to conversation %s failed", event.get("type"), conversation_id, exc_info=True)
+        return False
 
 
 async def _apublish_to(group: str, event: dict[str, Any]) -> bool:
@@ -168,7 +173,9 @@ async def _apublish_each(events: list[tuple[str, dict[str, Any]]]) -> list[bool]
     return [await _apublish_to(group, event) for group, event in events]
 
 
-_publish_batcher = per_loop(lambda: Batcher(_apublish_each, max_batch=256))
+# An event waits for its batch at most as long as a publish may take: typing and presence are
+# live-only, and late is as good as lost.
+_publish_batcher = per_loop(lambda: Batcher(_apublish_each, max_batch=256, max_wait=PUBLISH_TIMEOUT_SECONDS))
 
 
 async def _apublish_many(layer, events: list[tuple[str, dict[str, Any]]]) -> bool:

@@ -48,7 +48,7 @@ websocket_connections = Gauge(
 )
 send_batch_size = Histogram(
     "chat_message_send_batch_size",
-    "WebSocket sends committed together in one transaction (group commit, chat.services.send._commit_batch).",
+    "WebSocket sends committed together in one transaction (group commit).",
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 send_rate_limited = Counter("chat_message_rate_limited_total", "Sends refused by the rate limit.", ["transport"])

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 ENTRY_TTL_SECONDS = 60
 REFRESH_SECONDS = 20
+SCRIPT_MAX_WAIT_SECONDS = 2.0  # the client's socket timeout (1 s), once retried
 
 # KEYS[1] conversation set; ARGV: member, expires, now, user prefix, key ttl ms.
 # Returns 1 when this entry brings the user online (no other live entry of theirs), else 0, followed
@@ -110,8 +111,9 @@ class RedisPresence:
         self._refreshers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
         # Joins and leaves: when thousands of sockets connect at once (a server restart), theirs go
         # in pipelines of many, each in the order it was asked, instead of a round trip and a
-        # pool checkout each.
-        self._scripts = per_loop(lambda: Batcher(self._run_scripts, max_batch=256))
+        # pool checkout each. A call waits for its batch at most as long as one Redis call may take
+        # with its retry, so an outage costs each caller a bounded wait, not the queue's.
+        self._scripts = per_loop(lambda: Batcher(self._run_scripts, max_batch=256, max_wait=SCRIPT_MAX_WAIT_SECONDS))
 
     def _client(self):
         # redis.asyncio clients belong to the event loop they were made on.

@@ -22,42 +22,66 @@ Work = Callable[[list[Item]], Awaitable[list["Result | BaseException"]]]
 
 
 class Batcher(Generic[Item, Result]):
-    def __init__(self, work: Work, *, max_batch: int) -> None:
+    """Runs `work` over batches of what `submit` was given, one batch at a time, at most
+    `max_batch` items each. `max_wait` (seconds, or None) bounds how long an item may wait for its
+    batch to start: when the service behind `work` is slow, a queue of batches would otherwise make
+    each caller wait for every batch ahead of it; past the bound the item fails with TimeoutError
+    and is not run."""
+
+    def __init__(self, work: Work, *, max_batch: int, max_wait: float | None = None) -> None:
         self.work = work
         self.max_batch = max_batch
-        self.waiting: list[tuple[Item, asyncio.Future]] = []
+        self.max_wait = max_wait
+        self.waiting: list[tuple[Item, asyncio.Future, float]] = []
         self.task: asyncio.Task | None = None
 
     async def submit(self, item: Item) -> Result:
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append((item, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.waiting.append((item, future, loop.time()))
         if self.task is None:
             self.task = asyncio.create_task(self._run_waiting())
         return await future
 
     async def _run_waiting(self) -> None:
-        batch: list[tuple[Item, asyncio.Future]] = []
+        batch: list[tuple[Item, asyncio.Future, float]] = []
         try:
             while self.waiting:
-                batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
+                batch, self.waiting = self._next_batch()
+                if not batch:
+                    continue
                 try:
-                    outcomes = await self.work([item for item, _ in batch])
-                except Exception as exc:  # the whole batch failed (the service is down): each caller's
+                    outcomes = await self.work([item for item, _, _ in batch])
+                    if len(outcomes) != len(batch):
+                        raise RuntimeError(f"{len(outcomes)} outcomes for a batch of {len(batch)}")
+                except Exception as exc:  # the whole batch failed (the service is down): each caller
                     outcomes = [exc] * len(batch)
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                for (_, future, _), outcome in zip(batch, outcomes):
                     if future.done():  # its caller went away; the work stands
                         continue
                     if isinstance(outcome, BaseException):
                         future.set_exception(outcome)
                     else:
                         future.set_result(outcome)
-        except asyncio.CancelledError:  # the loop is shutting down
-            for _, future in batch + self.waiting:
+                batch = []
+        finally:
+            # Cancelled (the loop shuts down) or broken: no caller is left waiting for good.
+            for _, future, _ in batch + self.waiting:
                 future.cancel()
             self.waiting = []
-            raise
-        finally:
             self.task = None
+
+    def _next_batch(self) -> tuple[list, list]:
+        """The next batch and what stays waiting; items past `max_wait` fail here, unrun."""
+        batch, rest = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
+        if self.max_wait is not None:
+            too_old = asyncio.get_running_loop().time() - self.max_wait
+            late = [entry for entry in batch if entry[2] < too_old]
+            for _, future, _ in late:
+                if not future.done():
+                    future.set_exception(TimeoutError(f"waited over {self.max_wait} s for its batch"))
+            batch = [entry for entry in batch if entry[2] >= too_old]
+        return batch, rest
 
 
 def per_loop(make: Callable[[], Batcher]) -> Callable[[], Batcher]:

@@ -184,10 +184,12 @@ def _server_class():
     logger = logging.getLogger("daphne.server")
 
     class ChatServer(Server):
-        listening_ports: list = []
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.listening_ports = []
 
         def listen_success(self, port):
-            self.listening_ports = [*self.listening_ports, port]
+            self.listening_ports.append(port)
             return super().listen_success(port)
 
         def kill_all_applications(self):

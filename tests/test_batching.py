@@ -98,3 +98,30 @@ def test_per_loop_gives_each_event_loop_its_own_batcher():
     other, _ = asyncio.run(get())
     assert first is again
     assert other is not first
+
+
+async def test_an_item_that_waited_past_max_wait_fails_unrun_and_the_rest_run():
+    work = Recorder()
+    batcher = Batcher(work, max_batch=10, max_wait=0.05)
+    first = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    late = asyncio.create_task(batcher.submit(2))  # queued behind a slow batch
+    await asyncio.sleep(0.1)
+    fresh = asyncio.create_task(batcher.submit(3))
+    await asyncio.sleep(0)
+    work.release.set()
+    assert await first == 2
+    with pytest.raises(TimeoutError):
+        await late
+    assert await fresh == 6
+    assert work.batches == [[1], [3]]  # the late item never ran
+
+
+async def test_a_batch_answered_with_the_wrong_number_of_outcomes_fails_its_callers_instead_of_hanging():
+    async def short(items):
+        return items[:1]
+
+    batcher = Batcher(short, max_batch=10)
+    results = await asyncio.gather(*(batcher.submit(n) for n in (1, 2)), return_exceptions=True)
+    assert all(isinstance(result, RuntimeError) for result in results)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -75,21 +77,38 @@ _MESSAGE_COLUMNS = (
 )
 
 
-def _shut_down_at_exit(cluster) -> None:
+# The clusters whose exit hook is registered (one hook per cluster, however many stores use it).
+_shut_down_at_exit_registered: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _register_shut_down_at_exit(cluster) -> None:
+    """Exit hooks run last registered first: this one runs before the driver's own."""
+    if cluster not in _shut_down_at_exit_registered:
+        _shut_down_at_exit_registered.add(cluster)
+        atexit.register(_shut_down_at_exit, weakref.ref(cluster))
+
+
+def _shut_down_at_exit(cluster_ref) -> None:
     """Close the cluster's connections and end the driver's I/O thread at process exit.
 
     The driver's own exit hook (cassandra.io.libevreactor) joins that thread for up to 5 s, and the
     thread sleeps until the last request's timer would have expired (an idle connection's
     heartbeat waits 30 s): the hook stops the watcher that would disarm the timer before it wakes
     the thread. A worker that had used Cassandra took 5 s more to stop (docs/performance.md).
-    Waking the thread with the shutdown flag already set lets it disarm the timer and end; if the
-    driver's internals differ, the driver's own hook still runs, as before."""
+    Waking the thread with the shutdown flag already set lets it disarm the timer and end. Only
+    when no other cluster of the process still has a connection on that thread (tests hold
+    several), and only if the driver's loop looks as expected: otherwise the driver's hook runs
+    as it did."""
+    cluster = cluster_ref()
+    if cluster is None:
+        return
     cluster.shutdown()
-    from cassandra.io import libevreactor
-
+    libevreactor = sys.modules.get("cassandra.io.libevreactor")
     loop = getattr(libevreactor, "_global_loop", None)
     thread = getattr(loop, "_thread", None)
-    if thread is not None and hasattr(loop, "notify"):
+    if thread is None or not all(hasattr(loop, name) for name in ("_shutdown", "_live_conns", "notify")):
+        return
+    if not loop._live_conns:
         loop._shutdown = True
         loop.notify()
         thread.join(timeout=1.0)
@@ -188,8 +207,7 @@ class CassandraMessageStore(MessageStore):
                     session = self._wait_for_session(connection)
                     self._statements = self._prepare(session, connection.keyspace)
                     self._session = session
-                    # Exit hooks run last registered first: this one before the driver's own.
-                    atexit.register(_shut_down_at_exit, session.cluster)
+                    _register_shut_down_at_exit(session.cluster)
                 except DRIVER_ERRORS as exc:
                     self._connect_failed_at = time.monotonic()
                     raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc

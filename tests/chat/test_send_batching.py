@@ -1,4 +1,4 @@
-"""Group commit (chat.services.send._commit_batch): the WebSocket sends one process receives together
+"""Group commit: the WebSocket sends one process receives together
 commit in one relational transaction with concurrent store writes, on both message stores
 (Cassandra: the real server), and each send still gets its own outcome: a refused send costs only
 itself, a duplicate key replays, a failed store write fails the batch with no seq burned."""

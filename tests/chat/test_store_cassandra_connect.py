@@ -35,7 +35,7 @@ def test_a_connection_that_never_comes_is_a_store_error(cassandra_connection, se
 
 
 EXIT_SCRIPT = """
-import sys, uuid, django
+import sys, uuid, weakref, django
 django.setup()
 from cassandra.io import libevreactor
 from chat.store.cassandra import CassandraMessageStore, _shut_down_at_exit, open_connection
@@ -44,7 +44,7 @@ connection = open_connection(alias="exit_check", keyspace=sys.argv[1])
 store = CassandraMessageStore(connection=connection)
 assert store.get(uuid.uuid4(), 1) is None  # connected, one request made (its timer armed)
 thread = libevreactor._global_loop._thread
-_shut_down_at_exit(connection.session.cluster)
+_shut_down_at_exit(weakref.ref(connection.session.cluster))
 print("io thread alive:", thread.is_alive())
 """
 
