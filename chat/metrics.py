@@ -6,7 +6,7 @@ message_send_unauthorized = Counter(
 )
 websocket_handshake_shed = Counter(
     "chat_websocket_handshake_shed_total",
-    "WebSocket handshakes refused at once because the process had CHAT_MAX_PENDING_HANDSHAKES in progress.",
+    "WebSocket handshakes refused because the process had CHAT_MAX_PENDING_HANDSHAKES in progress and the queue behind them was full or too slow.",
 )
 websocket_connection_unauthorized = Counter(
     "chat_websocket_connection_unauthorized_total", "WebSocket handshakes refused (auth, membership, origin, limits)."

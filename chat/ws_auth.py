@@ -10,6 +10,8 @@ authenticates in its handshake (`authenticate`) instead of a middleware around i
 """
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from importlib import import_module
 from urllib.parse import parse_qs, urlparse
 
@@ -21,6 +23,12 @@ from django.http.cookie import parse_cookie
 
 from chat import metrics
 from core.threads import in_thread
+
+
+# A handshake over CHAT_MAX_PENDING_HANDSHAKES waits at most this long for a slot (HandshakeAdmission).
+QUEUE_SECONDS = 2.0
+# At most this many handshakes wait per slot; past that they are refused at once.
+QUEUE_PER_SLOT = 4
 
 
 async def deny(scope, receive, send):
@@ -98,24 +106,54 @@ class HandshakeAdmission:
     A handshake costs authentication, an authorization read and the fan-out's subscription; when
     thousands arrive at once (every client of a restarted server), a process that starts them all
     finishes none within daphne's connect timeout: each is dropped after its work was done and
-    comes back as one more. So a process works on at most CHAT_MAX_PENDING_HANDSHAKES at a time
-    and refuses the rest at once (HTTP 403, as for any connection limit), which costs one cheap
-    answer and sends the client into its backoff."""
+    comes back as one more. So a process works on at most CHAT_MAX_PENDING_HANDSHAKES at a time.
+    The next ones wait their turn, first come first served, for at most QUEUE_SECONDS (well within
+    daphne's handshake timeout, 5 s): a refused client backs off for seconds, so a burst that
+    would clear in one or two seconds must not be refused. Past QUEUE_PER_SLOT waiting per slot,
+    or past the wait, a handshake is refused (HTTP 403, as for any connection limit), which costs
+    one cheap answer and sends the client into its backoff."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.pending = 0
+        self.queue: deque[asyncio.Future] = deque()
 
     async def __call__(self, scope, receive, send):
-        if self.pending >= settings.CHAT_MAX_PENDING_HANDSHAKES:
+        if self.pending < settings.CHAT_MAX_PENDING_HANDSHAKES and not self.queue:
+            self.pending += 1
+        elif not await self._wait_for_a_slot():
             metrics.websocket_handshake_shed.inc()
             return await deny(scope, receive, send)
-        self.pending += 1
         admitted = _AdmittedSend(self, send)
         try:
             return await self.inner(scope, receive, admitted)
         finally:
             admitted.handshake_over()
+
+    async def _wait_for_a_slot(self) -> bool:
+        """Queue for a slot; True once one was handed over (it counts in `pending` then)."""
+        if len(self.queue) >= QUEUE_PER_SLOT * settings.CHAT_MAX_PENDING_HANDSHAKES:
+            return False
+        turn = asyncio.get_running_loop().create_future()
+        self.queue.append(turn)
+        try:
+            await asyncio.wait_for(turn, QUEUE_SECONDS)
+        except TimeoutError:
+            return False
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # a slot came with the cancellation: pass it on
+                self.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        """A handshake ended (accepted, refused or dead): its slot goes to the longest waiting one."""
+        while self.queue:
+            turn = self.queue.popleft()
+            if not turn.done():  # (a waiter that gave up, or went away, is cancelled: skipped)
+                turn.set_result(None)
+                return
+        self.pending -= 1
 
 
 class _AdmittedSend:
@@ -130,7 +168,7 @@ class _AdmittedSend:
 
     def handshake_over(self) -> None:
         if self.admission is not None:
-            self.admission.pending -= 1
+            self.admission.release()
             self.admission = None
 
     async def __call__(self, message):

@@ -1,11 +1,12 @@
 """Admission control for WebSocket handshakes (chat.ws_auth.HandshakeAdmission): past
-CHAT_MAX_PENDING_HANDSHAKES in progress, a handshake is refused at once, before the application
-behind it does any work; a slot frees when a handshake is accepted, refused or dies."""
+CHAT_MAX_PENDING_HANDSHAKES in progress, a handshake waits its turn (first come, first served) for
+a while, and is refused, before the application behind it does any work, when the queue is full or
+the wait too long; a slot frees when a handshake is accepted, refused or dies."""
 import asyncio
 
 import pytest
 
-from chat import metrics
+from chat import metrics, ws_auth
 from chat.ws_auth import HandshakeAdmission
 
 
@@ -52,23 +53,72 @@ async def settle():
         await asyncio.sleep(0)
 
 
-async def test_over_the_limit_a_handshake_is_refused_before_the_app_sees_it(app):
+async def test_over_the_limit_a_handshake_waits_and_past_the_queue_it_is_refused_before_the_app_sees_it(app, monkeypatch):
+    monkeypatch.setattr(ws_auth, "QUEUE_PER_SLOT", 1)  # 2 slots: 2 may wait
     admission = HandshakeAdmission(app)
     shed_before = metrics.websocket_handshake_shed._value.get()
     first, second = Handshake(admission), Handshake(admission)
+    await settle()
+    third, fourth = Handshake(admission), Handshake(admission)
     await settle()
     refused = Handshake(admission)
     await settle()
     assert refused.task.done() and refused.sent == [{"type": "websocket.close"}]
     assert app.started == 2 and metrics.websocket_handshake_shed._value.get() == shed_before + 1
+    assert not third.task.done() and not fourth.task.done()  # waiting, not refused
 
-    # An accepted handshake frees its slot (the connection itself no longer counts) ...
+    # An accepted handshake frees its slot (the connection itself no longer counts): the first
+    # one waiting gets it ...
+    app.answers[0].set_result({"type": "websocket.accept"})
+    await settle()
+    assert app.started == 3 and admission.pending == 2
+    # ... and so does a refusal, for the next one waiting.
+    app.answers[1].set_result({"type": "websocket.close"})
+    await settle()
+    assert app.started == 4 and len(admission.queue) == 0
+    # A dead handshake frees its slot too.
+    app.answers[2].set_result(None)
+    app.answers[3].set_result({"type": "websocket.accept"})
+    await settle()
+    assert admission.pending == 0
+    for h in (first, second, third, fourth):
+        h.task.cancel()
+    await asyncio.gather(*(h.task for h in (first, second, third, fourth)), return_exceptions=True)
+    assert admission.pending == 0
+
+
+async def test_a_handshake_that_waited_too_long_is_refused_and_gives_up_its_place(app, monkeypatch):
+    monkeypatch.setattr(ws_auth, "QUEUE_SECONDS", 0.05)
+    admission = HandshakeAdmission(app)
+    first, second = Handshake(admission), Handshake(admission)
+    await settle()
+    waiting = Handshake(admission)
+    await asyncio.sleep(0.1)
+    assert waiting.task.done() and waiting.sent == [{"type": "websocket.close"}]
+    assert app.started == 2
+    # The slot that frees later is not handed to the one that left: it is free.
+    app.answers[0].set_result({"type": "websocket.accept"})
+    await settle()
+    assert admission.pending == 1
+    third = Handshake(admission)
+    await settle()
+    assert app.started == 3 and admission.pending == 2
+    for h in (first, second, third):
+        h.task.cancel()
+    await asyncio.gather(*(h.task for h in (first, second, third)), return_exceptions=True)
+    assert admission.pending == 0
+
+
+async def test_the_slots_come_back_as_handshakes_end(app):
+    admission = HandshakeAdmission(app)
+    first, second = Handshake(admission), Handshake(admission)
+    await settle()
     app.answers[0].set_result({"type": "websocket.accept"})
     await settle()
     third = Handshake(admission)
     await settle()
     assert app.started == 3 and not third.task.done()
-    # ... and so do a refusal and a handshake whose application died.
+    # A refusal and a handshake whose application died give theirs back too.
     app.answers[1].set_result({"type": "websocket.close"})
     app.answers[2].set_result(None)
     await settle()
