@@ -119,6 +119,8 @@ class HandshakeAdmission:
         self.queue: deque[asyncio.Future] = deque()
 
     async def __call__(self, scope, receive, send):
+        while self.queue and self.queue[0].done():  # turns that ran out: no longer waiting
+            self.queue.popleft()
         if self.pending < settings.CHAT_MAX_PENDING_HANDSHAKES and not self.queue:
             self.pending += 1
         elif not await self._wait_for_a_slot():
@@ -131,29 +133,37 @@ class HandshakeAdmission:
             admitted.handshake_over()
 
     async def _wait_for_a_slot(self) -> bool:
-        """Queue for a slot; True once one was handed over (it counts in `pending` then)."""
+        """Queue for a slot; True once one was handed over (it counts in `pending` then). The turn
+        is settled once, by release() (True) or by the timer (False): asyncio.wait_for could lose
+        a cancellation that came with the slot (3.11), or a slot that came with the timeout (3.12+)."""
         if len(self.queue) >= QUEUE_PER_SLOT * settings.CHAT_MAX_PENDING_HANDSHAKES:
             return False
-        turn = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        turn = loop.create_future()
         self.queue.append(turn)
+        timer = loop.call_later(QUEUE_SECONDS, _turn_runs_out, turn)
         try:
-            await asyncio.wait_for(turn, QUEUE_SECONDS)
-        except TimeoutError:
-            return False
+            return await turn
         except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():  # a slot came with the cancellation: pass it on
-                self.release()
+            if turn.done() and not turn.cancelled() and turn.result():
+                self.release()  # the slot came with the cancellation (a shutdown): pass it on
             raise
-        return True
+        finally:
+            timer.cancel()
 
     def release(self) -> None:
         """A handshake ended (accepted, refused or dead): its slot goes to the longest waiting one."""
         while self.queue:
             turn = self.queue.popleft()
-            if not turn.done():  # (a waiter that gave up, or went away, is cancelled: skipped)
-                turn.set_result(None)
+            if not turn.done():  # (a turn that ran out, or whose handshake went away: skipped)
+                turn.set_result(True)
                 return
         self.pending -= 1
+
+
+def _turn_runs_out(turn: asyncio.Future) -> None:
+    if not turn.done():
+        turn.set_result(False)
 
 
 class _AdmittedSend:

@@ -130,3 +130,19 @@ async def test_the_slots_come_back_as_handshakes_end(app):
         h.task.cancel()
     await asyncio.gather(*(h.task for h in (first, second, third, fourth, fifth)), return_exceptions=True)
     assert admission.pending == 0
+
+
+async def test_a_shutdown_that_cancels_running_and_queued_handshakes_together_leaves_none_running(app):
+    """daphne cancels every application at once: a slot handed to a queued handshake in that same
+    moment must not start it (it would run on past the shutdown, which waits for it)."""
+    admission = HandshakeAdmission(app)
+    running = [Handshake(admission), Handshake(admission)]
+    await settle()
+    queued = [Handshake(admission), Handshake(admission)]
+    await settle()
+    everyone = running + queued
+    for handshake in everyone:
+        handshake.task.cancel()
+    done, still_running = await asyncio.wait([h.task for h in everyone], timeout=1)
+    assert not still_running
+    assert app.started == 2 and admission.pending == 0
