@@ -4,6 +4,7 @@ Entry lifetimes are decided by the "now" each call passes to Redis, so these tes
 injected clock instead of sleeping. Only the whole key's safety-net expiry runs on Redis's own
 clock; it is checked by its PTTL, not waited for.
 """
+import asyncio
 import time
 import uuid
 
@@ -107,8 +108,6 @@ async def test_the_key_expires_on_its_own_when_nobody_refreshes_it(make_presence
 async def test_joins_and_leaves_at_the_same_moment_go_in_order(make_presence):
     """A reconnect storm's joins share pipelines: each still sees who joined before it, and a leave
     asked after a join is never applied before it."""
-    import asyncio
-
     presence = make_presence()
     conversation = uuid.uuid4()
     users = [uuid.uuid4() for _ in range(300)]  # more than one pipeline's worth
