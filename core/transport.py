@@ -209,14 +209,33 @@ def _server_class():
     return ChatServer
 
 
+def _as_is(value, *args, **kwargs):
+    return value
+
+
+def _plain_debug_arguments() -> None:
+    """autobahn formats the arguments of its per-frame debug lines (`hltype`: the method's
+    qualified name through `inspect`; `hlval`: terminal colours through click) before the logger
+    sees that the line is not logged: on every frame written and every read, 2-3 % of a
+    handshake's and of a delivery's CPU (docs/performance.md). Its WebSocket modules get
+    functions that hand the value on as it is; a debug log still shows the values, uncoloured."""
+    from autobahn.twisted import websocket as twisted_websocket
+    from autobahn.websocket import protocol
+
+    for module in (protocol, twisted_websocket):
+        module.hltype = module.hlval = _as_is
+
+
 def install() -> None:
     """Make daphne's server build its HTTP connections from the classes above and its WebSocket
     connections with their settings shared (daphne.server instantiates `HTTPFactory` and
-    `WebSocketFactory` by those module-level names when it starts), and make daphne's command line
-    (which imports the application before it makes its server) run the server above."""
+    `WebSocketFactory` by those module-level names when it starts), make daphne's command line
+    (which imports the application before it makes its server) run the server above, and spare
+    autobahn's unlogged debug lines their formatting."""
     import daphne.cli
     import daphne.server
 
     daphne.server.HTTPFactory = CappedHTTPFactory
     daphne.server.WebSocketFactory = _websocket_factory_class()
     daphne.cli.CommandLineInterface.server_class = _server_class()
+    _plain_debug_arguments()

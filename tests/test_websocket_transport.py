@@ -1,6 +1,7 @@
 """daphne's WebSocket connections share autobahn's settings through their class
 (core.transport._websocket_factory_class) instead of a copy per connection, and its shutdown
-reaches every connection's application (core.transport._server_class); the handshakes, frames and
+reaches every connection's application (core.transport._server_class), and autobahn's unlogged
+debug lines are not formatted (core.transport._plain_debug_arguments); the handshakes, frames and
 the 1001 at shutdown over a real socket are the live tests' (tests/test_live_server.py and others)."""
 import asyncio
 
@@ -27,6 +28,24 @@ def test_a_connection_reads_the_settings_daphne_set_and_holds_none_of_its_own():
     assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2)).autoPingTimeout == 9
     assert connection.autoPingTimeout == 7
 
+
+
+def test_a_connection_writes_and_reads_without_formatting_unlogged_debug_lines(monkeypatch):
+    """autobahn's per-frame debug lines are not logged here; their arguments cost nothing."""
+    import click
+    import daphne.server
+
+    styled = []
+    monkeypatch.setattr(click, "style", lambda text, **kwargs: styled.append(text) or text)
+    factory = daphne.server.WebSocketFactory(None, server="test")
+    connection = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    connection.makeConnection(transport)
+    styled.clear()
+    connection.sendData(b"frame")
+    connection.dataReceived(b"")
+    assert transport.value().endswith(b"frame")
+    assert styled == []
 
 class ListeningPort:
     stopped = False
