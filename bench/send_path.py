@@ -99,7 +99,7 @@ def main() -> None:
 
     def seq_in_transaction() -> None:
         with transaction.atomic():
-            sql.allocate_seqs(conversation.id, timezone.now())
+            sql.allocate_seqs({conversation.id: 1}, timezone.now())
 
     steps = {
         "persist (the whole step, with a client_message_id)": send,

@@ -90,23 +90,37 @@ def allowed_participations(
     return found
 
 
-@cache
-def _allocate_seq_sql(vendor: str) -> str:
-    last_seq = _column(Conversation, "last_seq")
-    return (
-        f"UPDATE {_table(Conversation)} SET {last_seq} = {last_seq} + %s, "
-        f"{_column(Conversation, 'last_activity_at')} = %s WHERE {_column(Conversation, 'id')} = %s "
-        f"RETURNING {last_seq}"
-    )
+@lru_cache(maxsize=256)
+def _allocate_seqs_sql(vendor: str, conversations: int) -> str:
+    table, conversation_id, last_seq = _table(Conversation), _column(Conversation, "id"), _column(Conversation, "last_seq")
+    row = f"{table}.{conversation_id}"
+    # (CAST: PostgreSQL cannot tell a bare parameter's type inside CASE.)
+    taken = f"CASE {row} " + " ".join(["WHEN %s THEN CAST(%s AS BIGINT)"] * conversations) + " END"
+    assignments = f"SET {last_seq} = {table}.{last_seq} + {taken}, {_column(Conversation, 'last_activity_at')} = %s"
+    returning = f"RETURNING {row}, {table}.{last_seq}"
+    if vendor == "postgresql":
+        # The rows locked in id order first, as every batch of every process locks them: two
+        # batches taking two rows in opposite orders would deadlock. (SQLite locks the database.)
+        return (
+            f"WITH locked AS (SELECT {conversation_id} FROM {table} WHERE {conversation_id} IN "
+            f"({_placeholders(conversations)}) ORDER BY {conversation_id} FOR UPDATE) "
+            f"UPDATE {table} {assignments} FROM locked WHERE {row} = locked.{conversation_id} {returning}"
+        )
+    return f"UPDATE {table} {assignments} WHERE {row} IN ({_placeholders(conversations)}) {returning}"
 
 
-def allocate_seqs(conversation_id: uuid.UUID, now: datetime, count: int = 1) -> int:
-    """Take the conversation's next `count` seqs; the last of them (the caller's transaction holds
-    them until commit)."""
-    params = [count, _value(Conversation, "last_activity_at", now), _value(Conversation, "id", conversation_id)]
+def allocate_seqs(counts: dict[uuid.UUID, int], now: datetime) -> dict[uuid.UUID, int]:
+    """Take the next seqs of several conversations in one statement, conversation id -> how many
+    (0 takes none and only locks the row); conversation id -> the last seq taken. The caller's
+    transaction holds the rows until commit."""
+    ids = [_value(Conversation, "id", conversation_id) for conversation_id in counts]
+    taken = [value for db_id, count in zip(ids, counts.values()) for value in (db_id, count)]
+    at = _value(Conversation, "last_activity_at", now)
+    params = [*ids, *taken, at] if connection.vendor == "postgresql" else [*taken, at, *ids]
     with connection.cursor() as cursor:
-        cursor.execute(_allocate_seq_sql(connection.vendor), params)
-        return cursor.fetchone()[0]
+        cursor.execute(_allocate_seqs_sql(connection.vendor, len(counts)), params)
+        rows = cursor.fetchall()
+    return {_uuid(conversation_id): last_seq for conversation_id, last_seq in rows}
 
 
 def advance_read_markers(seqs: dict[int, int]) -> None:

@@ -423,26 +423,35 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]], *, retried: bool = 
             if expired:
                 IdempotencyKey.objects.filter(pk__in=expired).delete()
             new_records: list[IdempotencyKey] = []
-            # Conversations in one order for every batch of every process: each seq allocation
-            # locks its conversation's row until the commit, and two batches taking two rows in
-            # opposite orders would deadlock (PostgreSQL). The sort is stable: within a
-            # conversation, sends keep the order they arrived in.
+            # Within a conversation, sends keep the order they arrived in (the sort is stable).
             ordered = sorted(accepted, key=lambda item: item[1].conversation_id.bytes)
-            for conversation_id, sends in itertools.groupby(ordered, key=lambda item: item[1].conversation_id):
-                plain: list[tuple[int, _Accepted]] = []  # the next seqs of this conversation, taken together
-                for index, send in sends:
-                    record = found.get((send.request.sender.pk, send.key)) if send.key is not None else None
-                    if record is not None:
-                        earlier.append((index, send, record))
-                    elif send.body.reply_to is None and not send.body.attachments:
+            fresh: dict[uuid.UUID, list[tuple[int, _Accepted]]] = {}
+            for index, send in ordered:
+                record = found.get((send.request.sender.pk, send.key)) if send.key is not None else None
+                if record is not None:
+                    earlier.append((index, send, record))
+                else:
+                    fresh.setdefault(send.conversation_id, []).append((index, send))
+            # One statement takes every conversation's seqs for its sends up to the first with
+            # something to check (a reply target, uploads), and locks all of the batch's rows
+            # (in one order for every batch of every process: see sql.allocate_seqs).
+            leading = {conversation_id: _plain_run(sends) for conversation_id, sends in fresh.items()}
+            last_seqs = sql.allocate_seqs({c: len(run) for c, run in leading.items()}, now) if fresh else {}
+            for conversation_id, sends in fresh.items():
+                run = leading[conversation_id]
+                created += _messages_at(last_seqs[conversation_id] - len(run) + 1, run, now, new_records)
+                # The rest one by one, in order: the checked sends each with its own seq.
+                plain: list[tuple[int, _Accepted]] = []
+                for index, send in sends[len(run):]:
+                    if _is_plain(send):
                         plain.append((index, send))
-                    else:
-                        created += _allocate_plain(conversation_id, plain, now, new_records)
-                        plain = []
-                        try:
-                            created.append((index, send, _allocate_checked(send, now)))
-                        except ValidationFailed as exc:  # its reply target or uploads are refused: it fails alone
-                            refused.append((index, exc))
+                        continue
+                    created += _allocate_plain(conversation_id, plain, now, new_records)
+                    plain = []
+                    try:
+                        created.append((index, send, _allocate_checked(send, now)))
+                    except ValidationFailed as exc:  # its reply target or uploads are refused: it fails alone
+                        refused.append((index, exc))
                 created += _allocate_plain(conversation_id, plain, now, new_records)
             # Before the store write: a concurrent duplicate fails here, not after a wasted write.
             sql.insert_rows(new_records)
@@ -532,15 +541,24 @@ def _message_of(send: _Accepted, seq: int, now: datetime) -> tuple[Message, Idem
     )
 
 
-def _allocate_plain(
-    conversation_id: uuid.UUID, plain: list[tuple[int, _Accepted]], now: datetime, new_records: list[IdempotencyKey]
+def _is_plain(send: _Accepted) -> bool:
+    """A send with nothing to check in its transaction (no reply target, no uploads)."""
+    return send.body.reply_to is None and not send.body.attachments
+
+
+def _plain_run(sends: list[tuple[int, _Accepted]]) -> list[tuple[int, _Accepted]]:
+    """The sends before the first that is not plain."""
+    for position, (_, send) in enumerate(sends):
+        if not _is_plain(send):
+            return sends[:position]
+    return sends
+
+
+def _messages_at(
+    first: int, plain: list[tuple[int, _Accepted]], now: datetime, new_records: list[IdempotencyKey]
 ) -> list[tuple[int, _Accepted, Message]]:
-    """Inside the batch's transaction: the next seqs of a conversation for sends with nothing to
-    check (no reply target, no uploads), in one statement, and their messages; their idempotency
-    records join `new_records`, which the batch inserts in one statement."""
-    if not plain:
-        return []
-    first = sql.allocate_seqs(conversation_id, now, count=len(plain)) - len(plain) + 1
+    """The messages of plain sends at seqs `first`, `first` + 1, ...; their idempotency records
+    join `new_records`, which the batch inserts in one statement."""
     created = []
     for offset, (index, send) in enumerate(plain):
         message, record = _message_of(send, first + offset, now)
@@ -548,6 +566,17 @@ def _allocate_plain(
         if record is not None:
             new_records.append(record)
     return created
+
+
+def _allocate_plain(
+    conversation_id: uuid.UUID, plain: list[tuple[int, _Accepted]], now: datetime, new_records: list[IdempotencyKey]
+) -> list[tuple[int, _Accepted, Message]]:
+    """Inside the batch's transaction: the next seqs of a conversation for plain sends, in one
+    statement, and their messages."""
+    if not plain:
+        return []
+    last = sql.allocate_seqs({conversation_id: len(plain)}, now)[conversation_id]
+    return _messages_at(last - len(plain) + 1, plain, now, new_records)
 
 
 def _allocate_checked(send: _Accepted, now: datetime) -> Message:
@@ -559,7 +588,7 @@ def _allocate_checked(send: _Accepted, now: datetime) -> Message:
     if body.reply_to is not None:
         check_reply_target(send.conversation_id, body.reply_to)  # before anything is allocated
     with transaction.atomic() if body.attachments else contextlib.nullcontext():
-        message, record = _message_of(send, sql.allocate_seqs(send.conversation_id, now), now)
+        message, record = _message_of(send, sql.allocate_seqs({send.conversation_id: 1}, now)[send.conversation_id], now)
         if record is not None:
             # Before the uploads, so a concurrent duplicate fails on the key (and replays), not on them.
             sql.insert_rows([record])

@@ -273,15 +273,15 @@ async def test_a_batch_takes_its_conversations_rows_in_one_order(store, batches,
     taken = []
     allocate = sending.sql.allocate_seqs
 
-    def recorded(conversation_id, now, count=1):
-        taken.append((conversation_id, count))
-        return allocate(conversation_id, now, count)
+    def recorded(counts, now):
+        taken.append(list(counts.items()))
+        return allocate(counts, now)
 
     monkeypatch.setattr(sending.sql, "allocate_seqs", recorded)
     outcomes = await send_together(
         request(alice, high.id, "h1"), request(alice, low.id, "l1"), request(bob, high.id, "h2"), request(bob, low.id, "l2")
     )
-    assert taken == [(low.id, 2), (high.id, 2)]  # each conversation's seqs in one statement
+    assert taken == [[(low.id, 2), (high.id, 2)]]  # both conversations' seqs in one statement
     # Within a conversation, the order they arrived in.
     assert [(o.message.conversation_id, o.message.seq, o.message.content) for o in outcomes] == [
         (high.id, 1, "h1"), (low.id, 1, "l1"), (high.id, 2, "h2"), (low.id, 2, "l2")
@@ -329,9 +329,9 @@ async def test_a_batch_checks_its_senders_rates_in_one_call_and_refuses_only_tho
 
 @pytest.mark.django_db(transaction=True)
 def test_a_batch_costs_the_same_statements_whatever_its_size(make_user, make_group, published):
-    """Set-wise: a batch runs one statement per kind (authorization, idempotency lookup, records,
-    read markers, outbox) and one seq allocation per conversation, not a round of statements per
-    send; and every send still has its own record, read marker and outbox entry."""
+    """Set-wise: a batch runs one statement per kind (authorization, idempotency lookup, seq
+    allocation, records, read markers, outbox), not a round of statements per send or per
+    conversation; and every send still has its own record, read marker and outbox entry."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
@@ -347,15 +347,16 @@ def test_a_batch_costs_the_same_statements_whatever_its_size(make_user, make_gro
             outcomes = sending._persist_batch(requests)
         return outcomes, len(queries)
 
-    small, small_statements = batch(2)
+    one, one_statements = batch(1)  # one sender, one conversation
+    small, small_statements = batch(2)  # two of each
     large, large_statements = batch(12)
-    assert all(isinstance(o, sending.SendResult) and not o.replayed for o in small + large)
-    assert large_statements == small_statements
-    assert IdempotencyKey.objects.count() == OutboxEntry.objects.count() == 14
+    assert all(isinstance(o, sending.SendResult) and not o.replayed for o in one + small + large)
+    assert one_statements == small_statements == large_statements
+    assert IdempotencyKey.objects.count() == OutboxEntry.objects.count() == 15
     # Each sender's read marker is at its own last message in each conversation.
     for conversation in (first, second):
         for sender in senders:
-            own = [o.message.seq for o in small + large if o.message.conversation_id == conversation.id and o.message.sender_id == sender.pk]
+            own = [o.message.seq for o in one + small + large if o.message.conversation_id == conversation.id and o.message.sender_id == sender.pk]
             marker = Participant.objects.get(conversation=conversation, user=sender).last_read_seq
             assert marker == max(own, default=0)
 
