@@ -208,6 +208,52 @@ def test_on_sqlite_a_send_queues_behind_another_process_writing(make_user, make_
     assert Conversation.objects.get(pk=conversation.pk).last_seq == 1
 
 
+
+@pytest.mark.django_db(transaction=True)
+def test_on_postgresql_the_seq_allocation_locks_its_rows_in_id_order(make_user, make_group):
+    """A batch locks all of its conversations' rows with its first statement, lowest id first,
+    whatever order the table holds them in: two batches sharing rows queue instead of deadlocking."""
+    import threading
+
+    from django.db import OperationalError, connection, transaction
+    from django.utils import timezone
+
+    from chat import sql
+
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks are PostgreSQL's (SQLite locks the whole database)")
+    alice, bob = make_user(), make_user()
+    low, high = sorted((make_group(alice, bob), make_group(alice, bob)), key=lambda c: c.id.bytes)
+    Conversation.objects.filter(pk=low.pk).update(title="moved")  # its row now comes after high's in the table
+    holding, release, allocated = threading.Event(), threading.Event(), []
+
+    def other_batch_holds_high():
+        with transaction.atomic():
+            list(Conversation.objects.select_for_update().filter(pk=high.pk))
+            holding.set()
+            release.wait(10)
+        connection.close()
+
+    def batch():
+        with transaction.atomic():
+            allocated.append(sql.allocate_seqs({high.id: 1, low.id: 2}, timezone.now()))
+        connection.close()
+
+    threads = [threading.Thread(target=other_batch_holds_high), threading.Thread(target=batch)]
+    threads[0].start()
+    assert holding.wait(10)
+    threads[1].start()
+    try:
+        threads[1].join(0.5)
+        assert not allocated  # waiting for high's row...
+        with pytest.raises(OperationalError), transaction.atomic():  # ...with low's already locked
+            list(Conversation.objects.select_for_update(nowait=True).filter(pk=low.pk))
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(10)
+    assert allocated == [{high.id: 1, low.id: 2}]
+
 async def test_a_send_whose_uploads_cannot_be_attached_fails_alone_in_its_batch(store, batches, published, make_user, make_group):
     alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
     conversation = await database_sync_to_async(make_group)(alice, bob)
