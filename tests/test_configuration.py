@@ -254,6 +254,16 @@ def test_manage_py_check_fails_naming_the_variable():
     assert "chat.E001" in result.stderr and "CHAT_MAX_REPLAY='abc'" in result.stderr
 
 
+def test_a_worker_leaves_what_it_imported_out_of_the_garbage_collectors_walks():
+    """The objects a worker has once the application is imported live as long as it does; frozen,
+    a full collection walks only what came after them (chatproject/asgi.py)."""
+    result = run_python("-c", "import gc, chatproject.asgi; print(gc.get_freeze_count(), len(gc.get_objects()))")
+    assert result.returncode == 0, result.stderr
+    frozen, walked = map(int, result.stdout.split())
+    assert frozen > 50_000
+    assert walked < frozen / 10
+
+
 def test_the_asgi_server_refuses_to_start_without_a_traceback():
     result = run_python("-c", "import chatproject.asgi", CHAT_SEND_RATE="lots", CASSANDRA_CONSISTENCY="most")
     assert result.returncode == 1
