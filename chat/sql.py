@@ -91,34 +91,47 @@ def allowed_participations(
 
 
 @lru_cache(maxsize=256)
-def _allocate_seqs_sql(vendor: str, conversations: int) -> str:
-    table, conversation_id, last_seq = _table(Conversation), _column(Conversation, "id"), _column(Conversation, "last_seq")
-    row = f"{table}.{conversation_id}"
+def _allocate_seqs_sql(vendor: str, conversations: int, in_order: bool) -> str:
+    table, conversation_id = _table(Conversation), _column(Conversation, "id")
+    last_seq, activity = _column(Conversation, "last_seq"), _column(Conversation, "last_activity_at")
+    # (Qualified where the statement joins its own rows: `locked` below has an id column too.)
+    this = f"{table}." if in_order else ""
     # (CAST: PostgreSQL cannot tell a bare parameter's type inside CASE.)
-    taken = f"CASE {row} " + " ".join(["WHEN %s THEN CAST(%s AS BIGINT)"] * conversations) + " END"
-    assignments = f"SET {last_seq} = {table}.{last_seq} + {taken}, {_column(Conversation, 'last_activity_at')} = %s"
-    returning = f"RETURNING {row}, {table}.{last_seq}"
-    if vendor == "postgresql":
-        # The rows locked in id order first, as every batch of every process locks them: two
-        # batches taking two rows in opposite orders would deadlock. (SQLite locks the database.)
+    taken = f"CASE {this}{conversation_id} " + " ".join(["WHEN %s THEN CAST(%s AS BIGINT)"] * conversations) + " END"
+    # A row that takes no seq (it is only locked) keeps its activity time.
+    assignments = (
+        f"SET {last_seq} = {this}{last_seq} + {taken}, "
+        f"{activity} = CASE WHEN {taken} > 0 THEN %s ELSE {this}{activity} END"
+    )
+    returning = f"RETURNING {this}{conversation_id}, {this}{last_seq}"
+    if in_order:
+        # Locked first, lowest id first, as every batch of every process locks its rows: two
+        # batches taking two rows in opposite orders would deadlock. FOR NO KEY UPDATE is the
+        # lock an UPDATE takes (it lets foreign-key checks of new participants through).
         return (
             f"WITH locked AS (SELECT {conversation_id} FROM {table} WHERE {conversation_id} IN "
-            f"({_placeholders(conversations)}) ORDER BY {conversation_id} FOR UPDATE) "
-            f"UPDATE {table} {assignments} FROM locked WHERE {row} = locked.{conversation_id} {returning}"
+            f"({_placeholders(conversations)}) ORDER BY {conversation_id} FOR NO KEY UPDATE) "
+            f"UPDATE {table} {assignments} FROM locked WHERE {this}{conversation_id} = locked.{conversation_id} {returning}"
         )
-    return f"UPDATE {table} {assignments} WHERE {row} IN ({_placeholders(conversations)}) {returning}"
+    return f"UPDATE {table} {assignments} WHERE {conversation_id} IN ({_placeholders(conversations)}) {returning}"
 
 
 def allocate_seqs(counts: dict[uuid.UUID, int], now: datetime) -> dict[uuid.UUID, int]:
-    """Take the next seqs of several conversations in one statement, conversation id -> how many
-    (0 takes none and only locks the row); conversation id -> the last seq taken. The caller's
-    transaction holds the rows until commit."""
+    """Take the next seqs of several conversations in one statement, conversation id -> how many;
+    conversation id -> the last seq taken. The caller's transaction holds the rows until commit.
+    On PostgreSQL a statement of several rows locks them in id order, those with a count of 0
+    included (they take no seq); elsewhere a count of 0 is left out."""
+    in_order = connection.vendor == "postgresql" and len(counts) > 1
+    if not in_order:
+        counts = {conversation_id: count for conversation_id, count in counts.items() if count}
+        if not counts:
+            return {}
     ids = [_value(Conversation, "id", conversation_id) for conversation_id in counts]
     taken = [value for db_id, count in zip(ids, counts.values()) for value in (db_id, count)]
     at = _value(Conversation, "last_activity_at", now)
-    params = [*ids, *taken, at] if connection.vendor == "postgresql" else [*taken, at, *ids]
+    params = [*ids, *taken, *taken, at] if in_order else [*taken, *taken, at, *ids]
     with connection.cursor() as cursor:
-        cursor.execute(_allocate_seqs_sql(connection.vendor, len(counts)), params)
+        cursor.execute(_allocate_seqs_sql(connection.vendor, len(counts), in_order), params)
         rows = cursor.fetchall()
     return {_uuid(conversation_id): last_seq for conversation_id, last_seq in rows}
 

@@ -29,7 +29,6 @@ def test_a_connection_reads_the_settings_daphne_set_and_holds_none_of_its_own():
     assert connection.autoPingTimeout == 7
 
 
-
 def test_a_connection_writes_and_reads_without_formatting_unlogged_debug_lines(monkeypatch):
     """autobahn's per-frame debug lines are not logged here; their arguments cost nothing."""
     import click
@@ -46,6 +45,7 @@ def test_a_connection_writes_and_reads_without_formatting_unlogged_debug_lines(m
     connection.dataReceived(b"")
     assert transport.value().endswith(b"frame")
     assert styled == []
+
 
 class ListeningPort:
     stopped = False

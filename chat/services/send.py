@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -423,10 +422,9 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]], *, retried: bool = 
             if expired:
                 IdempotencyKey.objects.filter(pk__in=expired).delete()
             new_records: list[IdempotencyKey] = []
-            # Within a conversation, sends keep the order they arrived in (the sort is stable).
-            ordered = sorted(accepted, key=lambda item: item[1].conversation_id.bytes)
+            # Each conversation's sends in the order they arrived in.
             fresh: dict[uuid.UUID, list[tuple[int, _Accepted]]] = {}
-            for index, send in ordered:
+            for index, send in accepted:
                 record = found.get((send.request.sender.pk, send.key)) if send.key is not None else None
                 if record is not None:
                     earlier.append((index, send, record))
@@ -439,7 +437,8 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]], *, retried: bool = 
             last_seqs = sql.allocate_seqs({c: len(run) for c, run in leading.items()}, now) if fresh else {}
             for conversation_id, sends in fresh.items():
                 run = leading[conversation_id]
-                created += _messages_at(last_seqs[conversation_id] - len(run) + 1, run, now, new_records)
+                if run:
+                    created += _messages_at(last_seqs[conversation_id] - len(run) + 1, run, now, new_records)
                 # The rest one by one, in order: the checked sends each with its own seq.
                 plain: list[tuple[int, _Accepted]] = []
                 for index, send in sends[len(run):]:

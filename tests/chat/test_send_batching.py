@@ -208,12 +208,12 @@ def test_on_sqlite_a_send_queues_behind_another_process_writing(make_user, make_
     assert Conversation.objects.get(pk=conversation.pk).last_seq == 1
 
 
-
 @pytest.mark.django_db(transaction=True)
 def test_on_postgresql_the_seq_allocation_locks_its_rows_in_id_order(make_user, make_group):
     """A batch locks all of its conversations' rows with its first statement, lowest id first,
     whatever order the table holds them in: two batches sharing rows queue instead of deadlocking."""
     import threading
+    import time
 
     from django.db import OperationalError, connection, transaction
     from django.utils import timezone
@@ -239,12 +239,22 @@ def test_on_postgresql_the_seq_allocation_locks_its_rows_in_id_order(make_user, 
             allocated.append(sql.allocate_seqs({high.id: 1, low.id: 2}, timezone.now()))
         connection.close()
 
+    def waiting_for_a_lock() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            return cursor.fetchone()[0] > 0
+
     threads = [threading.Thread(target=other_batch_holds_high), threading.Thread(target=batch)]
     threads[0].start()
     assert holding.wait(10)
     threads[1].start()
     try:
-        threads[1].join(0.5)
+        for _ in range(500):
+            if waiting_for_a_lock():
+                break
+            time.sleep(0.01)
         assert not allocated  # waiting for high's row...
         with pytest.raises(OperationalError), transaction.atomic():  # ...with low's already locked
             list(Conversation.objects.select_for_update(nowait=True).filter(pk=low.pk))
@@ -253,6 +263,7 @@ def test_on_postgresql_the_seq_allocation_locks_its_rows_in_id_order(make_user, 
         for thread in threads:
             thread.join(10)
     assert allocated == [{high.id: 1, low.id: 2}]
+
 
 async def test_a_send_whose_uploads_cannot_be_attached_fails_alone_in_its_batch(store, batches, published, make_user, make_group):
     alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
@@ -310,28 +321,39 @@ async def test_a_fault_accepting_one_send_fails_that_send_alone(store, batches, 
     assert [(o.message.seq, o.message.content) for o in (outcomes[0], outcomes[2])] == [(1, "1"), (2, "2")]
 
 
-async def test_a_batch_takes_its_conversations_rows_in_one_order(store, batches, published, make_user, make_group, monkeypatch):
-    # Every batch of every process locks conversation rows in the same order (by id): two batches
-    # taking two rows in opposite orders would deadlock on PostgreSQL.
+async def test_a_batch_takes_every_conversations_seqs_in_one_statement(store, batches, published, make_user, make_group, monkeypatch):
+    # (The order it locks their rows in is the statement's own: the PostgreSQL test above.)
     alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
     one, two = await database_sync_to_async(lambda: (make_group(alice, bob), make_group(alice, bob)))()
-    low, high = sorted((one, two), key=lambda c: c.id.bytes)
     taken = []
     allocate = sending.sql.allocate_seqs
 
     def recorded(counts, now):
-        taken.append(list(counts.items()))
+        taken.append(dict(counts))
         return allocate(counts, now)
 
     monkeypatch.setattr(sending.sql, "allocate_seqs", recorded)
     outcomes = await send_together(
-        request(alice, high.id, "h1"), request(alice, low.id, "l1"), request(bob, high.id, "h2"), request(bob, low.id, "l2")
+        request(alice, two.id, "t1"), request(alice, one.id, "o1"), request(bob, two.id, "t2"), request(bob, one.id, "o2")
     )
-    assert taken == [[(low.id, 2), (high.id, 2)]]  # both conversations' seqs in one statement
+    assert taken == [{one.id: 2, two.id: 2}]
     # Within a conversation, the order they arrived in.
     assert [(o.message.conversation_id, o.message.seq, o.message.content) for o in outcomes] == [
-        (high.id, 1, "h1"), (low.id, 1, "l1"), (high.id, 2, "h2"), (low.id, 2, "l2")
+        (two.id, 1, "t1"), (one.id, 1, "o1"), (two.id, 2, "t2"), (one.id, 2, "o2")
     ]
+
+
+async def test_a_refused_reply_leaves_its_conversation_as_it_was(store, batches, published, make_user, make_group):
+    """A conversation whose only send of the batch is refused (its reply target does not exist)
+    takes no seq and keeps its place in the conversation list (its activity time)."""
+    alice, bob = await database_sync_to_async(lambda: (make_user(), make_user()))()
+    one, two = await database_sync_to_async(lambda: (make_group(alice, bob), make_group(alice, bob)))()
+    before = await database_sync_to_async(lambda: Conversation.objects.get(pk=two.pk))()
+    outcomes = await send_together(request(alice, one.id, "plain"), request(bob, two.id, "re: nothing", reply_to=99))
+    assert outcomes[0].message.seq == 1
+    assert isinstance(outcomes[1], ValidationFailed)
+    after = await database_sync_to_async(lambda: Conversation.objects.get(pk=two.pk))()
+    assert (after.last_seq, after.last_activity_at) == (before.last_seq, before.last_activity_at)
 
 
 async def test_a_batch_checks_its_senders_rates_in_one_call_and_refuses_only_those_over(
