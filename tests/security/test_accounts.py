@@ -63,6 +63,27 @@ class TestTokens:
         assert key not in [str(value) for value in row.values()]
         assert row["digest"] != key and len(row["digest"]) == 128
 
+    def test_a_token_is_read_with_its_user_as_the_orm_reads_them_without_compiling_a_query(self, make_user, monkeypatch):
+        from django.db.models.sql.compiler import SQLCompiler
+
+        from accounts.auth import tokens_with_users, user_for_token
+
+        make_user("dora", email="dora@example.com")
+        key = login("dora").data["token"]
+        [read] = tokens_with_users(key[:15])
+        expected = AuthToken.objects.select_related("user").get()
+        for model_fields, mine, orm in ((AuthToken._meta.concrete_fields, read, expected),
+                                        (User._meta.concrete_fields, read.user, expected.user)):
+            assert [(f.attname, getattr(mine, f.attname)) for f in model_fields] == [
+                (f.attname, getattr(orm, f.attname)) for f in model_fields
+            ]
+        assert read.expiry.tzinfo is not None and not read._state.adding
+        assert tokens_with_users("no such key") == []
+        compiled = []
+        monkeypatch.setattr(SQLCompiler, "as_sql", lambda *args, **kwargs: compiled.append(1) or 1 / 0)
+        assert user_for_token(key).username == "dora"  # fresh: no expiry to slide, nothing written
+        assert compiled == []
+
     def test_an_expired_token_is_refused_and_deleted(self, make_user):
         make_user("dora")
         key = login("dora").data["token"]
