@@ -58,17 +58,16 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
 
 
 @cache
-def _tokens_with_users_sql(vendor: str) -> tuple[str, list, list]:
-    """The statement of `tokens_with_users` (its text is built once per database vendor), and the
-    token's and the user's fields in the order it selects them."""
-    token_model, user_model = get_token_model(), get_user_model()
+def _tokens_with_users_sql(vendor: str, token_model, user_model) -> tuple[str, list, list]:
+    """The statement of `tokens_with_users` (its text is built once per database vendor and pair
+    of models), and the token's and the user's fields in the order it selects them."""
     quote = connection.ops.quote_name
     token_fields, user_fields = list(token_model._meta.concrete_fields), list(user_model._meta.concrete_fields)
     columns = [f"t.{quote(field.column)}" for field in token_fields] + [f"u.{quote(field.column)}" for field in user_fields]
     user_key = token_model._meta.get_field("user")
     sql = (
         f"SELECT {', '.join(columns)} FROM {quote(token_model._meta.db_table)} t "
-        f"JOIN {quote(user_model._meta.db_table)} u ON u.{quote(user_model._meta.pk.column)} = t.{quote(user_key.column)} "
+        f"JOIN {quote(user_model._meta.db_table)} u ON u.{quote(user_key.target_field.column)} = t.{quote(user_key.column)} "
         f"WHERE t.{quote(token_model._meta.get_field('token_key').column)} = %s"
     )
     return sql, token_fields, user_fields
@@ -88,8 +87,9 @@ def _from_row(model, fields: list, values) -> object:
 
 def tokens_with_users(token_key: str) -> list:
     """The tokens whose key is `token_key`, each with its user loaded: what knox reads with
-    `filter(token_key=...).select_related("user")`, in one hand-written statement."""
-    sql, token_fields, user_fields = _tokens_with_users_sql(connection.vendor)
+    `filter(token_key=...).select_related("user")`, in one hand-written statement (on the default
+    database, the only relational one; knox's manager filters nothing)."""
+    sql, token_fields, user_fields = _tokens_with_users_sql(connection.vendor, get_token_model(), get_user_model())
     with connection.cursor() as cursor:
         cursor.execute(sql, [token_key])
         rows = cursor.fetchall()
