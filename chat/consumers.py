@@ -46,8 +46,8 @@ TYPING_MIN_INTERVAL_SECONDS = 1.0
 # How long a client may sit on more than CHAT_MAX_OUTBOUND_BYTES unread before it is closed (4008).
 SLOW_CLIENT_GRACE_SECONDS = 2.0
 
-# How long after the handshake a socket looks at the store once more (see connect).
-SUBSCRIBE_SETTLE_SECONDS = 1.0
+# How long after subscribing a socket looks at the store once more (chat.recheck.settle).
+SUBSCRIBE_SETTLE_SECONDS = recheck.SETTLE_SECONDS
 # How long a user stream opened with ?resume=1 holds live events for the client's resume frame.
 RESUME_WAIT_SECONDS = 5.0
 # One resume frame replays at most this many times CHAT_MAX_REPLAY messages and changes in all
@@ -549,7 +549,6 @@ class ChatConsumer(ChatSocket):
 
     conversation_id: uuid.UUID | None = None
     presence_task: asyncio.Task | None = None
-    settle_task: asyncio.Task | None = None
     delivery: ConversationFeed | None = None  # the conversation, from the end of the handshake on
 
     # --- handshake -------------------------------------------------------------------------
@@ -619,14 +618,13 @@ class ChatConsumer(ChatSocket):
         # A new subscription takes effect when Redis has processed it, which channels-redis does
         # not wait for: a message published in between, and committed after the read above, would
         # only be revealed by a later message. One look at the store once the subscription is
-        # surely live closes that window (the periodic re-check is the backstop).
-        self.settle_task = asyncio.create_task(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS))
+        # surely live closes that window (shared with the sockets subscribed meanwhile).
+        recheck.settle(self)
 
     async def release_conversations(self) -> None:
         recheck.unwatch(self)
-        for task in (self.presence_task, self.settle_task):
-            if task is not None and not task.done():
-                task.cancel()
+        if self.presence_task is not None and not self.presence_task.done():
+            self.presence_task.cancel()
         if self.conversation_id is not None:
             await self._presence_exit(self.conversation_id)
         if self.delivery is not None:
@@ -667,19 +665,6 @@ class ChatConsumer(ChatSocket):
         """chat.recheck: the conversation has committed up to these."""
         if self.delivery is not None and not self.closing:
             self.delivery.catch_up(last_seq, last_change)
-
-    async def _catch_up_after(self, delay: float) -> None:
-        try:
-            await asyncio.sleep(delay)
-            participation = await in_thread(access_participation)(user=self.user, conversation_id=self.conversation_id)
-        except AccessDenied:
-            return  # revoked meanwhile: the revocation's event or the periodic re-check closes the socket
-        except Exception:
-            logger.warning("websocket: catch-up read failed", exc_info=True)
-            return
-        finally:
-            self.settle_task = None  # a finished task kept would cost memory for the socket's life
-        self.catch_up(participation.last_seq, participation.last_change)
 
     # --- inbound frames ------------------------------------------------------------------------
     def frame_handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:
@@ -805,7 +790,8 @@ class UserStreamConsumer(ChatSocket):
         self._start_draining()
         # As the conversation socket does: one look at the store once the subscriptions are
         # surely live (a message published before Redis processed them).
-        self._spawn(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS, list(self.feeds)))
+        for watch in self.watched.values():
+            recheck.settle(watch)
         # The user is online in every conversation the stream carries: announced in the
         # background, one conversation after the other (best effort, as for a conversation socket).
         self._spawn(self._presence_enter_each(list(self.feeds)))
@@ -858,18 +844,6 @@ class UserStreamConsumer(ChatSocket):
             feed.close()
         for conversation_id in list(self.present_in):
             await self._presence_exit(conversation_id)
-
-    async def _catch_up_after(self, delay: float, conversation_ids: list[uuid.UUID]) -> None:
-        await asyncio.sleep(delay)
-        try:
-            standings = await in_thread(stream_standings)(user=self.user, conversation_ids=conversation_ids)
-        except Exception:
-            logger.warning("websocket: catch-up read failed", exc_info=True)
-            return
-        for standing in standings:
-            feed = self.feeds.get(standing.conversation_id)
-            if feed is not None:
-                feed.catch_up(standing.last_seq, standing.last_change)
 
     # --- events ------------------------------------------------------------------------------
     def conversation_of(self, event: dict) -> ConversationFeed | None:
@@ -939,7 +913,7 @@ class UserStreamConsumer(ChatSocket):
             Standing(standings[0].participant_id, conversation_id, event["last_seq"], event["last_change"])
         )
         await self._send_json(frame)
-        self._spawn(self._catch_up_after(SUBSCRIBE_SETTLE_SECONDS, [conversation_id]))
+        recheck.settle(self.watched[conversation_id])
         self._spawn(self._presence_enter_each([conversation_id]))
 
     async def _left(self, event: dict) -> None:

@@ -10,11 +10,19 @@ last_seq and last_change: a socket that is behind (a publish was lost and no lat
 the gap) reads the rest from the store, so a lost publish is delivered within the interval too.
 What is watched is one socket's view of one conversation: the conversation socket itself, or one
 conversation of a user stream.
+
+A socket that has just subscribed gets one early look of the same kind (`settle`): a subscription
+takes effect when Redis has processed it, which channels-redis does not wait for, so a message
+published in between and committed after the handshake's read would otherwise wait for a later
+message or the periodic round. The sockets that subscribed within a moment of each other share
+that look's query, as the periodic round's sockets do: a reconnect storm's thousands of sockets
+cost a few queries, not a thread hop and a query each.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Protocol
 
 from django.conf import settings
@@ -26,6 +34,10 @@ from core.threads import in_thread
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 500  # participant ids per query (SQLite's limit on bound variables is far above)
+# A new subscription is surely live this long after it was made (Redis processes it in far less).
+SETTLE_SECONDS = 1.0
+# A settle look that is due waits this much longer for the next sockets' to share its query.
+SETTLE_GATHER_SECONDS = 0.2
 
 
 class Watched(Protocol):
@@ -38,6 +50,9 @@ class Watched(Protocol):
 # Open sockets of this process -> the participation each was authorized by.
 _sockets: dict[Watched, int] = {}
 _task: asyncio.Task | None = None
+# Sockets waiting for their settle look, with when it is due (loop time), in that order.
+_settling: deque[tuple[float, Watched]] = deque()
+_settle_task: asyncio.Task | None = None
 
 
 def watch(socket: Watched, participant_id: int) -> None:
@@ -53,6 +68,32 @@ def unwatch(socket: Watched) -> None:
     _sockets.pop(socket, None)
 
 
+def settle(socket: Watched) -> None:
+    """One early check of a watched socket whose subscription was just made, SETTLE_SECONDS from
+    now (at most SETTLE_GATHER_SECONDS later), together with every other socket's due by then."""
+    global _settle_task
+    loop = asyncio.get_running_loop()
+    _settling.append((loop.time() + SETTLE_SECONDS, socket))
+    if _settle_task is None or _settle_task.done() or _settle_task.get_loop() is not loop:
+        _settle_task = loop.create_task(_settle_forever(), name="chat-settle-look")
+
+
+async def _settle_forever() -> None:
+    loop = asyncio.get_running_loop()
+    while _settling:
+        await asyncio.sleep(max(0.0, _settling[0][0] - loop.time()) + SETTLE_GATHER_SECONDS)
+        now = loop.time()
+        due = []
+        while _settling and _settling[0][0] <= now:
+            socket = _settling.popleft()[1]
+            if socket in _sockets:  # (not closed meanwhile)
+                due.append((socket, _sockets[socket]))
+        try:
+            await _check(due)
+        except Exception:  # the database may be away: the periodic round is the backstop
+            logger.warning("settle look failed", exc_info=True)
+
+
 async def _run() -> None:
     while _sockets:
         await asyncio.sleep(settings.CHAT_MEMBERSHIP_RECHECK)
@@ -64,7 +105,12 @@ async def _run() -> None:
 
 async def recheck_once() -> int:
     """Re-run the rule for every watched socket; close those that lost access. Returns how many."""
-    sockets = list(_sockets.items())
+    return await _check(list(_sockets.items()))
+
+
+async def _check(sockets: list[tuple[Watched, int]]) -> int:
+    """The rule for these (socket, participation id) pairs, BATCH_SIZE per query: those that lost
+    access are closed (how many is returned), the others caught up to what is committed."""
     closed = 0
     for start in range(0, len(sockets), BATCH_SIZE):
         batch = sockets[start : start + BATCH_SIZE]

@@ -152,6 +152,33 @@ async def test_a_publish_missed_right_after_the_handshake_is_caught_up_within_a_
     await b.disconnect()
 
 
+async def test_sockets_that_subscribe_together_share_one_settle_look(pair, monkeypatch):
+    """The settle look is one query for every socket that subscribed within a moment of the
+    others (a reconnect storm's thousands), not a thread hop and a query per socket; and a
+    revocation that announced nothing closes the socket at that look, not 30 s later."""
+    from chat import recheck
+    from tests.chat.test_consumer import expect_close
+
+    alice, bob, conversation = pair
+    looks = []
+    real = recheck.allowed_participations
+
+    def counted(*, participant_ids):
+        looks.append(set(participant_ids))
+        return real(participant_ids=participant_ids)
+
+    monkeypatch.setattr(recheck, "allowed_participations", counted)
+    sockets = [(await open_socket(user, conversation))[0] for user in (alice, alice, bob)]
+    for socket in sockets:
+        await receive(socket)
+    await database_sync_to_async(ban_without_signals)(conversation, bob)
+    await expect_close(sockets[2], 4403, timeout=recheck.SETTLE_SECONDS + recheck.SETTLE_GATHER_SECONDS + 1)
+    await sockets[2].disconnect(code=4403)
+    assert len(looks) == 1 and len(looks[0]) == 2, looks  # three sockets, one query (alice has one participation)
+    for socket in sockets[:2]:
+        await socket.disconnect()
+
+
 def test_a_failed_revocation_publish_is_retried_in_the_background(make_user, make_group, monkeypatch, transactional_db):
     import threading
     import time
