@@ -129,6 +129,7 @@ class ChatSocket(AsyncWebsocketConsumer):
     counted = False
     accepted = False
     closing = False
+    watching_account = False
     backlog = 0  # this connection's share of chat_client_send_channel_length
 
     # --- handshake -------------------------------------------------------------------------
@@ -160,6 +161,9 @@ class ChatSocket(AsyncWebsocketConsumer):
         client reconnects shortly; refusing would read as an authorization failure)."""
         try:
             fanout = get_fanout()
+            if not self.watching_account:  # deactivation, password change: chat.events.ACCOUNTS_GROUP
+                await fanout.watch_account(self.user.pk, self)
+                self.watching_account = True
             for group in groups:
                 if group not in self.subscribed:
                     await fanout.subscribe(group, self)
@@ -199,6 +203,9 @@ class ChatSocket(AsyncWebsocketConsumer):
 
     async def _unsubscribe(self) -> None:
         fanout = get_fanout()
+        if self.watching_account:
+            self.watching_account = False
+            await fanout.unwatch_account(self.user.pk, self)
         while self.subscribed:
             await fanout.unsubscribe(self.subscribed.pop(), self)
 
@@ -569,9 +576,9 @@ class ChatConsumer(ChatSocket):
         self.conversation_group = events.conversation_group(self.conversation_id)
 
         # Subscribe first, then read where the conversation stands: every later message is then
-        # either already in the store or on its way to this socket's inbox. The user's own group
-        # carries events about the person, such as deactivation.
-        if not await self._subscribe([self.conversation_group, events.user_group(self.user.pk)]):
+        # either already in the store or on its way to this socket's inbox (and a revocation of
+        # the account, such as a deactivation, to this socket).
+        if not await self._subscribe([self.conversation_group]):
             return
         # Authorize again now that revocations reach this socket: a ban or removal committed
         # between the first check and the subscription was published where we could not hear it.
@@ -651,13 +658,11 @@ class ChatConsumer(ChatSocket):
     message_new = message_updated = message_deleted = typing = presence = read = conversation_event
     reaction_added = reaction_removed = conversation_event
 
-    async def ignored(self, event: dict) -> None:
-        """Events for user streams (the user's own group, the conversation's details)."""
-
-    conversation_joined = conversation_left = conversation_updated = ignored
+    async def conversation_updated(self, event: dict) -> None:
+        """The conversation's details, for user streams."""
 
     async def membership_revoked(self, event: dict) -> None:
-        """Removed or banned from this conversation, or deactivated (then sent to the user's group)."""
+        """Removed or banned from this conversation, or the account revoked (chat.events.ACCOUNTS_GROUP)."""
         if event["user_id"] == str(self.user.pk):
             await self.revoke()
 
@@ -854,12 +859,10 @@ class UserStreamConsumer(ChatSocket):
         group = event.get("group")
         if group is None:  # the connection's own: websocket.connect, .receive, .disconnect
             return await super().dispatch(event)
+        if group == events.ACCOUNTS_GROUP:
+            return await self._account_revoked(event)
         if group == self.own_group:
-            handler = {
-                "conversation.joined": self._joined,
-                "conversation.left": self._left,
-                "membership.revoked": self._account_revoked,
-            }.get(event["type"])
+            handler = {"conversation.joined": self._joined, "conversation.left": self._left}.get(event["type"])
             if handler is not None:
                 await handler(event)
             return

@@ -43,6 +43,13 @@ def user_group(user_id: uuid.UUID | str) -> str:
     return f"user.{uuid.UUID(str(user_id)).hex}"
 
 
+# Revocations of whole accounts (deactivation, password change) go to this one group, which every
+# process listens to once (chat.fanout routes each to the process's sockets of that account),
+# instead of to a group per user: every conversation socket would otherwise hold a Redis
+# subscription of its own, for its user, made and dropped with each handshake.
+ACCOUNTS_GROUP = "accounts"
+
+
 async def retry_once(operation: Callable[[], Awaitable[None]]) -> None:
     """Run a channel-layer operation, once more on failure: after Redis restarts, each pooled
     connection fails once before it reconnects, and that must not cost a publish or a socket."""
@@ -231,7 +238,7 @@ def membership_revoked(conversation_id: uuid.UUID, user_id: uuid.UUID) -> None:
 
 def user_sockets_revoked(user_id: uuid.UUID) -> None:
     """Tell all of the user's connections, on every conversation, to close (4403)."""
-    send_event_on_commit(user_group(user_id), {"type": "membership.revoked", "user_id": str(user_id)})
+    send_event_on_commit(ACCOUNTS_GROUP, {"type": "membership.revoked", "user_id": str(user_id)})
 
 
 # Membership, live on the user stream (SPEC section 5). Joins and leaves go to the person's own

@@ -8,6 +8,9 @@ channel; the first local listener of a group subscribes it, the last one unsubsc
 event arrives once per process and is handed, in arrival order, to the inbox of every local
 listener of its group (events carry their group: chat.events adds it). A listener's inbox is
 drained by that listener alone, so a slow socket holds up nobody else.
+
+Revocations of whole accounts arrive on one group for all accounts (chat.events.ACCOUNTS_GROUP),
+subscribed once per process; each goes to the process's listeners of that account only.
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ class Fanout:
         self.layer = get_channel_layer()
         self.channel: str | None = None
         self.listeners: dict[str, set[Listener]] = {}
+        # The local listeners of each account (its user id, as account events carry it).
+        self.accounts: dict[str, set[Listener]] = {}
+        self._account_router = _AccountRouter(self.accounts)
         self._changes = asyncio.Lock()
         self._task: asyncio.Task | None = None
 
@@ -54,20 +60,44 @@ class Fanout:
                 metrics.redis_subscription_active.inc()
             listeners.add(listener)
 
+    async def watch_account(self, user_id: object, listener: Listener) -> None:
+        """Deliver the revocations of this account to `listener` from now on. Raises as subscribe."""
+        if events.ACCOUNTS_GROUP not in self.listeners:
+            await self.subscribe(events.ACCOUNTS_GROUP, self._account_router)
+        self.accounts.setdefault(str(user_id), set()).add(listener)
+
+    async def unwatch_account(self, user_id: object, listener: Listener) -> None:
+        key = str(user_id)
+        listeners = self.accounts.get(key)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                del self.accounts[key]
+        if self.accounts:
+            return
+        async with self._changes:
+            # Again under the lock: a socket may have watched an account meanwhile (watch_account
+            # subscribes without it while the group is there; it is removed below before any await).
+            if not self.accounts and events.ACCOUNTS_GROUP in self.listeners:
+                await self._drop(events.ACCOUNTS_GROUP)
+
     async def unsubscribe(self, group: str, listener: Listener) -> None:
         async with self._changes:
             listeners = self.listeners.get(group)
             if listeners is None or listener not in listeners:
                 return
             listeners.discard(listener)
-            if listeners:
-                return
-            del self.listeners[group]
-            metrics.redis_subscription_active.dec()
-            try:
-                await self.layer.group_discard(group, self.channel)
-            except Exception:  # the layer drops its local membership all the same
-                logger.warning("fan-out: group_discard of %s failed", group, exc_info=True)
+            if not listeners:
+                await self._drop(group)
+
+    async def _drop(self, group: str) -> None:
+        """The last local listener of the group is gone (under the lock)."""
+        del self.listeners[group]
+        metrics.redis_subscription_active.dec()
+        try:
+            await self.layer.group_discard(group, self.channel)
+        except Exception:  # the layer drops its local membership all the same
+            logger.warning("fan-out: group_discard of %s failed", group, exc_info=True)
 
     async def _receive_forever(self) -> None:
         while True:
@@ -85,6 +115,17 @@ class Fanout:
                 except Exception:
                     metrics.broadcast_panic.inc()
                     logger.exception("fan-out: a listener refused an event")
+
+
+class _AccountRouter:
+    """The fan-out's own listener of the accounts group: each event to that account's listeners."""
+
+    def __init__(self, accounts: dict[str, set[Listener]]) -> None:
+        self.accounts = accounts
+
+    def feed(self, event: dict[str, Any]) -> None:
+        for listener in tuple(self.accounts.get(event.get("user_id"), ())):
+            listener.feed(event)
 
 
 _fanouts: dict[asyncio.AbstractEventLoop, Fanout] = {}

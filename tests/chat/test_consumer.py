@@ -446,9 +446,27 @@ class TestDelivery:
             await socket.disconnect()
         layer = get_channel_layer()
         assert layer.groups.get(group, {}) == {}
-        assert layer.groups.get(events.user_group(bob.pk), {}) == {}
-        assert get_fanout().listeners == {}
+        assert layer.groups.get(events.ACCOUNTS_GROUP, {}) == {}
+        assert get_fanout().listeners == {} and get_fanout().accounts == {}
         assert consumers._open_connections == {}
+
+
+    async def test_sockets_of_every_user_share_one_subscription_for_account_revocations(self, trio):
+        """Deactivation and password changes reach the process once, on one group, and go to that
+        account's sockets only (test_deactivation_closes_every_socket_of_the_user): a socket holds
+        no subscription of its own for its user."""
+        alice, bob, _, conversation = trio
+        sockets = [(await open_socket(user, conversation))[0] for user in (alice, bob, bob)]
+        for socket in sockets:
+            await receive(socket)
+        layer, fanout = get_channel_layer(), get_fanout()
+        assert set(fanout.listeners) == {events.conversation_group(conversation.id), events.ACCOUNTS_GROUP}
+        assert list(layer.groups[events.ACCOUNTS_GROUP]) == [fanout.channel]
+        assert not [group for group in layer.groups if group.startswith("user.")]
+        assert {user: len(listeners) for user, listeners in fanout.accounts.items()} == {str(alice.pk): 1, str(bob.pk): 2}
+        for socket in sockets:
+            await socket.disconnect()
+        assert fanout.accounts == {} and events.ACCOUNTS_GROUP not in layer.groups
 
 
 class TestFrames:

@@ -107,7 +107,7 @@ async def test_connection_and_delivery_series(pair, monkeypatch):
 
     socket, _ = await open_socket(bob, conversation)
     await receive(socket)
-    # The process subscribes once per group: the conversation's and the user's.
+    # The process subscribes once per group: the conversation's, and the one of account revocations.
     assert (delta[subscriptions], delta[connections]) == (2, 1)
     second_socket, _ = await open_socket(bob, conversation)
     await receive(second_socket)
