@@ -29,6 +29,9 @@ from core.threads import in_thread
 QUEUE_SECONDS = 2.0
 # At most this many handshakes wait per slot; past that they are refused at once.
 QUEUE_PER_SLOT = 4
+# A process that stopped accepting connections (every slot taken) accepts again once this share
+# of the slots is free.
+RESUME_WITH_FREE = 0.5
 
 
 async def deny(scope, receive, send):
@@ -106,23 +109,28 @@ class HandshakeAdmission:
     A handshake costs authentication, an authorization read and the fan-out's subscription; when
     thousands arrive at once (every client of a restarted server), a process that starts them all
     finishes none within daphne's connect timeout: each is dropped after its work was done and
-    comes back as one more. So a process works on at most CHAT_MAX_PENDING_HANDSHAKES at a time.
-    The next ones wait their turn, first come first served, for at most QUEUE_SECONDS (well within
-    daphne's handshake timeout, 5 s): a refused client backs off for seconds, so a burst that
-    would clear in one or two seconds must not be refused. Past QUEUE_PER_SLOT waiting per slot,
-    or past the wait, a handshake is refused (HTTP 403, as for any connection limit), which costs
-    one cheap answer and sends the client into its backoff."""
+    comes back as one more. So a process works on at most CHAT_MAX_PENDING_HANDSHAKES at a time,
+    and while all of them are taken it stops accepting connections (core.transport's server): the
+    next clients wait in the kernel's listen queue, which costs the process nothing, and are taken
+    in turn as slots free, instead of being refused into their backoff (seconds each, growing) and
+    coming back after the burst has cleared. The connections accepted in the same burst before
+    the pause wait here, first come first served, for at most QUEUE_SECONDS (well within daphne's
+    handshake timeout, 5 s). Past QUEUE_PER_SLOT waiting per slot, or past the wait, a handshake
+    is refused (HTTP 403, as for any connection limit): one cheap answer, and the client backs off."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.pending = 0
         self.queue: deque[asyncio.Future] = deque()
+        self.paused = None  # the server not accepting because every slot is taken
 
     async def __call__(self, scope, receive, send):
         while self.queue and self.queue[0].done():  # turns that ran out: no longer waiting
             self.queue.popleft()
         if self.pending < settings.CHAT_MAX_PENDING_HANDSHAKES and not self.queue:
             self.pending += 1
+            if self.pending == settings.CHAT_MAX_PENDING_HANDSHAKES:
+                self._pause_accepting(send)
         elif not await self._wait_for_a_slot():
             metrics.websocket_handshake_shed.inc()
             return await deny(scope, receive, send)
@@ -159,6 +167,21 @@ class HandshakeAdmission:
                 turn.set_result(True)
                 return
         self.pending -= 1
+        free = settings.CHAT_MAX_PENDING_HANDSHAKES - self.pending
+        if self.paused is not None and free >= RESUME_WITH_FREE * settings.CHAT_MAX_PENDING_HANDSHAKES:
+            # As many new connections as there are free slots; the next pause comes when they
+            # are taken (not one resume and pause per handshake).
+            self.paused.resume_accepting(at_most=free)
+            self.paused = None
+
+    def _pause_accepting(self, send) -> None:
+        """`send` is daphne's own (chat.ws_auth.keep_server_send): `partial(server.handle_reply, …)`.
+        Another server, or the test communicator, has no pause: its connections are only queued
+        and refused."""
+        server = getattr(getattr(send, "func", None), "__self__", None)
+        if self.paused is None and hasattr(server, "pause_accepting"):
+            server.pause_accepting()
+            self.paused = server
 
 
 def _turn_runs_out(turn: asyncio.Future) -> None:

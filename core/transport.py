@@ -174,7 +174,8 @@ def _server_class():
     before it cancelled anything, and every WebSocket was cut without a close frame or clean-up.
     And daphne keeps listening while its applications end: a client told 1001 that reconnected at
     once was accepted by the server going away, handshaken, then cut. Here the server stops
-    listening first (the clients' attempts are refused, and they go to the next server or retry)."""
+    listening first (the clients' attempts are refused, and they go to the next server or retry).
+    It can also pause and resume accepting new connections, for the handshakes' admission control."""
     import asyncio
     import logging
 
@@ -191,6 +192,21 @@ def _server_class():
         def listen_success(self, port):
             self.listening_ports.append(port)
             return super().listen_success(port)
+
+        def pause_accepting(self):
+            """Leave new connections in the kernel's listen queue (chat.ws_auth.HandshakeAdmission,
+            while every handshake slot is taken)."""
+            for port in self.listening_ports:
+                port.stopReading()
+
+        def resume_accepting(self, at_most: int):
+            """Accept again, at most `at_most` connections in the next wake-up: Twisted accepts up
+            to `numberAccepts` at once (and raises it by 20 each time it takes that many), so a
+            listen queue of thousands would otherwise come in one growing burst."""
+            for port in self.listening_ports:
+                if port.connected and not port.disconnecting:  # (not once shutting down)
+                    port.numberAccepts = max(1, at_most)
+                    port.startReading()
 
         def kill_all_applications(self):
             for port in self.listening_ports:

@@ -3,6 +3,7 @@ CHAT_MAX_PENDING_HANDSHAKES in progress, a handshake waits its turn (first come,
 a while, and is refused, before the application behind it does any work, when the queue is full or
 the wait too long; a slot frees when a handshake is accepted, refused or dies."""
 import asyncio
+import functools
 
 import pytest
 
@@ -13,14 +14,32 @@ from chat.ws_auth import HandshakeAdmission
 class Handshake:
     """One connection as daphne drives it: websocket.connect in, whatever the app sends out."""
 
-    def __init__(self, admission: HandshakeAdmission) -> None:
+    def __init__(self, admission: HandshakeAdmission, server: "Server | None" = None) -> None:
         self.sent: list[dict] = []
         self.incoming: asyncio.Queue = asyncio.Queue()
         self.incoming.put_nowait({"type": "websocket.connect"})
-        self.task = asyncio.create_task(admission({"type": "websocket"}, self.incoming.get, self.send))
+        # daphne's `send` is `partial(server.handle_reply, protocol)`: the admission finds the server in it.
+        send = functools.partial(server.handle_reply, self) if server is not None else self.send
+        self.task = asyncio.create_task(admission({"type": "websocket"}, self.incoming.get, send))
 
     async def send(self, message: dict) -> None:
         self.sent.append(message)
+
+
+class Server:
+    """What the admission uses of core.transport's daphne server: it pauses and resumes accepting."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    async def handle_reply(self, handshake: Handshake, message: dict) -> None:
+        await handshake.send(message)
+
+    def pause_accepting(self) -> None:
+        self.calls.append(("pause",))
+
+    def resume_accepting(self, at_most: int) -> None:
+        self.calls.append(("resume", at_most))
 
 
 class App:
@@ -146,3 +165,35 @@ async def test_a_shutdown_that_cancels_running_and_queued_handshakes_together_le
     done, still_running = await asyncio.wait([h.task for h in everyone], timeout=1)
     assert not still_running
     assert app.started == 2 and admission.pending == 0
+
+
+async def test_with_every_slot_taken_the_server_stops_accepting_until_half_of_them_are_free(settings):
+    """New clients then wait in the kernel's listen queue instead of being refused into their
+    backoff; accepting resumes for as many connections as there are free slots."""
+    settings.CHAT_MAX_PENDING_HANDSHAKES = 4
+    app, server = App(), Server()
+    admission = HandshakeAdmission(app)
+    handshakes = [Handshake(admission, server) for _ in range(3)]
+    await settle()
+    assert server.calls == []
+    handshakes.append(Handshake(admission, server))
+    await settle()
+    assert server.calls == [("pause",)]
+    # One accepted in the burst before the pause waits for a slot, and gets the first that frees:
+    # still every slot taken, still paused.
+    handshakes.append(Handshake(admission, server))
+    await settle()
+    app.answers[0].set_result({"type": "websocket.accept"})
+    await settle()
+    assert app.started == 5 and server.calls == [("pause",)]
+    app.answers[1].set_result({"type": "websocket.accept"})
+    await settle()
+    assert server.calls == [("pause",)]  # one slot free of four: not yet
+    app.answers[2].set_result({"type": "websocket.close"})
+    await settle()
+    assert server.calls == [("pause",), ("resume", 2)]
+    assert all(h.sent == [m] for h, m in zip(handshakes, ({"type": "websocket.accept"},) * 2 + ({"type": "websocket.close"},)))
+    for h in handshakes:
+        h.task.cancel()
+    await asyncio.gather(*(h.task for h in handshakes), return_exceptions=True)
+    assert admission.pending == 0 and server.calls == [("pause",), ("resume", 2)]
