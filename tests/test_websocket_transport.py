@@ -1,8 +1,9 @@
 """daphne's WebSocket connections share autobahn's settings through their class
-(core.transport._websocket_factory_class) instead of a copy per connection, and its shutdown
-reaches every connection's application (core.transport._server_class), and autobahn's unlogged
-debug lines are not formatted (core.transport._plain_debug_arguments); the handshakes, frames and
-the 1001 at shutdown over a real socket are the live tests' (tests/test_live_server.py and others)."""
+(core.transport._websocket_factory_class) instead of a copy per connection, its shutdown reaches
+every connection's application and it pauses accepting on demand (core.transport._server_class),
+and autobahn's unlogged debug lines are not formatted (core.transport._plain_debug_arguments); the
+handshakes, frames and the 1001 at shutdown over a real socket are the live tests'
+(tests/test_live_server.py and others)."""
 import asyncio
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
@@ -86,3 +87,51 @@ def test_the_shutdown_stops_listening_and_cancels_every_running_application():
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+
+
+def test_a_paused_server_leaves_connections_in_the_listen_queue_and_takes_at_most_the_free_slots_on_resuming():
+    """chat.ws_auth.HandshakeAdmission pauses the server while every handshake slot is taken: the
+    listening port leaves the reactor (connections wait in the kernel's queue, over a real
+    socket here), and a resume takes at most as many as there are free slots in one wake-up
+    (Twisted would take its numberAccepts, 100 and growing)."""
+    import socket
+
+    import daphne.cli
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()  # what the reactor does with the port: its readers
+    accepted = []
+
+    class Accepting(Factory):
+        def buildProtocol(self, addr):
+            accepted.append(addr)
+            return Protocol()
+
+    port = tcp.Port(0, Accepting(), interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    server = daphne.cli.CommandLineInterface.server_class(application=None, endpoints=["tcp:port=0"])
+    server.listen_success(port)
+    address = port.getHost()
+    clients = [socket.create_connection((address.host, address.port)) for _ in range(5)]
+    try:
+        server.pause_accepting()
+        assert port not in reactor.readers and accepted == []
+        server.resume_accepting(at_most=2)
+        assert port in reactor.readers
+        port.doRead()  # the listening socket is readable: the reactor's call
+        assert len(accepted) == 2
+        port.doRead()
+        assert len(accepted) == 5  # the rest once the port reads again, none lost
+        # Once shutting down, a resume does not make it listen again.
+        server.pause_accepting()
+        port.stopListening()
+        server.resume_accepting(at_most=10)
+        assert port not in reactor.readers
+    finally:
+        for client in clients:
+            client.close()
+        if not port.disconnecting:
+            port.stopListening()
+        reactor.advance(0)  # the port closes its socket
