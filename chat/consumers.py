@@ -426,6 +426,12 @@ class ChatSocket(AsyncWebsocketConsumer):
                 "detail": "A frame over the transport's size limit was not sent; read it over REST.",
                 "dropped": dropped,
             })
+        if self.write_now is not None:
+            # daphne's own write, without channels' and the admission's coroutines around it (what
+            # `send` ends in: daphne's handle_reply awaits nothing).
+            if not self.write_now(text):
+                metrics.client_message_dropped.inc()
+            return
         try:
             await self.send(text_data=text)
         except Exception:
