@@ -46,8 +46,9 @@ TYPING_MIN_INTERVAL_SECONDS = 1.0
 # How long a client may sit on more than CHAT_MAX_OUTBOUND_BYTES unread before it is closed (4008).
 SLOW_CLIENT_GRACE_SECONDS = 2.0
 
-# How long after subscribing a socket looks at the store once more (chat.recheck.settle).
-SUBSCRIBE_SETTLE_SECONDS = recheck.SETTLE_SECONDS
+# A revocation seen on a stream's conversation group waits this long for its conversation.left
+# (sent to the user's group at once) before the stream reconciles the conversation on its own.
+REVOKED_LEFT_GRACE_SECONDS = 1.0
 # How long a user stream opened with ?resume=1 holds live events for the client's resume frame.
 RESUME_WAIT_SECONDS = 5.0
 # One resume frame replays at most this many times CHAT_MAX_REPLAY messages and changes in all
@@ -92,7 +93,7 @@ def socket_writer(send) -> Callable[[str], bool] | None:
     daphne's `handle_reply` coroutine does for a websocket.send (it awaits nothing), without a
     coroutine and a task per frame. The callable returns False when the connection is gone. None
     under another server (or the in-process test communicator): frames then go through `send`."""
-    server = getattr(getattr(send, "func", None), "__self__", None)
+    server = transport.daphne_server(send)
     protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
     connections = getattr(server, "connections", None)
     if protocol is None or connections is None or not hasattr(protocol, "handle_reply"):
@@ -665,7 +666,7 @@ class ChatConsumer(ChatSocket):
     reaction_added = reaction_removed = conversation_event
 
     async def conversation_updated(self, event: dict) -> None:
-        """The conversation's details, for user streams."""
+        """Ignored: the conversation's details are for user streams."""
 
     async def membership_revoked(self, event: dict) -> None:
         """Removed or banned from this conversation, or the account revoked (chat.events.ACCOUNTS_GROUP)."""
@@ -879,7 +880,7 @@ class UserStreamConsumer(ChatSocket):
         if event["type"] == "membership.revoked":
             if event["user_id"] == str(self.user.pk):
                 # conversation.left (with the reason, to the user's group) normally follows at once.
-                self.reconcile_later(conversation_id, delay=SUBSCRIBE_SETTLE_SECONDS)
+                self.reconcile_later(conversation_id, delay=REVOKED_LEFT_GRACE_SECONDS)
             return
         if event["type"] == "conversation.updated":
             await self._send_json(

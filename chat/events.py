@@ -43,10 +43,10 @@ def user_group(user_id: uuid.UUID | str) -> str:
     return f"user.{uuid.UUID(str(user_id)).hex}"
 
 
-# Revocations of whole accounts (deactivation, password change) go to this one group, which every
-# process listens to once (chat.fanout routes each to the process's sockets of that account),
-# instead of to a group per user: every conversation socket would otherwise hold a Redis
-# subscription of its own, for its user, made and dropped with each handshake.
+# Revocations of whole accounts (deactivation, password change) go to this one group, which a
+# process subscribes once for all its sockets (chat.fanout routes each event to the process's
+# sockets of that account), instead of to a group per user: every conversation socket would
+# otherwise hold a Redis subscription of its own, for its user, made and dropped with each handshake.
 ACCOUNTS_GROUP = "accounts"
 
 

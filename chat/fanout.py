@@ -10,7 +10,8 @@ listener of its group (events carry their group: chat.events adds it). A listene
 drained by that listener alone, so a slow socket holds up nobody else.
 
 Revocations of whole accounts arrive on one group for all accounts (chat.events.ACCOUNTS_GROUP),
-subscribed once per process; each goes to the process's listeners of that account only.
+which the process subscribes with its first socket and drops with its last; each goes to the
+process's listeners of that account only.
 """
 from __future__ import annotations
 
@@ -76,8 +77,9 @@ class Fanout:
         if self.accounts:
             return
         async with self._changes:
-            # Again under the lock: a socket may have watched an account meanwhile (watch_account
-            # subscribes without it while the group is there; it is removed below before any await).
+            # Again under the lock: a socket may have watched an account meanwhile. (watch_account
+            # adds to `accounts` without the lock while the group is subscribed; _drop removes the
+            # group before its first await, so a later watch_account subscribes it again.)
             if not self.accounts and events.ACCOUNTS_GROUP in self.listeners:
                 await self._drop(events.ACCOUNTS_GROUP)
 
@@ -125,7 +127,11 @@ class _AccountRouter:
 
     def feed(self, event: dict[str, Any]) -> None:
         for listener in tuple(self.accounts.get(event.get("user_id"), ())):
-            listener.feed(event)
+            try:
+                listener.feed(event)
+            except Exception:  # (one socket's failure must not keep the revocation from the others)
+                metrics.broadcast_panic.inc()
+                logger.exception("fan-out: a listener refused an account event")
 
 
 _fanouts: dict[asyncio.AbstractEventLoop, Fanout] = {}

@@ -11,12 +11,14 @@ the gap) reads the rest from the store, so a lost publish is delivered within th
 What is watched is one socket's view of one conversation: the conversation socket itself, or one
 conversation of a user stream.
 
-A socket that has just subscribed gets one early look of the same kind (`settle`): a subscription
-takes effect when Redis has processed it, which channels-redis does not wait for, so a message
-published in between and committed after the handshake's read would otherwise wait for a later
-message or the periodic round. The sockets that subscribed within a moment of each other share
-that look's query, as the periodic round's sockets do: a reconnect storm's thousands of sockets
-cost a few queries, not a thread hop and a query each.
+A socket that has just subscribed gets one early look at where its conversation stands (`settle`):
+a subscription takes effect when Redis has processed it, which channels-redis does not wait for,
+so a message published in between and committed after the handshake's read would otherwise wait
+for a later message or the periodic round. The sockets that subscribed within a moment of each
+other share that look's query, as the periodic round's sockets do: a reconnect storm's thousands
+of sockets cost a few queries, not a thread hop and a query each. That look only catches up: a
+socket it finds without access is left to its revocation's event, which is on its way (a user
+stream delivers a left conversation up to where the leave's event says), and to the periodic round.
 """
 from __future__ import annotations
 
@@ -69,8 +71,9 @@ def unwatch(socket: Watched) -> None:
 
 
 def settle(socket: Watched) -> None:
-    """One early check of a watched socket whose subscription was just made, SETTLE_SECONDS from
-    now (at most SETTLE_GATHER_SECONDS later), together with every other socket's due by then."""
+    """One early catch-up of a watched socket whose subscription was just made, SETTLE_SECONDS from
+    now (at most SETTLE_GATHER_SECONDS later), together with every other socket's due by then. (A
+    socket no longer watched by then, closed meanwhile, is skipped.)"""
     global _settle_task
     loop = asyncio.get_running_loop()
     _settling.append((loop.time() + SETTLE_SECONDS, socket))
@@ -89,9 +92,9 @@ async def _settle_forever() -> None:
             if socket in _sockets:  # (not closed meanwhile)
                 due.append((socket, _sockets[socket]))
         try:
-            await _check(due)
+            await _check(due, revoke=False)
         except Exception:  # the database may be away: the periodic round is the backstop
-            logger.warning("settle look failed", exc_info=True)
+            logger.exception("settle look failed")
 
 
 async def _run() -> None:
@@ -108,9 +111,9 @@ async def recheck_once() -> int:
     return await _check(list(_sockets.items()))
 
 
-async def _check(sockets: list[tuple[Watched, int]]) -> int:
+async def _check(sockets: list[tuple[Watched, int]], revoke: bool = True) -> int:
     """The rule for these (socket, participation id) pairs, BATCH_SIZE per query: those that lost
-    access are closed (how many is returned), the others caught up to what is committed."""
+    access are closed if `revoke` (how many is returned), the others caught up to what is committed."""
     closed = 0
     for start in range(0, len(sockets), BATCH_SIZE):
         batch = sockets[start : start + BATCH_SIZE]
@@ -119,6 +122,8 @@ async def _check(sockets: list[tuple[Watched, int]]) -> int:
             if socket not in _sockets:
                 continue
             if participant_id not in allowed:
+                if not revoke:
+                    continue
                 unwatch(socket)
                 closed += 1
                 metrics.membership_recheck_closed.inc()

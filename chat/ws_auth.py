@@ -22,6 +22,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.http.cookie import parse_cookie
 
 from chat import metrics
+from core import transport
 from core.threads import in_thread
 
 
@@ -30,8 +31,9 @@ QUEUE_SECONDS = 2.0
 # At most this many handshakes wait per slot; past that they are refused at once.
 QUEUE_PER_SLOT = 4
 # A process that stopped accepting connections (every slot taken) accepts again once this share
-# of the slots is free.
+# of the slots is free, or after MAX_PAUSE_SECONDS, whichever comes first.
 RESUME_WITH_FREE = 0.5
+MAX_PAUSE_SECONDS = 0.5
 
 
 async def deny(scope, receive, send):
@@ -113,29 +115,33 @@ class HandshakeAdmission:
     and while all of them are taken it stops accepting connections (core.transport's server): the
     next clients wait in the kernel's listen queue, which costs the process nothing, and are taken
     in turn as slots free, instead of being refused into their backoff (seconds each, growing) and
-    coming back after the burst has cleared. The connections accepted in the same burst before
-    the pause wait here, first come first served, for at most QUEUE_SECONDS (well within daphne's
-    handshake timeout, 5 s). Past QUEUE_PER_SLOT waiting per slot, or past the wait, a handshake
-    is refused (HTTP 403, as for any connection limit): one cheap answer, and the client backs off."""
+    coming back after the burst has cleared. The pause ends when half the slots are free, or after
+    MAX_PAUSE_SECONDS at most: HTTP connections share the listening socket, and handshakes that
+    stay slow (Redis away, a flood of them) must not keep those waiting. The connections accepted
+    while slots are all taken (in the burst before the pause, or after it ran out) wait here, first
+    come first served, for at most QUEUE_SECONDS (well within daphne's handshake timeout, 5 s).
+    Past QUEUE_PER_SLOT waiting per slot, or past the wait, a handshake is refused (HTTP 403, as
+    for any connection limit): one cheap answer, and the client backs off."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.pending = 0
         self.queue: deque[asyncio.Future] = deque()
         self.paused = None  # the server not accepting because every slot is taken
+        self.pause_timer: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope, receive, send):
         while self.queue and self.queue[0].done():  # turns that ran out: no longer waiting
             self.queue.popleft()
         if self.pending < settings.CHAT_MAX_PENDING_HANDSHAKES and not self.queue:
             self.pending += 1
-            if self.pending == settings.CHAT_MAX_PENDING_HANDSHAKES:
-                self._pause_accepting(send)
         elif not await self._wait_for_a_slot():
             metrics.websocket_handshake_shed.inc()
             return await deny(scope, receive, send)
         admitted = _AdmittedSend(self, send)
         try:
+            if self.pending == settings.CHAT_MAX_PENDING_HANDSHAKES:
+                self._pause_accepting(send)
             return await self.inner(scope, receive, admitted)
         finally:
             admitted.handshake_over()
@@ -167,21 +173,28 @@ class HandshakeAdmission:
                 turn.set_result(True)
                 return
         self.pending -= 1
-        free = settings.CHAT_MAX_PENDING_HANDSHAKES - self.pending
-        if self.paused is not None and free >= RESUME_WITH_FREE * settings.CHAT_MAX_PENDING_HANDSHAKES:
-            # As many new connections as there are free slots; the next pause comes when they
-            # are taken (not one resume and pause per handshake).
-            self.paused.resume_accepting(at_most=free)
-            self.paused = None
+        if settings.CHAT_MAX_PENDING_HANDSHAKES - self.pending >= RESUME_WITH_FREE * settings.CHAT_MAX_PENDING_HANDSHAKES:
+            self._resume_accepting()
 
     def _pause_accepting(self, send) -> None:
-        """`send` is daphne's own (chat.ws_auth.keep_server_send): `partial(server.handle_reply, …)`.
-        Another server, or the test communicator, has no pause: its connections are only queued
-        and refused."""
-        server = getattr(getattr(send, "func", None), "__self__", None)
+        """`send` is the server's own (keep_server_send is the outermost layer). Another server,
+        or the test communicator, has no pause: its connections are only queued and refused."""
+        server = transport.daphne_server(send)
         if self.paused is None and hasattr(server, "pause_accepting"):
             server.pause_accepting()
             self.paused = server
+            self.pause_timer = asyncio.get_running_loop().call_later(MAX_PAUSE_SECONDS, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self.paused is None:
+            return
+        # About as many new connections as there are free slots (core.transport's server), at
+        # least one; the next pause comes when the slots are all taken again (not one resume and
+        # pause per handshake).
+        self.paused.resume_accepting(at_most=max(1, settings.CHAT_MAX_PENDING_HANDSHAKES - self.pending))
+        self.paused = None
+        self.pause_timer.cancel()
+        self.pause_timer = None
 
 
 def _turn_runs_out(turn: asyncio.Future) -> None:

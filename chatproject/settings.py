@@ -303,9 +303,9 @@ CHAT_MESSAGE_STORE = env_str("CHAT_MESSAGE_STORE", "sql", choices=("sql", "cassa
 CHAT_SEND_RATE = env_rate("CHAT_SEND_RATE", "100/min")
 CHAT_MAX_CONNECTIONS = env_int("CHAT_MAX_CONNECTIONS", 10000, minimum=1)
 CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 20, minimum=1)
-# WebSocket handshakes a process works on at once; more are refused at once (HTTP 403, before any
-# authentication work) so that a reconnect storm costs each excess client one cheap refusal and a
-# backoff, not a handshake that daphne's connect timeout drops after its work was done.
+# WebSocket handshakes a process works on at once (chat.ws_auth.HandshakeAdmission): at the cap it
+# stops accepting connections until half are done, so a reconnect storm waits in the listen queue
+# instead of starting handshakes that daphne's connect timeout drops after their work was done.
 CHAT_MAX_PENDING_HANDSHAKES = env_int("CHAT_MAX_PENDING_HANDSHAKES", 64, minimum=1)
 CHAT_ALLOW_REGISTRATION = env_bool("CHAT_ALLOW_REGISTRATION", True)
 CHAT_PUSH_BACKEND = env_str("CHAT_PUSH_BACKEND", "log", choices=("log", "webhook", "webpush"))

@@ -200,9 +200,11 @@ def _server_class():
                 port.stopReading()
 
         def resume_accepting(self, at_most: int):
-            """Accept again, at most `at_most` connections in the next wake-up: Twisted accepts up
-            to `numberAccepts` at once (and raises it by 20 each time it takes that many), so a
-            listen queue of thousands would otherwise come in one growing burst."""
+            """Accept again, at most `at_most` connections per port in the next wake-up. Twisted
+            accepts up to `numberAccepts` at once (100 to start with), so a listen queue of
+            thousands would otherwise come in one burst; after that wake-up it raises its own
+            allowance by 20 each time it takes that many, until the next pause, which comes when
+            the slots are taken again (the handshakes admitted meanwhile wait their turn)."""
             for port in self.listening_ports:
                 if port.connected and not port.disconnecting:  # (not once shutting down)
                     port.numberAccepts = max(1, at_most)
@@ -223,6 +225,13 @@ def _server_class():
             return ended
 
     return ChatServer
+
+
+def daphne_server(send):
+    """The daphne server behind a connection's own `send` (`partial(server.handle_reply, protocol)`,
+    kept by chat.ws_auth.keep_server_send before any middleware wraps it), or None under another
+    server or the in-process test communicator."""
+    return getattr(getattr(send, "func", None), "__self__", None)
 
 
 def _as_is(value, *args, **kwargs):

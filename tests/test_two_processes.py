@@ -11,7 +11,7 @@ import time
 import pytest
 from websockets.asyncio.client import connect
 
-from chat.consumers import SUBSCRIBE_SETTLE_SECONDS
+from chat.recheck import SETTLE_SECONDS
 from tests.live import LiveServer, migrate, server_env
 from tests.redis_server import RedisServer, redis_server_binary
 from tests.services import require
@@ -209,7 +209,7 @@ async def test_presence_works_again_on_both_processes_after_a_redis_restart(clus
         assert json.loads(await watching.recv())["type"] == "ready"
         # A subscription takes effect when Redis has processed it, which nobody waits for (presence is
         # best effort; messages are caught up from the store): give it the consumer's settle time.
-        await asyncio.sleep(SUBSCRIBE_SETTLE_SECONDS)
+        await asyncio.sleep(SETTLE_SECONDS)
         async with connect(ws_url(b, conversation), additional_headers={"Authorization": f"Token {people['bob']}"}) as joining:
             assert json.loads(await joining.recv())["type"] == "ready"
             [online] = await frames_of_type(watching, "presence", 1)

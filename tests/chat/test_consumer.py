@@ -309,14 +309,13 @@ class TestDelivery:
         assert (updated["type"], updated["change"]) == ("message.updated", 1)
         await b.disconnect()
 
-    async def test_events_for_user_streams_pass_a_conversation_socket_by(self, trio, make_group):
-        # A rename (conversation.updated) and a join elsewhere (conversation.joined, on the user's
-        # own group) are for user streams; the conversation socket carries on.
+    async def test_a_rename_for_user_streams_passes_a_conversation_socket_by(self, trio):
+        # conversation.updated goes to the conversation's group, for user streams; the
+        # conversation socket carries on.
         alice, bob, _, conversation = trio
         b, _ = await open_socket(bob, conversation)
         await receive(b)
         await database_sync_to_async(conversations.conversation_update)(actor=alice, conversation_id=conversation.id, title="new")
-        await database_sync_to_async(make_group)(alice, bob, title="another")
         assert await nothing_but_presence(b)
         await send_over_rest_path(alice, conversation, "still here")
         assert [m["content"] for m in await receive_messages(b, 1)] == ["still here"]
@@ -450,7 +449,6 @@ class TestDelivery:
         assert get_fanout().listeners == {} and get_fanout().accounts == {}
         assert consumers._open_connections == {}
 
-
     async def test_sockets_of_every_user_share_one_subscription_for_account_revocations(self, trio):
         """Deactivation and password changes reach the process once, on one group, and go to that
         account's sockets only (test_deactivation_closes_every_socket_of_the_user): a socket holds
@@ -573,12 +571,34 @@ class TestRevocation:
         bystander, _ = await open_socket(alice, conversation)
         for socket in (on_first, on_second, bystander):
             await receive(socket)
+        started = asyncio.get_running_loop().time()
         await database_sync_to_async(user_deactivate)(user=bob)
         for socket in (on_first, on_second):
             await expect_close(socket, 4403)
             await socket.disconnect(code=4403)
+        assert asyncio.get_running_loop().time() - started < 1  # the event, not a re-check
         assert await nothing_but_presence(bystander)
         await bystander.disconnect()
+
+    async def test_a_password_change_closes_every_socket_of_the_account_and_only_those(self, trio):
+        """The one revocation the membership rule cannot see: only its event (chat.events.
+        ACCOUNTS_GROUP, routed by the process's fan-out to the account's sockets) closes them."""
+        from accounts.services import password_change
+        from tests.chat.test_user_stream import open_stream
+
+        alice, bob, _, conversation = trio
+        conversation_socket, _ = await open_socket(bob, conversation)
+        stream, _ = await open_stream(bob)  # (its ready frame read)
+        bystander, _ = await open_socket(alice, conversation)
+        for socket in (conversation_socket, bystander):
+            await receive(socket)
+        await database_sync_to_async(password_change)(user=bob, new_password="another long passphrase 42")
+        for socket in (conversation_socket, stream):
+            await expect_close(socket, 4403)
+            await socket.disconnect(code=4403)
+        assert await nothing_but_presence(bystander)
+        await bystander.disconnect()
+        assert get_fanout().accounts == {}
 
 
 class TestPresence:
@@ -602,3 +622,34 @@ class TestPresence:
             "type": "presence", "conversation_id": str(conversation.id), "user_id": str(bob.pk), "online": False
         }
         await a.disconnect()
+
+
+async def test_under_daphne_a_socket_writes_its_frames_through_daphnes_write(settings):
+    """With daphne's synchronous write at hand (consumers.socket_writer; the in-process
+    communicator has none), a frame goes straight to it; one it refuses (the connection is gone)
+    costs that frame, counted; one over the transport's cap becomes the error frame, as on `send`."""
+    from chat import metrics
+
+    written, accepting = [], [True]
+
+    def write_now(text):
+        written.append(json.loads(text))
+        return accepting[0]
+
+    socket = consumers.ChatConsumer()
+    socket.write_now, socket.backlog_probe = write_now, lambda: 0
+
+    async def no_send(**kwargs):
+        raise AssertionError("channels' send must not be used when daphne's write is at hand")
+
+    socket.send = no_send
+    await socket._send_json({"type": "pong"})
+    assert written == [{"type": "pong"}]
+    dropped = metrics.client_message_dropped._value.get()
+    accepting[0] = False
+    await socket._send_json({"type": "pong"})
+    assert metrics.client_message_dropped._value.get() == dropped + 1
+    accepting[0] = True
+    settings.CHAT_MAX_FRAME_BYTES = 1024
+    await socket._send_json({"type": "typing", "padding": "x" * 2000})
+    assert (written[-1]["type"], written[-1]["code"], written[-1]["dropped"]) == ("error", "unavailable", {"type": "typing"})

@@ -1,7 +1,8 @@
-"""Admission control for WebSocket handshakes (chat.ws_auth.HandshakeAdmission): past
-CHAT_MAX_PENDING_HANDSHAKES in progress, a handshake waits its turn (first come, first served) for
-a while, and is refused, before the application behind it does any work, when the queue is full or
-the wait too long; a slot frees when a handshake is accepted, refused or dies."""
+"""Admission control for WebSocket handshakes (chat.ws_auth.HandshakeAdmission): at
+CHAT_MAX_PENDING_HANDSHAKES in progress the server stops accepting connections until half the
+slots are free; past the slots, a handshake accepted meanwhile waits its turn (first come, first
+served) for a while, and is refused, before the application behind it does any work, when the
+queue is full or the wait too long; a slot frees when a handshake is accepted, refused or dies."""
 import asyncio
 import functools
 
@@ -197,3 +198,24 @@ async def test_with_every_slot_taken_the_server_stops_accepting_until_half_of_th
         h.task.cancel()
     await asyncio.gather(*(h.task for h in handshakes), return_exceptions=True)
     assert admission.pending == 0 and server.calls == [("pause",), ("resume", 2)]
+
+
+async def test_a_pause_lasts_at_most_max_pause_seconds_even_with_every_slot_still_taken(settings, monkeypatch):
+    """HTTP connections share the listening socket: handshakes that stay slow (Redis away, a
+    flood) must not keep them waiting. Past the pause the overflow is queued and refused as before."""
+    monkeypatch.setattr(ws_auth, "MAX_PAUSE_SECONDS", 0.05)
+    settings.CHAT_MAX_PENDING_HANDSHAKES = 2
+    app, server = App(), Server()
+    admission = HandshakeAdmission(app)
+    handshakes = [Handshake(admission, server) for _ in range(2)]
+    await settle()
+    assert server.calls == [("pause",)]
+    await asyncio.sleep(0.1)
+    assert server.calls == [("pause",), ("resume", 1)] and admission.pending == 2
+    app.answers[0].set_result({"type": "websocket.accept"})  # a slot frees: nothing more to resume
+    await settle()
+    assert server.calls == [("pause",), ("resume", 1)]
+    for h in handshakes:
+        h.task.cancel()
+    await asyncio.gather(*(h.task for h in handshakes), return_exceptions=True)
+    assert admission.pending == 0
