@@ -50,6 +50,21 @@ def quick_recheck(settings, monkeypatch):
     monkeypatch.setattr(recheck, "settle", lambda socket: None)
 
 
+def counted_queries(monkeypatch) -> list[set[int]]:
+    """The participation ids of each query chat.recheck makes from now on."""
+    from chat import recheck
+
+    queries = []
+    real = recheck.allowed_participations
+
+    def counted(*, participant_ids):
+        queries.append(set(participant_ids))
+        return real(participant_ids=participant_ids)
+
+    monkeypatch.setattr(recheck, "allowed_participations", counted)
+    return queries
+
+
 @pytest.fixture
 async def pair(make_user, make_group):
     alice, bob = await database_sync_to_async(make_user)("alice"), await database_sync_to_async(make_user)("bob")
@@ -100,14 +115,7 @@ async def test_the_recheck_runs_one_query_per_batch_for_all_sockets_of_the_proce
     sockets = [(await open_socket(user, conversation))[0] for user in (alice, alice, alice, bob, bob)]
     for socket in sockets:
         await receive(socket)
-    batches = []
-    real = recheck.allowed_participations
-
-    def counted(*, participant_ids):
-        batches.append(len(participant_ids))
-        return real(participant_ids=participant_ids)
-
-    monkeypatch.setattr(recheck, "allowed_participations", counted)
+    batches = counted_queries(monkeypatch)
     monkeypatch.setattr(recheck, "BATCH_SIZE", 2)
     await database_sync_to_async(ban_without_signals)(conversation, bob)
     assert await recheck.recheck_once() == 2
@@ -169,14 +177,7 @@ async def test_sockets_that_subscribe_together_share_one_settle_look(pair, monke
     from tests.chat.test_consumer import nothing_but_presence
 
     alice, bob, conversation = pair
-    looks = []
-    real = recheck.allowed_participations
-
-    def counted(*, participant_ids):
-        looks.append(set(participant_ids))
-        return real(participant_ids=participant_ids)
-
-    monkeypatch.setattr(recheck, "allowed_participations", counted)
+    looks = counted_queries(monkeypatch)
     monkeypatch.setattr(recheck, "SETTLE_GATHER_SECONDS", 1.0)  # three handshakes within it, however slow the machine
     sockets = [(await open_socket(user, conversation))[0] for user in (alice, alice, bob)]
     for socket in sockets:
