@@ -89,14 +89,15 @@ def socket_backlog_probe(send) -> Callable[[], int] | None:
 
 
 def socket_writer(send) -> Callable[[str], bool] | None:
-    """A synchronous write of one text frame to this connection, for the delivery fast path: what
-    daphne's `handle_reply` coroutine does for a websocket.send (it awaits nothing), without a
-    coroutine and a task per frame. The callable returns False when the connection is gone. None
-    under another server (or the in-process test communicator): frames then go through `send`."""
+    """A synchronous write of one text frame to this connection, for the delivery fast path and
+    the socket's own frames: the frame made once for every socket it goes to, and written at once
+    (core.transport's `send_frame_now`), without daphne's coroutine and autobahn's framing per
+    socket. The callable returns False when the connection is gone. None under another server (or
+    the in-process test communicator): frames then go through `send`."""
     server = transport.daphne_server(send)
     protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
     connections = getattr(server, "connections", None)
-    if protocol is None or connections is None or not hasattr(protocol, "handle_reply"):
+    if protocol is None or connections is None or not hasattr(protocol, "send_frame_now"):
         return None
 
     def write(text: str) -> bool:
@@ -104,10 +105,9 @@ def socket_writer(send) -> Callable[[str], bool] | None:
         if state is None or state.get("disconnected"):
             return False
         try:
-            protocol.handle_reply({"type": "websocket.send", "text": text})
-        except Exception:  # closed under us (autobahn's Disconnected): the frame is lost with the socket
+            return protocol.send_frame_now(transport.text_frame(text))
+        except Exception:  # a text with no UTF-8 encoding, or the connection closed under us
             return False
-        return True
 
     return write
 

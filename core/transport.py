@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from urllib.parse import unquote, urlsplit
 
 from daphne import http_protocol
+from twisted.internet import tcp
 from twisted.web import http
 
 from core.bodylimit import body_cap_for, too_large_body
@@ -136,6 +138,38 @@ def _websocket_factory_class():
     class Protocol(ws_protocol.WebSocketProtocol):
         CONFIG_ATTRS = ()
 
+        def send_frame_now(self, frame: bytes) -> bool:
+            """Write one frame made by `text_frame`; False when the connection is not open.
+
+            daphne's own write (handle_reply, then autobahn's sendMessage) frames every message
+            again for every connection and leaves the bytes to Twisted, which registers the socket
+            with the event loop, writes on the loop's next turn and unregisters it: two epoll
+            calls and a callback per connection and frame, for a fan-out that writes the same
+            frame to every local socket of a conversation. Here a connection with nothing
+            waiting in its buffer gets the frame straight from the kernel's send; what the kernel
+            does not take (or anything while something waits) goes through the transport as
+            before, so frames stay in order."""
+            if self.state != self.STATE_OPEN:
+                return False
+            transport = self.transport
+            if (
+                not self.send_queue
+                and isinstance(transport, tcp.Connection)
+                and transport.connected
+                and not transport.disconnecting
+                and not transport._tempDataBuffer
+                and transport.offset == len(transport.dataBuffer)
+            ):
+                try:
+                    sent = transport.socket.send(frame)
+                except OSError:  # EAGAIN; or a dead peer, which the transport's own write then finds
+                    sent = 0
+                if sent < len(frame):
+                    transport.write(frame[sent:])
+                return True
+            self.sendData(frame)
+            return True
+
         def serverClose(self, code=None):
             # autobahn's sendClose lets a server close only with 1000 or 3000-4999; a server that
             # shuts down says 1001 (RFC 6455 section 7.4.1, SPEC section 5).
@@ -232,6 +266,31 @@ def daphne_server(send):
     kept by chat.ws_auth.keep_server_send before any middleware wraps it), or None under another
     server or the in-process test communicator."""
     return getattr(getattr(send, "func", None), "__self__", None)
+
+
+_last_frame: tuple[str, bytes] | None = None
+
+
+def text_frame(text: str) -> bytes:
+    """`text` as a server's WebSocket text frame (RFC 6455 section 5.2: final, unmasked), for
+    `send_frame_now`. The fan-out writes one text to every local socket of a conversation in a
+    row, so the last frame made is kept and made once for all of them (by identity, like
+    chat.frames.shared_frame)."""
+    global _last_frame
+    last = _last_frame
+    if last is not None and last[0] is text:
+        return last[1]
+    payload = text.encode("utf8")
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 65536:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    frame = header + payload
+    _last_frame = (text, frame)
+    return frame
 
 
 def _as_is(value, *args, **kwargs):

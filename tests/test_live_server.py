@@ -71,6 +71,25 @@ async def test_a_message_sent_over_rest_reaches_both_participants(server, conver
             assert frame == {"type": "message.new", "conversation_id": sent["conversation_id"], "message": sent}
 
 
+async def test_frames_of_every_length_form_arrive_whole_and_in_order(server, conversation):
+    """A frame's length takes 7 bits, 16 bits or 64 bits (RFC 6455 section 5.2): messages whose
+    frames need each form, written by the server's own framing (core.transport.text_frame)."""
+    url = ws_url(server, conversation["id"])
+    async with connect(url, additional_headers={"Authorization": f"Token {conversation['bob']}"}, max_size=None) as b:
+        assert (await next_frame(b))["type"] == "ready"
+        sent = []
+        for message_type, content in (("text", "short"), ("text", "é" * 4000), ("file", "x" * 200_000)):
+            status, message, _ = server.request(
+                "POST", "/api/v1/messages/",
+                {"conversation_id": conversation["id"], "content": content, "message_type": message_type},
+                token=conversation["alice"],
+            )
+            assert status == 201, message
+            sent.append(message)
+        for message in sent:
+            assert await next_frame(b) == {"type": "message.new", "conversation_id": conversation["id"], "message": message}
+
+
 async def test_websocket_send_is_acked_and_delivered(server, conversation):
     url = ws_url(server, conversation["id"])
     async with connect(url, additional_headers={"Authorization": f"Token {conversation['bob']}"}) as b:

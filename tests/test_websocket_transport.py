@@ -137,3 +137,105 @@ def test_a_paused_server_leaves_connections_in_the_listen_queue_and_resumes_with
         if not port.disconnecting:
             port.stopListening()
         reactor.advance(0)  # the port closes its socket
+
+
+def test_a_text_frame_is_final_unmasked_and_sized_in_the_form_its_length_needs():
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    from core.transport import text_frame
+
+    for size in (0, 125, 126, 65535, 65536, 70000):
+        text = "é" * (size // 2) + "x" * (size % 2)  # two bytes each in UTF-8: the length is in bytes
+        wire = text_frame(text)
+        reader = StreamReader()
+        reader.feed_data(wire)
+        reader.feed_eof()
+        parser = Frame.parse(reader.read_exact, mask=False, max_size=None)
+        try:
+            next(parser)
+        except StopIteration as done:
+            frame = done.value
+        assert (frame.opcode, frame.fin, frame.data.decode()) == (Opcode.TEXT, True, text)
+        assert len(wire) == len(frame.data) + (2 if size < 126 else 4 if size < 65536 else 10)
+    text = "the same text"
+    assert text_frame(text) is text_frame(text)  # made once for every socket it is written to
+
+
+class OpenConnection:
+    """One of daphne's WebSocket connections, open, on a real TCP connection (a socket pair; the
+    reactor's part is a memory reactor, so nothing is written but by the calls here)."""
+
+    def __init__(self):
+        import socket
+
+        import daphne.server
+        from twisted.internet import tcp
+        from twisted.internet.testing import MemoryReactor
+
+        self.server_side, self.peer = socket.socketpair()
+        self.reactor = MemoryReactor()
+        factory = daphne.server.WebSocketFactory(None, server="test")
+        self.connection = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        class Connection(tcp.Connection):  # (tcp.Server's addresses, without its listening port)
+            def getPeer(self):
+                return IPv4Address("TCP", "127.0.0.1", 1)
+
+            getHost = getPeer
+
+        self.transport = Connection(self.server_side, self.connection, reactor=self.reactor)
+        self.transport.connected = True
+        self.connection.makeConnection(self.transport)
+        self.connection.state = self.connection.STATE_OPEN  # as after the opening handshake
+        self.peer.setblocking(False)
+
+    def received(self) -> bytes:
+        data = b""
+        while True:
+            try:
+                chunk = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                return data
+            data += chunk
+
+    def close(self):
+        self.server_side.close()
+        self.peer.close()
+
+
+def test_a_frame_goes_to_the_kernel_at_once_when_nothing_waits_and_behind_what_waits_otherwise():
+    """core.transport's send_frame_now: no trip through the event loop for a connection whose
+    buffer is empty, and never ahead of bytes still in the buffer (the handshake's answer, a
+    frame the kernel could not take)."""
+    from core.transport import text_frame
+
+    socket = OpenConnection()
+    try:
+        first, second = text_frame("first"), text_frame("second")
+        assert socket.connection.send_frame_now(first)
+        assert socket.received() == first  # written by the call itself
+        assert socket.transport not in socket.reactor.writers
+
+        socket.transport.write(b"waiting")  # in the transport's buffer until the reactor writes it
+        assert socket.connection.send_frame_now(second)
+        assert socket.received() == b""
+        socket.transport.doWrite()  # the reactor's call once the socket is writable
+        assert socket.received() == b"waiting" + second
+
+        # A peer that does not read: the kernel takes what fits and the rest waits, in order.
+        big = text_frame("x" * (4 << 20))
+        assert socket.connection.send_frame_now(big)
+        assert socket.transport in socket.reactor.writers
+        assert socket.connection.send_frame_now(first)  # behind the rest of `big`
+        got = socket.received()
+        while socket.transport.dataBuffer[socket.transport.offset:] or socket.transport._tempDataBuffer:
+            socket.transport.doWrite()
+            got += socket.received()
+        assert got == big + first
+
+        # Not open (closing, or closed): nothing is written.
+        socket.connection.state = socket.connection.STATE_CLOSING
+        assert not socket.connection.send_frame_now(first)
+        assert socket.received() == b""
+    finally:
+        socket.close()
