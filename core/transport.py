@@ -157,6 +157,7 @@ def _websocket_factory_class():
                 and isinstance(transport, tcp.Connection)
                 and transport.connected
                 and not transport.disconnecting
+                and not transport._writeDisconnected  # (what Twisted's own write refuses)
                 and not transport._tempDataBuffer
                 and transport.offset == len(transport.dataBuffer)
             ):
