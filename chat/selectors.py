@@ -25,6 +25,7 @@ from django.db.models import F, OuterRef, QuerySet, Subquery
 from django.urls import reverse
 
 from accounts.models import User
+from chat import sql
 from chat.access import allowed_participants
 from chat.models import Attachment, Ban, Conversation
 from chat.store import Change, Edit, HistoryPage, Message, StoreError, get_message_store, utf8_length
@@ -187,14 +188,16 @@ def attachment_descriptor(attachment: Attachment) -> dict[str, Any]:
 
 
 def with_attachments(messages: Sequence[Message]) -> list[Message]:
-    """The messages with the descriptors of the attachments each carries, in one query (the store
-    does not keep them: the Attachment rows are their truth)."""
+    """The messages with the descriptors of the attachments each carries (the store does not keep
+    them: the Attachment rows are their truth): one hand-written statement finds which messages
+    carry any, and only those are read with the ORM."""
     if not messages:
         return []
+    carrying = sql.messages_with_attachments({message.message_id for message in messages})
+    if not carrying:
+        return list(messages)
     found: dict[uuid.UUID, list[dict[str, Any]]] = {}
-    rows = Attachment.objects.filter(
-        message_id__in=[message.message_id for message in messages], state=Attachment.State.ATTACHED
-    ).order_by("position")
+    rows = Attachment.objects.filter(message_id__in=carrying, state=Attachment.State.ATTACHED).order_by("position")
     for row in rows:
         found.setdefault(row.message_id, []).append(attachment_descriptor(row))
     return [

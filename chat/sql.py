@@ -1,8 +1,8 @@
-"""The statements every message send runs, written by hand.
+"""The statements every message send runs, and every page of messages read, written by hand.
 
 Building and compiling a queryset costs this machine 0.3-0.9 ms of CPU per statement (measured in
 docs/performance.md), several times what SQLite or PostgreSQL take to run it; a send runs these on
-every message. Everything else uses the ORM. The SQL is portable between SQLite (3.35+, for
+every message, and a history page, replay or gap fill asks which of its messages carry attachments. Everything else uses the ORM. The SQL is portable between SQLite (3.35+, for
 RETURNING) and PostgreSQL, names tables and columns from the models, and passes values through the
 fields' own database conversion. Each statement's text is built once per database vendor and, for
 a batch, per shape (its numbers of rows or distinct values; the 256 most recent shapes of each
@@ -18,7 +18,7 @@ from functools import cache, lru_cache
 from django.contrib.auth import get_user_model
 from django.db import connection, models
 
-from chat.models import Ban, Conversation, IdempotencyKey, Participant
+from chat.models import Attachment, Ban, Conversation, IdempotencyKey, Participant
 
 
 def _table(model) -> str:
@@ -222,3 +222,27 @@ def allocate_change(conversation_id: uuid.UUID) -> int:
     with connection.cursor() as cursor:
         cursor.execute(_allocate_change_sql(connection.vendor), [_value(Conversation, "id", conversation_id)])
         return cursor.fetchone()[0]
+
+
+def messages_with_attachments(message_ids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of these messages carry attachments, in one statement: every page of messages asks
+    (history, replay, gap fill), and almost always hears none; the descriptors of those that do
+    are then read with the ORM (chat.selectors.with_attachments)."""
+    if not message_ids:
+        return set()
+    params = [
+        *(_value(Attachment, "message_id", message_id) for message_id in message_ids),
+        _value(Attachment, "state", Attachment.State.ATTACHED),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_messages_with_attachments_sql(connection.vendor, len(message_ids)), params)
+        return {_uuid(message_id) for (message_id,) in cursor.fetchall()}
+
+
+@lru_cache(maxsize=256)
+def _messages_with_attachments_sql(vendor: str, count: int) -> str:
+    message_id = _column(Attachment, "message_id")
+    return (
+        f"SELECT DISTINCT {message_id} FROM {_table(Attachment)} "
+        f"WHERE {message_id} IN ({_placeholders(count)}) AND {_column(Attachment, 'state')} = %s"
+    )

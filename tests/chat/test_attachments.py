@@ -365,6 +365,25 @@ class TestOnEveryMessageStore:
         assert page["results"][0]["deleted"] and page["results"][0]["attachments"] == []
         assert attachments_sweep().deleted == 1
 
+    def test_a_page_gives_each_message_its_own_attachments_in_order(self, message_store, people, client_for, conversation):
+        alice, bob, _ = people
+        first, second, third = (upload(client_for(alice), name, jpeg()).json() for name in ("a.jpg", "b.jpg", "c.jpg"))
+
+        def plain(content):
+            answer = client_for(alice).post(
+                "/api/v1/messages/", {"conversation_id": str(conversation.pk), "content": content}, format="json"
+            )
+            assert answer.status_code == 201
+
+        plain("plain")
+        assert send(client_for(alice), conversation, [second["attachment_id"], first["attachment_id"]], content="two").status_code == 201
+        plain("plain again")
+        assert send(client_for(alice), conversation, [third["attachment_id"]]).status_code == 201
+        page = client_for(bob).get(f"/api/v1/conversations/{conversation.pk}/messages/").json()["results"]
+        assert [(m["content"], m["attachments"]) for m in page] == [
+            ("plain", []), ("two", [second, first]), ("plain again", []), ("", [third]),
+        ]
+
 
 @pytest.mark.parametrize(
     "name, head, content_type",
