@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
@@ -25,7 +26,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import events, metrics, overload, recheck
-from chat.access import access_participation, parse_conversation_id
+from chat.access import Participation, access_participation, parse_conversation_id
 from chat.feed import ConversationFeed, Cursor, parse_position
 from chat.fanout import get_fanout
 from chat.frames import encode_frame, frame_too_large, member_frame, message_new_frame
@@ -148,12 +149,16 @@ class ChatSocket(AsyncWebsocketConsumer):
         self.last_typing = 0.0
         self.backlog_probe = socket_backlog_probe(self.scope.get("server_send"))
         self.write_now = socket_writer(self.scope.get("server_send")) if self.backlog_probe is not None else None
-        self.user = await authenticate(self.scope)
+        self.user, first_read = await authenticate(self.scope, then=self.read_with_authentication)
         if not self.user.is_authenticated:
             return await self._refuse("unauthenticated")
-        await self.handshake()
+        await self.handshake(first_read)
 
-    async def handshake(self) -> None:
+    # A blocking read of the handshake's, done in the pool with the authentication (one trip there
+    # instead of two): called with the authenticated user; its result is handed to handshake().
+    read_with_authentication: Callable[[Any], Any] | None = None
+
+    async def handshake(self, first_read: Any) -> None:
         raise NotImplementedError
 
     async def _subscribe(self, groups: list[str]) -> bool:
@@ -566,20 +571,24 @@ class ChatConsumer(ChatSocket):
     delivery: ConversationFeed | None = None  # the conversation, from the end of the handshake on
 
     # --- handshake -------------------------------------------------------------------------
-    async def handshake(self) -> None:
+    def read_with_authentication(self, user) -> Participation | AccessDenied:
+        # Whether the user may subscribe to the conversation asked for (authoritative is the read
+        # after subscribing, below).
+        try:
+            return access_participation(user=user, conversation_id=_query_param(self.scope, "conversation_id"))
+        except AccessDenied as refusal:
+            return refusal
+
+    async def handshake(self, first_read: Participation | AccessDenied) -> None:
         after_seq, after_change = _query_param(self.scope, "after_seq"), _query_param(self.scope, "after_change")
         cursor = Cursor(seq=parse_position(after_seq), change=parse_position(after_change))
         if (after_seq is not None and cursor.seq is None) or (after_change is not None and cursor.change is None):
             return await self._refuse("bad after_seq or after_change")
         if not self._reserve_slot():
             return await self._refuse("connection limit")
-        try:
-            participation = await in_thread(access_participation)(
-                user=self.user, conversation_id=_query_param(self.scope, "conversation_id")
-            )
-        except AccessDenied:
+        if isinstance(first_read, AccessDenied):
             return await self._refuse("not a participant")
-        self.conversation_id = participation.conversation_id
+        self.conversation_id = first_read.conversation_id
         self.conversation_group = events.conversation_group(self.conversation_id)
 
         # Subscribe first, then read where the conversation stands: every later message is then
@@ -745,7 +754,9 @@ class UserStreamConsumer(ChatSocket):
     resume_budget = 0
 
     # --- handshake -------------------------------------------------------------------------
-    async def handshake(self) -> None:
+    async def handshake(self, first_read: None) -> None:
+        # (No read with the authentication: the first read of the user's conversations must come
+        # after their own group's subscription, below.)
         self.resume_budget = RESUME_BUDGET * settings.CHAT_MAX_REPLAY
         self.feeds: dict[uuid.UUID, ConversationFeed] = {}
         self.watched: dict[uuid.UUID, _StreamedConversation] = {}

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from importlib import import_module
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from channels.auth import get_user
@@ -66,7 +68,6 @@ class ChatOriginValidator(OriginValidator):
         return valid
 
 
-@in_thread
 def _user_for_token(key: str):
     # The same check as REST: hashed lookup, expiry (sliding), active account.
     from accounts.auth import user_for_token
@@ -74,35 +75,49 @@ def _user_for_token(key: str):
     return user_for_token(key) or AnonymousUser()
 
 
-@in_thread
 def _user_for_ticket(ticket: str):
     from accounts.services import ws_ticket_redeem
 
     return ws_ticket_redeem(ticket=ticket) or AnonymousUser()
 
 
-@in_thread
 def _user_for_session(session_key: str):
     # channels' get_user: Django's checks (the backend, the session's auth hash).
     session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
     return get_user.func({"session": session})
 
 
-async def authenticate(scope):
-    """The user a handshake's credential names, or AnonymousUser. An explicit credential (header or
-    ticket) wins over the session cookie, and a bad explicit credential means anonymous: it never
-    falls back to the cookie. (The consumer's handshake calls it, in a frame that ends with it: what
-    is parsed here, the token included, is not kept for the connection's lifetime.)"""
+def _credential(scope) -> tuple[Callable[[str], Any], str] | None:
+    """The lookup a handshake's credential calls for and its value; None when it names nobody. An
+    explicit credential (header or ticket) wins over the session cookie, and a bad explicit
+    credential names nobody: it never falls back to the cookie."""
     headers = dict(scope.get("headers", []))
     authorization = headers.get(b"authorization", b"").decode("latin1")
     tickets = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
     if authorization:
         scheme, _, key = authorization.partition(" ")
-        return await _user_for_token(key.strip()) if scheme.lower() == "token" else AnonymousUser()
+        return (_user_for_token, key.strip()) if scheme.lower() == "token" else None
     if tickets:
-        return await _user_for_ticket(tickets[0])
+        return _user_for_ticket, tickets[0]
     session_key = parse_cookie(headers.get(b"cookie", b"").decode("latin1")).get(settings.SESSION_COOKIE_NAME)
-    return await _user_for_session(session_key) if session_key else AnonymousUser()
+    return (_user_for_session, session_key) if session_key else None
+
+
+async def authenticate(scope, then: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
+    """The user a handshake's credential names (or AnonymousUser), and what `then(user)` returns
+    for an authenticated one (else None): a blocking read the socket needs next, done in the same
+    trip to the thread pool as the credential's lookup. (The consumer's handshake calls it, in a
+    frame that ends with it: what is parsed here, the token included, is not kept for the
+    connection's lifetime.)"""
+    credential = _credential(scope)
+    if credential is None:
+        return AnonymousUser(), None
+    return await in_thread(_look_up)(*credential, then)
+
+
+def _look_up(lookup: Callable[[str], Any], value: str, then: Callable[[Any], Any] | None) -> tuple[Any, Any]:
+    user = lookup(value)
+    return user, (then(user) if then is not None and user.is_authenticated else None)
 
 
 class HandshakeAdmission:

@@ -8,7 +8,7 @@ connections around it, as channels does.
 
 The hop itself is the event loop's own (`run_in_executor`), not asgiref's SyncToAsync: that one
 serves thread-sensitive code and nested sync/async calls, which nothing here needs, and costs
-several times as much per call (a handshake makes three hops; a tenth of its CPU went to them).
+several times as much per call (a tenth of a handshake's CPU went to its hops).
 What this keeps of it: the call runs in a copy of the caller's context (context variables, such as
 a collecting publish, see the same values), and a caller that is cancelled does not cancel a call
 that has started or is queued: blocking work runs to its end, as it would have under asgiref.
