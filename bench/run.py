@@ -277,7 +277,8 @@ class Usage:
         self._stop.set()
         self.thread.join()
         self.seconds = time.monotonic() - self.t0
-        self.cores = (self._cpu() - self.cpu0) / self.seconds if self.seconds > 0 else 0.0
+        self.cpu_seconds = self._cpu() - self.cpu0
+        self.cores = self.cpu_seconds / self.seconds if self.seconds > 0 else 0.0
         # everything on the machine (server, generator, Redis, Cassandra, and anyone else's work)
         self.machine_cores = (self.machine_busy() - self.machine0) / self.seconds if self.seconds > 0 else 0.0
         self.end_rss = self.rss()
@@ -590,10 +591,12 @@ class Bench:
                 half = 1 + (len(clients) - 1) // 2
                 with Generators(server.url, clients[1:half], self.args.gen_procs, self.work, 50) as first, \
                         Generators(server.url, clients[half:], self.args.gen_procs, self.work, 50) as gens:
-                    connect_first = first.command({"cmd": "connect"}, timeout=600)
+                    with Usage(server.procs) as connecting_first:
+                        connect_first = first.command({"cmd": "connect"}, timeout=600)
                     time.sleep(s["settle"])
                     rss_half = Usage(server.procs).rss()
-                    connect_second = gens.command({"cmd": "connect"}, timeout=600)
+                    with Usage(server.procs) as connecting_second:
+                        connect_second = gens.command({"cmd": "connect"}, timeout=600)
                     connect = merge(connect_first + connect_second)
                     connect["seconds"] = round(merge(connect_first)["seconds"] + merge(connect_second)["seconds"], 3)
                     log(f"{which} idle: {connect['connected']}/{len(clients) - 1} connected in {connect['seconds']} s")
@@ -608,6 +611,10 @@ class Bench:
         second_half = len(clients) - half
         result = {
             "connections": n + 1, "connect_seconds": connect["seconds"], "connect_failed": connect["failed"],
+            # the server's CPU while the sockets connected, per handshake: steadier than the time
+            # on a machine whose other tenants vary
+            "connect_cpu_ms_per_handshake": round(
+                1000 * (connecting_first.cpu_seconds + connecting_second.cpu_seconds) / max(n, 1), 3),
             "rss_before_mib": round(rss_before / 2**20, 1), "rss_half_mib": round(rss_half / 2**20, 1),
             "rss_after_mib": round(use.end_rss / 2**20, 1),
             "rss_per_connection_kib": round((use.end_rss - rss_half) / max(second_half, 1) / 1024, 1),
@@ -1051,6 +1058,7 @@ def markdown(results: dict) -> str:
         lines += ["## Idle connections", ""]
         lines += table(sc["idle"], [
             ("connections", key("connections")), ("connect time (s)", key("connect_seconds")),
+            ("server CPU per handshake (ms)", key("connect_cpu_ms_per_handshake")),
             ("RSS with 1 connection (MiB)", key("rss_before_mib")),
             ("RSS with half the connections (MiB)", key("rss_half_mib")), ("RSS with all (MiB)", key("rss_after_mib")),
             ("RSS per connection, second half (KiB)", key("rss_per_connection_kib")),
