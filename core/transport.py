@@ -29,6 +29,11 @@ from core.bodylimit import body_cap_for, too_large_body
 
 LINGER_SECONDS = 5.0
 GOING_AWAY = 1001  # the WebSocket close code of a server shutting down
+# Connections accepted whose request headers have not all come yet: at this many the server stops
+# accepting, until half of them have (see the server below). One stops counting after
+# ARRIVAL_SECONDS whatever it sent, so connections that send nothing cannot keep the server shut.
+ARRIVALS_AT_ONCE = 64
+ARRIVAL_SECONDS = 0.5
 
 REASONS = {400: b"Bad Request", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
 
@@ -48,6 +53,26 @@ def _answer_and_close(channel: http.HTTPChannel, status: int, detail: str, code:
 
 
 class CappedHTTPChannel(http.HTTPChannel):
+    arrival = None  # the timer of a connection the server counts as arriving (its headers not in yet)
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        server = getattr(self.factory, "server", None)
+        if hasattr(server, "arrived"):  # core.transport's server (not daphne's own, nor a test's)
+            self.arrival = server.arrived(self)
+
+    def arrival_over(self) -> None:
+        """The request's headers are in, the connection closed, or ARRIVAL_SECONDS passed."""
+        timer, self.arrival = self.arrival, None
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            self.factory.server.arrival_over()
+
+    def connectionLost(self, reason) -> None:
+        self.arrival_over()
+        super().connectionLost(reason)
+
     def lineLengthExceeded(self, line: bytes) -> None:
         # Twisted's default drops the connection without a word.
         _answer_and_close(self, 431, f"A request header line is longer than {self.MAX_LENGTH} bytes.",
@@ -67,6 +92,8 @@ class CappedWebRequest(http_protocol.WebRequest):
     refused = False
 
     def gotLength(self, length: int | None) -> None:
+        if isinstance(self.channel, CappedHTTPChannel):
+            self.channel.arrival_over()
         target = getattr(self.channel, "_path", b"/")
         self.body_cap = body_cap_for(unquote(urlsplit(target.decode("latin-1")).path))
         self.body_received = 0
@@ -210,7 +237,13 @@ def _server_class():
     And daphne keeps listening while its applications end: a client told 1001 that reconnected at
     once was accepted by the server going away, handshaken, then cut. Here the server stops
     listening first (the clients' attempts are refused, and they go to the next server or retry).
-    It can also pause and resume accepting new connections, for the handshakes' admission control."""
+    It pauses and resumes accepting new connections, for the handshakes' admission control and on
+    its own: at launch the listen queue may hold a thousand clients of a restarted server, and
+    Twisted accepts them by the hundred per wake-up, all before the first of them has sent its
+    request; each would then reach the handshake admission at once, and most be refused into their
+    backoff. So at ARRIVALS_AT_ONCE connections whose request headers have not come yet the server
+    stops accepting, and it takes in as many as have come once half of them have: the rest wait in
+    the kernel's listen queue, which costs nothing."""
     import asyncio
     import logging
 
@@ -222,24 +255,62 @@ def _server_class():
     class ChatServer(Server):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            from twisted.internet import reactor  # (daphne installed its reactor on import)
+
+            self.clock = reactor
             self.listening_ports = []
+            self.arrivals = 0  # connections accepted whose request headers are not in yet
+            self.paused_for: set[str] = set()  # why new connections are left in the listen queue
 
         def listen_success(self, port):
             self.listening_ports.append(port)
+            accept = port.doRead
+
+            def accept_with_room():
+                # A wake-up takes no more connections than there is room for among the arrivals:
+                # Twisted takes up to numberAccepts (100 to start with, and 20 more after each wake-up
+                # that took that many), and a pause only ends its loop at the next wake-up.
+                port.numberAccepts = max(1, min(port.numberAccepts, ARRIVALS_AT_ONCE - self.arrivals))
+                return accept()
+
+            port.doRead = accept_with_room  # (the reactor looks it up on the port for each wake-up)
             return super().listen_success(port)
+
+        def arrived(self, channel):
+            """A connection was accepted (CappedHTTPChannel): it counts until its request's headers
+            are in; the timer that ends its count at the latest is returned."""
+            self.arrivals += 1
+            if self.arrivals >= ARRIVALS_AT_ONCE:
+                self._pause("arrivals")
+            return self.clock.callLater(ARRIVAL_SECONDS, channel.arrival_over)
+
+        def arrival_over(self):
+            self.arrivals -= 1
+            if "arrivals" in self.paused_for and self.arrivals <= ARRIVALS_AT_ONCE // 2:
+                self._resume("arrivals", ARRIVALS_AT_ONCE - self.arrivals)
 
         def pause_accepting(self):
             """Leave new connections in the kernel's listen queue (chat.ws_auth.HandshakeAdmission,
             while every handshake slot is taken)."""
+            self._pause("handshakes")
+
+        def resume_accepting(self, at_most: int):
+            """Accept again, at most `at_most` connections per port in the next wake-up (unless the
+            server is paused for its arrivals too). Twisted accepts up to `numberAccepts` at once,
+            so a listen queue of thousands would otherwise come in one burst; after that wake-up it
+            raises its own allowance by 20 each time it takes that many, until the next pause, which
+            comes when the slots are taken again (the handshakes admitted meanwhile wait their turn)."""
+            self._resume("handshakes", at_most)
+
+        def _pause(self, reason: str):
+            self.paused_for.add(reason)
             for port in self.listening_ports:
                 port.stopReading()
 
-        def resume_accepting(self, at_most: int):
-            """Accept again, at most `at_most` connections per port in the next wake-up. Twisted
-            accepts up to `numberAccepts` at once (100 to start with), so a listen queue of
-            thousands would otherwise come in one burst; after that wake-up it raises its own
-            allowance by 20 each time it takes that many, until the next pause, which comes when
-            the slots are taken again (the handshakes admitted meanwhile wait their turn)."""
+        def _resume(self, reason: str, at_most: int):
+            self.paused_for.discard(reason)
+            if self.paused_for:
+                return
             for port in self.listening_ports:
                 if port.connected and not port.disconnecting:  # (not once shutting down)
                     port.numberAccepts = max(1, at_most)

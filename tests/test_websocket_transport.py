@@ -51,6 +51,9 @@ def test_a_connection_writes_and_reads_without_formatting_unlogged_debug_lines(m
 class ListeningPort:
     stopped = False
 
+    def doRead(self):
+        pass
+
     def getHost(self):
         return IPv4Address("TCP", "127.0.0.1", 8000)
 
@@ -239,3 +242,85 @@ def test_a_frame_goes_to_the_kernel_at_once_when_nothing_waits_and_behind_what_w
         assert socket.received() == b""
     finally:
         socket.close()
+
+
+def test_the_server_takes_in_at_most_so_many_connections_that_have_not_sent_their_request(monkeypatch):
+    """At launch the listen queue may hold every client of a restarted server. The server stops
+    accepting at ARRIVALS_AT_ONCE connections whose request headers are not in yet, and takes in
+    as many as there is room for once half of them are in (or their connections closed, or
+    ARRIVAL_SECONDS passed); the rest wait in the kernel's queue, none lost. The handshakes'
+    admission pauses it on top of that (over a real socket here)."""
+    import socket
+
+    import daphne.cli
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.failure import Failure
+
+    from core import transport
+
+    monkeypatch.setattr(transport, "ARRIVALS_AT_ONCE", 4)
+    reactor = MemoryReactorClock()
+    server = daphne.cli.CommandLineInterface.server_class(application=None, endpoints=["tcp:port=0"])
+    server.clock = reactor
+    server.connections = {}  # (daphne makes it when it runs)
+    factory = transport.CappedHTTPFactory(server)
+    factory.reactor = reactor  # (the connections' own idle timeouts)
+    port = tcp.Port(0, factory, interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    server.listen_success(port)
+    address = port.getHost()
+    clients = [socket.create_connection((address.host, address.port)) for _ in range(12)]
+
+    def accepted() -> dict:
+        """The accepted connections, by the client's address."""
+        return {connection.client: connection for connection in reactor.readers - {port}}
+
+    def server_side(client) -> tcp.Server:
+        return accepted()[client.getsockname()]
+
+    def read(connection) -> None:  # what the reactor does when the connection is readable
+        why = connection.doRead()
+        if why:
+            connection.connectionLost(Failure(why))
+
+    try:
+        port.doRead()
+        assert len(accepted()) == 4 and server.arrivals == 4 and port not in reactor.readers
+        # Two send their request headers (the body comes later): at half of them in, it takes in
+        # as many as there is room for.
+        for client in clients[:2]:
+            client.sendall(b"POST /api/v1/messages/ HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+            read(server_side(client))
+        assert server.arrivals == 2 and port in reactor.readers and port.numberAccepts == 2
+        port.doRead()
+        assert len(accepted()) == 6 and server.arrivals == 4 and port not in reactor.readers
+        # A connection that closes before its request stops counting: not yet half.
+        closing = server_side(clients[2])
+        clients[2].close()
+        read(closing)
+        assert server.arrivals == 3 and port not in reactor.readers
+        # Those that send nothing stop counting after ARRIVAL_SECONDS; the rest come in, a wake-up
+        # taking no more than there is room for (the resume came at half: room for 2 then).
+        reactor.advance(transport.ARRIVAL_SECONDS)
+        assert server.arrivals == 0 and port in reactor.readers
+        port.doRead()
+        assert len(accepted()) == 7 and server.arrivals == 2 and port.numberAccepts == 22  # (Twisted's +20)
+        port.doRead()
+        assert len(accepted()) == 9 and server.arrivals == 4 and port not in reactor.readers  # 2 still queued
+        # With the handshakes' admission paused too, the arrivals alone do not resume it.
+        server.pause_accepting()
+        reactor.advance(transport.ARRIVAL_SECONDS)
+        assert server.arrivals == 0 and port not in reactor.readers
+        server.resume_accepting(at_most=5)
+        assert port in reactor.readers and port.numberAccepts == 5
+        port.doRead()
+        assert len(accepted()) == 12 - 1 and server.arrivals == 2  # every one taken in, none lost
+    finally:
+        for client in clients:
+            client.close()
+        for connection in accepted().values():
+            connection.socket.close()
+        if not port.disconnecting:
+            port.stopListening()
+        reactor.advance(0)
