@@ -29,9 +29,9 @@ from core.bodylimit import body_cap_for, too_large_body
 
 LINGER_SECONDS = 5.0
 GOING_AWAY = 1001  # the WebSocket close code of a server shutting down
-# Connections accepted whose request headers have not all come yet: at this many the server stops
-# accepting, until half of them have (see the server below). One stops counting after
-# ARRIVAL_SECONDS whatever it sent, so connections that send nothing cannot keep the server shut.
+# Connections accepted whose request headers have not all come yet ("arrivals"): a wake-up of the
+# listening socket takes in no more connections than bring them to this many, and at least one
+# (see the server below). A connection stops counting after ARRIVAL_SECONDS whatever it sent.
 ARRIVALS_AT_ONCE = 64
 ARRIVAL_SECONDS = 0.5
 
@@ -237,13 +237,16 @@ def _server_class():
     And daphne keeps listening while its applications end: a client told 1001 that reconnected at
     once was accepted by the server going away, handshaken, then cut. Here the server stops
     listening first (the clients' attempts are refused, and they go to the next server or retry).
-    It pauses and resumes accepting new connections, for the handshakes' admission control and on
-    its own: at launch the listen queue may hold a thousand clients of a restarted server, and
-    Twisted accepts them by the hundred per wake-up, all before the first of them has sent its
-    request; each would then reach the handshake admission at once, and most be refused into their
-    backoff. So at ARRIVALS_AT_ONCE connections whose request headers have not come yet the server
-    stops accepting, and it takes in as many as have come once half of them have: the rest wait in
-    the kernel's listen queue, which costs nothing."""
+    It pauses and resumes accepting new connections for the handshakes' admission control, and it
+    takes them in at the pace their requests come: at launch the listen queue may hold a thousand
+    clients of a restarted server, and Twisted accepts up to 100 per wake-up (20 more after each
+    wake-up that took that many), all before the first of them has sent its request; each would
+    then reach the handshake admission at once, and most be refused into their backoff. So a
+    wake-up takes in no more connections than bring the arrivals (those whose request headers have
+    not come yet) to ARRIVALS_AT_ONCE, and at least one: the rest wait in the kernel's listen
+    queue, which costs nothing. (At least one, and no pause for it: connections that send nothing,
+    someone's on purpose, cannot stop the server accepting; they slow it to one connection per
+    wake-up, for ARRIVAL_SECONDS each.)"""
     import asyncio
     import logging
 
@@ -260,16 +263,12 @@ def _server_class():
             self.clock = reactor
             self.listening_ports = []
             self.arrivals = 0  # connections accepted whose request headers are not in yet
-            self.paused_for: set[str] = set()  # why new connections are left in the listen queue
 
         def listen_success(self, port):
             self.listening_ports.append(port)
             accept = port.doRead
 
             def accept_with_room():
-                # A wake-up takes no more connections than there is room for among the arrivals:
-                # Twisted takes up to numberAccepts (100 to start with, and 20 more after each wake-up
-                # that took that many), and a pause only ends its loop at the next wake-up.
                 port.numberAccepts = max(1, min(port.numberAccepts, ARRIVALS_AT_ONCE - self.arrivals))
                 return accept()
 
@@ -280,37 +279,23 @@ def _server_class():
             """A connection was accepted (CappedHTTPChannel): it counts until its request's headers
             are in; the timer that ends its count at the latest is returned."""
             self.arrivals += 1
-            if self.arrivals >= ARRIVALS_AT_ONCE:
-                self._pause("arrivals")
             return self.clock.callLater(ARRIVAL_SECONDS, channel.arrival_over)
 
         def arrival_over(self):
             self.arrivals -= 1
-            if "arrivals" in self.paused_for and self.arrivals <= ARRIVALS_AT_ONCE // 2:
-                self._resume("arrivals", ARRIVALS_AT_ONCE - self.arrivals)
 
         def pause_accepting(self):
             """Leave new connections in the kernel's listen queue (chat.ws_auth.HandshakeAdmission,
             while every handshake slot is taken)."""
-            self._pause("handshakes")
-
-        def resume_accepting(self, at_most: int):
-            """Accept again, at most `at_most` connections per port in the next wake-up (unless the
-            server is paused for its arrivals too). Twisted accepts up to `numberAccepts` at once,
-            so a listen queue of thousands would otherwise come in one burst; after that wake-up it
-            raises its own allowance by 20 each time it takes that many, until the next pause, which
-            comes when the slots are taken again (the handshakes admitted meanwhile wait their turn)."""
-            self._resume("handshakes", at_most)
-
-        def _pause(self, reason: str):
-            self.paused_for.add(reason)
             for port in self.listening_ports:
                 port.stopReading()
 
-        def _resume(self, reason: str, at_most: int):
-            self.paused_for.discard(reason)
-            if self.paused_for:
-                return
+        def resume_accepting(self, at_most: int):
+            """Accept again, at most `at_most` connections per port in the next wake-up. Twisted
+            accepts up to `numberAccepts` at once, so a listen queue of thousands would otherwise
+            come in one burst; after that wake-up it raises its own allowance by 20 each time it
+            takes that many (within the room among the arrivals), until the next pause, which comes
+            when the slots are taken again (the handshakes admitted meanwhile wait their turn)."""
             for port in self.listening_ports:
                 if port.connected and not port.disconnecting:  # (not once shutting down)
                     port.numberAccepts = max(1, at_most)
