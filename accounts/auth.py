@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import binascii
 import re
-from functools import cache, lru_cache
+import threading
+from functools import cache
 from hmac import compare_digest
 
 from django.contrib.auth import get_user_model
@@ -84,13 +85,23 @@ def _from_row(model, values) -> object:
     return model.from_db(db.alias, [field.attname for field in model._meta.concrete_fields], converted)
 
 
-@lru_cache(maxsize=64)
+# This thread's connection and, per model, each concrete field's column with its converters on
+# that connection: looked up once per thread instead of per row (per row they were half of a token
+# check's CPU). Per thread, not in a shared cache: the converters are bound to the thread's
+# connection, and a thread's entry goes with it (REST requests each run in a thread of their own).
+_thread = threading.local()
+
+
 def _converters(db, model) -> list[tuple[object, list]]:
-    """Each concrete field's column and its converters on connection `db` (a thread's own: the
-    pool's threads live as long as the process), looked up once instead of per row: per row they
-    were half of a token check's CPU."""
-    columns = [field.get_col(model._meta.db_table) for field in model._meta.concrete_fields]
-    return [(column, db.ops.get_db_converters(column) + column.get_db_converters(db)) for column in columns]
+    if getattr(_thread, "db", None) is not db:
+        _thread.db, _thread.converters = db, {}
+    found = _thread.converters.get(model)
+    if found is None:
+        columns = [field.get_col(model._meta.db_table) for field in model._meta.concrete_fields]
+        found = _thread.converters[model] = [
+            (column, db.ops.get_db_converters(column) + column.get_db_converters(db)) for column in columns
+        ]
+    return found
 
 
 def tokens_with_users(token_key: str) -> list:
