@@ -385,6 +385,37 @@ class TestOnEveryMessageStore:
         ]
 
 
+def test_only_attached_uploads_make_a_message_one_that_carries_attachments(people, client_for, conversation):
+    """chat.sql.messages_with_attachments, the statement every page of messages runs: attached
+    uploads count, unattached and doomed ones (a deleted message's) do not."""
+    from chat import sql
+
+    alice = people[0]
+    kept, doomed, loose = (upload(client_for(alice), name, jpeg()).json()["attachment_id"] for name in "abc")
+    carrying = uuid.UUID(send(client_for(alice), conversation, [kept], content="kept").json()["message_id"])
+    deleted = uuid.UUID(send(client_for(alice), conversation, [doomed], content="deleted").json()["message_id"])
+    client_for(alice).delete(f"/api/v1/conversations/{conversation.pk}/messages/2/")
+    plain = uuid.uuid4()
+    assert Attachment.objects.get(pk=doomed).state == Attachment.State.DOOMED
+    assert Attachment.objects.get(pk=loose).state == Attachment.State.UNATTACHED
+    assert sql.messages_with_attachments({carrying, deleted, plain}) == {carrying}
+    assert sql.messages_with_attachments({deleted, plain}) == set()
+    assert sql.messages_with_attachments(set()) == set()
+
+
+def test_a_page_without_attachments_costs_one_statement_for_them(people, client_for, conversation, django_assert_num_queries):
+    from chat.selectors import with_attachments
+    from chat.store import get_message_store
+
+    alice = people[0]
+    for content in ("one", "two", "three"):
+        client_for(alice).post("/api/v1/messages/", {"conversation_id": str(conversation.pk), "content": content}, format="json")
+    messages = get_message_store().history(conversation.pk, after_seq=0, before_seq=4, limit=10).messages
+    assert len(messages) == 3
+    with django_assert_num_queries(1):
+        assert with_attachments(messages) == list(messages)
+
+
 @pytest.mark.parametrize(
     "name, head, content_type",
     [
