@@ -1,5 +1,6 @@
 import itertools
 import sys
+import threading
 import uuid
 
 import pytest
@@ -27,6 +28,29 @@ def _fresh_in_memory_layer(settings):
     settings.CHAT_REGISTER_RATE = "100000/min"
     yield
     channel_layers.backends.clear()
+
+
+@pytest.fixture(autouse=True)
+def _blocking_work_ends_with_its_test():
+    """Work that a test's background tasks handed to the blocking-work pool (a settle look or a
+    membership re-check started just before the test ended) has finished before the test's
+    database is emptied. Cancelling the task at the end of the test does not stop a query that has
+    started, and on PostgreSQL that query beside the flush's TRUNCATE can deadlock it, failing
+    the flush and leaving rows for the next test.
+
+    Torn down after the test's event loop is closed (no new work can be queued) and before
+    pytest-django's flush (its fixture is set up first). Every worker of the pool waits at one
+    barrier: each takes its turn only after what was queued before it."""
+    yield
+    from core import threads
+
+    pool = threads._pool
+    if pool._shutdown:  # (a test's own pool, already waited for)
+        return
+    barrier = threading.Barrier(pool._max_workers + 1)
+    for _ in range(pool._max_workers):
+        pool.submit(barrier.wait, 60)
+    barrier.wait(60)
 
 
 @pytest.fixture(autouse=True)
