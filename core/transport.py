@@ -136,6 +136,40 @@ class CappedWebRequest(http_protocol.WebRequest):
         return super().connectionLost(reason)
 
 
+class DirectWriteServer(tcp.Server):
+    """A server-side TCP connection whose writes go to the kernel at once while nothing waits in
+    its buffer.
+
+    Twisted's write only buffers: it registers the socket with the event loop, writes on the loop's
+    next turn and unregisters it, two epoll calls and a callback per write. A connection writes
+    little at a time (a handshake's answer, a frame, a ping every 20 s to each of thousands of idle
+    sockets), and almost always with an empty buffer, so that round was most of what a write
+    cost. Here a write with nothing waiting before it is sent at once; what the kernel does not take
+    (or any write while something waits, or any on a TLS connection, whose layer writes through
+    Twisted's own path) is buffered as before, so bytes keep their order. An error on the send
+    (a peer gone) is left to the buffered path, where Twisted finds it and closes the connection
+    its own way."""
+
+    def write(self, data: bytes) -> None:
+        if (
+            type(data) is bytes
+            and not self.TLS
+            and self.connected
+            and not self.disconnecting
+            and not self._writeDisconnected
+            and not self._tempDataBuffer
+            and self.offset == len(self.dataBuffer)
+        ):
+            try:
+                sent = self.socket.send(data)
+            except OSError:  # EAGAIN; or a dead peer, which the buffered path then finds
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        super().write(data)
+
+
 def _capped_channel(factory: http.HTTPFactory) -> http._GenericHTTPChannelProtocol:
     return http._GenericHTTPChannelProtocol(CappedHTTPChannel())
 
@@ -169,32 +203,11 @@ def _websocket_factory_class():
             """Write one frame made by `text_frame`; False when the connection is not open.
 
             daphne's own write (handle_reply, then autobahn's sendMessage) frames every message
-            again for every connection and leaves the bytes to Twisted, which registers the socket
-            with the event loop, writes on the loop's next turn and unregisters it: two epoll
-            calls and a callback per connection and frame, for a fan-out that writes the same
-            frame to every local socket of a conversation. Here a connection with nothing
-            waiting in its buffer gets the frame straight from the kernel's send; what the kernel
-            does not take (or anything while something waits) goes through the transport as
-            before, so frames stay in order."""
+            again for every connection, for a fan-out that writes the same frame to every local
+            socket of a conversation; here the frame made once is written as it is (through the
+            transport's write, which hands it to the kernel at once: `DirectWriteServer`)."""
             if self.state != self.STATE_OPEN:
                 return False
-            transport = self.transport
-            if (
-                not self.send_queue
-                and isinstance(transport, tcp.Connection)
-                and transport.connected
-                and not transport.disconnecting
-                and not transport._writeDisconnected  # (what Twisted's own write refuses)
-                and not transport._tempDataBuffer
-                and transport.offset == len(transport.dataBuffer)
-            ):
-                try:
-                    sent = transport.socket.send(frame)
-                except OSError:  # EAGAIN; or a dead peer, which the transport's own write then finds
-                    sent = 0
-                if sent < len(frame):
-                    transport.write(frame[sent:])
-                return True
             self.sendData(frame)
             return True
 
@@ -246,7 +259,7 @@ def _server_class():
     not come yet) to ARRIVALS_AT_ONCE, and at least one: the rest wait in the kernel's listen
     queue, which costs nothing. (At least one, and no pause for it: connections that send nothing,
     someone's on purpose, cannot stop the server accepting; they slow it to one connection per
-    wake-up, for ARRIVAL_SECONDS each.)"""
+    wake-up, for ARRIVAL_SECONDS each.) Its TCP connections write at once (DirectWriteServer)."""
     import asyncio
     import logging
 
@@ -273,6 +286,8 @@ def _server_class():
                 return accept()
 
             port.doRead = accept_with_room  # (the reactor looks it up on the port for each wake-up)
+            if getattr(port, "transport", None) is tcp.Server:  # (a TCP port: not a UNIX socket's)
+                port.transport = DirectWriteServer  # the class the port makes its connections of
             return super().listen_success(port)
 
         def arrived(self, channel):

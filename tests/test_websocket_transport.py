@@ -172,21 +172,24 @@ class OpenConnection:
     def __init__(self):
         import socket
 
+        from types import SimpleNamespace
+
         import daphne.server
-        from twisted.internet import tcp
         from twisted.internet.testing import MemoryReactor
+
+        from core.transport import DirectWriteServer
 
         self.server_side, self.peer = socket.socketpair()
         self.reactor = MemoryReactor()
         factory = daphne.server.WebSocketFactory(None, server="test")
         self.connection = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-        class Connection(tcp.Connection):  # (tcp.Server's addresses, without its listening port)
-            def getPeer(self):
-                return IPv4Address("TCP", "127.0.0.1", 1)
 
-            getHost = getPeer
+        class Connection(DirectWriteServer):  # (the socket pair has no TCP address of its own)
+            def getHost(self):
+                return self.getPeer()
 
-        self.transport = Connection(self.server_side, self.connection, reactor=self.reactor)
+        listening_port = SimpleNamespace(_realPortNumber=1)
+        self.transport = Connection(self.server_side, self.connection, ("127.0.0.1", 1), listening_port, 1, self.reactor)
         self.transport.connected = True
         self.connection.makeConnection(self.transport)
         self.connection.state = self.connection.STATE_OPEN  # as after the opening handshake
@@ -206,10 +209,10 @@ class OpenConnection:
         self.peer.close()
 
 
-def test_a_frame_goes_to_the_kernel_at_once_when_nothing_waits_and_behind_what_waits_otherwise():
-    """core.transport's send_frame_now: no trip through the event loop for a connection whose
-    buffer is empty, and never ahead of bytes still in the buffer (the handshake's answer, a
-    frame the kernel could not take)."""
+def test_a_write_goes_to_the_kernel_at_once_when_nothing_waits_and_behind_what_waits_otherwise():
+    """core.transport's DirectWriteServer (a frame from send_frame_now, a protocol ping, anything
+    written): no trip through the event loop for a connection whose buffer is empty, and never
+    ahead of bytes still in the buffer (a frame the kernel could not take)."""
     from core.transport import text_frame
 
     socket = OpenConnection()
@@ -218,8 +221,15 @@ def test_a_frame_goes_to_the_kernel_at_once_when_nothing_waits_and_behind_what_w
         assert socket.connection.send_frame_now(first)
         assert socket.received() == first  # written by the call itself
         assert socket.transport not in socket.reactor.writers
+        socket.connection.sendPing(b"p")
+        assert socket.received() == b"\x89\x01p"  # a ping frame (opcode 9), written at once
+        assert socket.transport not in socket.reactor.writers
 
-        socket.transport.write(b"waiting")  # in the transport's buffer until the reactor writes it
+        # Something waits in the transport's buffer (put there as Twisted's own write does, until
+        # the reactor writes it): what comes next goes behind it.
+        socket.transport._tempDataBuffer.append(b"waiting")
+        socket.transport._tempDataLen += len(b"waiting")
+        socket.transport.startWriting()
         assert socket.connection.send_frame_now(second)
         assert socket.received() == b""
         socket.transport.doWrite()  # the reactor's call once the socket is writable
@@ -240,6 +250,19 @@ def test_a_frame_goes_to_the_kernel_at_once_when_nothing_waits_and_behind_what_w
         socket.connection.state = socket.connection.STATE_CLOSING
         assert not socket.connection.send_frame_now(first)
         assert socket.received() == b""
+    finally:
+        socket.close()
+
+
+def test_a_write_to_a_peer_that_is_gone_is_left_to_twisted_which_closes_the_connection():
+    from twisted.internet import main
+
+    socket = OpenConnection()
+    try:
+        socket.peer.close()
+        socket.transport.write(b"x" * 100)  # no exception here: the send's error waits for the reactor
+        assert socket.transport in socket.reactor.writers
+        assert socket.transport.doWrite() is main.CONNECTION_LOST
     finally:
         socket.close()
 
@@ -287,6 +310,7 @@ def test_a_wake_up_takes_in_no_more_connections_than_there_is_room_for_among_tho
     try:
         port.doRead()  # Twisted's own first allowance is 100
         assert len(accepted()) == 4 and server.arrivals == 4
+        assert {type(connection) for connection in accepted().values()} == {transport.DirectWriteServer}
         port.doRead()  # no room: one all the same
         assert len(accepted()) == 5 and server.arrivals == 5
         # Two send their request headers (the body comes later), one closes before its request:
