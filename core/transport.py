@@ -141,24 +141,29 @@ class DirectWriteServer(tcp.Server):
     its buffer.
 
     Twisted's write only buffers: it registers the socket with the event loop, writes on the loop's
-    next turn and unregisters it, two epoll calls and a callback per write. A connection writes
-    little at a time (a handshake's answer, a frame, a ping every 20 s to each of thousands of idle
-    sockets), and almost always with an empty buffer, so that round was most of what a write
-    cost. Here a write with nothing waiting before it is sent at once; what the kernel does not take
-    (or any write while something waits, or any on a TLS connection, whose layer writes through
-    Twisted's own path) is buffered as before, so bytes keep their order. An error on the send
-    (a peer gone) is left to the buffered path, where Twisted finds it and closes the connection
-    its own way."""
+    next turn and unregisters it, two epoll calls and a callback per write. A WebSocket connection
+    writes little at a time (the handshake's answer, a frame, a ping every 20 s to each of
+    thousands of idle sockets), almost always with an empty buffer, so that round was most of what
+    a write cost. Here a write with nothing waiting before it is sent at once. Everything else
+    takes Twisted's path as before, so bytes keep their order and Twisted's rules hold: what the
+    kernel does not take, any write while something waits (twisted.web's responses, which start
+    with a writeSequence), a connection closing or aborted, one whose producer is a pull producer
+    (Twisted asks it for more only after a buffered write), and one that started TLS on itself
+    (its TLS layer writes through Twisted's own path; a TLS port's connections write their
+    encrypted bytes here like any other). An error on the send (a peer gone) is left to the
+    buffered path too, where Twisted finds it and closes the connection its own way."""
 
     def write(self, data: bytes) -> None:
         if (
             type(data) is bytes
-            and not self.TLS
             and self.connected
             and not self.disconnecting
             and not self._writeDisconnected
+            and not self._aborting
+            and not self.TLS
             and not self._tempDataBuffer
             and self.offset == len(self.dataBuffer)
+            and (self.producer is None or self.streamingProducer)
         ):
             try:
                 sent = self.socket.send(data)

@@ -175,12 +175,12 @@ class OpenConnection:
         from types import SimpleNamespace
 
         import daphne.server
-        from twisted.internet.testing import MemoryReactor
+        from twisted.internet.testing import MemoryReactorClock
 
         from core.transport import DirectWriteServer
 
         self.server_side, self.peer = socket.socketpair()
-        self.reactor = MemoryReactor()
+        self.reactor = MemoryReactorClock()
         factory = daphne.server.WebSocketFactory(None, server="test")
         self.connection = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
 
@@ -252,6 +252,17 @@ def test_a_write_goes_to_the_kernel_at_once_when_nothing_waits_and_behind_what_w
         assert socket.received() == b""
     finally:
         socket.close()
+
+
+def test_nothing_is_written_once_the_connection_is_closing_or_aborted():
+    for close in ("loseConnection", "abortConnection"):
+        socket = OpenConnection()
+        try:
+            getattr(socket.transport, close)()
+            socket.transport.write(b"late")
+            assert socket.received() == b""
+        finally:
+            socket.close()
 
 
 def test_a_write_to_a_peer_that_is_gone_is_left_to_twisted_which_closes_the_connection():
