@@ -26,11 +26,12 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import events, metrics, overload, recheck
-from chat.access import Participation, access_participation, parse_conversation_id
+from chat.access import Participation, access_participation, access_participations, parse_conversation_id
 from chat.feed import ConversationFeed, Cursor, parse_position
 from chat.fanout import get_fanout
 from chat.frames import encode_frame, frame_too_large, member_frame, message_new_frame
 from core import transport
+from core.batching import Batcher, per_loop
 from core.errors import AccessDenied, ChatError, ValidationFailed
 from core.jsonsafe import loads_bounded
 from chat.presence import get_presence
@@ -563,6 +564,19 @@ class ChatSocket(AsyncWebsocketConsumer):
         await self._send_json(frame)
 
 
+async def _authorize_together(asked: list[tuple[Any, uuid.UUID]]) -> list[Participation | AccessDenied]:
+    return [
+        participation or AccessDenied() for participation in await in_thread(access_participations)(asked)
+    ]
+
+
+# The handshakes' authoritative read (after subscribing): those that reach it while one is under
+# way share the next trip to the thread pool and its one statement, as a reconnect storm's do.
+_authorized_after_subscribing = per_loop(
+    lambda: Batcher(_authorize_together, max_batch=settings.CHAT_MAX_PENDING_HANDSHAKES)
+)
+
+
 class ChatConsumer(ChatSocket):
     """The conversation socket: `ws/chat/?conversation_id=<uuid>[&after_seq=<n>][&after_change=<m>]`."""
 
@@ -600,7 +614,7 @@ class ChatConsumer(ChatSocket):
         # between the first check and the subscription was published where we could not hear it.
         # This read is also where the conversation stands (last_seq, last_change).
         try:
-            participation = await in_thread(access_participation)(user=self.user, conversation_id=self.conversation_id)
+            participation = await _authorized_after_subscribing().submit((self.user, self.conversation_id))
         except AccessDenied:
             await self._cleanup()
             return await self._refuse("revoked during the handshake")

@@ -354,16 +354,11 @@ class TestDelivery:
 
     async def test_a_consumer_that_dies_still_releases_what_it_held(self, trio, monkeypatch):
         alice, _, _, conversation = trio
-        calls = []
-        real = consumers.access_participation
 
-        def second_check_explodes(**kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("database gone")
-            return real(**kwargs)
+        def second_check_explodes(asked):  # (the read after subscribing)
+            raise RuntimeError("database gone")
 
-        monkeypatch.setattr(consumers, "access_participation", second_check_explodes)
+        monkeypatch.setattr(consumers, "access_participations", second_check_explodes)
         communicator = WebsocketCommunicator(
             application,
             f"/ws/chat/?conversation_id={conversation.id}",
@@ -373,6 +368,42 @@ class TestDelivery:
             await communicator.connect()
         assert consumers._open_connections == {}
         assert get_channel_layer().groups.get(events.conversation_group(conversation.id), {}) == {}
+
+    async def test_a_removal_between_the_first_check_and_the_subscription_refuses_the_handshake(self, trio, monkeypatch):
+        # Its publish went out before the socket could hear it: the read after subscribing is what finds it.
+        from chat.models import Participant
+
+        alice, bob, _, conversation = trio
+        first_read = consumers.ChatConsumer.read_with_authentication
+
+        def removed_right_after(socket, user):
+            participation = first_read(socket, user)
+            Participant.objects.filter(conversation=conversation, user=bob)._raw_delete(Participant.objects.db)
+            return participation
+
+        monkeypatch.setattr(consumers.ChatConsumer, "read_with_authentication", removed_right_after)
+        communicator = WebsocketCommunicator(
+            application,
+            f"/ws/chat/?conversation_id={conversation.id}",
+            headers=await database_sync_to_async(token_headers)(bob),
+        )
+        connected, _ = await communicator.connect()
+        assert not connected
+        assert consumers._open_connections == {}
+        assert get_channel_layer().groups.get(events.conversation_group(conversation.id), {}) == {}
+
+    async def test_the_reads_after_subscribing_answer_each_handshake_in_one_statement(self, trio, monkeypatch):
+        from chat import sql
+
+        alice, bob, carol, conversation = trio
+        statements = []
+        real = sql.allowed_participations
+        monkeypatch.setattr(sql, "allowed_participations", lambda pairs: statements.append(pairs) or real(pairs))
+        asked = [(alice, conversation.id), (carol, conversation.id), (bob, conversation.id), (bob, uuid.uuid4())]
+        answers = await consumers._authorize_together(asked)
+        assert len(statements) == 1
+        assert [type(answer).__name__ for answer in answers] == ["Participation", "AccessDenied", "Participation", "AccessDenied"]
+        assert [answer.conversation_id for answer in (answers[0], answers[2])] == [conversation.id, conversation.id]
 
     async def test_resume_beyond_max_replay_is_not_recovered(self, trio, settings):
         settings.CHAT_MAX_REPLAY = 3
