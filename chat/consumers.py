@@ -51,6 +51,8 @@ SLOW_CLIENT_GRACE_SECONDS = 2.0
 # A revocation seen on a stream's conversation group waits this long for its conversation.left
 # (sent to the user's group at once) before the stream reconciles the conversation on its own.
 REVOKED_LEFT_GRACE_SECONDS = 1.0
+# The event a user stream puts in its own inbox to run the rule for one conversation (never published).
+RECONCILE = "stream.reconcile"
 # How long a user stream opened with ?resume=1 holds live events for the client's resume frame.
 RESUME_WAIT_SECONDS = 5.0
 # One resume frame replays at most this many times CHAT_MAX_REPLAY messages and changes in all
@@ -719,7 +721,7 @@ class _StreamedConversation:
         self.conversation_id = conversation_id
 
     async def revoke(self) -> None:
-        self.stream.reconcile_later(self.conversation_id, delay=0)
+        self.stream.reconcile(self.conversation_id)
 
     def catch_up(self, last_seq: int, last_change: int) -> None:
         feed = self.stream.feeds.get(self.conversation_id)
@@ -894,7 +896,9 @@ class UserStreamConsumer(ChatSocket):
         if group == events.ACCOUNTS_GROUP:
             return await self._account_revoked(event)
         if group == self.own_group:
-            handler = {"conversation.joined": self._joined, "conversation.left": self._left}.get(event["type"])
+            handler = {"conversation.joined": self._joined, "conversation.left": self._left, RECONCILE: self._reconcile_now}.get(
+                event["type"]
+            )
             if handler is not None:
                 await handler(event)
             return
@@ -976,13 +980,22 @@ class UserStreamConsumer(ChatSocket):
         if event["user_id"] == str(self.user.pk):
             await self.revoke()
 
-    def reconcile_later(self, conversation_id: uuid.UUID, *, delay: float) -> None:
-        """A revocation without its conversation.left (lost, or found by chat.recheck): after
-        `delay`, if the stream still carries the conversation and the rule says no, leave it."""
-        self._spawn(self._reconcile(conversation_id, delay))
+    def reconcile(self, conversation_id: uuid.UUID) -> None:
+        """chat.recheck found the access gone: through the inbox, so that no event of the
+        conversation that the process receives from now on goes out before the stream has left it."""
+        self.feed({"type": RECONCILE, "group": self.own_group, "conversation_id": str(conversation_id)})
 
-    async def _reconcile(self, conversation_id: uuid.UUID, delay: float) -> None:
+    def reconcile_later(self, conversation_id: uuid.UUID, *, delay: float) -> None:
+        """A revocation without its conversation.left yet: reconcile after `delay`."""
+        self._spawn(self._reconcile_after(conversation_id, delay))
+
+    async def _reconcile_after(self, conversation_id: uuid.UUID, delay: float) -> None:
         await asyncio.sleep(delay)
+        self.reconcile(conversation_id)
+
+    async def _reconcile_now(self, event: dict) -> None:
+        """If the stream still carries the conversation and the rule says no, leave it."""
+        conversation_id = uuid.UUID(event["conversation_id"])
         if conversation_id not in self.feeds:
             return
         try:
@@ -990,12 +1003,13 @@ class UserStreamConsumer(ChatSocket):
                 return
             reason = await in_thread(access_lost_reason)(user=self.user, conversation_id=conversation_id)
         except Exception:
+            # The periodic re-check asks again; until then the conversation's events wait behind
+            # this one only as long as the read did.
             logger.warning("websocket: membership read failed", exc_info=True)
             return
         if reason == "inactive":
             return await self.revoke()
-        # Through the inbox, so it is handled in order with the conversation's other events.
-        self.feed({"type": "conversation.left", "group": self.own_group, "conversation_id": str(conversation_id), "reason": reason})
+        await self._left({"conversation_id": str(conversation_id), "reason": reason})
 
     # --- inbound frames ------------------------------------------------------------------------
     def frame_handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:
