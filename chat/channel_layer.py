@@ -9,22 +9,48 @@ the pool allows. Publishes of one process are therefore no longer ordered among 
 consumer orders messages by seq (chat.consumers), and no other event depends on publish order.
 Events published together (what a batch of sends committed; the typing and presence events of a
 batch of sockets) go out in one pipeline (`group_send_many`): one round trip, in order.
+
+When the subscription connection comes back after Redis went away, redis-py subscribes again on
+its own, and whatever was published in between is lost without a word. Every channel of the
+process then receives a RESUBSCRIBED event first, ahead of anything from the new connection
+(chat.fanout acts on it).
 """
 from __future__ import annotations
 
 import asyncio
 
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
-from channels_redis.utils import _wrap_close, decode_hosts
+from channels_redis.utils import _wrap_close, create_pool, decode_hosts
+from redis import asyncio as aioredis
+from redis.asyncio.client import PubSub
 
 # Concurrent PUBLISH calls per shard and process; redis-py's pool refuses more than 100 connections.
 MAX_CONCURRENT_PUBLISHES = 32
+# The event every local channel receives when a lost subscription connection is back.
+RESUBSCRIBED = "layer.resubscribed"
+
+
+class _PubSub(PubSub):
+    def __init__(self, connection_pool, *, reconnected) -> None:
+        super().__init__(connection_pool)
+        self._reconnected = reconnected
+
+    async def on_connect(self, connection) -> None:
+        # redis-py registers this callback once the first connection is made, so it runs on
+        # reconnects only, before the subscriptions are made again.
+        self._reconnected()
+        await super().on_connect(connection)
 
 
 class _Shard(RedisSingleShardConnection):
     def __init__(self, host, channel_layer) -> None:
         super().__init__(host, channel_layer)
         self._publishing = asyncio.Semaphore(MAX_CONCURRENT_PUBLISHES)
+
+    def _ensure_redis(self) -> None:
+        if self._redis is None:  # (as channels-redis does it, with our PubSub)
+            self._redis = aioredis.Redis(connection_pool=create_pool(self.host))
+            self._pubsub = _PubSub(self._redis.connection_pool, reconnected=self.channel_layer.resubscribed)
 
     async def publish(self, channel, message) -> None:
         self._ensure_redis()
@@ -46,6 +72,12 @@ class _LoopLayer(RedisPubSubLoopLayer):
     def __init__(self, hosts=None, **kwargs) -> None:
         super().__init__(hosts, **kwargs)
         self._shards = [_Shard(host, self) for host in decode_hosts(hosts)]
+
+    def resubscribed(self) -> None:
+        """A shard's subscriptions are being made again: what was published meanwhile is lost."""
+        event = self.channel_layer.serialize({"type": RESUBSCRIBED})
+        for queue in self.channels.values():
+            queue.put_nowait(event)
 
     async def group_send_many(self, items: list[tuple[str, dict]]) -> None:
         """group_send for each (group, message), in this order within each group: one pipeline per

@@ -12,6 +12,12 @@ drained by that listener alone, so a slow socket holds up nobody else.
 Revocations of whole accounts arrive on one group for all accounts (chat.events.ACCOUNTS_GROUP),
 which the process subscribes with its first socket and drops with its last; each goes to the
 process's listeners of that account only.
+
+When the channel layer's subscription connection comes back after Redis went away (its
+RESUBSCRIBED event), whatever was published in between is lost, revocations among it. Before
+anything published since goes out, the process re-runs the membership rule for all its sockets
+(chat.recheck): those that lost access meanwhile close first, and the others read what they
+missed from the store.
 """
 from __future__ import annotations
 
@@ -21,12 +27,17 @@ from typing import Any, Protocol
 
 from channels.layers import get_channel_layer
 
-from chat import events, metrics
+from chat import events, metrics, recheck
+from chat.channel_layer import RESUBSCRIBED
 
 logger = logging.getLogger(__name__)
 
 # After a failed receive (the channel layer's Redis is restarting), wait this long before the next.
 RECEIVE_RETRY_SECONDS = 0.5
+# A re-check after resubscribing that fails (the database is away too) is tried this many times,
+# RECEIVE_RETRY_SECONDS apart, while deliveries wait; then they go on, and the periodic round
+# (CHAT_MEMBERSHIP_RECHECK) is the backstop.
+RESUBSCRIBED_RECHECK_ATTEMPTS = 3
 
 
 class Listener(Protocol):
@@ -111,12 +122,30 @@ class Fanout:
                 logger.warning("fan-out: receive failed; retrying", exc_info=True)
                 await asyncio.sleep(RECEIVE_RETRY_SECONDS)
                 continue
+            if event.get("type") == RESUBSCRIBED:
+                await self._recheck_after_resubscribing()
+                continue
             for listener in tuple(self.listeners.get(event.get("group"), ())):
                 try:
                     listener.feed(event)
                 except Exception:
                     metrics.broadcast_panic.inc()
                     logger.exception("fan-out: a listener refused an event")
+
+
+    async def _recheck_after_resubscribing(self) -> None:
+        metrics.redis_resubscribed.inc()
+        for attempt in range(1, RESUBSCRIBED_RECHECK_ATTEMPTS + 1):
+            try:
+                closed = await recheck.recheck_once()
+            except Exception:
+                logger.warning("fan-out: re-check after resubscribing failed (attempt %d)", attempt, exc_info=True)
+                if attempt < RESUBSCRIBED_RECHECK_ATTEMPTS:
+                    await asyncio.sleep(RECEIVE_RETRY_SECONDS)
+            else:
+                logger.info("fan-out: resubscribed; the re-check closed %d sockets", closed)
+                return
+        logger.error("fan-out: resubscribed without a re-check; revocations lost meanwhile wait for the periodic one")
 
 
 class _AccountRouter:

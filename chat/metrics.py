@@ -61,7 +61,11 @@ frame_too_large = Counter(
 )
 membership_recheck_closed = Counter(
     "chat_membership_recheck_closed_total",
-    "Sockets closed (4403) by the periodic membership re-check: their revocation was never announced.",
+    "Sockets closed (4403) by the membership re-check (periodic, or after resubscribing): their revocation never reached them.",
+)
+redis_resubscribed = Counter(
+    "chat_redis_resubscribed_total",
+    "Times the channel layer's subscriptions were made again after Redis went away (events published meanwhile are lost).",
 )
 replayed_messages = Counter("chat_websocket_replayed_messages_total", "Messages replayed from the store on connect.")
 gap_fills = Counter("chat_websocket_gap_fills_total", "Out-of-order arrivals filled from the store.")

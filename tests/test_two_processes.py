@@ -10,7 +10,9 @@ import time
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
+from chat.events import RETRY_DELAYS_SECONDS
 from chat.recheck import SETTLE_SECONDS
 from tests.live import LiveServer, migrate, server_env
 from tests.redis_server import RedisServer, redis_server_binary
@@ -221,3 +223,39 @@ async def test_presence_works_again_on_both_processes_after_a_redis_restart(clus
             assert (online["user_id"], online["online"]) == (bob_profile["id"], True)
             [seen] = await frames_of_type(joining, "presence", 1)  # and bob is told alice is online
             assert (seen["user_id"], seen["online"]) == (alice_profile["id"], True)
+
+
+async def test_a_removal_lost_with_redis_closes_the_socket_before_anything_sent_after_it(cluster, people, redis_server):
+    """A removal committed while Redis is down, whose announcement never gets through (its retries
+    end before Redis is back): once the process's subscriptions are back, the removed member's
+    socket closes with 4403 before anything published since reaches it, not at the periodic
+    re-check 30 s later."""
+    a, b = cluster
+    carol_id, carol = a.signup("carol-removed-in-outage")
+    status, created, _ = a.request(
+        "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [carol_id], "title": "outage removal"},
+        token=people["alice"],
+    )
+    assert status == 201, created
+    conversation = created["id"]
+    async with connect(ws_url(a, conversation), additional_headers={"Authorization": f"Token {carol}"}) as removed:
+        assert json.loads(await removed.recv())["type"] == "ready"
+        redis_server.stop()
+        status, body, _ = b.request(
+            "DELETE", f"/api/v1/conversations/{conversation}/participants/{carol_id}/", token=people["alice"]
+        )
+        assert status == 204, body
+        # Past every retry of the revocation's publish (chat.events.RETRY_DELAYS_SECONDS): lost for good.
+        await asyncio.sleep(sum(RETRY_DELAYS_SECONDS) + 1)
+        redis_server.start()
+        await wait_until_delivery_works(a, b, people)
+        status, after, _ = send(b, people["alice"], conversation, "sent after the removal")
+        assert status == 201, after
+
+        frames = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                frames.append(json.loads(await asyncio.wait_for(removed.recv(), 10)))
+        assert closed.value.rcvd.code == 4403
+        assert [f for f in frames if f["type"] == "message.new"] == []
+    assert a.metric("chat_redis_resubscribed_total") >= 1

@@ -1,13 +1,14 @@
-"""The Redis channel layer's batch publish (chat.channel_layer.group_send_many), on the real Redis:
-the events one piece of work committed go out in one pipeline, each group's in order, to every
-subscriber, and chat.events counts each of them."""
+"""The Redis channel layer (chat.channel_layer), on the real Redis: the batch publish
+(group_send_many) sends the events one piece of work committed in one pipeline, each group's in
+order, to every subscriber, and chat.events counts each of them; a subscription connection that
+Redis dropped is announced to the process's channels when it comes back."""
 import asyncio
 import uuid
 
 import pytest
 
 from chat import events, metrics
-from chat.channel_layer import ConcurrentPublishChannelLayer
+from chat.channel_layer import RESUBSCRIBED, ConcurrentPublishChannelLayer
 from tests.services import REDIS_URL, redis_available, require
 
 
@@ -66,4 +67,36 @@ async def test_apublish_collected_sends_a_batch_in_one_call_and_counts_each_even
     assert [m["seq"] for m in messages] == [1, 2, 3]
     assert {m["group"] for m in messages} == {group}  # the fan-out routes by it (chat.fanout)
     assert published._value.get() == before + 3
+    await layer.flush()
+
+
+async def test_a_lost_subscription_connection_is_announced_ahead_of_what_follows(layer):
+    """Redis drops the process's pub/sub connection (as a restart does): redis-py subscribes again by
+    itself, and every local channel receives RESUBSCRIBED before anything from the new connection.
+    A first connection announces nothing."""
+    import redis.asyncio
+
+    group = f"conversation.{uuid.uuid4().hex}"
+    channel = await subscribed(layer, group)
+    await layer.group_send(group, {"type": "message.new", "n": 1})
+    assert await received(layer, channel, 1) == [{"type": "message.new", "n": 1}]
+
+    pubsub = layer._get_layer()._shards[0]._pubsub
+    host, port = pubsub.connection._writer.get_extra_info("sockname")[:2]
+    admin = redis.asyncio.from_url(REDIS_URL)
+    assert await admin.client_kill_filter(_type="pubsub", addr=f"{host}:{port}") == 1
+
+    assert await received(layer, channel, 1) == [{"type": RESUBSCRIBED}]
+    # The subscription is made again after the announcement: publish until it is live.
+    for n in range(2, 100):
+        await admin.publish(layer._get_layer()._get_group_channel_name(group), layer.serialize({"type": "message.new", "n": n}))
+        try:
+            event = await asyncio.wait_for(layer.receive(channel), 0.1)
+        except asyncio.TimeoutError:
+            continue
+        assert event["type"] == "message.new"
+        break
+    else:
+        pytest.fail("the subscription was not made again")
+    await admin.aclose()
     await layer.flush()
