@@ -27,6 +27,7 @@ from django.conf import settings
 
 from chat import events, metrics, overload, recheck
 from chat.access import Participation, access_participation, access_participations, parse_conversation_id
+from chat.channel_layer import RESUBSCRIBED
 from chat.feed import ConversationFeed, Cursor, parse_position
 from chat.fanout import get_fanout
 from chat.frames import encode_frame, frame_too_large, member_frame, message_new_frame
@@ -787,7 +788,7 @@ class UserStreamConsumer(ChatSocket):
             return
         limit = settings.CHAT_STREAM_MAX_CONVERSATIONS
         carried = await in_thread(stream_standings)(user=self.user, limit=limit + 1)
-        truncated = len(carried) > limit
+        truncated = self.truncated = len(carried) > limit
         groups = [events.conversation_group(standing.conversation_id) for standing in carried[:limit]]
         if not await self._subscribe(groups):
             return
@@ -896,9 +897,12 @@ class UserStreamConsumer(ChatSocket):
         if group == events.ACCOUNTS_GROUP:
             return await self._account_revoked(event)
         if group == self.own_group:
-            handler = {"conversation.joined": self._joined, "conversation.left": self._left, RECONCILE: self._reconcile_now}.get(
-                event["type"]
-            )
+            handler = {
+                "conversation.joined": self._joined,
+                "conversation.left": self._left,
+                RECONCILE: self._reconcile_now,
+                RESUBSCRIBED: self._joins_lost_with_redis,
+            }.get(event["type"])
             if handler is not None:
                 await handler(event)
             return
@@ -954,6 +958,27 @@ class UserStreamConsumer(ChatSocket):
         await self._send_json(frame)
         recheck.settle(self.watched[conversation_id])
         self._spawn(self._presence_enter_each([conversation_id]))
+
+    async def _joins_lost_with_redis(self, event: dict) -> None:
+        """The process's subscriptions came back after Redis went away (chat.fanout): joins
+        published meanwhile are lost. Every conversation the rule grants and the stream does not
+        carry was joined since, and is joined now, from where it stands. (A stream that was
+        truncated at its handshake cannot tell a join from a conversation it never carried: its
+        client reads the list over REST.)"""
+        if self.truncated:
+            return
+        try:
+            standings = await in_thread(stream_standings)(user=self.user, limit=settings.CHAT_STREAM_MAX_CONVERSATIONS)
+            for standing in standings:
+                if standing.conversation_id in self.feeds:
+                    continue
+                shape = await in_thread(conversation_shape)(conversation_id=standing.conversation_id)
+                await self._joined(
+                    {"conversation_id": str(standing.conversation_id), "conversation": shape,
+                     "last_seq": standing.last_seq, "last_change": standing.last_change}
+                )
+        except Exception:  # (the database is away too: the client's next reconnect reads the list)
+            logger.warning("websocket: reading the stream's conversations after resubscribing failed", exc_info=True)
 
     async def _left(self, event: dict) -> None:
         conversation_id = uuid.UUID(event["conversation_id"])

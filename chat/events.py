@@ -39,8 +39,12 @@ def conversation_group(conversation_id: uuid.UUID | str) -> str:
     return f"conversation.{uuid.UUID(str(conversation_id)).hex}"
 
 
+USER_GROUP_PREFIX = "user."
+
+
 def user_group(user_id: uuid.UUID | str) -> str:
-    return f"user.{uuid.UUID(str(user_id)).hex}"
+    """A user's own group: their joins and leaves, for their user streams."""
+    return f"{USER_GROUP_PREFIX}{uuid.UUID(str(user_id)).hex}"
 
 
 # Revocations of whole accounts (deactivation, password change) go to this one group, which a

@@ -17,7 +17,8 @@ When the channel layer's subscription connection comes back after Redis went awa
 RESUBSCRIBED event), whatever was published in between is lost, revocations among it. Before
 anything published since goes out, the process re-runs the membership rule for all its sockets
 (chat.recheck): those that lost access meanwhile close first, and the others read what they
-missed from the store.
+missed from the store. Joins are lost the same way: each user stream is told (RESUBSCRIBED on its
+user's group) and reads which conversations it should carry.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ class Fanout:
                 await asyncio.sleep(RECEIVE_RETRY_SECONDS)
                 continue
             if event.get("type") == RESUBSCRIBED:
-                await self._recheck_after_resubscribing()
+                await self._after_resubscribing()
                 continue
             for listener in tuple(self.listeners.get(event.get("group"), ())):
                 try:
@@ -133,8 +134,15 @@ class Fanout:
                     logger.exception("fan-out: a listener refused an event")
 
 
-    async def _recheck_after_resubscribing(self) -> None:
+    async def _after_resubscribing(self) -> None:
         metrics.redis_resubscribed.inc()
+        await self._recheck_after_resubscribing()
+        for group, listeners in self.listeners.items():
+            if group.startswith(events.USER_GROUP_PREFIX):
+                for listener in tuple(listeners):
+                    listener.feed({"type": RESUBSCRIBED, "group": group})
+
+    async def _recheck_after_resubscribing(self) -> None:
         for attempt in range(1, RESUBSCRIBED_RECHECK_ATTEMPTS + 1):
             try:
                 closed = await recheck.recheck_once()

@@ -14,6 +14,7 @@ from channels.testing import WebsocketCommunicator
 
 from accounts.services import user_deactivate
 from chat import events, recheck
+from chat.channel_layer import RESUBSCRIBED
 from chat.fanout import get_fanout
 from chat.models import Ban, Participant
 from chat.services import conversations, moderation
@@ -174,6 +175,32 @@ class TestMembership:
         created = await create_group(carol, dave, title="carol's")
         joined = await receive(c)
         assert (joined["type"], joined["conversation_id"], joined["last_seq"]) == ("conversation.joined", str(created.id), 0)
+        await c.disconnect()
+
+    async def test_a_join_lost_with_redis_is_joined_when_the_subscriptions_are_back(self, team, monkeypatch):
+        alice, bob, carol, one, _ = team
+        c, ready = await open_stream(carol)
+        assert ready["conversations"] == {}
+        await send_over_rest_path(alice, one, "before carol")
+        with monkeypatch.context() as lost:
+            lost.setattr(events, "conversation_joined", lambda *args, **kwargs: None)
+            await add(alice, one, carol)
+            await send_over_rest_path(alice, one, "while the join was lost")
+        assert await quiet(c)
+        # The channel layer says its subscriptions were made again (chat.channel_layer).
+        fanout = get_fanout()
+        await fanout.layer.send(fanout.channel, {"type": RESUBSCRIBED})
+        joined = await receive(c)
+        # From where the conversation stands now: what came before is the conversation's history.
+        assert (joined["type"], joined["conversation_id"], joined["last_seq"], joined["last_change"]) == (
+            "conversation.joined", str(one.id), 2, 0
+        )
+        assert joined["conversation"]["title"] == "one"
+        await send_over_rest_path(alice, one, "after the resubscription")
+        assert (await receive(c))["message"]["content"] == "after the resubscription"
+        # Told again, it joins nothing twice.
+        await fanout.layer.send(fanout.channel, {"type": RESUBSCRIBED})
+        assert await quiet(c)
         await c.disconnect()
 
     async def test_removal_leave_and_ban_say_why_and_nothing_follows(self, team, make_group):
