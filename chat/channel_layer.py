@@ -12,8 +12,8 @@ batch of sockets) go out in one pipeline (`group_send_many`): one round trip, in
 
 When the subscription connection comes back after Redis went away, redis-py subscribes again on
 its own, and whatever was published in between is lost without a word. Every channel of the
-process then receives a RESUBSCRIBED event first, ahead of anything from the new connection
-(chat.fanout acts on it).
+process then receives a RESUBSCRIBED event once the subscriptions have been asked for again, ahead
+of anything from the new connection (chat.fanout acts on it).
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ class _PubSub(PubSub):
 
     async def on_connect(self, connection) -> None:
         # redis-py registers this callback once the first connection is made, so it runs on
-        # reconnects only, before the subscriptions are made again.
-        self._reconnected()
+        # reconnects only; it subscribes again, and only then reads from the new connection.
         await super().on_connect(connection)
+        self._reconnected()
 
 
 class _Shard(RedisSingleShardConnection):

@@ -965,13 +965,16 @@ class UserStreamConsumer(ChatSocket):
         carry was joined since, and is joined now, from where it stands. (A stream that was
         truncated at its handshake cannot tell a join from a conversation it never carried: its
         client reads the list over REST.)"""
-        if self.truncated:
+        limit = settings.CHAT_STREAM_MAX_CONVERSATIONS
+        if self.truncated or len(self.feeds) >= limit:
             return
         try:
-            standings = await in_thread(stream_standings)(user=self.user, limit=settings.CHAT_STREAM_MAX_CONVERSATIONS)
+            standings = await in_thread(stream_standings)(user=self.user, limit=limit)
             for standing in standings:
                 if standing.conversation_id in self.feeds:
                     continue
+                if len(self.feeds) >= limit:
+                    break  # (a join past the limit would be announced, not carried, at every restart)
                 shape = await in_thread(conversation_shape)(conversation_id=standing.conversation_id)
                 await self._joined(
                     {"conversation_id": str(standing.conversation_id), "conversation": shape,
@@ -993,8 +996,10 @@ class UserStreamConsumer(ChatSocket):
         # Joins and leaves of one user are published by whichever process made them: a re-join's
         # event may have overtaken this leave's, and was passed over while the stream still
         # carried the conversation. The rule says which is the present.
+        if event.get("last_seq") is None:  # (not an event's: the stream's own reconcile, which read the rule)
+            return
         standings = await in_thread(stream_standings)(user=self.user, conversation_ids=[conversation_id])
-        if standings and event.get("last_seq") is not None:
+        if standings:
             shape = await in_thread(conversation_shape)(conversation_id=conversation_id)
             await self._joined(
                 {"conversation_id": str(conversation_id), "conversation": shape,
@@ -1024,14 +1029,18 @@ class UserStreamConsumer(ChatSocket):
         if conversation_id not in self.feeds:
             return
         try:
-            if await in_thread(stream_standings)(user=self.user, conversation_ids=[conversation_id]):
+            standings = await in_thread(stream_standings)(user=self.user, conversation_ids=[conversation_id])
+            if standings:
+                # Access again (re-added, the ban lifted): watched from now on by this participation
+                # (chat.recheck stopped watching the one it found without access).
+                recheck.watch(self.watched[conversation_id], standings[0].participant_id)
                 return
             reason = await in_thread(access_lost_reason)(user=self.user, conversation_id=conversation_id)
         except Exception:
-            # The periodic re-check asks again; until then the conversation's events wait behind
-            # this one only as long as the read did.
-            logger.warning("websocket: membership read failed", exc_info=True)
-            return
+            # A revocation was announced or found, and this read could not say otherwise: the
+            # conversation is left (the reason unknown, "removed" says it), not kept unwatched.
+            logger.warning("websocket: membership read failed; leaving the conversation", exc_info=True)
+            reason = "removed"
         if reason == "inactive":
             return await self.revoke()
         await self._left({"conversation_id": str(conversation_id), "reason": reason})

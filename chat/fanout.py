@@ -17,7 +17,8 @@ When the channel layer's subscription connection comes back after Redis went awa
 RESUBSCRIBED event), whatever was published in between is lost, revocations among it. Before
 anything published since goes out, the process re-runs the membership rule for all its sockets
 (chat.recheck): those that lost access meanwhile close first, and the others read what they
-missed from the store. Joins are lost the same way: each user stream is told (RESUBSCRIBED on its
+missed from the store; one more round follows once the new subscriptions surely hold. Joins are
+lost the same way: each user stream is told (RESUBSCRIBED on its
 user's group) and reads which conversations it should carry.
 """
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Fanout:
         self._account_router = _AccountRouter(self.accounts)
         self._changes = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._rechecking_later: asyncio.Task | None = None
 
     async def subscribe(self, group: str, listener: Listener) -> None:
         """Deliver the group's events to `listener` from now on. Raises when the channel layer
@@ -137,10 +139,24 @@ class Fanout:
     async def _after_resubscribing(self) -> None:
         metrics.redis_resubscribed.inc()
         await self._recheck_after_resubscribing()
-        for group, listeners in self.listeners.items():
+        # Redis takes the subscriptions a moment after they were asked for: what was published
+        # in that moment (a revocation among it) is found by one more round once they surely hold.
+        self._rechecking_later = asyncio.create_task(self._recheck_later())
+        for group, listeners in tuple(self.listeners.items()):
             if group.startswith(events.USER_GROUP_PREFIX):
                 for listener in tuple(listeners):
-                    listener.feed({"type": RESUBSCRIBED, "group": group})
+                    try:
+                        listener.feed({"type": RESUBSCRIBED, "group": group})
+                    except Exception:
+                        metrics.broadcast_panic.inc()
+                        logger.exception("fan-out: a listener refused an event")
+
+    async def _recheck_later(self) -> None:
+        await asyncio.sleep(recheck.SETTLE_SECONDS)
+        try:
+            await recheck.recheck_once()
+        except Exception:  # the periodic round is the backstop
+            logger.warning("fan-out: the second re-check after resubscribing failed", exc_info=True)
 
     async def _recheck_after_resubscribing(self) -> None:
         for attempt in range(1, RESUBSCRIBED_RECHECK_ATTEMPTS + 1):

@@ -313,6 +313,45 @@ class TestMembership:
         await b.disconnect()
 
 
+    async def test_a_lost_conversation_is_left_when_the_stream_cannot_read_why(self, team, monkeypatch):
+        """The re-check found the access gone and stopped watching: the stream's own read failing
+        must not leave the conversation carried and unwatched."""
+        alice, bob, _, one, _ = team
+        b, _ = await open_stream(bob)
+        await database_sync_to_async(
+            lambda: Participant.objects.filter(conversation=one, user=bob)._raw_delete(Participant.objects.db)
+        )()
+        from chat import consumers
+
+        def unreadable(**kwargs):
+            raise ConnectionError("database away")
+
+        monkeypatch.setattr(consumers, "stream_standings", unreadable)
+        assert await recheck.recheck_once() >= 1
+        await send_over_rest_path(alice, one, "after the removal")
+        assert await receive(b) == {"type": "conversation.left", "conversation_id": str(one.id), "reason": "removed"}
+        assert await quiet(b)
+        await b.disconnect()
+
+    async def test_a_conversation_found_allowed_again_is_watched_again(self, team):
+        _, bob, _, one, _ = team
+        b, _ = await open_stream(bob)
+        [stream] = get_fanout().listeners[events.user_group(bob.pk)]
+        watch = stream.watched[one.id]
+        # As when the re-check found it without access and the access came back before the
+        # stream's own read (re-added, or the ban lifted).
+        recheck.unwatch(watch)
+        stream.reconcile(one.id)
+        participant_id = await database_sync_to_async(lambda: Participant.objects.get(conversation=one, user=bob).pk)()
+        for _ in range(100):
+            if recheck._sockets.get(watch) == participant_id:
+                break
+            await asyncio.sleep(0.01)
+        assert recheck._sockets.get(watch) == participant_id
+        assert one.id in stream.feeds
+        await b.disconnect()
+
+
 class TestResume:
     async def test_resume_replays_messages_and_changes_then_says_resumed(self, team):
         alice, bob, _, one, two = team
