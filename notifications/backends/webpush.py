@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives import serialization
 from django.core.exceptions import ImproperlyConfigured
 from py_vapid import Vapid02
-from pywebpush import WebPusher
 
 from notifications import outbound
 from notifications.backends import DeliveryError, DestinationRefused, DeviceGone, PushBackend
@@ -84,6 +83,10 @@ class WebPushBackend(PushBackend):
             raise DestinationRefused(f"endpoint refused: {exc}") from None
         except outbound.Unresolvable as exc:
             raise DeliveryError(f"push service unreachable: {exc}") from None
+        # Imported here, by the notification worker: pywebpush brings aiohttp, a quarter of a second
+        # of every web worker's start (a restart's clients wait for it) for nothing it uses.
+        from pywebpush import WebPusher
+
         subscription = {"endpoint": device.endpoint, "keys": {"p256dh": device.p256dh, "auth": device.auth}}
         body = WebPusher(subscription).encode(
             json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(), "aes128gcm"
