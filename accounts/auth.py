@@ -6,6 +6,7 @@ from __future__ import annotations
 import binascii
 import re
 import threading
+from collections.abc import Sequence
 from functools import cache
 from hmac import compare_digest
 
@@ -30,32 +31,93 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
     """`Authorization: Token <key>`. An expired token is deleted and refused; a live one slides."""
 
     def authenticate_credentials(self, token: bytes):
-        # knox's own steps, over the rows `tokens_with_users` reads: knox builds and compiles
-        # `filter(token_key=...).select_related("user")` on every request, which was 13 % of a
-        # WebSocket handshake's CPU (docs/performance.md).
         if not _TOKEN_SHAPE.fullmatch(token):
             raise exceptions.AuthenticationFailed("Invalid token.")
         token = token.decode()
-        for auth_token in tokens_with_users(token[: CONSTANTS.TOKEN_KEY_LENGTH]):
-            if self._cleanup_token(auth_token):
-                continue
-            try:
-                digest = hash_token(token)
-            except (TypeError, binascii.Error):
-                raise exceptions.AuthenticationFailed("Invalid token.") from None
-            if compare_digest(digest, auth_token.digest):
-                if knox_settings.AUTO_REFRESH and auth_token.expiry:
-                    self.renew_token(auth_token)
-                return self.validate_user(auth_token)
-        raise exceptions.AuthenticationFailed("Invalid token.")
+        writes = _TokenWrites()
+        try:
+            return _check(token, tokens_with_users(token[: CONSTANTS.TOKEN_KEY_LENGTH]), writes)
+        finally:
+            writes.flush()
 
-    def _cleanup_token(self, auth_token) -> bool:
-        # knox also sweeps every other token of the user here, a query per request; they are swept
-        # at login instead (accounts.services.token_issue).
-        if auth_token.expiry is not None and auth_token.expiry < timezone.now():
-            auth_token.delete()
+
+def _check(token: str, candidates: list, writes: "_TokenWrites"):
+    """knox's steps over the tokens read for `token`'s key (`tokens_with_users`: knox builds and
+    compiles `filter(token_key=...).select_related("user")` on every request, which was 13 % of a
+    WebSocket handshake's CPU, docs/performance.md): (user, token), or AuthenticationFailed. Its
+    writes wait in `writes`."""
+    for auth_token in candidates:
+        if writes.expired(auth_token):
+            continue
+        try:
+            digest = hash_token(token)
+        except (TypeError, binascii.Error):
+            raise exceptions.AuthenticationFailed("Invalid token.") from None
+        if compare_digest(digest, auth_token.digest):
+            if knox_settings.AUTO_REFRESH and auth_token.expiry:
+                writes.slide(auth_token)
+            if not auth_token.user.is_active:
+                raise exceptions.AuthenticationFailed("User inactive or deleted.")
+            return auth_token.user, auth_token
+    raise exceptions.AuthenticationFailed("Invalid token.")
+
+
+class _TokenWrites:
+    """What checking tokens writes, set-wise at the end: the expired tokens deleted (knox also sweeps
+    every other token of the user on each check, a query per request; they are swept at login
+    instead, accounts.services.token_issue), and the expiries that slide (knox's renew_token, at
+    most once per MIN_REFRESH_INTERVAL per token). One statement each for a whole batch of checks:
+    the handshakes that share a read share its writes too."""
+
+    def __init__(self) -> None:
+        self.now = timezone.now()
+        self.to_delete: set[str] = set()
+        self.to_slide: dict[str, object] = {}  # digest -> token
+
+    def expired(self, auth_token) -> bool:
+        if auth_token.expiry is not None and auth_token.expiry < self.now:
+            self.to_delete.add(auth_token.digest)
             return True
         return False
+
+    def slide(self, auth_token) -> None:
+        new_expiry = self.now + knox_settings.TOKEN_TTL
+        if knox_settings.AUTO_REFRESH_MAX_TTL is not None:
+            new_expiry = min(new_expiry, auth_token.created + knox_settings.AUTO_REFRESH_MAX_TTL)
+        if (new_expiry - auth_token.expiry).total_seconds() > knox_settings.MIN_REFRESH_INTERVAL:
+            auth_token.expiry = new_expiry
+            self.to_slide[auth_token.digest] = auth_token
+
+    def flush(self) -> None:
+        token_model = get_token_model()
+        if self.to_delete:
+            token_model.objects.filter(digest__in=self.to_delete).delete()
+        by_expiry: dict[object, list[str]] = {}
+        for digest, auth_token in self.to_slide.items():
+            by_expiry.setdefault(auth_token.expiry, []).append(digest)
+        for expiry, digests in by_expiry.items():
+            token_model.objects.filter(digest__in=digests).update(expiry=expiry)
+
+
+def users_for_tokens(keys: Sequence[str]) -> list:
+    """`user_for_token` for many keys (the WebSocket handshakes that arrive together): one
+    statement reads every token they name, and one at most writes what the checks write."""
+    shaped = [key if _TOKEN_SHAPE.fullmatch(key.encode("latin1", "replace")) else None for key in keys]
+    candidates: dict[str, list] = {}
+    for auth_token in tokens_with_users(*{key[: CONSTANTS.TOKEN_KEY_LENGTH] for key in shaped if key}):
+        candidates.setdefault(auth_token.token_key, []).append(auth_token)
+    writes = _TokenWrites()
+    users = []
+    try:
+        for key in shaped:
+            try:
+                user = _check(key, candidates.get(key[: CONSTANTS.TOKEN_KEY_LENGTH], []), writes)[0] if key else None
+            except exceptions.AuthenticationFailed:
+                user = None
+            users.append(user)
+    finally:
+        writes.flush()
+    return users
 
 
 @cache
@@ -69,7 +131,7 @@ def _tokens_with_users_sql(vendor: str, token_model, user_model) -> str:
     return (
         f"SELECT {', '.join(columns)} FROM {quote(token_model._meta.db_table)} t "
         f"JOIN {quote(user_model._meta.db_table)} u ON u.{quote(user_key.target_field.column)} = t.{quote(user_key.column)} "
-        f"WHERE t.{quote(token_model._meta.get_field('token_key').column)} = %s"
+        f"WHERE t.{quote(token_model._meta.get_field('token_key').column)} IN "
     )
 
 
@@ -104,13 +166,16 @@ def _converters(db, model) -> list[tuple[object, list]]:
     return found
 
 
-def tokens_with_users(token_key: str) -> list:
-    """The tokens whose key is `token_key`, each with its user loaded: what knox reads with
+def tokens_with_users(*token_keys: str) -> list:
+    """The tokens whose key is one of `token_keys`, each with its user loaded: what knox reads with
     `filter(token_key=...).select_related("user")`, in one hand-written statement (on the default
     database, the only relational one; knox's manager filters nothing)."""
+    if not token_keys:
+        return []
     token_model, user_model = get_token_model(), get_user_model()
+    statement = _tokens_with_users_sql(connection.vendor, token_model, user_model)
     with connection.cursor() as cursor:
-        cursor.execute(_tokens_with_users_sql(connection.vendor, token_model, user_model), [token_key])
+        cursor.execute(f"{statement}({', '.join(['%s'] * len(token_keys))})", list(token_keys))
         rows = cursor.fetchall()
     split = len(token_model._meta.concrete_fields)
     tokens = []
@@ -123,11 +188,7 @@ def tokens_with_users(token_key: str) -> list:
 
 def user_for_token(key: str):
     """The active user whose live token `key` is (sliding its expiry), or None. Blocking."""
-    try:
-        user, _ = TokenAuthentication().authenticate_credentials(key.encode("latin1", "replace"))
-    except exceptions.AuthenticationFailed:
-        return None
-    return user
+    return users_for_tokens([key])[0]
 
 
 class ThrottledModelBackend(ModelBackend):

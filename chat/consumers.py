@@ -26,7 +26,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import events, metrics, overload, recheck
-from chat.access import Participation, access_participation, access_participations, parse_conversation_id
+from chat.access import Participation, access_participations, parse_conversation_id
 from chat.channel_layer import RESUBSCRIBED
 from chat.feed import ConversationFeed, Cursor, parse_position
 from chat.fanout import get_fanout
@@ -39,7 +39,7 @@ from chat.presence import get_presence
 from core.threads import in_thread
 from chat.services.conversations import read_marker_set
 from chat.services.send import SendRequest, amessage_send
-from chat.ws_auth import authenticate
+from chat.ws_auth import FirstRead, authenticate
 from chat.selectors import Standing, access_lost_reason, conversation_shape, stream_standings
 
 logger = logging.getLogger(__name__)
@@ -153,14 +153,16 @@ class ChatSocket(AsyncWebsocketConsumer):
         self.last_typing = 0.0
         self.backlog_probe = socket_backlog_probe(self.scope.get("server_send"))
         self.write_now = socket_writer(self.scope.get("server_send")) if self.backlog_probe is not None else None
-        self.user, first_read = await authenticate(self.scope, then=self.read_with_authentication)
+        self.user, first_read = await authenticate(self.scope, then=self.read_with_authentication())
         if not self.user.is_authenticated:
             return await self._refuse("unauthenticated")
         await self.handshake(first_read)
 
-    # A blocking read of the handshake's, done in the pool with the authentication (one trip there
-    # instead of two): called with the authenticated user; its result is handed to handshake().
-    read_with_authentication: Callable[[Any], Any] | None = None
+    def read_with_authentication(self) -> FirstRead | None:
+        """A blocking read of the handshake's, done in the pool with the authentication (one trip
+        there instead of two, shared by the handshakes that come together); its result is handed
+        to handshake()."""
+        return None
 
     async def handshake(self, first_read: Any) -> None:
         raise NotImplementedError
@@ -567,10 +569,13 @@ class ChatSocket(AsyncWebsocketConsumer):
         await self._send_json(frame)
 
 
+def _participations_or_denied(asked: list[tuple[Any, object]]) -> list[Participation | AccessDenied]:
+    """For each (user, conversation id): the participation the rule grants, or AccessDenied. One statement."""
+    return [participation or AccessDenied() for participation in access_participations(asked)]
+
+
 async def _authorize_together(asked: list[tuple[Any, uuid.UUID]]) -> list[Participation | AccessDenied]:
-    return [
-        participation or AccessDenied() for participation in await in_thread(access_participations)(asked)
-    ]
+    return await in_thread(_participations_or_denied)(asked)
 
 
 # The handshakes' authoritative read (after subscribing): those that reach it while one is under
@@ -588,13 +593,10 @@ class ChatConsumer(ChatSocket):
     delivery: ConversationFeed | None = None  # the conversation, from the end of the handshake on
 
     # --- handshake -------------------------------------------------------------------------
-    def read_with_authentication(self, user) -> Participation | AccessDenied:
+    def read_with_authentication(self) -> FirstRead:
         # Whether the user may subscribe to the conversation asked for (authoritative is the read
         # after subscribing, below).
-        try:
-            return access_participation(user=user, conversation_id=_query_param(self.scope, "conversation_id"))
-        except AccessDenied as refusal:
-            return refusal
+        return _participations_or_denied, _query_param(self.scope, "conversation_id")
 
     async def handshake(self, first_read: Participation | AccessDenied) -> None:
         after_seq, after_change = _query_param(self.scope, "after_seq"), _query_param(self.scope, "after_change")

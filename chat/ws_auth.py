@@ -25,6 +25,7 @@ from django.http.cookie import parse_cookie
 
 from chat import metrics
 from core import transport
+from core.batching import Batcher, per_loop
 from core.threads import in_thread
 
 
@@ -68,13 +69,6 @@ class ChatOriginValidator(OriginValidator):
         return valid
 
 
-def _user_for_token(key: str):
-    # The same check as REST: hashed lookup, expiry (sliding), active account.
-    from accounts.auth import user_for_token
-
-    return user_for_token(key) or AnonymousUser()
-
-
 def _user_for_ticket(ticket: str):
     from accounts.services import ws_ticket_redeem
 
@@ -87,37 +81,74 @@ def _user_for_session(session_key: str):
     return get_user.func({"session": session})
 
 
-def _credential(scope) -> tuple[Callable[[str], Any], str] | None:
-    """The lookup a handshake's credential calls for and its value; None when it names nobody. An
-    explicit credential (header or ticket) wins over the session cookie, and a bad explicit
-    credential names nobody: it never falls back to the cookie."""
+def _credential(scope) -> tuple[str, str] | None:
+    """The kind of a handshake's credential ("token", "ticket", "session") and its value; None when
+    it names nobody. An explicit credential (header or ticket) wins over the session cookie, and a
+    bad explicit credential names nobody: it never falls back to the cookie."""
     headers = dict(scope.get("headers", []))
     authorization = headers.get(b"authorization", b"").decode("latin1")
     tickets = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
     if authorization:
         scheme, _, key = authorization.partition(" ")
-        return (_user_for_token, key.strip()) if scheme.lower() == "token" else None
+        return ("token", key.strip()) if scheme.lower() == "token" else None
     if tickets:
-        return _user_for_ticket, tickets[0]
+        return "ticket", tickets[0]
     session_key = parse_cookie(headers.get(b"cookie", b"").decode("latin1")).get(settings.SESSION_COOKIE_NAME)
-    return (_user_for_session, session_key) if session_key else None
+    return ("session", session_key) if session_key else None
 
 
-async def authenticate(scope, then: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
-    """The user a handshake's credential names (or AnonymousUser), and what `then(user)` returns
-    for an authenticated one (else None): a blocking read the socket needs next, done in the same
-    trip to the thread pool as the credential's lookup. (The consumer's handshake calls it, in a
-    frame that ends with it: what is parsed here, the token included, is not kept for the
-    connection's lifetime.)"""
+# A read the handshake needs next, done in the same trip to the thread pool as the authentication:
+# a set-wise function of [(user, argument), ...] -> [result, ...], and this handshake's argument.
+FirstRead = tuple[Callable[[list[tuple[Any, Any]]], list[Any]], Any]
+
+
+async def authenticate(scope, then: FirstRead | None = None) -> tuple[Any, Any]:
+    """The user a handshake's credential names (or AnonymousUser), and what `then` reads for an
+    authenticated one (else None). (The consumer's handshake calls it, in a frame that ends with
+    it: what is parsed here, the token included, is not kept for the connection's lifetime.)"""
     credential = _credential(scope)
     if credential is None:
         return AnonymousUser(), None
-    return await in_thread(_look_up)(*credential, then)
+    kind, value = credential
+    if kind == "token":
+        return await _tokens_together().submit((value, then))
+    lookup = _user_for_ticket if kind == "ticket" else _user_for_session
+    return await in_thread(_look_up)(lookup, value, then)
 
 
-def _look_up(lookup: Callable[[str], Any], value: str, then: Callable[[Any], Any] | None) -> tuple[Any, Any]:
+def _look_up(lookup: Callable[[str], Any], value: str, then: FirstRead | None) -> tuple[Any, Any]:
     user = lookup(value)
-    return user, (then(user) if then is not None and user.is_authenticated else None)
+    return user, _read_each([(user, then)])[0]
+
+
+def _read_each(asked: list[tuple[Any, FirstRead | None]]) -> list[Any]:
+    """Each authenticated user's first read, one call of each read function for all who ask it."""
+    results: list[Any] = [None] * len(asked)
+    by_read: dict[Callable, list[tuple[int, Any, Any]]] = {}
+    for index, (user, then) in enumerate(asked):
+        if then is not None and user.is_authenticated:
+            by_read.setdefault(then[0], []).append((index, user, then[1]))
+    for read, entries in by_read.items():
+        for (index, _, _), result in zip(entries, read([(user, argument) for _, user, argument in entries]), strict=True):
+            results[index] = result
+    return results
+
+
+def _tokens_and_reads(asked: list[tuple[str, FirstRead | None]]) -> list[tuple[Any, Any]]:
+    from accounts.auth import users_for_tokens  # (the same check as REST: hashed lookup, sliding expiry, active)
+
+    users = [user or AnonymousUser() for user in users_for_tokens([key for key, _ in asked])]
+    return list(zip(users, _read_each([(user, then) for user, (_, then) in zip(users, asked)])))
+
+
+async def _authenticate_tokens(asked: list[tuple[str, FirstRead | None]]) -> list[tuple[Any, Any]]:
+    return await in_thread(_tokens_and_reads)(asked)
+
+
+# The token handshakes that arrive while one trip is under way share the next: one trip to the
+# thread pool, one statement for their tokens and one for each kind of first read (a reconnect
+# storm's). Tickets and sessions (browsers) keep a trip each: redeeming a ticket writes.
+_tokens_together = per_loop(lambda: Batcher(_authenticate_tokens, max_batch=settings.CHAT_MAX_PENDING_HANDSHAKES))
 
 
 class HandshakeAdmission:

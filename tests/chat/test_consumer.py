@@ -374,14 +374,17 @@ class TestDelivery:
         from chat.models import Participant
 
         alice, bob, _, conversation = trio
-        first_read = consumers.ChatConsumer.read_with_authentication
+        first_read = consumers._participations_or_denied
 
-        def removed_right_after(socket, user):
-            participation = first_read(socket, user)
+        def removed_right_after(asked):
+            participations = first_read(asked)
             Participant.objects.filter(conversation=conversation, user=bob)._raw_delete(Participant.objects.db)
-            return participation
+            return participations
 
-        monkeypatch.setattr(consumers.ChatConsumer, "read_with_authentication", removed_right_after)
+        monkeypatch.setattr(
+            consumers.ChatConsumer, "read_with_authentication",
+            lambda socket: (removed_right_after, consumers._query_param(socket.scope, "conversation_id")),
+        )
         communicator = WebsocketCommunicator(
             application,
             f"/ws/chat/?conversation_id={conversation.id}",
@@ -404,6 +407,36 @@ class TestDelivery:
         assert len(statements) == 1
         assert [type(answer).__name__ for answer in answers] == ["Participation", "AccessDenied", "Participation", "AccessDenied"]
         assert [answer.conversation_id for answer in (answers[0], answers[2])] == [conversation.id, conversation.id]
+
+    async def test_token_handshakes_share_one_read_of_their_tokens_and_of_their_first_check(self, trio, django_assert_num_queries):
+        from chat import ws_auth
+
+        alice, bob, carol, conversation = trio
+        headers = [await database_sync_to_async(token_headers)(user) for user in (alice, carol, bob)]
+        asked = [(h[0][1].decode().split()[1], (consumers._participations_or_denied, str(conversation.id))) for h in headers]
+        asked.append(("no-such-token", asked[0][1]))
+        asked.append((asked[2][0], (consumers._participations_or_denied, "not-a-uuid")))
+
+        def together():
+            with django_assert_num_queries(2):  # the tokens, then the membership rule for all of them
+                return ws_auth._tokens_and_reads(asked)
+
+        answers = await database_sync_to_async(together)()
+        assert [user.username if user.is_authenticated else None for user, _ in answers] == ["alice", "carol", "bob", None, "bob"]
+        assert [type(read).__name__ for _, read in answers] == ["Participation", "AccessDenied", "Participation", "NoneType", "AccessDenied"]
+
+    async def test_token_handshakes_that_arrive_together_share_a_trip(self, trio, monkeypatch):
+        from accounts import auth
+
+        alice, bob, _, conversation = trio
+        batches = []
+        real = auth.users_for_tokens
+        monkeypatch.setattr(auth, "users_for_tokens", lambda keys: batches.append(len(keys)) or real(keys))
+        sockets = await asyncio.gather(*(open_socket(user, conversation) for user in (alice, bob, alice, bob, alice)))
+        assert all(connected for _, connected in sockets)
+        assert sum(batches) == 5 and len(batches) < 5
+        for socket, _ in sockets:
+            await socket.disconnect()
 
     async def test_resume_beyond_max_replay_is_not_recovered(self, trio, settings):
         settings.CHAT_MAX_REPLAY = 3

@@ -84,6 +84,33 @@ class TestTokens:
         assert user_for_token(key).username == "dora"  # fresh: no expiry to slide, nothing written
         assert compiled == []
 
+    def test_many_tokens_are_checked_with_one_read_and_their_writes_set_wise(self, make_user, settings, django_assert_num_queries):
+        """The WebSocket handshakes that arrive together (chat.ws_auth): each key gets what
+        user_for_token would answer, for one read, one delete of the expired and one update of
+        the expiries that slide."""
+        from accounts.auth import users_for_tokens
+
+        dora, eve, fay = make_user("dora"), make_user("eve"), make_user("fay")
+        fresh = login("dora").data["token"]
+        stale = login("eve").data["token"]
+        expired = login("fay").data["token"]
+        inactive = login("dora").data["token"]
+        now = timezone.now()
+        ttl = timedelta(seconds=settings.CHAT_TOKEN_TTL)
+        # eve's last use was two hours ago: her expiry slides; fay's token has run out.
+        AuthToken.objects.filter(user=eve).update(expiry=now + ttl - timedelta(hours=2))
+        AuthToken.objects.filter(user=fay).update(expiry=now - timedelta(seconds=1))
+        AuthToken.objects.filter(token_key=inactive[:15]).update(user=make_user("gil", is_active=False))
+        keys = [fresh, stale, expired, inactive, fresh[:-1] + "x", "not a token", "", fresh]
+        with django_assert_num_queries(3):
+            users = users_for_tokens(keys)
+        assert [user.username if user else None for user in users] == ["dora", "eve", None, None, None, None, None, "dora"]
+        assert abs(AuthToken.objects.get(user=eve).expiry - (now + ttl)) < timedelta(seconds=5)
+        assert not AuthToken.objects.filter(user=fay).exists()
+        # Nothing to write: one read.
+        with django_assert_num_queries(1):
+            assert [user.username for user in users_for_tokens([fresh, stale])] == ["dora", "eve"]
+
     def test_an_expired_token_is_refused_and_deleted(self, make_user):
         make_user("dora")
         key = login("dora").data["token"]
