@@ -4,6 +4,7 @@ Django admin and session logins, and the WebSocket handshake (chat/ws_auth.py)."
 from __future__ import annotations
 
 import binascii
+import logging
 import re
 import threading
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from hmac import compare_digest
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import ModelBackend
-from django.db import connection, connections
+from django.db import DatabaseError, connection, connections
 from django.utils import timezone
 from knox import auth as knox_auth
 from knox.crypto import hash_token
@@ -21,6 +22,8 @@ from knox.settings import CONSTANTS, knox_settings
 from rest_framework import exceptions
 
 from accounts import throttles
+
+logger = logging.getLogger(__name__)
 
 # Printable ASCII without spaces, bounded: anything else cannot be a token, and never reaches the
 # database (a NUL would make PostgreSQL refuse the query) or the hash.
@@ -36,9 +39,12 @@ class TokenAuthentication(knox_auth.TokenAuthentication):
         token = token.decode()
         writes = _TokenWrites()
         try:
-            return _check(token, tokens_with_users(token[: CONSTANTS.TOKEN_KEY_LENGTH]), writes)
+            user, auth_token = _check(token, tokens_with_users(token[: CONSTANTS.TOKEN_KEY_LENGTH]), writes)
         finally:
-            writes.flush()
+            gone = writes.flush()
+        if auth_token.digest in gone:
+            raise exceptions.AuthenticationFailed("Invalid token.")
+        return user, auth_token
 
 
 def _check(token: str, candidates: list, writes: "_TokenWrites"):
@@ -88,36 +94,47 @@ class _TokenWrites:
             auth_token.expiry = new_expiry
             self.to_slide[auth_token.digest] = auth_token
 
-    def flush(self) -> None:
+    def flush(self) -> set[str]:
+        """Write; the digests of the tokens whose expiry was to slide and that are gone meanwhile
+        (revoked between the read and now: refused, as knox's save of a deleted token refuses).
+        Best effort otherwise: a write the database refuses (its writer busy past the timeout)
+        leaves the expiry where it was and the expired token for the next check, and fails no
+        check, so that it holds up no other handshake that shared the read."""
         token_model = get_token_model()
-        if self.to_delete:
-            token_model.objects.filter(digest__in=self.to_delete).delete()
-        by_expiry: dict[object, list[str]] = {}
-        for digest, auth_token in self.to_slide.items():
-            by_expiry.setdefault(auth_token.expiry, []).append(digest)
-        for expiry, digests in by_expiry.items():
-            token_model.objects.filter(digest__in=digests).update(expiry=expiry)
+        gone: set[str] = set()
+        try:
+            if self.to_delete:
+                token_model.objects.filter(digest__in=self.to_delete).delete()
+            by_expiry: dict[object, list[str]] = {}
+            for digest, auth_token in self.to_slide.items():
+                by_expiry.setdefault(auth_token.expiry, []).append(digest)
+            for expiry, digests in by_expiry.items():
+                if token_model.objects.filter(digest__in=digests).update(expiry=expiry) < len(digests):
+                    gone |= set(digests) - set(token_model.objects.filter(digest__in=digests).values_list("digest", flat=True))
+        except DatabaseError:
+            logger.warning("token expiry and clean-up writes failed; left for the next check", exc_info=True)
+        return gone
 
 
 def users_for_tokens(keys: Sequence[str]) -> list:
-    """`user_for_token` for many keys (the WebSocket handshakes that arrive together): one
-    statement reads every token they name, and one at most writes what the checks write."""
-    shaped = [key if _TOKEN_SHAPE.fullmatch(key.encode("latin1", "replace")) else None for key in keys]
+    """The active user whose live token each key is (sliding its expiry), or None: what REST's
+    check answers, for many keys at once (the WebSocket handshakes that arrive together), with one
+    statement reading every token they name, and set-wise writes. Blocking."""
+    shaped = [key if key.isascii() and _TOKEN_SHAPE.fullmatch(key.encode()) else None for key in keys]
     candidates: dict[str, list] = {}
     for auth_token in tokens_with_users(*{key[: CONSTANTS.TOKEN_KEY_LENGTH] for key in shaped if key}):
         candidates.setdefault(auth_token.token_key, []).append(auth_token)
     writes = _TokenWrites()
-    users = []
+    found: list = []
     try:
         for key in shaped:
             try:
-                user = _check(key, candidates.get(key[: CONSTANTS.TOKEN_KEY_LENGTH], []), writes)[0] if key else None
+                found.append(_check(key, candidates.get(key[: CONSTANTS.TOKEN_KEY_LENGTH], []), writes) if key else None)
             except exceptions.AuthenticationFailed:
-                user = None
-            users.append(user)
+                found.append(None)
     finally:
-        writes.flush()
-    return users
+        gone = writes.flush()
+    return [None if checked is None or checked[1].digest in gone else checked[0] for checked in found]
 
 
 @cache
@@ -184,11 +201,6 @@ def tokens_with_users(*token_keys: str) -> list:
         auth_token.user = _from_row(user_model, row[split:])
         tokens.append(auth_token)
     return tokens
-
-
-def user_for_token(key: str):
-    """The active user whose live token `key` is (sliding its expiry), or None. Blocking."""
-    return users_for_tokens([key])[0]
 
 
 class ThrottledModelBackend(ModelBackend):

@@ -49,9 +49,9 @@ class Participation(NamedTuple):
 
 def access_participation(*, user, conversation_id: object) -> Participation:
     """The caller's participation, or AccessDenied: the rule as one hand-written statement
-    (chat.sql), for the hot paths (every WebSocket handshake; a batch of sends asks for all of
-    its senders at once, `access_participations`). The account is checked in the database too:
-    the user object a socket holds may be stale."""
+    (chat.sql), as the hot paths run it for many callers at once (`access_participations`: a
+    batch of sends, the WebSocket handshakes that arrive together). The account is checked in the
+    database too: the user object a socket holds may be stale."""
     participation = access_participations([(user, conversation_id)])[0]
     if participation is None:
         raise AccessDenied()

@@ -306,7 +306,9 @@ CHAT_MAX_CONNECTIONS_PER_USER = env_int("CHAT_MAX_CONNECTIONS_PER_USER", 20, min
 # WebSocket handshakes a process works on at once (chat.ws_auth.HandshakeAdmission): at the cap it
 # stops accepting connections until half are done, so a reconnect storm waits in the listen queue
 # instead of starting handshakes that daphne's connect timeout drops after their work was done.
-CHAT_MAX_PENDING_HANDSHAKES = env_int("CHAT_MAX_PENDING_HANDSHAKES", 64, minimum=1)
+# At most 400: the handshakes that come together are read in one statement each (two bound
+# values per handshake; older SQLite builds take 999 in all).
+CHAT_MAX_PENDING_HANDSHAKES = env_int("CHAT_MAX_PENDING_HANDSHAKES", 64, minimum=1, maximum=400)
 CHAT_ALLOW_REGISTRATION = env_bool("CHAT_ALLOW_REGISTRATION", True)
 CHAT_PUSH_BACKEND = env_str("CHAT_PUSH_BACKEND", "log", choices=("log", "webhook", "webpush"))
 CHAT_MAX_REPLAY = env_int("CHAT_MAX_REPLAY", 1000, minimum=0)

@@ -66,7 +66,7 @@ class TestTokens:
     def test_a_token_is_read_with_its_user_as_the_orm_reads_them_without_compiling_a_query(self, make_user, monkeypatch):
         from django.db.models.sql.compiler import SQLCompiler
 
-        from accounts.auth import tokens_with_users, user_for_token
+        from accounts.auth import tokens_with_users, users_for_tokens
 
         make_user("dora", email="dora@example.com")
         key = login("dora").data["token"]
@@ -81,13 +81,13 @@ class TestTokens:
         assert tokens_with_users("no such key") == []
         compiled = []
         monkeypatch.setattr(SQLCompiler, "as_sql", lambda *args, **kwargs: compiled.append(1) or 1 / 0)
-        assert user_for_token(key).username == "dora"  # fresh: no expiry to slide, nothing written
+        assert users_for_tokens([key])[0].username == "dora"  # fresh: no expiry to slide, nothing written
         assert compiled == []
 
     def test_many_tokens_are_checked_with_one_read_and_their_writes_set_wise(self, make_user, settings, django_assert_num_queries):
-        """The WebSocket handshakes that arrive together (chat.ws_auth): each key gets what
-        user_for_token would answer, for one read, one delete of the expired and one update of
-        the expiries that slide."""
+        """The WebSocket handshakes that arrive together (chat.ws_auth): each key gets what REST's
+        check would answer, for one read, one delete of the expired and one update of the
+        expiries that slide."""
         from accounts.auth import users_for_tokens
 
         dora, eve, fay = make_user("dora"), make_user("eve"), make_user("fay")
@@ -101,15 +101,52 @@ class TestTokens:
         AuthToken.objects.filter(user=eve).update(expiry=now + ttl - timedelta(hours=2))
         AuthToken.objects.filter(user=fay).update(expiry=now - timedelta(seconds=1))
         AuthToken.objects.filter(token_key=inactive[:15]).update(user=make_user("gil", is_active=False))
-        keys = [fresh, stale, expired, inactive, fresh[:-1] + "x", "not a token", "", fresh]
+        keys = [fresh, stale, expired, inactive, fresh[:-1] + "x", "not a token", "", fresh, fresh[:-1] + "\udcff"]
         with django_assert_num_queries(3):
             users = users_for_tokens(keys)
-        assert [user.username if user else None for user in users] == ["dora", "eve", None, None, None, None, None, "dora"]
+        assert [user.username if user else None for user in users] == ["dora", "eve", None, None, None, None, None, "dora", None]
         assert abs(AuthToken.objects.get(user=eve).expiry - (now + ttl)) < timedelta(seconds=5)
         assert not AuthToken.objects.filter(user=fay).exists()
         # Nothing to write: one read.
         with django_assert_num_queries(1):
             assert [user.username for user in users_for_tokens([fresh, stale])] == ["dora", "eve"]
+
+    def test_a_token_revoked_while_its_expiry_slides_is_refused(self, make_user, settings, monkeypatch):
+        from accounts import auth
+
+        make_user("eve")
+        key = login("eve").data["token"]
+        AuthToken.objects.update(expiry=timezone.now() + timedelta(seconds=settings.CHAT_TOKEN_TTL) - timedelta(hours=2))
+        read = auth.tokens_with_users
+
+        def revoked_right_after(*token_keys):
+            tokens = read(*token_keys)
+            AuthToken.objects.all().delete()  # a logout, between the read and the write
+            return tokens
+
+        monkeypatch.setattr(auth, "tokens_with_users", revoked_right_after)
+        assert auth.users_for_tokens([key]) == [None]
+
+    def test_a_write_the_database_refuses_fails_no_check(self, make_user, settings, monkeypatch):
+        """The writes come after every check of a batch: a busy writer leaves the expiry where it
+        was and answers every handshake that shared the read."""
+        from django.db import OperationalError
+        from django.db.models import QuerySet
+
+        from accounts import auth
+
+        make_user("eve")
+        key = login("eve").data["token"]
+        stale = timezone.now() + timedelta(seconds=settings.CHAT_TOKEN_TTL) - timedelta(hours=2)
+        AuthToken.objects.update(expiry=stale)
+
+        def locked(*args, **kwargs):
+            raise OperationalError("database is locked")
+
+        monkeypatch.setattr(QuerySet, "update", locked)
+        assert [user.username for user in auth.users_for_tokens([key, key])] == ["eve", "eve"]
+        monkeypatch.undo()
+        assert AuthToken.objects.get().expiry == stale
 
     def test_an_expired_token_is_refused_and_deleted(self, make_user):
         make_user("dora")
