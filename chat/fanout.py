@@ -18,8 +18,8 @@ RESUBSCRIBED event), whatever was published in between is lost, revocations amon
 anything published since goes out, the process re-runs the membership rule for all its sockets
 (chat.recheck): those that lost access meanwhile close first, and the others read what they
 missed from the store; one more round follows once the new subscriptions surely hold. Joins are
-lost the same way: each user stream is told (RESUBSCRIBED on its
-user's group) and reads which conversations it should carry.
+lost the same way: each user stream is told (RESUBSCRIBED on its user's group) and reads which
+conversations it should carry.
 """
 from __future__ import annotations
 
@@ -134,7 +134,6 @@ class Fanout:
                 except Exception:
                     metrics.broadcast_panic.inc()
                     logger.exception("fan-out: a listener refused an event")
-
 
     async def _after_resubscribing(self) -> None:
         metrics.redis_resubscribed.inc()
