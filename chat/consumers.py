@@ -767,6 +767,7 @@ class UserStreamConsumer(ChatSocket):
     goes out after its conversation.left."""
 
     resuming = False  # a resume frame is being answered: ?resume=1's wait must not end it halfway
+    truncated = False  # the handshake carried only CHAT_STREAM_MAX_CONVERSATIONS of the user's conversations
     # What the resume frames of one connection may replay in all, together (set in handshake()):
     # a client resumes once per connection, and an 80-byte frame must not buy thousands of frames
     # again and again.
