@@ -719,6 +719,9 @@ class Bench:
             # from the new server's launch: what a restart costs the clients (includes its start-up)
             "all_ready_after_launch_s": round(ready[-1] - launched_at, 3) if ready else None,
             "p50_ready_after_launch_s": percentile(since(launched_at), 0.5),
+            # how many were ready within 1 s, 2 s, ... of the launch: where a storm's time goes
+            "ready_by_second_after_launch": [sum(t <= second for t in since(launched_at))
+                                             for second in range(1, int(since(launched_at)[-1]) + 2)] if ready else [],
             # from the SIGTERM: how long a client is without a connection, at worst
             "all_ready_after_sigterm_s": round(ready[-1] - stopped_at, 3) if ready else None,
             "sent": merged.get("sent"), "acked": merged.get("acked"), "received": merged.get("received"),
