@@ -332,7 +332,11 @@ class ChatSocket(AsyncWebsocketConsumer):
             # writes nothing: daphne drops replies to a closed connection. A CancelledError that
             # is not this task's own cancellation is no shutdown.)
             task = asyncio.current_task()
-            if self.accepted and not self.closing and task is not None and task.cancelling():
+            if task is not None and task.cancelling():
+                # The server is going away, not the user: the socket's presence entries stay (see
+                # _presence_exit).
+                self.server_going_away = True
+            if self.accepted and not self.closing and self.server_going_away:
                 self.closing = True
                 await self.close(code=CLOSE_GOING_AWAY)
                 await self._flush(SHUTDOWN_FLUSH_SECONDS)
@@ -377,6 +381,7 @@ class ChatSocket(AsyncWebsocketConsumer):
     # --- presence (best effort: a failure, Redis down, is logged and never costs the connection) -
     # The conversations where this socket holds a presence entry (a set once there is one).
     present_in: set[uuid.UUID] | tuple = ()
+    server_going_away = False  # closed by the server's shutdown (1001), not by its client
 
     async def _presence_enter(self, conversation_id: uuid.UUID) -> None:
         """Hold this socket's presence entry in the conversation: its user is announced online
@@ -402,7 +407,12 @@ class ChatSocket(AsyncWebsocketConsumer):
             return
         self.present_in.discard(conversation_id)
         try:
-            if await get_presence().leave(conversation_id, self.user.pk, self.connection_id):
+            if self.server_going_away:
+                # A restart is no presence change. Announced, it told every participant of every
+                # conversation that everyone went offline and came back: two announcements per
+                # socket, each to all the conversation's sockets, for nothing (chat.presence).
+                await get_presence().leave_on_shutdown(conversation_id, self.user.pk, self.connection_id)
+            elif await get_presence().leave(conversation_id, self.user.pk, self.connection_id):
                 await events.presence(conversation_id, self.user.pk, online=False)
         except Exception:
             logger.warning("presence: leave failed", exc_info=True)

@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 ENTRY_TTL_SECONDS = 60
 REFRESH_SECONDS = 20
+# How long a socket closed by its server's shutdown keeps its user online: the client reconnects at
+# once after 1001 (with backoff), well within it, and is then not announced again.
+SHUTDOWN_GRACE_SECONDS = 30
 SCRIPT_MAX_WAIT_SECONDS = 2.0  # the client's socket timeout (1 s), once retried
 
 # KEYS[1] conversation set; ARGV: member, expires, now, user prefix, key ttl ms.
@@ -70,6 +73,13 @@ for _, m in ipairs(expired) do
   if not alive[user] and not seen[user] then seen[user] = true table.insert(gone, user) end
 end
 return gone
+"""
+
+
+# KEYS[1]; ARGV: member, expires. The entry lapses at `expires` (if it is still there).
+_LAPSE = """
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+return 0
 """
 
 
@@ -145,13 +155,26 @@ class RedisPresence:
         return Joined(first == 1, {_user_of(m) for m in live} | {user_id})
 
     async def leave(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> bool:
+        member = self._unhold(conversation_id, user_id, channel)
+        result = await self._scripts().submit((_LEAVE, _key(conversation_id), (member, self.clock(), f"{user_id.hex}:")))
+        return result == 1
+
+    async def leave_on_shutdown(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> None:
+        """A socket its server's shutdown closed: the entry is no longer refreshed and lapses
+        SHUTDOWN_GRACE_SECONDS from now, and nobody is told anything now. A client that reconnects
+        meanwhile finds its user still online (not announced again); one that does not is
+        announced offline by the next refresh after that, as the users of a dead process are."""
+        member = self._unhold(conversation_id, user_id, channel)
+        await self._scripts().submit((_LAPSE, _key(conversation_id), (member, self.clock() + SHUTDOWN_GRACE_SECONDS)))
+
+    def _unhold(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> str:
+        """Stop refreshing a socket's entry; its member name."""
         member = _member(user_id, channel)
         held = self._held.get(conversation_id, set())
         held.discard(member)
         if not held:
             self._held.pop(conversation_id, None)
-        result = await self._scripts().submit((_LEAVE, _key(conversation_id), (member, self.clock(), f"{user_id.hex}:")))
-        return result == 1
+        return member
 
     async def _run_scripts(self, calls: list[tuple[str, str, tuple]]) -> list:
         """One pipeline for a batch of (script, key, arguments): each call's reply, or its error."""
@@ -213,6 +236,10 @@ class LocalPresence:
         if not users:
             del self._channels[conversation_id]
         return True
+
+    async def leave_on_shutdown(self, conversation_id: uuid.UUID, user_id: uuid.UUID, channel: str) -> None:
+        """(In one process, a shutdown takes every socket and this state with it.)"""
+        await self.leave(conversation_id, user_id, channel)
 
     async def online(self, conversation_id: uuid.UUID) -> set[uuid.UUID]:
         return set(self._channels.get(conversation_id, {}))

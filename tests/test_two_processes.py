@@ -259,3 +259,49 @@ async def test_a_removal_lost_with_redis_closes_the_socket_before_anything_sent_
         assert closed.value.rcvd.code == 4403
         assert [f for f in frames if f["type"] == "message.new"] == []
     assert a.metric("chat_redis_resubscribed_total") >= 1
+
+
+async def test_a_server_restart_is_no_presence_change(cluster, people):
+    """A process that restarts closes its sockets with 1001 and their clients reconnect: the
+    others in their conversations are told neither that those users went offline nor that they
+    came back (chat.presence.SHUTDOWN_GRACE_SECONDS), and who is online is still said to the
+    reconnected socket."""
+    a, b = cluster
+    status, bob_profile, _ = a.request("GET", "/api/v1/users/me/", token=people["bob"])
+    assert status == 200, bob_profile
+    status, alice_profile, _ = a.request("GET", "/api/v1/users/me/", token=people["alice"])
+    assert status == 200, alice_profile
+    status, created, _ = a.request(
+        "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_profile["id"]], "title": "restart"},
+        token=people["alice"],
+    )
+    assert status == 201, created
+    conversation = created["id"]
+    bob_headers, alice_headers = {"Authorization": f"Token {people['bob']}"}, {"Authorization": f"Token {people['alice']}"}
+    async with connect(ws_url(a, conversation), additional_headers=bob_headers) as watching:
+        assert json.loads(await watching.recv())["type"] == "ready"
+        await asyncio.sleep(SETTLE_SECONDS)  # bob's subscription is live (see the test above)
+        async with connect(ws_url(b, conversation), additional_headers=alice_headers) as before:
+            assert json.loads(await before.recv())["type"] == "ready"
+            [online] = await frames_of_type(watching, "presence", 1)
+            assert (online["user_id"], online["online"]) == (alice_profile["id"], True)
+            await asyncio.to_thread(b.stop)  # SIGTERM: the process ends its sockets and exits
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(before.recv(), 10)
+            assert closed.value.rcvd.code == 1001
+        await asyncio.to_thread(b.start)
+        async with connect(ws_url(b, conversation), additional_headers=alice_headers) as back:
+            assert json.loads(await back.recv())["type"] == "ready"
+            # Bob is online; alice's join was answered (and an announcement of hers would have been
+            # published) before she is told so.
+            [seen] = await frames_of_type(back, "presence", 1)
+            assert (seen["user_id"], seen["online"]) == (bob_profile["id"], True)
+            # Published after anything the shutdown or the reconnect announced, so everything those
+            # announced reaches bob before it.
+            await back.send(json.dumps({"type": "message.send", "client_message_id": "after-restart", "content": "back"}))
+            received = []
+            while not received or received[-1]["type"] != "message.new":
+                received.append(json.loads(await asyncio.wait_for(watching.recv(), 10)))
+            assert received[-1]["message"]["content"] == "back"
+            assert [frame for frame in received if frame["type"] == "presence"] == []

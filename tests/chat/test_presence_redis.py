@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from chat.presence import Joined, RedisPresence
+from chat.presence import SHUTDOWN_GRACE_SECONDS, Joined, RedisPresence
 from tests.services import REDIS_URL, redis_available, require
 
 TTL = 60
@@ -60,6 +60,27 @@ async def test_users_of_a_dead_process_expire_and_are_announced_once(make_presen
     assert await alive_process.refresh() == [(conversation, dead)]
     assert await alive_process.refresh() == []  # announced once
     assert await dead_process.join(conversation, dead, "reconnected") == Joined(True, {alive, dead})
+
+
+async def test_a_socket_closed_by_its_servers_shutdown_keeps_its_user_online_for_the_grace(make_presence, clock):
+    """A restart is no presence change: the user of a socket closed by its server's shutdown stays
+    online for SHUTDOWN_GRACE_SECONDS, so its client's reconnect is not announced, and one whose
+    client does not come back is announced offline by the next refresh after the grace."""
+    watcher_process, restarted, restarted_again = make_presence(), make_presence(), make_presence()
+    conversation, watcher, back, gone = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await watcher_process.join(conversation, watcher, "watcher-socket")
+    await restarted.join(conversation, back, "back-before-the-restart")
+    await restarted.join(conversation, gone, "gone-before-the-restart")
+    await restarted.leave_on_shutdown(conversation, back, "back-before-the-restart")
+    await restarted.leave_on_shutdown(conversation, gone, "gone-before-the-restart")
+    assert await restarted.refresh() == []  # the shut-down process holds (refreshes) neither any more
+    clock.now += SHUTDOWN_GRACE_SECONDS - 1
+    assert await restarted_again.join(conversation, back, "back-after-the-restart") == Joined(False, {watcher, back, gone})
+    assert await watcher_process.refresh() == []  # nobody gone yet
+    clock.now += 2  # past the grace: the entries the shutdown left have lapsed
+    assert await watcher_process.refresh() == [(conversation, gone)]
+    assert await watcher_process.online(conversation) == {watcher, back}
+    assert await restarted_again.leave(conversation, back, "back-after-the-restart") is True  # its real leave is announced
 
 
 async def test_an_expired_entry_of_another_device_does_not_keep_the_user_online(make_presence, clock):
