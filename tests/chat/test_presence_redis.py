@@ -104,6 +104,21 @@ async def test_refresh_covers_every_conversation_and_socket_held(make_presence, 
     assert await presence.online(first) == await presence.online(second) == {user}
 
 
+async def test_refresh_covers_conversations_past_one_pipeline(make_presence, clock, monkeypatch):
+    monkeypatch.setattr("chat.presence.REFRESH_PIPELINE", 2)
+    live_process, dead_process = make_presence(), make_presence()
+    conversations, live, dead = [uuid.uuid4() for _ in range(5)], uuid.uuid4(), uuid.uuid4()
+    for conversation in conversations:
+        await live_process.join(conversation, live, "live-socket")
+        await dead_process.join(conversation, dead, "socket-on-a-process-that-died")
+    clock.now += TTL * 0.6
+    assert await live_process.refresh() == []
+    clock.now += TTL * 0.6  # every live entry was refreshed, in three pipelines; the dead ones lapsed
+    assert sorted(await live_process.refresh()) == sorted((conversation, dead) for conversation in conversations)
+    for conversation in conversations:
+        assert await live_process.online(conversation) == {live}
+
+
 async def test_a_join_says_who_else_is_online_in_the_same_call(make_presence, clock):
     first_process, second_process = make_presence(), make_presence()
     conversation, alice, bob, gone = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
