@@ -332,11 +332,7 @@ class ChatSocket(AsyncWebsocketConsumer):
             # writes nothing: daphne drops replies to a closed connection. A CancelledError that
             # is not this task's own cancellation is no shutdown.)
             task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # The server is going away, not the user: the socket's presence entries stay (see
-                # _presence_exit).
-                self.server_going_away = True
-            if self.accepted and not self.closing and self.server_going_away:
+            if self.accepted and not self.closing and task is not None and task.cancelling():
                 self.closing = True
                 await self.close(code=CLOSE_GOING_AWAY)
                 await self._flush(SHUTDOWN_FLUSH_SECONDS)
@@ -381,7 +377,6 @@ class ChatSocket(AsyncWebsocketConsumer):
     # --- presence (best effort: a failure, Redis down, is logged and never costs the connection) -
     # The conversations where this socket holds a presence entry (a set once there is one).
     present_in: set[uuid.UUID] | tuple = ()
-    server_going_away = False  # closed by the server's shutdown (1001), not by its client
 
     async def _presence_enter(self, conversation_id: uuid.UUID) -> None:
         """Hold this socket's presence entry in the conversation: its user is announced online
@@ -407,7 +402,7 @@ class ChatSocket(AsyncWebsocketConsumer):
             return
         self.present_in.discard(conversation_id)
         try:
-            if self.server_going_away:
+            if transport.shutting_down():
                 # A restart is no presence change. Announced, it told every participant of every
                 # conversation that everyone went offline and came back: two announcements per
                 # socket, each to all the conversation's sockets, for nothing (chat.presence).
@@ -895,8 +890,9 @@ class UserStreamConsumer(ChatSocket):
             recheck.unwatch(watch)
         for feed in getattr(self, "feeds", {}).values():
             feed.close()
-        for conversation_id in list(self.present_in):
-            await self._presence_exit(conversation_id)
+        # All at once: they share the presence pipelines, and while Redis is down each would
+        # otherwise wait out its own timeout in turn (a stream carries up to 500 conversations).
+        await asyncio.gather(*(self._presence_exit(conversation_id) for conversation_id in list(self.present_in)))
 
     # --- events ------------------------------------------------------------------------------
     def conversation_of(self, event: dict) -> ConversationFeed | None:

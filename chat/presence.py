@@ -1,8 +1,9 @@
 """Who is online in a conversation, across processes.
 
 Each open socket holds an entry "<user hex>:<channel name>" in a Redis sorted set per conversation,
-scored by when it expires; one task per process refreshes all of its sockets' entries, one call
-per conversation. A user is online while any of their entries is live. When a process dies its
+scored by when it expires; one task per process refreshes all of its sockets' entries, one script
+per conversation, in the same pipelines as the joins and leaves. A user is online while any of
+their entries is live. When a process dies its
 entries stop being refreshed and expire, and the next refresh by any other process holding a
 socket on the conversation announces those users offline. Without Redis the
 same rules run in this process (one process: its death takes every socket with it).
@@ -29,7 +30,6 @@ REFRESH_SECONDS = 20
 # How long a socket closed by its server's shutdown keeps its user online: the client reconnects at
 # once after 1001 (with backoff), well within it, and is then not announced again.
 SHUTDOWN_GRACE_SECONDS = 30
-REFRESH_PIPELINE = 256  # conversations per round trip of a refresh
 SCRIPT_MAX_WAIT_SECONDS = 2.0  # the client's socket timeout (1 s), once retried
 
 # KEYS[1] conversation set; ARGV: member, expires, now, user prefix, key ttl ms.
@@ -77,9 +77,10 @@ return gone
 """
 
 
-# KEYS[1]; ARGV: member, expires. The entry lapses at `expires` (if it is still there).
+# KEYS[1]; ARGV: member, expires. The entry lapses at `expires`, if it is still there and would
+# not lapse sooner: an entry past its time that no sweep has removed yet stays expired.
 _LAPSE = """
-redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[1], 'XX', 'LT', ARGV[2], ARGV[1])
 return 0
 """
 
@@ -186,18 +187,28 @@ class RedisPresence:
 
     async def refresh(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
         """Refresh every entry this process holds; (conversation, user) for each user found gone.
-        The conversations go in pipelines of REFRESH_PIPELINE: one round trip and its awaits each
-        cost about 0.36 ms of CPU per conversation, a seventh of an idle process's CPU."""
-        gone = []
+        The sweeps share the joins' and leaves' pipelines (a round trip and its awaits each cost
+        about 0.36 ms of CPU per conversation, a seventh of an idle process's CPU), and so run in
+        order with them: a sweep re-adds the members it was given, and a leave asked after it
+        must not be undone by it. A sweep that fails (Redis away, a bad key) costs only its own
+        conversation, until the next refresh."""
+        now = self.clock()
         held = list(self._held.items())
-        for start in range(0, len(held), REFRESH_PIPELINE):
-            part = held[start:start + REFRESH_PIPELINE]
-            now = self.clock()
-            pipeline = self._client().pipeline(transaction=False)
-            for conversation_id, members in part:
-                pipeline.eval(_SWEEP, 1, _key(conversation_id), now + self.ttl, now, int(self.ttl * 2000), *members)
-            for (conversation_id, _), users in zip(part, await pipeline.execute(), strict=True):
-                gone += [(conversation_id, uuid.UUID(u.decode() if isinstance(u, bytes) else u)) for u in users]
+        scripts = self._scripts()
+        # Queued as their members are read, with no await in between (a leave could come first).
+        sweeps = [
+            scripts.enqueue((_SWEEP, _key(conversation_id), (now + self.ttl, now, int(self.ttl * 2000), *members)))
+            for conversation_id, members in held
+        ]
+        outcomes = await asyncio.gather(*sweeps, return_exceptions=True)
+        gone, failed = [], 0
+        for (conversation_id, _), users in zip(held, outcomes, strict=True):
+            if isinstance(users, BaseException):
+                failed += 1
+                continue
+            gone += [(conversation_id, uuid.UUID(u.decode() if isinstance(u, bytes) else u)) for u in users]
+        if failed:
+            logger.warning("presence: refreshing %d of %d conversations failed", failed, len(held))
         return gone
 
     async def online(self, conversation_id: uuid.UUID) -> set[uuid.UUID]:

@@ -36,12 +36,17 @@ class Batcher(Generic[Item, Result]):
         self.task: asyncio.Task | None = None
 
     async def submit(self, item: Item) -> Result:
+        return await self.enqueue(item)
+
+    def enqueue(self, item: Item) -> asyncio.Future:
+        """submit's first half, for a caller that queues several items at one moment: queued by the
+        time this returns, so nothing submitted later runs before them; the future has the outcome."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.waiting.append((item, future, loop.time()))
         if self.task is None:
             self.task = asyncio.create_task(self._run_waiting())
-        return await future
+        return future
 
     async def _run_waiting(self) -> None:
         batch: list[tuple[Item, asyncio.Future, float]] = []

@@ -322,6 +322,8 @@ def _server_class():
                     port.startReading()
 
         def kill_all_applications(self):
+            global _shutting_down
+            _shutting_down = True
             for port in self.listening_ports:
                 port.stopListening()
             running = []
@@ -336,6 +338,16 @@ def _server_class():
             return ended
 
     return ChatServer
+
+
+_shutting_down = False
+
+
+def shutting_down() -> bool:
+    """Whether this process's server is shutting down: it cancelled every connection's application
+    (SIGTERM), as opposed to one connection's ending (its client left, or daphne cancelled an
+    application that did not end in time after that)."""
+    return _shutting_down
 
 
 def daphne_server(send):

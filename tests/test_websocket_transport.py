@@ -61,8 +61,12 @@ class ListeningPort:
         self.stopped = True
 
 
-def test_the_shutdown_stops_listening_and_cancels_every_running_application():
+def test_the_shutdown_stops_listening_and_cancels_every_running_application(monkeypatch):
     import daphne.cli
+
+    from core import transport
+
+    monkeypatch.setattr(transport, "_shutting_down", False)  # (restored after: the flag is the process's)
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -80,7 +84,9 @@ def test_the_shutdown_stops_listening_and_cancels_every_running_application():
             "http, just answered": {"application_instance": ended},
             "websocket 2": {"application_instance": running[1]},
         }
+        assert not transport.shutting_down()
         shutdown_step = server.kill_all_applications()
+        assert transport.shutting_down()  # what a socket's end is told (chat.consumers._presence_exit)
         outcome = []
         shutdown_step.addBoth(outcome.append)
         loop.run_until_complete(asyncio.sleep(0.01))

@@ -698,6 +698,38 @@ class TestPresence:
         }
         await a.disconnect()
 
+    async def test_an_application_cancelled_while_the_server_runs_on_announces_its_user_offline(self, trio):
+        """daphne also cancels one connection's application (one that did not end in time after its
+        client left): that is no shutdown, and its user goes offline as on any disconnect."""
+        alice, bob, _, conversation = trio
+        a, _ = await open_socket(alice, conversation)
+        await receive(a)
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        assert (await receive(a, skip=()))["online"] is True
+        b.future.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await b.future
+        assert await receive(a, skip=()) == {
+            "type": "presence", "conversation_id": str(conversation.id), "user_id": str(bob.pk), "online": False
+        }
+        await a.disconnect()
+
+    async def test_sockets_ended_by_the_servers_shutdown_announce_nothing(self, trio, monkeypatch):
+        """A restart is no presence change (chat.presence.SHUTDOWN_GRACE_SECONDS)."""
+        from core import transport
+
+        alice, bob, _, conversation = trio
+        a, _ = await open_socket(alice, conversation)
+        await receive(a)
+        b, _ = await open_socket(bob, conversation)
+        await receive(b)
+        assert (await receive(a, skip=()))["online"] is True
+        monkeypatch.setattr(transport, "_shutting_down", True)
+        await b.disconnect()
+        assert await a.receive_nothing(0.3)
+        await a.disconnect()
+
 
 async def test_under_daphne_a_socket_writes_its_frames_through_daphnes_write(settings):
     """With daphne's synchronous write at hand (consumers.socket_writer; the in-process

@@ -104,19 +104,58 @@ async def test_refresh_covers_every_conversation_and_socket_held(make_presence, 
     assert await presence.online(first) == await presence.online(second) == {user}
 
 
-async def test_refresh_covers_conversations_past_one_pipeline(make_presence, clock, monkeypatch):
-    monkeypatch.setattr("chat.presence.REFRESH_PIPELINE", 2)
+async def test_refresh_covers_conversations_past_one_pipeline(make_presence, clock):
     live_process, dead_process = make_presence(), make_presence()
-    conversations, live, dead = [uuid.uuid4() for _ in range(5)], uuid.uuid4(), uuid.uuid4()
+    conversations, live, dead = [uuid.uuid4() for _ in range(300)], uuid.uuid4(), uuid.uuid4()
     for conversation in conversations:
         await live_process.join(conversation, live, "live-socket")
         await dead_process.join(conversation, dead, "socket-on-a-process-that-died")
     clock.now += TTL * 0.6
     assert await live_process.refresh() == []
-    clock.now += TTL * 0.6  # every live entry was refreshed, in three pipelines; the dead ones lapsed
+    clock.now += TTL * 0.6  # every live entry was refreshed (in two pipelines); the dead ones lapsed
     assert sorted(await live_process.refresh()) == sorted((conversation, dead) for conversation in conversations)
-    for conversation in conversations:
+    for conversation in conversations[:: 50]:
         assert await live_process.online(conversation) == {live}
+
+
+async def test_a_leave_asked_while_a_refresh_is_under_way_is_not_undone_by_it(make_presence):
+    """A sweep re-adds the entries it was given: a leave asked after the sweeps were queued must
+    reach Redis after them."""
+    presence = make_presence()
+    conversations, user = [uuid.uuid4() for _ in range(300)], uuid.uuid4()
+    for conversation in conversations:
+        await presence.join(conversation, user, "socket")
+    refreshing = asyncio.create_task(presence.refresh())
+    await asyncio.sleep(0)  # the refresh has queued its sweeps
+    leaves = [asyncio.create_task(presence.leave(conversation, user, "socket")) for conversation in conversations]
+    await refreshing
+    assert all(await asyncio.gather(*leaves))
+    for conversation in conversations[:: 50]:
+        assert await presence.online(conversation) == set()
+
+
+async def test_a_failed_sweep_costs_only_its_conversation(make_presence, clock):
+    import redis
+
+    live_process, dead_process = make_presence(), make_presence()
+    broken, fine, live, dead = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for conversation in (broken, fine):
+        await live_process.join(conversation, live, "live-socket")
+    await dead_process.join(fine, dead, "socket-on-a-process-that-died")
+    redis.Redis.from_url(REDIS_URL).set(f"chat:presence:{broken.hex}", "not a sorted set")  # its sweep fails
+    clock.now += TTL + 1
+    assert await live_process.refresh() == [(fine, dead)]
+
+
+async def test_the_shutdown_grace_never_brings_back_an_entry_past_its_time(make_presence, clock):
+    """An entry that expired and that no sweep removed yet (a refresh failed, say) stays expired
+    when its socket's server shuts down: its user does not reappear online."""
+    restarted, other = make_presence(), make_presence()
+    conversation, user, watcher = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await restarted.join(conversation, user, "socket")
+    clock.now += TTL + 1
+    await restarted.leave_on_shutdown(conversation, user, "socket")
+    assert await other.join(conversation, watcher, "watcher") == Joined(True, {watcher})
 
 
 async def test_a_join_says_who_else_is_online_in_the_same_call(make_presence, clock):
