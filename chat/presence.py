@@ -3,10 +3,10 @@
 Each open socket holds an entry "<user hex>:<channel name>" in a Redis sorted set per conversation,
 scored by when it expires; one task per process refreshes all of its sockets' entries, one script
 per conversation, in the same pipelines as the joins and leaves. A user is online while any of
-their entries is live. When a process dies its
-entries stop being refreshed and expire, and the next refresh by any other process holding a
-socket on the conversation announces those users offline. Without Redis the
-same rules run in this process (one process: its death takes every socket with it).
+their entries is live. When a process dies its entries stop being refreshed and expire, and the
+next refresh by any other process holding a socket on the conversation announces those users
+offline. Without Redis the same rules run in this process (one process: its death takes every
+socket with it).
 """
 from __future__ import annotations
 

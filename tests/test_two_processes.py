@@ -70,6 +70,20 @@ def ws_url(server, conversation_id, after_seq=None):
     return url + (f"&after_seq={after_seq}" if after_seq is not None else "")
 
 
+def alice_and_bob_in_a_new_conversation(server, people, title):
+    """Alice's and bob's profiles, and the id of a new group conversation of the two."""
+    status, alice_profile, _ = server.request("GET", "/api/v1/users/me/", token=people["alice"])
+    assert status == 200, alice_profile
+    status, bob_profile, _ = server.request("GET", "/api/v1/users/me/", token=people["bob"])
+    assert status == 200, bob_profile
+    status, created, _ = server.request(
+        "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_profile["id"]], "title": title},
+        token=people["alice"],
+    )
+    assert status == 201, created
+    return alice_profile, bob_profile, created["id"]
+
+
 async def frames_of_type(socket, kind, count, timeout=10):
     found = []
     deadline = time.monotonic() + timeout
@@ -202,16 +216,7 @@ async def test_presence_works_again_on_both_processes_after_a_redis_restart(clus
     join must still reach Redis and announce its user (chat.presence retries on a new connection)."""
     a, b = cluster
     # A conversation of its own: no presence entry of the other tests' sockets lingers in it.
-    status, bob_profile, _ = a.request("GET", "/api/v1/users/me/", token=people["bob"])
-    assert status == 200, bob_profile
-    status, alice_profile, _ = a.request("GET", "/api/v1/users/me/", token=people["alice"])
-    assert status == 200, alice_profile
-    status, created, _ = a.request(
-        "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_profile["id"]], "title": "presence"},
-        token=people["alice"],
-    )
-    assert status == 201, created
-    conversation = created["id"]
+    alice_profile, bob_profile, conversation = alice_and_bob_in_a_new_conversation(a, people, "presence")
     async with connect(ws_url(a, conversation), additional_headers={"Authorization": f"Token {people['alice']}"}) as watching:
         assert json.loads(await watching.recv())["type"] == "ready"
         # A subscription takes effect when Redis has processed it, which nobody waits for (presence is
@@ -267,16 +272,7 @@ async def test_a_server_restart_is_no_presence_change(cluster, people):
     came back (chat.presence.SHUTDOWN_GRACE_SECONDS), and who is online is still said to the
     reconnected socket."""
     a, b = cluster
-    status, bob_profile, _ = a.request("GET", "/api/v1/users/me/", token=people["bob"])
-    assert status == 200, bob_profile
-    status, alice_profile, _ = a.request("GET", "/api/v1/users/me/", token=people["alice"])
-    assert status == 200, alice_profile
-    status, created, _ = a.request(
-        "POST", "/api/v1/conversations/", {"kind": "group", "participant_ids": [bob_profile["id"]], "title": "restart"},
-        token=people["alice"],
-    )
-    assert status == 201, created
-    conversation = created["id"]
+    alice_profile, bob_profile, conversation = alice_and_bob_in_a_new_conversation(a, people, "restart")
     bob_headers, alice_headers = {"Authorization": f"Token {people['bob']}"}, {"Authorization": f"Token {people['alice']}"}
     async with connect(ws_url(a, conversation), additional_headers=bob_headers) as watching:
         assert json.loads(await watching.recv())["type"] == "ready"

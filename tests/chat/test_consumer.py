@@ -698,15 +698,21 @@ class TestPresence:
         }
         await a.disconnect()
 
-    async def test_an_application_cancelled_while_the_server_runs_on_announces_its_user_offline(self, trio):
-        """daphne also cancels one connection's application (one that did not end in time after its
-        client left): that is no shutdown, and its user goes offline as on any disconnect."""
-        alice, bob, _, conversation = trio
+    @staticmethod
+    async def alice_sees_bob_online(alice, bob, conversation):
+        """Alice's and bob's sockets on the conversation, once alice was told bob is online."""
         a, _ = await open_socket(alice, conversation)
         await receive(a)
         b, _ = await open_socket(bob, conversation)
         await receive(b)
         assert (await receive(a, skip=()))["online"] is True
+        return a, b
+
+    async def test_an_application_cancelled_while_the_server_runs_on_announces_its_user_offline(self, trio):
+        """daphne also cancels one connection's application (one that did not end in time after its
+        client left): that is no shutdown, and its user goes offline as on any disconnect."""
+        alice, bob, _, conversation = trio
+        a, b = await self.alice_sees_bob_online(alice, bob, conversation)
         b.future.cancel()
         with pytest.raises(asyncio.CancelledError):
             await b.future
@@ -720,11 +726,7 @@ class TestPresence:
         from core import transport
 
         alice, bob, _, conversation = trio
-        a, _ = await open_socket(alice, conversation)
-        await receive(a)
-        b, _ = await open_socket(bob, conversation)
-        await receive(b)
-        assert (await receive(a, skip=()))["online"] is True
+        a, b = await self.alice_sees_bob_online(alice, bob, conversation)
         monkeypatch.setattr(transport, "_shutting_down", True)
         await b.disconnect()
         assert await a.receive_nothing(0.3)
