@@ -712,16 +712,17 @@ class Bench:
         merged.pop("ack_latency_us", None)
         reconnected = merged.get("reconnected", 0)
         since = lambda t0: [round(t - t0, 3) for t in ready]  # noqa: E731
+        after_launch = since(launched_at)
         result = {
             "connections": total, "reconnected": reconnected, "replay": replay, "rate_msgs_per_s": s["rate"],
             "server_stop_seconds": round(launched_at - stopped_at, 3),
             "server_start_seconds": round(serving_at - launched_at, 3),
             # from the new server's launch: what a restart costs the clients (includes its start-up)
             "all_ready_after_launch_s": round(ready[-1] - launched_at, 3) if ready else None,
-            "p50_ready_after_launch_s": percentile(since(launched_at), 0.5),
+            "p50_ready_after_launch_s": percentile(after_launch, 0.5),
             # how many were ready within 1 s, 2 s, ... of the launch: where a storm's time goes
-            "ready_by_second_after_launch": [sum(t <= second for t in since(launched_at))
-                                             for second in range(1, int(since(launched_at)[-1]) + 2)] if ready else [],
+            "ready_by_second_after_launch": [sum(t <= second for t in after_launch)
+                                             for second in range(1, int(after_launch[-1]) + 2)] if ready else [],
             # from the SIGTERM: how long a client is without a connection, at worst
             "all_ready_after_sigterm_s": round(ready[-1] - stopped_at, 3) if ready else None,
             "sent": merged.get("sent"), "acked": merged.get("acked"), "received": merged.get("received"),
