@@ -418,6 +418,9 @@ class Bench:
         env = self.service_env()
         log(f"migrating {'the relational database' if self.args.database_url else 'a temporary SQLite database'}")
         subprocess.run([PY, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
+        # As `make run` does (its PACKAGES): the workers start without compiling the project.
+        subprocess.run([PY, "-m", "compileall", "-q", "accounts", "chat", "chatproject", "core", "notifications", "webclient"],
+                       cwd=ROOT, check=True)
         if self.args.store == "cassandra":
             log(f"cassandra_schema --keyspace {self.args.keyspace}")
             subprocess.run([PY, "manage.py", "cassandra_schema", "--keyspace", self.args.keyspace], cwd=ROOT, env=env,
