@@ -16,7 +16,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone as dt_timezone
 from typing import Any
@@ -69,6 +69,9 @@ _MAX_SEQ = 2**63 - 1
 _NO_REPLY = 0
 # Bucket ids are read from conversation_buckets in chunks of this many rows.
 _BUCKET_CHUNK = 100
+# A history read over this many buckets or more asks conversation_buckets which of them hold
+# messages; over fewer it reads each, as many reads as the index would take.
+_INDEXED_BUCKETS = 2
 # (conversation, bucket) pairs this process has already recorded in conversation_buckets.
 _MARKED_BUCKETS_CACHED = 100_000
 _MESSAGE_COLUMNS = (
@@ -432,12 +435,14 @@ class CassandraMessageStore(MessageStore):
         wanted = limit + 1
         page_statement = statements.page_ascending if forward else statements.page_descending
         rows: list[dict[str, Any]] = []
-        buckets = self._buckets(
-            statements.buckets_ascending if forward else statements.buckets_descending,
-            conversation_id,
-            (low + 1) // self._bucket_size,
-            (high - 1) // self._bucket_size,
-        )
+        first, last = (low + 1) // self._bucket_size, (high - 1) // self._bucket_size
+        if last - first < _INDEXED_BUCKETS:
+            # A short range (a replay, a gap fill) reads its one or two buckets directly: asking
+            # the index which of them hold anything would cost a read of its own.
+            buckets: Iterable[int] = range(first, last + 1) if forward else range(last, first - 1, -1)
+        else:
+            statement = statements.buckets_ascending if forward else statements.buckets_descending
+            buckets = self._buckets(statement, conversation_id, first, last)
         for bucket in buckets:
             rows.extend(self._execute(page_statement, (conversation_id, bucket, low, high, wanted - len(rows))))
             if len(rows) >= wanted:

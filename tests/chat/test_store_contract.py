@@ -448,6 +448,34 @@ def test_cassandra_seq_reused_after_a_rolled_back_send_belongs_to_the_new_messag
     assert store.get(conversation_id, 5) == sent
 
 
+def test_cassandra_history_asks_the_bucket_index_only_for_long_ranges(cassandra_connection, monkeypatch):
+    """A replay or a gap fill (a range within one or two buckets) reads those buckets directly;
+    a longer range asks conversation_buckets first and skips the empty ones."""
+    from chat.store.cassandra import CassandraMessageStore
+
+    store = CassandraMessageStore(connection=cassandra_connection, bucket_size=BUCKET_SIZE)
+    conversation_id = fill(store, [1, 2, 3, 47, 48])  # buckets 1 to 3 hold nothing
+    statements = store._prepared()
+    executed = []
+    execute = store._execute
+    monkeypatch.setattr(store, "_execute", lambda statement, params: executed.append(statement) or execute(statement, params))
+
+    def reads(**bounds):
+        executed.clear()
+        page = store.history(conversation_id, **bounds)
+        return seqs_of(page), [
+            "index" if statement in (statements.buckets_ascending, statements.buckets_descending) else "page"
+            for statement in executed
+        ]
+
+    assert reads(after_seq=1, before_seq=4) == ([2, 3], ["page"])  # one bucket
+    assert reads(after_seq=2, before_seq=19) == ([3], ["page", "page"])  # two buckets, the second empty
+    assert reads(after_seq=0, before_seq=19, limit=2) == ([1, 2], ["page"])  # the first fills the page
+    assert reads(after_seq=40, before_seq=49) == ([47, 48], ["page"])
+    assert reads(after_seq=0, before_seq=49) == ([1, 2, 3, 47, 48], ["index", "page", "page"])  # buckets 0-4
+    assert reads(before_seq=49, limit=3) == ([3, 47, 48], ["index", "page", "page"])
+
+
 def test_cassandra_thread_rows_of_sends_that_did_not_commit_are_skipped(cassandra_connection):
     """A reply whose relational transaction rolled back leaves its thread row; the next send takes
     its seq (no reply, or a reply to another message). The thread reads on past it."""
