@@ -254,21 +254,25 @@ def test_manage_py_check_fails_naming_the_variable():
     assert "chat.E001" in result.stderr and "CHAT_MAX_REPLAY='abc'" in result.stderr
 
 
-@pytest.mark.parametrize("launcher_disabled_it", [False, True])
-def test_a_worker_leaves_what_it_imported_out_of_the_garbage_collectors_walks(launcher_disabled_it):
+def test_a_worker_leaves_what_it_imported_out_of_the_garbage_collectors_walks():
     """The objects a worker has once the application is imported live as long as it does; frozen,
-    a full collection walks only what came after them (chatproject/asgi.py). The collector is off
-    while they are imported, also when the launcher turned it off before daphne's imports
-    (scripts/serve.py), and on again afterwards: what sockets and requests create is collected."""
-    before = "gc.disable(); " if launcher_disabled_it else ""
-    result = run_python(
-        "-c", f"import gc; {before}import chatproject.asgi; print(gc.get_freeze_count(), len(gc.get_objects()), gc.isenabled())"
-    )
+    a full collection walks only what came after them (chatproject/asgi.py). The collector, off
+    while they are imported, is on again afterwards: what sockets and requests create is collected."""
+    result = run_python("-c", "import gc, chatproject.asgi; print(gc.get_freeze_count(), len(gc.get_objects()), gc.isenabled())")
     assert result.returncode == 0, result.stderr
     frozen, walked, enabled = result.stdout.split()
     assert int(frozen) > 50_000
     assert int(walked) < int(frozen) / 10
     assert enabled == "True"
+
+
+def test_a_start_refused_for_a_bad_setting_leaves_the_garbage_collector_on():
+    """A process that imports the application and survives its refusal (a test, a shell) keeps
+    collecting garbage."""
+    script = "import gc\ntry:\n    import chatproject.asgi\nexcept SystemExit:\n    print(gc.isenabled())"
+    result = run_python("-c", script, CHAT_SEND_RATE="lots")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"]
 
 
 def test_the_asgi_server_refuses_to_start_without_a_traceback():

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.live import ROOT, LiveServer, migrate, server_env
+from tests.live import ROOT, LiveServer, free_port, migrate, server_env
 from tests.services import REDIS_URL, redis_available, require
 
 pytestmark = pytest.mark.live_server_process
@@ -210,3 +210,42 @@ def test_default_workers_are_the_cores_with_redis_and_one_without(monkeypatch):
     assert serve.default_workers() == 1
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
     assert serve.default_workers() == len(os.sched_getaffinity(0))
+
+
+def test_a_worker_imports_daphne_with_the_collector_off_and_leaves_it_on():
+    """The launcher's worker command turns the garbage collector off for daphne's imports, freezes
+    what they made and turns it on again before daphne starts (then chatproject/asgi.py does the
+    same around the application's imports): a worker never runs with the collector off."""
+    serve = load_serve_module()
+    probe = "import gc; print(gc.isenabled(), gc.get_freeze_count())"
+    result = subprocess.run([sys.executable, "-c", f"{serve.DAPHNE_IMPORT}; {probe}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    enabled, frozen = result.stdout.split()
+    assert enabled == "True" and int(frozen) > 10_000
+    assert serve.daphne_command()[-1].startswith(serve.DAPHNE_IMPORT)
+
+
+def test_one_worker_is_daphne_itself(database):
+    """One worker: the launcher execs daphne (no launcher process stays), which serves HTTP."""
+    _, env = database
+    env = {k: v for k, v in env.items() if k != "REDIS_URL"}
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(SERVE), "--workers", "1", "--port", str(port)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", "/metrics")
+                status = connection.getresponse().status
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "the worker did not serve"
+                time.sleep(0.1)
+        assert status == 200
+        assert "daphne.cli" in " ".join(psutil.Process(process.pid).cmdline())  # exec'd: the same pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
