@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 from django.conf import settings
 
 # How often the loop is probed, and how fast the estimate follows it (an exponentially weighted
-# average over about a second): one late tick (a GC pause, a big frame) does not shed load. Each
-# probe wakes an idle process up, which is most of its cost: 20 probes a second (a task's
-# sleeps) cost an idle worker 0.65-0.75 % of a core, 10 (timer callbacks) 0.31-0.33 %.
+# average over about a second): one late tick (a GC pause, a big frame: anything shorter than
+# CHAT_MAX_LOOP_LAG / SMOOTHING, 5 s by default) does not shed load. Each probe wakes an idle
+# process up, which is most of its cost: 20 probes a second (a task's sleeps) cost an idle worker
+# 0.65-0.75 % of a core, 10 (timer callbacks) 0.22-0.33 % (bench/loop_probe.py).
 PROBE_SECONDS = 0.1
 SMOOTHING = 0.1
 
@@ -31,7 +33,7 @@ class LoopLag:
 
     def __init__(self) -> None:
         self.lag = 0.0
-        self._probing: set[asyncio.AbstractEventLoop] = set()
+        self._probing: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -46,8 +48,8 @@ class LoopLag:
         loop.call_at(planned, self._probe, loop, planned)
 
     def _probe(self, loop: asyncio.AbstractEventLoop, planned: float) -> None:
+        self._next_probe(loop)  # first: nothing after it can end the probing
         self.observe(max(loop.time() - planned, 0.0))
-        self._next_probe(loop)
 
     def observe(self, late: float) -> None:
         self.lag += SMOOTHING * (late - self.lag)
