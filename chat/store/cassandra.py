@@ -69,9 +69,9 @@ _MAX_SEQ = 2**63 - 1
 _NO_REPLY = 0
 # Bucket ids are read from conversation_buckets in chunks of this many rows.
 _BUCKET_CHUNK = 100
-# A history read over this many buckets or more asks conversation_buckets which of them hold
-# messages; over fewer it reads each, as many reads as the index would take.
-_INDEXED_BUCKETS = 2
+# A history read over at most this many buckets reads each of them; over more it first asks
+# conversation_buckets which of them hold messages, a read that pays only when it skips empty ones.
+_DIRECT_BUCKETS = 2
 # (conversation, bucket) pairs this process has already recorded in conversation_buckets.
 _MARKED_BUCKETS_CACHED = 100_000
 _MESSAGE_COLUMNS = (
@@ -436,7 +436,7 @@ class CassandraMessageStore(MessageStore):
         page_statement = statements.page_ascending if forward else statements.page_descending
         rows: list[dict[str, Any]] = []
         first, last = (low + 1) // self._bucket_size, (high - 1) // self._bucket_size
-        if last - first < _INDEXED_BUCKETS:
+        if last - first + 1 <= _DIRECT_BUCKETS:
             # A short range (a replay, a gap fill) reads its one or two buckets directly: asking
             # the index which of them hold anything would cost a read of its own.
             buckets: Iterable[int] = range(first, last + 1) if forward else range(last, first - 1, -1)

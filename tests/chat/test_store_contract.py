@@ -471,7 +471,9 @@ def test_cassandra_history_asks_the_bucket_index_only_for_long_ranges(cassandra_
     assert reads(after_seq=1, before_seq=4) == ([2, 3], ["page"])  # one bucket
     assert reads(after_seq=2, before_seq=19) == ([3], ["page", "page"])  # two buckets, the second empty
     assert reads(after_seq=0, before_seq=19, limit=2) == ([1, 2], ["page"])  # the first fills the page
+    assert reads(before_seq=19) == ([1, 2, 3], ["page", "page"])  # two buckets, newest first
     assert reads(after_seq=40, before_seq=49) == ([47, 48], ["page"])
+    assert reads(after_seq=0, before_seq=29) == ([1, 2, 3], ["index", "page"])  # three: 1 and 2 are skipped
     assert reads(after_seq=0, before_seq=49) == ([1, 2, 3, 47, 48], ["index", "page", "page"])  # buckets 0-4
     assert reads(before_seq=49, limit=3) == ([3, 47, 48], ["index", "page", "page"])
 
