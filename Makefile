@@ -38,7 +38,8 @@ run: migrate
 	$(PY) manage.py collectstatic --noinput --verbosity 0
 	@# Compiled here once: with PYTHONDONTWRITEBYTECODE set, every worker's start would compile the
 	@# project's modules again (0.25 s of it). Only the project's packages (not media/, uploads' home).
-	$(PY) -m compileall -q $(PACKAGES)
+	@# A tree it cannot write to (read-only) only costs that time: the service starts anyway.
+	-$(PY) -m compileall -q $(PACKAGES)
 	$(PY) scripts/serve.py --host $(HOST) --port $(PORT) $(if $(strip $(WORKERS)),--workers $(WORKERS)) -- $(DAPHNE_ARGS)
 
 cassandra-schema: install
