@@ -300,8 +300,11 @@ class Clients:
         self.sockets: dict[tuple[int, str], object] = {}
         self.http: aiohttp.ClientSession | None = None
 
-    def daphne(self) -> LiveServer:
-        return self.rng.choice(self.services.daphnes)
+    def daphne(self, unreachable: LiveServer | None = None) -> LiveServer:
+        """Either daphne, at random; not the one a request just could not reach, as a load balancer
+        takes a dead backend out (a client retrying only a killed daphne would give up before its
+        restart, and a request that never reached a server is no fault of the service's)."""
+        return self.rng.choice([d for d in self.services.daphnes if d is not unreachable] or self.services.daphnes)
 
     def set_up(self) -> None:
         server = self.services.daphnes[0]
@@ -376,8 +379,9 @@ class Clients:
         self.run.sends.append(record)
         body = {"conversation_id": self.conversations[name], "content": key}
         headers = {"Authorization": f"Token {self.users[user][1]}", "Idempotency-Key": key}
+        unreachable = None
         for attempt in range(retries):
-            server = self.daphne()
+            server = self.daphne(unreachable)
             started = self.run.now()
             try:
                 async with self.http.post(f"{server.http}/api/v1/messages/", json=body, headers=headers,
@@ -387,8 +391,10 @@ class Clients:
                     retry_after = float(response.headers.get("Retry-After", "1"))
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 record.responses.append((started, self.run.now(), type(error).__name__))
+                unreachable = server if isinstance(error, aiohttp.ClientConnectorError) else None
                 await asyncio.sleep(0.3 * (attempt + 1))
                 continue
+            unreachable = None
             record.responses.append((started, self.run.now(), status))
             if status in (200, 201):
                 record.message = payload
@@ -432,8 +438,9 @@ class Clients:
     async def change(self, record: ChangeRecord, retries: int = 6) -> None:
         url = f"/api/v1/conversations/{self.conversations[record.conversation]}/messages/{record.seq}/"
         headers = {"Authorization": f"Token {self.users[record.user][1]}"}
+        unreachable = None
         for attempt in range(retries):
-            server = self.daphne()
+            server = self.daphne(unreachable)
             started = self.run.now()
             try:
                 if record.kind == "updated":
@@ -446,8 +453,10 @@ class Clients:
                     payload = await response.json(content_type=None)
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 record.responses.append((started, self.run.now(), type(error).__name__))
+                unreachable = server if isinstance(error, aiohttp.ClientConnectorError) else None
                 await asyncio.sleep(0.3 * (attempt + 1))
                 continue
+            unreachable = None
             record.responses.append((started, self.run.now(), status))
             if status == 200:
                 # A delete retried after its answer was lost finds a tombstone: change null.
