@@ -232,7 +232,7 @@ def test_one_worker_is_daphne_itself(database):
     env = {k: v for k, v in env.items() if k != "REDIS_URL"}
     port = free_port()
     process = subprocess.Popen([sys.executable, str(SERVE), "--workers", "1", "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
         while True:
