@@ -26,7 +26,7 @@ from cassandra.cluster import NoHostAvailable, ResponseFuture, ResultSet, Sessio
 from cassandra.connection import ConnectionException
 from cassandra.cqlengine import CQLEngineException
 from cassandra.pool import HostConnection
-from cassandra.query import UNSET_VALUE, PreparedStatement
+from cassandra.query import UNSET_VALUE, BatchStatement, BatchType, PreparedStatement, Statement
 from django.conf import settings
 from django_cassandra_engine.connection import CassandraConnection
 
@@ -74,6 +74,13 @@ _BUCKET_CHUNK = 100
 _DIRECT_BUCKETS = 2
 # (conversation, bucket) pairs this process has already recorded in conversation_buckets.
 _MARKED_BUCKETS_CACHED = 100_000
+# A send's writes go in unlogged batches kept under Cassandra's default warning thresholds: 5 KiB
+# of data (batch_size_warn_threshold; 50 KiB is refused) and 10 partitions
+# (unlogged_batch_across_partitions_warn_threshold), with room for the size estimate's error.
+_BATCH_MAX_BYTES = 4096
+_BATCH_MAX_PARTITIONS = 10
+# What a row weighs besides its text: keys, ids, timestamps, flags (a generous estimate).
+_ROW_BYTES = 128
 _MESSAGE_COLUMNS = (
     "conversation_id, seq, message_id, sender_id, content, message_type, is_encrypted, metadata, "
     "sent_at, edited_at, deleted, reply_to"
@@ -170,6 +177,22 @@ class _Statements:
     insert_edit: PreparedStatement
     edits_page: PreparedStatement
     delete_edits: PreparedStatement
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One row to write: its statement and values, its partition (table and key), and about how
+    many bytes of data it carries (how Cassandra sizes a batch)."""
+
+    statement: PreparedStatement
+    params: tuple[Any, ...]
+    partition: tuple[Any, ...]
+    size: int
+
+
+def _text_bytes(text: str) -> int:
+    """An upper bound of `text`'s UTF-8 length, without encoding it."""
+    return len(text) if text.isascii() else 4 * len(text)
 
 
 class CassandraMessageStore(MessageStore):
@@ -333,7 +356,7 @@ class CassandraMessageStore(MessageStore):
             raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
 
     def _execute_all(
-        self, requests: list[tuple[PreparedStatement, tuple[Any, ...]]], meanwhile: Callable[[], None] | None = None
+        self, requests: list[tuple[Statement, tuple[Any, ...] | None]], meanwhile: Callable[[], None] | None = None
     ) -> list[ResultSet]:
         """Run independent statements concurrently: the call costs the slowest one, not their sum;
         `meanwhile` runs while they are in flight."""
@@ -360,17 +383,52 @@ class CassandraMessageStore(MessageStore):
         except DRIVER_ERRORS as exc:
             raise StoreError(f"Cassandra: {type(exc).__name__}: {exc}") from exc
 
+    def _batched(self, writes: list[_Write]) -> list[tuple[Statement, tuple[Any, ...] | None]]:
+        """`writes` as requests: runs of them in unlogged batches under the thresholds above, a run
+        of one (a write too large to share a batch, say) as itself. A request costs the driver and
+        the coordinator far more than a row in it does (docs/performance.md). An unlogged batch is
+        no more atomic than the separate writes it replaces (each partition's rows apply or not on
+        their own), which the send path allows for: a failed write fails every send of the call,
+        and the seqs they took are taken again by the next sends, whose rows overwrite these."""
+        requests: list[tuple[Statement, tuple[Any, ...] | None]] = []
+        run: list[_Write] = []
+        size = 0
+        partitions: set[tuple[Any, ...]] = set()
+        for write in writes:
+            new_partition = write.partition not in partitions
+            if run and (
+                size + write.size > _BATCH_MAX_BYTES or (new_partition and len(partitions) == _BATCH_MAX_PARTITIONS)
+            ):
+                requests.append(self._request(run))
+                run, size, partitions = [], 0, set()
+            run.append(write)
+            size += write.size
+            partitions.add(write.partition)
+        if run:
+            requests.append(self._request(run))
+        return requests
+
+    def _request(self, run: list[_Write]) -> tuple[Statement, tuple[Any, ...] | None]:
+        if len(run) == 1:
+            return run[0].statement, run[0].params
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self._consistency)
+        for write in run:
+            batch.add(write.statement, write.params)
+        return batch, None
+
     # --- messages --------------------------------------------------------------------------------
 
     def insert(self, *messages: Message, meanwhile: Callable[[], None] | None = None) -> None:
-        # One request per message, all in flight at once: a group of sends costs the slowest write.
+        # The writes go in as few requests as Cassandra takes without a warning, all in flight at
+        # once: a group of sends costs the slowest request (_batched).
         statements = self._prepared()
-        writes = []
+        writes: list[_Write] = []
         markers = set()
         for message in messages:
             bucket = message.seq // self._bucket_size
+            metadata = json.dumps(message.metadata, separators=(",", ":"), ensure_ascii=False)
             writes.append(
-                (
+                _Write(
                     statements.insert_message,
                     (
                         bucket,
@@ -381,7 +439,7 @@ class CassandraMessageStore(MessageStore):
                         message.content,
                         message.message_type,
                         message.is_encrypted,
-                        json.dumps(message.metadata, separators=(",", ":"), ensure_ascii=False),
+                        metadata,
                         message.sent_at,
                         # Unset, not null: a null would write a tombstone cell for every new message.
                         UNSET_VALUE if message.edited_at is None else message.edited_at,
@@ -391,21 +449,28 @@ class CassandraMessageStore(MessageStore):
                         # tombstone cell a null would write.
                         message.reply_to or _NO_REPLY,
                     ),
+                    ("messages", message.conversation_id, bucket),
+                    _text_bytes(message.content) + _text_bytes(metadata) + _ROW_BYTES,
                 )
             )
             if message.reply_to is not None:
+                reply_bucket = message.reply_to // self._bucket_size
                 writes.append(
-                    (
+                    _Write(
                         statements.insert_reply,
-                        (message.conversation_id, message.reply_to // self._bucket_size, message.reply_to, message.seq),
+                        (message.conversation_id, reply_bucket, message.reply_to, message.seq),
+                        ("replies", message.conversation_id, reply_bucket),
+                        _ROW_BYTES,
                     )
                 )
             markers.add((message.conversation_id, bucket))
         # Recorded when this process first writes to a bucket; re-recording one is harmless (an
         # upsert of the same row), forgetting one would hide its messages from the newest page.
         new_markers = [marker for marker in markers if marker not in self._marked_buckets]
-        writes.extend((statements.insert_bucket, marker) for marker in new_markers)
-        self._execute_all(writes, meanwhile)
+        writes.extend(
+            _Write(statements.insert_bucket, marker, ("buckets", marker[0]), _ROW_BYTES) for marker in new_markers
+        )
+        self._execute_all(self._batched(writes), meanwhile)
         with self._lock:
             for marker in new_markers:
                 self._marked_buckets[marker] = None

@@ -478,6 +478,63 @@ def test_cassandra_history_asks_the_bucket_index_only_for_long_ranges(cassandra_
     assert reads(before_seq=49, limit=3) == ([3, 47, 48], ["index", "page", "page"])
 
 
+def _recorded_requests(store, monkeypatch) -> list[tuple[object, list[str] | None]]:
+    """Each request the store's writes make from now on, with the warnings Cassandra answered it with."""
+    requests = []
+    execute_all = store._execute_all
+
+    def recording(batched, meanwhile=None):
+        results = execute_all(batched, meanwhile)
+        requests.extend((statement, result.response_future.warnings) for (statement, _), result in zip(batched, results))
+        return results
+
+    monkeypatch.setattr(store, "_execute_all", recording)
+    return requests
+
+
+def test_cassandra_insert_batches_rows_without_server_warnings(cassandra_connection, monkeypatch):
+    """A group of sends' rows go in unlogged batches, fewer requests than rows, each under what
+    Cassandra warns about (5 KiB, 10 partitions); every row reads back."""
+    from cassandra.query import BatchStatement
+
+    from chat.store.cassandra import CassandraMessageStore
+
+    store = CassandraMessageStore(connection=cassandra_connection, bucket_size=BUCKET_SIZE)
+    requests = _recorded_requests(store, monkeypatch)
+    conversations = [uuid.uuid4() for _ in range(12)]
+    messages = [make_message(conversation_id, seq) for conversation_id in conversations for seq in (9, 10)]
+    messages.append(make_message(conversations[0], 11, reply_to=9))
+    store.insert(*messages)
+    # 25 message rows, 1 thread row and 24 bucket markers (seqs 9 and 10 are in two buckets)
+    assert sum(len(statement._statements_and_parameters) if isinstance(statement, BatchStatement) else 1 for statement, _ in requests) == 50
+    assert [warnings for _, warnings in requests if warnings] == []
+    assert 5 <= len(requests) < 25
+    assert all(isinstance(statement, BatchStatement) for statement, _ in requests[:-1])
+    for message in messages:
+        assert store.get(message.conversation_id, message.seq) == message
+    assert seqs_of(store.replies(conversations[0], 9, after_seq=9, before_seq=100)) == [11]
+
+
+def test_cassandra_insert_sends_large_rows_alone(cassandra_connection, monkeypatch):
+    """Rows too large to share a batch go one request each: a batch of them would be over
+    Cassandra's 5 KiB warning, and eight of the largest over its 50 KiB refusal."""
+    from cassandra.query import BatchStatement
+
+    from chat.store.cassandra import CassandraMessageStore
+
+    store = CassandraMessageStore(connection=cassandra_connection, bucket_size=1000)
+    requests = _recorded_requests(store, monkeypatch)
+    conversation_id = uuid.uuid4()
+    large = [make_message(conversation_id, seq, content="x" * 9_000) for seq in range(1, 9)]
+    wide = [make_message(conversation_id, seq, content="é" * 1_500) for seq in range(9, 13)]  # 3,000 bytes, estimated 6,000
+    store.insert(*large, *wide)
+    assert [warnings for _, warnings in requests if warnings] == []
+    assert not any(isinstance(statement, BatchStatement) for statement, _ in requests)
+    assert len(requests) == 13  # and the bucket marker's
+    for message in large + wide:
+        assert store.get(conversation_id, message.seq) == message
+
+
 def test_cassandra_thread_rows_of_sends_that_did_not_commit_are_skipped(cassandra_connection):
     """A reply whose relational transaction rolled back leaves its thread row; the next send takes
     its seq (no reply, or a reply to another message). The thread reads on past it."""
