@@ -79,8 +79,11 @@ _MARKED_BUCKETS_CACHED = 100_000
 # (unlogged_batch_across_partitions_warn_threshold), with room for the size estimate's error.
 _BATCH_MAX_BYTES = 4096
 _BATCH_MAX_PARTITIONS = 10
-# What a row weighs besides its text: keys, ids, timestamps, flags (a generous estimate).
-_ROW_BYTES = 128
+# What a row weighs in Cassandra's measure of a batch besides its text: about 20 bytes per cell
+# (timestamp, TTL, deletion time) and 29 per row on top of the values. A message row has 9 cells
+# (about 265 bytes with its keys and ids); a thread row or a bucket marker about 30-40 bytes.
+_MESSAGE_ROW_BYTES = 320
+_SMALL_ROW_BYTES = 64
 _MESSAGE_COLUMNS = (
     "conversation_id, seq, message_id, sender_id, content, message_type, is_encrypted, metadata, "
     "sent_at, edited_at, deleted, reply_to"
@@ -181,8 +184,8 @@ class _Statements:
 
 @dataclass(frozen=True, slots=True)
 class _Write:
-    """One row to write: its statement and values, its partition (table and key), and about how
-    many bytes of data it carries (how Cassandra sizes a batch)."""
+    """One row to write: its statement and values, its partition (table and key), and an estimate
+    of its size as Cassandra measures a batch (_MESSAGE_ROW_BYTES)."""
 
     statement: PreparedStatement
     params: tuple[Any, ...]
@@ -191,8 +194,8 @@ class _Write:
 
 
 def _text_bytes(text: str) -> int:
-    """An upper bound of `text`'s UTF-8 length, without encoding it."""
-    return len(text) if text.isascii() else 4 * len(text)
+    """`text`'s UTF-8 length (encoded only when it is not ASCII)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 class CassandraMessageStore(MessageStore):
@@ -389,7 +392,8 @@ class CassandraMessageStore(MessageStore):
         the coordinator far more than a row in it does (docs/performance.md). An unlogged batch is
         no more atomic than the separate writes it replaces (each partition's rows apply or not on
         their own), which the send path allows for: a failed write fails every send of the call,
-        and the seqs they took are taken again by the next sends, whose rows overwrite these."""
+        and the seqs they took are taken again by the next sends, whose message rows overwrite
+        these (a thread row left behind is skipped by its readers)."""
         requests: list[tuple[Statement, tuple[Any, ...] | None]] = []
         run: list[_Write] = []
         size = 0
@@ -412,6 +416,9 @@ class CassandraMessageStore(MessageStore):
         if len(run) == 1:
             return run[0].statement, run[0].params
         batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self._consistency)
+        # Upserts of fixed values, as each of its statements is (_prepare): the driver may send it
+        # to a second replica when the first is slow or dead (speculative execution).
+        batch.is_idempotent = True
         for write in run:
             batch.add(write.statement, write.params)
         return batch, None
@@ -450,7 +457,7 @@ class CassandraMessageStore(MessageStore):
                         message.reply_to or _NO_REPLY,
                     ),
                     ("messages", message.conversation_id, bucket),
-                    _text_bytes(message.content) + _text_bytes(metadata) + _ROW_BYTES,
+                    _text_bytes(message.content) + _text_bytes(metadata) + _MESSAGE_ROW_BYTES,
                 )
             )
             if message.reply_to is not None:
@@ -460,7 +467,7 @@ class CassandraMessageStore(MessageStore):
                         statements.insert_reply,
                         (message.conversation_id, reply_bucket, message.reply_to, message.seq),
                         ("replies", message.conversation_id, reply_bucket),
-                        _ROW_BYTES,
+                        _SMALL_ROW_BYTES,
                     )
                 )
             markers.add((message.conversation_id, bucket))
@@ -468,7 +475,7 @@ class CassandraMessageStore(MessageStore):
         # upsert of the same row), forgetting one would hide its messages from the newest page.
         new_markers = [marker for marker in markers if marker not in self._marked_buckets]
         writes.extend(
-            _Write(statements.insert_bucket, marker, ("buckets", marker[0]), _ROW_BYTES) for marker in new_markers
+            _Write(statements.insert_bucket, marker, ("buckets", marker[0]), _SMALL_ROW_BYTES) for marker in new_markers
         )
         self._execute_all(self._batched(writes), meanwhile)
         with self._lock:

@@ -2,6 +2,7 @@
 node), instead of blocking the request for the driver's fixed 2 s wait (chat/store/cassandra.py).
 The cluster test (tests/test_cassandra_cluster.py) shows the same end to end with a node killed."""
 import threading
+import uuid
 import time
 from types import SimpleNamespace
 
@@ -51,12 +52,17 @@ def test_inserts_and_reads_may_go_to_a_second_replica_conditional_updates_never(
     """Speculative execution (settings.CASSANDRA_SPECULATIVE_DELAY) re-sends only idempotent
     statements: a paused or dead replica costs an insert or read that delay, never a duplicate
     conditional update."""
-    from chat.store.cassandra import CassandraMessageStore
+    from chat.store.cassandra import CassandraMessageStore, _Write
 
     statements = CassandraMessageStore(connection=cassandra_connection)._prepared()
     conditional = {"edit", "tombstone"}
     for name, statement in vars(statements).items():
         assert statement.is_idempotent is (name not in conditional), name
+    # A group commit's rows, batched, too.
+    store = CassandraMessageStore(connection=cassandra_connection)
+    write = _Write(statements.insert_bucket, (uuid.uuid4(), 0), ("buckets",), 64)
+    batch, _ = store._request([write, write])
+    assert batch.is_idempotent is True
     profile = cassandra_connection.cluster.profile_manager.default
     assert profile.speculative_execution_policy.delay == settings.CASSANDRA_SPECULATIVE_DELAY
     assert profile.request_timeout == settings.CASSANDRA_REQUEST_TIMEOUT

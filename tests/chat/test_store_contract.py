@@ -506,13 +506,30 @@ def test_cassandra_insert_batches_rows_without_server_warnings(cassandra_connect
     messages.append(make_message(conversations[0], 11, reply_to=9))
     store.insert(*messages)
     # 25 message rows, 1 thread row and 24 bucket markers (seqs 9 and 10 are in two buckets)
-    assert sum(len(statement._statements_and_parameters) if isinstance(statement, BatchStatement) else 1 for statement, _ in requests) == 50
+    assert sum(len(statement) if isinstance(statement, BatchStatement) else 1 for statement, _ in requests) == 50
     assert [warnings for _, warnings in requests if warnings] == []
     assert 5 <= len(requests) < 25
     assert all(isinstance(statement, BatchStatement) for statement, _ in requests[:-1])
     for message in messages:
         assert store.get(message.conversation_id, message.seq) == message
     assert seqs_of(store.replies(conversations[0], 9, after_seq=9, before_seq=100)) == [11]
+
+
+def test_cassandra_insert_batches_many_short_messages_of_few_conversations_without_warnings(cassandra_connection, monkeypatch):
+    """Rows of few partitions fill a batch by size: Cassandra counts about 20 bytes per cell and
+    29 per row besides the values, and a batch of 31 short messages estimated at 128 bytes each
+    was over its 5 KiB warning."""
+    from chat.store.cassandra import CassandraMessageStore
+
+    store = CassandraMessageStore(connection=cassandra_connection, bucket_size=1000)
+    requests = _recorded_requests(store, monkeypatch)
+    conversations = [uuid.uuid4(), uuid.uuid4()]
+    messages = [make_message(conversations[seq % 2], seq, content="hi") for seq in range(1, 64)]
+    store.insert(*messages)
+    assert [warnings for _, warnings in requests if warnings] == []
+    assert 1 < len(requests) < 20
+    for message in messages:
+        assert store.get(message.conversation_id, message.seq) == message
 
 
 def test_cassandra_insert_sends_large_rows_alone(cassandra_connection, monkeypatch):
@@ -526,7 +543,7 @@ def test_cassandra_insert_sends_large_rows_alone(cassandra_connection, monkeypat
     requests = _recorded_requests(store, monkeypatch)
     conversation_id = uuid.uuid4()
     large = [make_message(conversation_id, seq, content="x" * 9_000) for seq in range(1, 9)]
-    wide = [make_message(conversation_id, seq, content="é" * 1_500) for seq in range(9, 13)]  # 3,000 bytes, estimated 6,000
+    wide = [make_message(conversation_id, seq, content="é" * 2_000) for seq in range(9, 13)]  # 4,000 bytes
     store.insert(*large, *wide)
     assert [warnings for _, warnings in requests if warnings] == []
     assert not any(isinstance(statement, BatchStatement) for statement, _ in requests)
