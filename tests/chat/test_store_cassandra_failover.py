@@ -2,8 +2,8 @@
 node), instead of blocking the request for the driver's fixed 2 s wait (chat/store/cassandra.py).
 The cluster test (tests/test_cassandra_cluster.py) shows the same end to end with a node killed."""
 import threading
-import uuid
 import time
+import uuid
 from types import SimpleNamespace
 
 from cassandra.pool import HostConnection
@@ -54,12 +54,12 @@ def test_inserts_and_reads_may_go_to_a_second_replica_conditional_updates_never(
     conditional update."""
     from chat.store.cassandra import CassandraMessageStore, _Write
 
-    statements = CassandraMessageStore(connection=cassandra_connection)._prepared()
+    store = CassandraMessageStore(connection=cassandra_connection)
+    statements = store._prepared()
     conditional = {"edit", "tombstone"}
     for name, statement in vars(statements).items():
         assert statement.is_idempotent is (name not in conditional), name
     # A group commit's rows, batched, too.
-    store = CassandraMessageStore(connection=cassandra_connection)
     write = _Write(statements.insert_bucket, (uuid.uuid4(), 0), ("buckets",), 64)
     batch, _ = store._request([write, write])
     assert batch.is_idempotent is True
