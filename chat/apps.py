@@ -41,4 +41,10 @@ class ChatConfig(AppConfig):
             # live gauges (connections, subscriptions) with it.
             from prometheus_client import multiprocess
 
-            atexit.register(multiprocess.mark_process_dead, os.getpid())
+            def mark_dead_at_exit() -> None:
+                atexit.register(multiprocess.mark_process_dead, os.getpid())
+
+            mark_dead_at_exit()
+            # The workers of `make run` are forked from a launcher that loaded the application
+            # (scripts/serve.py): each is a process of its own, with gauges of its own.
+            os.register_at_fork(after_in_child=mark_dead_at_exit)

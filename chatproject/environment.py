@@ -2,7 +2,7 @@
 
 A reader never raises on a bad value: it records a `Problem` and returns the default, so importing
 the settings cannot crash with a traceback. chatproject/checks.py reports the recorded problems as
-system check errors, which stop `manage.py` commands and the ASGI server (chatproject/asgi.py) with
+system check errors, which stop `manage.py` commands and the ASGI server (chatproject/application.py) with
 a message naming the variable. Every variable read is also recorded with its default, which is how
 tests/test_configuration.py holds docs/configuration.md to the code.
 

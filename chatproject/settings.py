@@ -64,8 +64,11 @@ if len(_proxy_ssl_header) == 2 and _proxy_ssl_header[0].startswith("HTTP_"):
 elif _proxy_ssl_header:
     env.invalid("DJANGO_SECURE_PROXY_SSL_HEADER", ",".join(_proxy_ssl_header), "HTTP_<HEADER>,<value>, e.g. HTTP_X_FORWARDED_PROTO,https")
 
+# Not daphne's app: it serves `manage.py runserver` with daphne (which serves HTTP only here; `make
+# run` serves everything), and imports daphne's server at setup, which installs Twisted's reactor on
+# a new event loop in every process that loads Django, including the launcher that forks the
+# workers (scripts/serve.py): each worker must make its own.
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -343,7 +346,7 @@ CHAT_WORKER_THREADS = env_int("CHAT_WORKER_THREADS", 16, minimum=1)
 # (smoothed; 0 turns that check off).
 CHAT_MAX_SENDS_IN_FLIGHT = env_int("CHAT_MAX_SENDS_IN_FLIGHT", 64, minimum=1)
 CHAT_MAX_LOOP_LAG = env_float("CHAT_MAX_LOOP_LAG", 0.5, minimum=0)
-# Seconds; the server process's sys.setswitchinterval (chatproject/asgi.py).
+# Seconds; the server process's sys.setswitchinterval (chatproject/application.py).
 CHAT_GIL_SWITCH_INTERVAL = env_float("CHAT_GIL_SWITCH_INTERVAL", 0.0005, positive=True)
 
 # Push notifications (docs/notifications.md); notifications.conf.load() gathers and cross-checks them.

@@ -1,4 +1,5 @@
-"""Serve chatproject.asgi with N daphne processes on one port (what `make run` runs). Stdlib only.
+"""Serve chatproject.asgi with N daphne processes on one port (what `make run` runs). Stdlib only, but
+for the application it imports to fork the workers from.
 
     .venv/bin/python scripts/serve.py [--host 127.0.0.1] [--port 8000] [--workers N] [-- DAPHNE_OPTION...]
 
@@ -11,14 +12,22 @@ refused. Only whether REDIS_URL is set is looked at here; the service itself rea
 configuration in chatproject/settings.py.
 
 One worker: this process becomes daphne (exec), bound by daphne itself, as `daphne -b HOST -p PORT`
-(the command `make run` always ran) with daphne's imports made faster (DAPHNE_MAIN below).
+(the command `make run` always ran) with daphne's imports made faster (DAPHNE_MAIN below). There is
+no start to share.
 
 Several workers: the launcher binds one listening socket per worker, all on HOST:PORT with
-SO_REUSEPORT, and starts each daphne with its socket inherited (`daphne --fd N`). The kernel spreads
-new connections over the sockets by their address hash. One socket shared by every worker would also
-work, but Twisted accepts up to 100 pending connections per wake-up, so under a burst (a reconnect
-storm) whichever worker wakes first takes most of them; separate queues keep the split even.
-The port is bound before any worker starts, so a port in use fails here, once, with its reason.
+SO_REUSEPORT. The kernel spreads new connections over the sockets by their address hash. One socket
+shared by every worker would also work, but Twisted accepts up to 100 pending connections per
+wake-up, so under a burst (a reconnect storm) whichever worker wakes first takes most of them;
+separate queues keep the split even. The port is bound before anything else, so a port in use fails
+here, once, with its reason, and clients that connect during the start wait in the listen queues.
+Then the launcher imports the application (chatproject/application.py: Django, the app, their
+libraries, most of a worker's start) once, and forks each worker from itself: a worker starts in a
+fraction of the time (it imports daphne's server, which makes its own event loop and Twisted
+reactor, and serves its socket with `daphne --fd N`), the workers share the launcher's memory pages
+until they write to them, and a bad setting stops the launcher once, before any worker exists. So
+that the fork is safe, importing the application starts no thread, opens no connection and makes
+no event loop (the launcher checks the first before it forks).
 
 The workers share one fresh PROMETHEUS_MULTIPROC_DIR (created here, removed at exit; an operator's
 own value is kept) so /metrics on any worker sums all of them. SIGTERM and SIGINT are forwarded to
@@ -31,14 +40,16 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,50 +120,138 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
+    """In a worker: SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
 
+def preload_application() -> None:
+    """Import the application in the launcher, to fork the workers from (chatproject/application.py)."""
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    gc.disable()  # (the application freezes what its imports made and turns it on again)
+    import chatproject.application  # noqa: F401
+
+    if threading.active_count() != 1:  # a thread would not exist in the workers, whatever it holds
+        raise SystemExit(f"serve: importing the application started threads: {threading.enumerate()}")
+    from django.db import connections
+
+    connections.close_all()  # the system checks may have opened one; each worker opens its own
+
+
+def serve_forked(sock: socket.socket, sockets: list[socket.socket], daphne_args: list[str]) -> int:
+    """In a worker just forked: daphne on `sock` (the other workers' sockets closed). Importing
+    daphne's server makes this worker's event loop and installs Twisted's reactor on it."""
+    for other in set(sockets) - {sock}:
+        other.close()
+    gc.disable()  # (chatproject/asgi.py freezes what daphne's imports made and turns it on again)
+    import daphne.cli
+
+    sys.argv = ["daphne", *daphne_args, "--fd", str(sock.fileno()), APPLICATION]
+    daphne.cli.CommandLineInterface.entrypoint()
+    return 0
+
+
+class ForkedWorker:
+    """A worker process forked by the launcher, with what it uses of subprocess.Popen's interface."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None  # as Popen's: -N when killed by signal N
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class Launcher:
     def __init__(self, host: str, port: int, workers: int, daphne_args: list[str]) -> None:
         self.host, self.port, self.workers, self.daphne_args = host, port, workers, daphne_args
-        self.children: list[subprocess.Popen] = []
+        self.children: list[ForkedWorker] = []
         self.stopping: int | None = None  # the signal being forwarded, once one arrived
-        self.crashed: subprocess.Popen | None = None
+        self.crashed: ForkedWorker | None = None
         self.metrics_dir: str | None = None
 
     def run(self) -> int:
+        """Start the workers and supervise them; the launcher's exit status. In a worker (forked
+        here), daphne's: a worker returns from here to exit as any Python program does (its exit
+        hooks run), with nothing of the launcher's clean-up pending."""
         sockets = listening_sockets(self.host, self.port, self.workers)
-        env = dict(os.environ)
-        if not env.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
             self.metrics_dir = tempfile.mkdtemp(prefix="chat-metrics-")
-            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir  # before the application reads it
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.forward)
+        worker_socket = None  # in a worker: the socket it serves
         try:
+            preload_application()
             for sock in sockets:
                 if self.stopping is not None:  # signalled while starting: start no more
                     break
-                fd = sock.fileno()
-                child = subprocess.Popen(
-                    [*daphne_command(), *self.daphne_args, "--fd", str(fd), APPLICATION],
-                    cwd=ROOT, env=env, pass_fds=(fd,), preexec_fn=_die_with_parent,
-                    # Own process group: a terminal's Ctrl-C reaches the launcher, which forwards it once.
-                    process_group=0,
-                )
-                self.children.append(child)
-            log(f"{self.workers} daphne workers on {self.host}:{self.port} (pids "
-                f"{', '.join(str(c.pid) for c in self.children)}), metrics in {env['PROMETHEUS_MULTIPROC_DIR']}")
-            for sock in set(sockets):  # the workers hold them now
-                sock.close()
+                worker = self.fork()
+                if worker is None:
+                    worker_socket = sock
+                    break
+                self.children.append(worker)
+        except BaseException:
+            self.clean_up()
+            raise
+        if worker_socket is not None:
+            return serve_forked(worker_socket, sockets, self.daphne_args)
+        log(f"{self.workers} daphne workers on {self.host}:{self.port} (pids "
+            f"{', '.join(str(c.pid) for c in self.children)}), metrics in {os.environ['PROMETHEUS_MULTIPROC_DIR']}")
+        for sock in set(sockets):  # the workers hold them now
+            sock.close()
+        try:
             return self.supervise()
         finally:
-            self.kill_remaining()
-            if self.metrics_dir:
-                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.clean_up()
+
+    def fork(self) -> ForkedWorker | None:
+        """A worker forked from this process; None in the worker. Signals that arrive meanwhile
+        wait until the worker has daphne's handling (the default until daphne installs its own)
+        and the launcher has its record of the worker."""
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setpgid(0, 0)  # own process group: a terminal's Ctrl-C reaches the launcher, which forwards it once
+                    _die_with_parent()
+                    for sig in stop_signals:
+                        signal.signal(sig, signal.SIG_DFL)
+                except BaseException:  # never into the launcher's clean-up, which would stop the others
+                    traceback.print_exc()
+                    os._exit(1)
+                return None
+            return ForkedWorker(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+
+    def clean_up(self) -> None:
+        self.kill_remaining()
+        if self.metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def forward(self, signum: int, _frame) -> None:
         self.stopping = signum

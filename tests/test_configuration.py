@@ -54,7 +54,7 @@ def test_only_settings_reads_the_environment():
         # The readers get the environment here, once.
         ("chatproject/settings.py", "env = EnvReader(os.environ)"),
         # Which settings module to load: before there are settings.
-        ("chatproject/asgi.py", 'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")'),
+        ("chatproject/application.py", 'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")'),
         # A write, for cqlengine's own check, not a read of our configuration.
         ("chatproject/settings.py", 'os.environ.setdefault("CQLENG_ALLOW_SCHEMA_MANAGEMENT", "1")'),
     }

@@ -8,6 +8,7 @@ import http.client
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,8 +174,10 @@ async def test_both_workers_accept_on_one_port_and_deliver_to_each_other(two_wor
 def test_sigterm_stops_every_worker(database, redis_url):
     server = launch(database, redis_url, "sigterm")
     workers = [psutil.Process(pid) for pid in server.worker_pids()]
-    metrics_dir = Path(workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"])
-    assert metrics_dir.is_dir() and all(w.environ()["PROMETHEUS_MULTIPROC_DIR"] == str(metrics_dir) for w in workers)
+    metrics_dir = Path(re.search(r"metrics in (\S+)", server.log_path.read_text()).group(1))
+    # Every worker has answered a request, and counted it in the launcher's directory.
+    written = {int(m.group(1)) for f in metrics_dir.iterdir() if (m := re.search(r"_(\d+)\.db$", f.name))}
+    assert {w.pid for w in workers} <= written
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(40) == 0
     gone, alive = psutil.wait_procs(workers, timeout=5)
@@ -191,6 +194,54 @@ def test_a_crashed_worker_stops_the_launcher_with_an_error(database, redis_url):
     assert psutil.wait_procs([survivor], timeout=5)[1] == []
     server.stop()
     assert f"worker {victim.pid} exited" in server.log_path.read_text()
+
+
+def test_a_bad_setting_stops_the_launcher_once_before_any_worker(database, redis_url):
+    """The launcher imports the application before it forks the workers: a bad setting is
+    reported once, naming the variable, and no worker ever starts."""
+    _, env = database
+    result = subprocess.run([sys.executable, str(SERVE), "--workers", "2", "--port", str(free_port())], cwd=ROOT,
+                            env={**env, "REDIS_URL": redis_url, "CHAT_SEND_RATE": "lots"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.count("CHAT_SEND_RATE='lots'") == 1
+    assert "Traceback" not in result.stderr and "daphne workers on" not in result.stderr
+
+
+def test_importing_the_application_leaves_a_process_that_can_fork_workers():
+    """What the launcher imports before it forks starts no thread, installs no Twisted reactor
+    (daphne's server makes an event loop for it at import) and leaves no database connection
+    open: each worker makes its own after the fork (chatproject/application.py)."""
+    probe = (
+        "import sys, threading, chatproject.application\n"
+        "from django.db import connections\n"
+        "print(threading.active_count(), 'twisted.internet.reactor' in sys.modules, 'daphne.server' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DJANGO_SETTINGS_MODULE": "chatproject.settings"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "False", "False"]
+
+
+def test_forked_workers_take_their_live_gauges_with_them(database, redis_url, tmp_path):
+    """With an operator's own metrics directory (kept across restarts), a worker that stops
+    removes its live gauges (open connections), as the exec'd workers did: the workers are forked
+    from a launcher that loaded the application, and each marks its own pid dead at exit."""
+    directory, env = database
+    server = Launched({**env, "REDIS_URL": redis_url, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+                      directory / "gauges.log", 2).start()
+    pids = set(server.worker_pids())
+
+    def live_gauge_pids() -> set[int]:
+        return {int(m.group(1)) for f in tmp_path.iterdir() if (m := re.fullmatch(r"gauge_live\w*_(\d+)\.db", f.name))}
+
+    try:
+        assert pids <= live_gauge_pids()  # each worker's connections gauge, written when it answered
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(40) == 0
+        assert not pids & live_gauge_pids()
+    finally:
+        server.stop()
 
 
 def test_several_workers_without_redis_are_refused(database):
