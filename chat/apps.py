@@ -46,5 +46,6 @@ class ChatConfig(AppConfig):
 
             mark_dead_at_exit()
             # The workers of `make run` are forked from a launcher that loaded the application
-            # (scripts/serve.py): each is a process of its own, with gauges of its own.
+            # (scripts/serve.py): each inherits the hook above with the launcher's pid, and needs
+            # one with its own for its own gauges.
             os.register_at_fork(after_in_child=mark_dead_at_exit)

@@ -2,8 +2,8 @@
 
 Importing this module is most of a worker's start (Django, the app, its libraries: 1.5-2.5 s).
 With several workers, `make run`'s launcher (scripts/serve.py) imports it once and forks the
-workers from itself, so nothing here may start a thread, open a connection or make an event loop:
-each worker makes its own after the fork.
+workers from itself, so nothing here may start a thread or make an event loop (each worker makes
+its own after the fork), and the launcher closes any database connection the system checks opened.
 """
 import gc
 import os
@@ -36,7 +36,9 @@ try:
     from chat.routing import websocket_application
     from chat.ws_auth import websocket_stack
     from core.bodylimit import BodyLimitMiddleware
-    from core import transport  # noqa: F401  (imported here: what a worker forked after this module needs)
+    # What the server's transport needs of Twisted and daphne (their HTTP and WebSocket protocols),
+    # imported here to be shared by forked workers; installing it is chatproject/asgi.py's part.
+    from core import transport  # noqa: F401
 finally:
     # A full collection of Python's garbage collector walks every tracked object: about 160,000 in
     # a worker, most of them the modules, classes and functions imported above, which live as long

@@ -1,6 +1,6 @@
 """System checks of the configuration: a bad environment variable stops the process before it serves.
 
-`manage.py` commands run them (`check`, `migrate`, `run_notifications`, ...), and so does
+`manage.py` commands run them (`check`, `migrate`, `runserver`, `run_notifications`, ...), and so does
 chatproject/application.py before daphne takes a connection. Registered by chat.apps.ChatConfig.ready.
 """
 from __future__ import annotations

@@ -64,11 +64,8 @@ if len(_proxy_ssl_header) == 2 and _proxy_ssl_header[0].startswith("HTTP_"):
 elif _proxy_ssl_header:
     env.invalid("DJANGO_SECURE_PROXY_SSL_HEADER", ",".join(_proxy_ssl_header), "HTTP_<HEADER>,<value>, e.g. HTTP_X_FORWARDED_PROTO,https")
 
-# Not daphne's app: it serves `manage.py runserver` with daphne (which serves HTTP only here; `make
-# run` serves everything), and imports daphne's server at setup, which installs Twisted's reactor on
-# a new event loop in every process that loads Django, including the launcher that forks the
-# workers (scripts/serve.py): each worker must make its own.
 INSTALLED_APPS = [
+    "chatproject.apps.DaphneRunserverConfig",  # daphne's `runserver`, not its AppConfig (see there)
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",

@@ -26,11 +26,12 @@ libraries, most of a worker's start) once, and forks each worker from itself: a 
 fraction of the time (it imports daphne's server, which makes its own event loop and Twisted
 reactor, and serves its socket with `daphne --fd N`), the workers share the launcher's memory pages
 until they write to them, and a bad setting stops the launcher once, before any worker exists. So
-that the fork is safe, importing the application starts no thread, opens no connection and makes
-no event loop (the launcher checks the first before it forks).
+that the fork is safe, importing the application starts no thread (checked before the fork) and
+makes no event loop, and the launcher closes the database connections before it forks. A worker's
+command line is the launcher's; its process name is `daphne-worker`.
 
 The workers share one fresh PROMETHEUS_MULTIPROC_DIR (created here, removed at exit; an operator's
-own value is kept) so /metrics on any worker sums all of them. SIGTERM and SIGINT are forwarded to
+own value is kept) so /metrics on any worker sums all of them. SIGTERM and SIGINT are passed on to
 every worker; the launcher exits when they have. A worker that exits on its own is not restarted:
 the launcher logs it, stops the others and exits non-zero, so the supervisor above (systemd,
 Kubernetes, a shell loop) restarts the whole set with a fresh metrics directory and one restart
@@ -82,9 +83,9 @@ def default_workers() -> int:
     return usable_cores() if redis_configured() else 1
 
 
-# A worker imports daphne (Twisted, autobahn) with the garbage collector off, then freezes what that
-# made and turns the collector on again: 0.17 s of a worker's start, which a restart's clients wait
-# for. chatproject/asgi.py does the same around the application's own imports.
+# The one worker imports daphne (Twisted, autobahn) with the garbage collector off, then freezes
+# what that made and turns the collector on again: 0.17 s of its start, which a restart's clients
+# wait for. chatproject/application.py does the same around the application's own imports.
 DAPHNE_IMPORT = "import gc, sys; gc.disable(); import daphne.cli; gc.freeze(); gc.enable()"
 # daphne's command line after that import (`daphne` in its usage and error messages).
 DAPHNE_MAIN = f"{DAPHNE_IMPORT}; sys.argv[0] = 'daphne'; daphne.cli.CommandLineInterface.entrypoint()"
@@ -114,17 +115,21 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
                 s.close()
             raise SystemExit(f"serve: cannot bind {host}:{port}: {error.strerror}")
         sock.listen(LISTEN_BACKLOG)
-        sock.set_inheritable(True)
         sockets.append(sock)
     return sockets if reuseport else sockets * count
 
 
-def _die_with_parent() -> None:
-    """In a worker: SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
+def _die_with_parent(launcher: int) -> None:
+    """In a worker: SIGTERM when the launcher dies, even by SIGKILL (Linux); and named
+    `daphne-worker` (what `ps -C`, `pgrep` and `top` show: its command line is the launcher's)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(15, b"daphne-worker")  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
+    if os.getppid() != launcher:  # it died before the line above: this worker would serve on alone
+        os._exit(1)
 
 
 def preload_application() -> None:
@@ -185,7 +190,8 @@ class Launcher:
     def __init__(self, host: str, port: int, workers: int, daphne_args: list[str]) -> None:
         self.host, self.port, self.workers, self.daphne_args = host, port, workers, daphne_args
         self.children: list[ForkedWorker] = []
-        self.stopping: int | None = None  # the signal being forwarded, once one arrived
+        self.stopping: int | None = None  # the stop signal, once one arrived
+        self.to_forward: list[int] = []  # stop signals received and not yet passed on to the workers
         self.crashed: ForkedWorker | None = None
         self.metrics_dir: str | None = None
 
@@ -198,23 +204,25 @@ class Launcher:
             self.metrics_dir = tempfile.mkdtemp(prefix="chat-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir  # before the application reads it
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.forward)
+            signal.signal(sig, self.stop_signalled)
         worker_socket = None  # in a worker: the socket it serves
         try:
             preload_application()
             for sock in sockets:
                 if self.stopping is not None:  # signalled while starting: start no more
                     break
-                worker = self.fork()
-                if worker is None:
+                if not self.fork():
                     worker_socket = sock
                     break
-                self.children.append(worker)
         except BaseException:
             self.clean_up()
             raise
         if worker_socket is not None:
             return serve_forked(worker_socket, sockets, self.daphne_args)
+        if not self.children:
+            log("stopped before any worker started")
+            self.clean_up()
+            return 0
         log(f"{self.workers} daphne workers on {self.host}:{self.port} (pids "
             f"{', '.join(str(c.pid) for c in self.children)}), metrics in {os.environ['PROMETHEUS_MULTIPROC_DIR']}")
         for sock in set(sockets):  # the workers hold them now
@@ -224,10 +232,11 @@ class Launcher:
         finally:
             self.clean_up()
 
-    def fork(self) -> ForkedWorker | None:
-        """A worker forked from this process; None in the worker. Signals that arrive meanwhile
-        wait until the worker has daphne's handling (the default until daphne installs its own)
-        and the launcher has its record of the worker."""
+    def fork(self) -> bool:
+        """Fork a worker: True in the launcher (the worker is in `children`), False in the worker.
+        A stop signal that arrives meanwhile waits until the worker has daphne's handling (the
+        default until daphne installs its own); the launcher passes it on from `supervise`."""
+        launcher = os.getpid()
         stop_signals = {signal.SIGTERM, signal.SIGINT}
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         try:
@@ -236,15 +245,16 @@ class Launcher:
             pid = os.fork()
             if pid == 0:
                 try:
-                    os.setpgid(0, 0)  # own process group: a terminal's Ctrl-C reaches the launcher, which forwards it once
-                    _die_with_parent()
+                    os.setpgid(0, 0)  # own process group: a terminal's Ctrl-C reaches the launcher, which passes it on once
+                    _die_with_parent(launcher)
                     for sig in stop_signals:
                         signal.signal(sig, signal.SIG_DFL)
                 except BaseException:  # never into the launcher's clean-up, which would stop the others
                     traceback.print_exc()
                     os._exit(1)
-                return None
-            return ForkedWorker(pid)
+                return False
+            self.children.append(ForkedWorker(pid))
+            return True
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
@@ -253,8 +263,14 @@ class Launcher:
         if self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
-    def forward(self, signum: int, _frame) -> None:
+    def stop_signalled(self, signum: int, _frame) -> None:
+        """The handler of SIGTERM and SIGINT: noted here, passed on by `supervise` (a handler
+        that reaped and signalled workers itself could run in the middle of the loop's own
+        waitpid)."""
         self.stopping = signum
+        self.to_forward.append(signum)
+
+    def signal_workers(self, signum: int) -> None:
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signum)
@@ -262,6 +278,8 @@ class Launcher:
     def supervise(self) -> int:
         stop_deadline = None
         while True:
+            while self.to_forward:
+                self.signal_workers(self.to_forward.pop(0))
             live = [c for c in self.children if c.poll() is None]
             if not live:
                 break
@@ -270,7 +288,8 @@ class Launcher:
                 if gone is not None:
                     self.crashed = gone
                     log(f"worker {gone.pid} exited with status {gone.returncode}; stopping the others")
-                    self.forward(signal.SIGTERM, None)
+                    self.stopping = signal.SIGTERM
+                    self.signal_workers(signal.SIGTERM)
             if self.stopping is not None and stop_deadline is None:
                 stop_deadline = time.monotonic() + STOP_TIMEOUT
             if stop_deadline is not None and time.monotonic() > stop_deadline:

@@ -209,18 +209,70 @@ def test_a_bad_setting_stops_the_launcher_once_before_any_worker(database, redis
 
 
 def test_importing_the_application_leaves_a_process_that_can_fork_workers():
-    """What the launcher imports before it forks starts no thread, installs no Twisted reactor
-    (daphne's server makes an event loop for it at import) and leaves no database connection
-    open: each worker makes its own after the fork (chatproject/application.py)."""
+    """What the launcher imports before it forks starts no thread and installs no Twisted reactor
+    (daphne's server makes an event loop for it at import): each worker makes its own after the
+    fork (chatproject/application.py). daphne's runserver is still the project's."""
     probe = (
         "import sys, threading, chatproject.application\n"
-        "from django.db import connections\n"
-        "print(threading.active_count(), 'twisted.internet.reactor' in sys.modules, 'daphne.server' in sys.modules)\n"
+        "from django.core.management import get_commands\n"
+        "print(threading.active_count(), 'twisted.internet.reactor' in sys.modules, 'daphne.server' in sys.modules,"
+        " get_commands()['runserver'])\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60,
                             env={**os.environ, "DJANGO_SETTINGS_MODULE": "chatproject.settings"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["1", "False", "False"]
+    assert result.stdout.split() == ["1", "False", "False", "daphne"]
+
+
+def listening_sockets_of(pid: int) -> int:
+    return sum(1 for conn in psutil.Process(pid).net_connections("tcp") if conn.status == psutil.CONN_LISTEN)
+
+
+def test_each_forked_worker_holds_only_its_own_listening_socket(two_workers):
+    """A worker closes its siblings' sockets: one it held would queue connections that nobody
+    accepts once their own worker is gone."""
+    assert [listening_sockets_of(pid) for pid in two_workers.worker_pids()] == [1, 1]
+    assert listening_sockets_of(two_workers.process.pid) == 0
+
+
+def test_a_stop_signal_while_the_workers_start_stops_them_all_at_once(database, redis_url):
+    """SIGTERM as soon as the first worker exists reaches every worker, the ones forked after it
+    included, well within the launcher's 30 s before SIGKILL."""
+    directory, env = database
+    log_path = directory / "early-stop.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(SERVE), "--port", str(free_port()), "--workers", "2"],
+            cwd=ROOT, env={**env, "REDIS_URL": redis_url}, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not psutil.Process(process.pid).children():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        workers = psutil.Process(process.pid).children()
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        assert time.monotonic() - started < 10
+        assert psutil.wait_procs(workers, timeout=5)[1] == []
+        assert "SIGKILL" not in log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_workers_stop_when_their_launcher_is_killed(database, redis_url):
+    """A launcher killed outright (SIGKILL, no forwarding) takes its workers with it: none serves on
+    alone in the port's socket group, beside the next launcher's."""
+    server = launch(database, redis_url, "launcher-killed")
+    workers = [psutil.Process(pid) for pid in server.worker_pids()]
+    try:
+        assert {w.name() for w in workers} == {"daphne-worker"}
+        server.process.kill()
+        assert psutil.wait_procs(workers, timeout=40)[1] == []
+    finally:
+        server.stop()
 
 
 def test_forked_workers_take_their_live_gauges_with_them(database, redis_url, tmp_path):
@@ -265,8 +317,8 @@ def test_default_workers_are_the_cores_with_redis_and_one_without(monkeypatch):
 
 def test_a_worker_imports_daphne_with_the_collector_off_and_leaves_it_on():
     """The launcher's worker command turns the garbage collector off for daphne's imports, freezes
-    what they made and turns it on again before daphne starts (then chatproject/asgi.py does the
-    same around the application's imports): a worker never runs with the collector off."""
+    what they made and turns it on again before daphne starts (then chatproject/application.py does
+    the same around the application's imports): a worker never runs with the collector off."""
     serve = load_serve_module()
     probe = "import gc; print(gc.isenabled(), gc.get_freeze_count())"
     result = subprocess.run([sys.executable, "-c", f"{serve.DAPHNE_IMPORT}; {probe}"], cwd=ROOT,
