@@ -62,6 +62,7 @@ STOP_TIMEOUT = 30.0  # seconds a worker gets to close its sockets after SIGTERM 
 MAX_FRAME_BYTES = os.environ.get("CHAT_MAX_FRAME_BYTES") or "2097152"
 DAPHNE_ARGS = ["--websocket-max-message-size", MAX_FRAME_BYTES, "--websocket-max-frame-size", MAX_FRAME_BYTES]
 LISTEN_BACKLOG = 1024  # per worker; daphne binding itself uses Twisted's 50
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}  # passed on to every worker
 
 
 def log(text: str) -> None:
@@ -119,17 +120,23 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     return sockets if reuseport else sockets * count
 
 
-def _die_with_parent(launcher: int) -> None:
-    """In a worker: SIGTERM when the launcher dies, even by SIGKILL (Linux); and named
-    `daphne-worker` (what `ps -C`, `pgrep` and `top` show: its command line is the launcher's)."""
+def _become_worker(launcher: int) -> None:
+    """In a process just forked from the launcher: its own process group (a terminal's Ctrl-C
+    reaches the launcher, which passes it on once); SIGTERM when the launcher dies, even by
+    SIGKILL (Linux), and exit at once if it died before that could be asked; the name
+    `daphne-worker` (what `ps -C`, `pgrep` and `top` show: its command line is the launcher's);
+    the default handling of the stop signals until daphne installs its own."""
+    os.setpgid(0, 0)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         libc.prctl(15, b"daphne-worker")  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
-    if os.getppid() != launcher:  # it died before the line above: this worker would serve on alone
+    if os.getppid() != launcher:
         os._exit(1)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def preload_application() -> None:
@@ -203,7 +210,7 @@ class Launcher:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
             self.metrics_dir = tempfile.mkdtemp(prefix="chat-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir  # before the application reads it
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self.stop_signalled)
         worker_socket = None  # in a worker: the socket it serves
         try:
@@ -237,18 +244,14 @@ class Launcher:
         A stop signal that arrives meanwhile waits until the worker has daphne's handling (the
         default until daphne installs its own); the launcher passes it on from `supervise`."""
         launcher = os.getpid()
-        stop_signals = {signal.SIGTERM, signal.SIGINT}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
                 try:
-                    os.setpgid(0, 0)  # own process group: a terminal's Ctrl-C reaches the launcher, which passes it on once
-                    _die_with_parent(launcher)
-                    for sig in stop_signals:
-                        signal.signal(sig, signal.SIG_DFL)
+                    _become_worker(launcher)
                 except BaseException:  # never into the launcher's clean-up, which would stop the others
                     traceback.print_exc()
                     os._exit(1)
@@ -256,7 +259,7 @@ class Launcher:
             self.children.append(ForkedWorker(pid))
             return True
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def clean_up(self) -> None:
         self.kill_remaining()
