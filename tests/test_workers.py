@@ -235,6 +235,21 @@ def test_each_forked_worker_holds_only_its_own_listening_socket(two_workers):
     assert listening_sockets_of(two_workers.process.pid) == 0
 
 
+def scheduling_policies(pid: int) -> set[int]:
+    """The scheduling policy of each of the process's threads."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_every_thread_of_every_worker_yields_on_wakeup(two_workers):
+    """SCHED_BATCH (scripts/serve.py, yield_on_wakeup): a thread woken by the one holding the GIL
+    does not preempt it. Checked once each worker has answered a request, so the threads it
+    started to serve it are there too."""
+    for pid in two_workers.worker_pids():
+        assert len(os.listdir(f"/proc/{pid}/task")) > 1
+        assert scheduling_policies(pid) == {os.SCHED_BATCH}
+
+
 def test_a_stop_signal_while_the_workers_start_stops_them_all_at_once(database, redis_url):
     """SIGTERM as soon as the first worker exists reaches every worker, the ones forked after it
     included, well within the launcher's 30 s before SIGKILL."""
@@ -349,6 +364,8 @@ def test_one_worker_is_daphne_itself(database):
                 time.sleep(0.1)
         assert status == 200
         assert "daphne.cli" in " ".join(psutil.Process(process.pid).cmdline())  # exec'd: the same pid
+        if hasattr(os, "SCHED_BATCH"):  # the launcher's policy, kept across the exec
+            assert scheduling_policies(process.pid) == {os.SCHED_BATCH}
     finally:
         process.terminate()
         process.wait(timeout=30)
