@@ -139,23 +139,27 @@ def _become_worker(launcher: int) -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def yield_on_wakeup() -> None:
-    """Serve under SCHED_BATCH (Linux): the policy of the launcher's thread, which every worker
-    inherits, forked or exec'd, with every thread it starts.
+def serve_without_wakeup_preemption() -> None:
+    """Serve under SCHED_BATCH (Linux, sched(7)) unless the launcher was started under a policy of
+    the operator's own (chrt, systemd's CPUSchedulingPolicy), which it keeps. Set on the launcher's
+    one thread, it is inherited by every worker, forked or exec'd, and every thread they start.
 
-    A worker's threads share one GIL, and hand work to each other all the time: the event loop
-    wakes a pool thread with a batch to commit or a handshake to authenticate, and the pool thread
-    wakes the loop with the result. Under the default policy, on busy cores, the woken thread
-    preempts the one that woke it, which still holds the GIL; it then waits for that GIL while its
-    holder waits for a CPU (a profile of a reconnect storm had 6 % of the workers' samples on the
-    line of `ThreadPoolExecutor.submit` that wakes a pool thread). A SCHED_BATCH thread that wakes
-    does not preempt: it runs once the running thread blocks (as the loop does in a moment) or at
-    the next tick. The CPU share is unchanged (the same nice value); a worker's threads, woken
-    by the network too, no longer preempt other processes either (docs/performance.md, the
-    scheduling round). Unprivileged; where refused (a sandbox's filter) or absent, serve as before."""
+    A worker's threads share one GIL and wake each other all the time: the event loop hands a pool
+    thread a batch to commit or handshakes to authenticate, and the pool thread wakes the loop with
+    the result. Under the default policy, on busy cores, the woken thread may preempt the one that
+    woke it, which still holds the GIL, only to block on that GIL at once: two context switches for
+    nothing, and the holder back in the run queue (a profile of a reconnect storm had 6 % of the
+    workers' samples on the line of `ThreadPoolExecutor.submit` that wakes a pool thread). A woken
+    SCHED_BATCH thread does not preempt: it runs when the running thread blocks (as the loop soon
+    does) or has used its slice. The CPU share is unchanged (the same nice value, the same cgroup
+    weight); the cost is that the workers' threads, woken by the network too, no longer preempt
+    other processes either (docs/performance.md, the scheduling round). No privilege is needed;
+    where the call is refused (a sandbox's filter, a libc without it), serve as before."""
     if not hasattr(os, "SCHED_BATCH"):
         return
     try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except OSError as error:
         log(f"scheduling policy left as it was: {error.strerror}")
@@ -354,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
               "channel layer and a message sent through one worker never reaches sockets held by another. "
               "Set REDIS_URL (e.g. redis://127.0.0.1:6379/0) or use WORKERS=1.", file=sys.stderr)
         return 2
-    yield_on_wakeup()
+    serve_without_wakeup_preemption()
     if workers == 1:
         command = [*daphne_command(), *args.daphne_args, "-b", args.host, "-p", str(args.port), APPLICATION]
         os.chdir(ROOT)

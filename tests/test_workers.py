@@ -236,18 +236,65 @@ def test_each_forked_worker_holds_only_its_own_listening_socket(two_workers):
 
 
 def scheduling_policies(pid: int) -> set[int]:
-    """The scheduling policy of each of the process's threads."""
-    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+    """The scheduling policy of each of the process's threads (a thread gone meanwhile is skipped)."""
+    policies = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            policies.add(os.sched_getscheduler(int(tid)))
+        except ProcessLookupError:
+            pass
+    return policies
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
-def test_every_thread_of_every_worker_yields_on_wakeup(two_workers):
-    """SCHED_BATCH (scripts/serve.py, yield_on_wakeup): a thread woken by the one holding the GIL
-    does not preempt it. Checked once each worker has answered a request, so the threads it
-    started to serve it are there too."""
+def launcher_sets_batch() -> bool:
+    """Whether the launcher, started from here, would switch to SCHED_BATCH: this process runs
+    under the default policy (the launcher keeps any other), and the system allows the switch
+    (tried in a throwaway process: a libc or sandbox may refuse it)."""
+    if not hasattr(os, "SCHED_BATCH") or os.sched_getscheduler(0) != os.SCHED_OTHER:
+        return False
+    trial = "import os; os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))"
+    return subprocess.run([sys.executable, "-c", trial], capture_output=True).returncode == 0
+
+
+def test_every_thread_of_every_worker_runs_without_wakeup_preemption(two_workers):
+    """SCHED_BATCH (scripts/serve.py, serve_without_wakeup_preemption): a thread woken by the one
+    holding the GIL does not preempt it. Checked once each worker has answered a request, so the
+    threads it started to serve it are there too."""
+    if not launcher_sets_batch():
+        pytest.skip("this system, or this process's own policy, leaves the launcher's policy as it is")
     for pid in two_workers.worker_pids():
         assert len(os.listdir(f"/proc/{pid}/task")) > 1
         assert scheduling_policies(pid) == {os.SCHED_BATCH}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's scheduling policies")
+def test_the_launcher_keeps_a_policy_the_operator_chose():
+    """Started under another policy than the default (chrt, systemd's CPUSchedulingPolicy), the
+    launcher keeps it. SCHED_IDLE, which any process may take, stands for the operator's choice."""
+    script = (
+        "import importlib.util, os, sys\n"
+        "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        f"spec = importlib.util.spec_from_file_location('serve_launcher', {str(SERVE)!r})\n"
+        "serve = importlib.util.module_from_spec(spec); spec.loader.exec_module(serve)\n"
+        "serve.serve_without_wakeup_preemption()\n"
+        "print(os.sched_getscheduler(0))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == os.SCHED_IDLE
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux's scheduling policies")
+def test_a_refused_policy_is_said_and_the_launcher_serves_on(monkeypatch, capsys):
+    serve = load_serve_module()
+
+    def refused(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(serve.os, "sched_getscheduler", lambda pid: os.SCHED_OTHER)
+    monkeypatch.setattr(serve.os, "sched_setscheduler", refused)
+    serve.serve_without_wakeup_preemption()
+    assert "scheduling policy left as it was: Operation not permitted" in capsys.readouterr().err
 
 
 def test_a_stop_signal_while_the_workers_start_stops_them_all_at_once(database, redis_url):
@@ -364,7 +411,7 @@ def test_one_worker_is_daphne_itself(database):
                 time.sleep(0.1)
         assert status == 200
         assert "daphne.cli" in " ".join(psutil.Process(process.pid).cmdline())  # exec'd: the same pid
-        if hasattr(os, "SCHED_BATCH"):  # the launcher's policy, kept across the exec
+        if launcher_sets_batch():  # the launcher's policy, kept across the exec
             assert scheduling_policies(process.pid) == {os.SCHED_BATCH}
     finally:
         process.terminate()
