@@ -74,16 +74,21 @@ def test_sockets_flag_a_missed_a_repeated_and_a_reordered_message():
 
 def test_statuses_accept_a_503_only_inside_a_cassandra_window_and_nothing_but_success_with_redis_down():
     inside = SendRecord(0, "A", "in", responses=[(12.0, 14.0, 503), (14.5, 14.6, 201)], message=message(1, "in"))
+    # Sent a moment before the pause, answered during it.
+    just_before = SendRecord(0, "A", "before", responses=[(9.9, 11.0, 503), (11.5, 26.0, 201)], message=message(4, "before"))
+    # Answered before the pause began.
+    well_before = SendRecord(0, "A", "early", responses=[(8.0, 9.5, 503), (9.6, 9.7, 201)], message=message(5, "early"))
     outside = SendRecord(0, "A", "out", responses=[(40.0, 40.1, 503), (41.0, 41.1, 201)], message=message(2, "out"))
     redis = SendRecord(0, "A", "redis", responses=[(60.5, 60.6, 500), (61.0, 61.1, 201)], message=message(3, "redis"))
     lost = SendRecord(0, "A", "lost", responses=[(70.0, 80.0, "ServerDisconnectedError")])
     windows = [("cassandra_pause", 10.0, 20.0), ("redis_restart", 60.0, 62.0)]
-    violations, counts = check_statuses(run_with(inside, outside, redis, lost, windows=windows))
-    assert not any("send in " in v for v in violations)
+    violations, counts = check_statuses(run_with(inside, just_before, well_before, outside, redis, lost, windows=windows))
+    assert not any("send in " in v or "send before " in v for v in violations)
+    assert any("send early at t=8.0s: HTTP 503 outside" in v for v in violations)
     assert any("send out " in v for v in violations)
     assert any("send redis " in v and "Redis down" in v for v in violations)
     assert any("send lost was never acknowledged" in v for v in violations)
-    assert counts[503] == 2 and counts[201] == 3
+    assert counts[503] == 4 and counts[201] == 5
 
 
 def test_membership_flags_a_slow_close_a_message_after_removal_and_a_gap():
