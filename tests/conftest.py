@@ -1,14 +1,17 @@
 import itertools
 import sys
 import threading
+import time
 import uuid
 
 import pytest
 from django.conf import settings
+from django.core.signals import setting_changed
 from rest_framework.test import APIClient
 
 from accounts.models import User
 from chat.services import conversations
+from chatproject.environment import parse_rate
 from tests.services import S3_ENDPOINT_URL, cassandra_available, require, s3_available
 
 _names = itertools.count(1)
@@ -28,6 +31,27 @@ def _fresh_in_memory_layer(settings):
     settings.CHAT_REGISTER_RATE = "100000/min"
     yield
     channel_layers.backends.clear()
+
+
+# Rate limits count in fixed wall-clock windows (core.ratelimit): a test that spends a small budget
+# ("2/min") and expects the next request refused would see it pass if the window turned in
+# between. When a test sets such a rate, it starts with at least this long left in the window.
+RATE_WINDOW_MARGIN_SECONDS = 15
+SMALL_RATE_BUDGET = 100
+
+
+def _clear_of_a_window_edge(*, setting, value, enter, **kwargs):
+    if not (enter and setting.endswith("_RATE") and isinstance(value, str)):
+        return
+    limit, period = parse_rate(value)
+    if limit > SMALL_RATE_BUDGET or period < 4 * RATE_WINDOW_MARGIN_SECONDS:
+        return
+    left = period - time.time() % period
+    if left < RATE_WINDOW_MARGIN_SECONDS:
+        time.sleep(left + 0.05)
+
+
+setting_changed.connect(_clear_of_a_window_edge)
 
 
 @pytest.fixture(autouse=True)
