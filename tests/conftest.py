@@ -1,3 +1,4 @@
+import functools
 import itertools
 import sys
 import threading
@@ -6,12 +7,10 @@ import uuid
 
 import pytest
 from django.conf import settings
-from django.core.signals import setting_changed
 from rest_framework.test import APIClient
 
 from accounts.models import User
 from chat.services import conversations
-from chatproject.environment import parse_rate
 from tests.services import S3_ENDPOINT_URL, cassandra_available, require, s3_available
 
 _names = itertools.count(1)
@@ -34,24 +33,29 @@ def _fresh_in_memory_layer(settings):
 
 
 # Rate limits count in fixed wall-clock windows (core.ratelimit): a test that spends a small budget
-# ("2/min") and expects the next request refused would see it pass if the window turned in
-# between. When a test sets such a rate, it starts with at least this long left in the window.
-RATE_WINDOW_MARGIN_SECONDS = 15
-SMALL_RATE_BUDGET = 100
+# ("2/min") and expects the next request refused would see it pass if a window turned in between.
+# So in tests the process's limiters read a clock that starts each test at the beginning of a day
+# of its own: every window (a minute, an hour, a day) begins with the test, and no two tests share
+# a window's count. (Waiting for the window to turn instead would stall an async test's event
+# loop, which the server reads as overload and sheds the test's sends.)
+SECONDS_PER_DAY = 86_400
+_rate_days = itertools.count(1)
 
 
-def _clear_of_a_window_edge(*, setting, value, enter, **kwargs):
-    if not (enter and setting.endswith("_RATE") and isinstance(value, str)):
-        return
-    limit, period = parse_rate(value)
-    if limit > SMALL_RATE_BUDGET or period < 4 * RATE_WINDOW_MARGIN_SECONDS:
-        return
-    left = period - time.time() % period
-    if left < RATE_WINDOW_MARGIN_SECONDS:
-        time.sleep(left + 0.05)
+@pytest.fixture(autouse=True)
+def _rate_windows_begin_with_the_test(monkeypatch):
+    from core import ratelimit
 
+    day_starts, started = next(_rate_days) * SECONDS_PER_DAY, time.monotonic()
 
-setting_changed.connect(_clear_of_a_window_edge)
+    def clock() -> float:
+        return day_starts + (time.monotonic() - started)
+
+    @functools.cache
+    def limiter(scope: str, rate: str, redis_url: str) -> ratelimit.RateLimiter:
+        return ratelimit.RateLimiter(ratelimit.parse_rate(rate), redis_url, scope=scope, clock=clock)
+
+    monkeypatch.setattr(ratelimit, "_limiter", limiter)
 
 
 @pytest.fixture(autouse=True)
