@@ -1,5 +1,6 @@
 import functools
 import itertools
+import os
 import sys
 import threading
 import time
@@ -14,6 +15,20 @@ from chat.services import conversations
 from tests.services import S3_ENDPOINT_URL, cassandra_available, require, s3_available
 
 _names = itertools.count(1)
+
+
+def pytest_sessionfinish(session):
+    """SQLite's write-ahead log and shared-memory index, and the send path's writer lock
+    (chat/services/send.py), stay beside a test database that Django removes: they go with it, or
+    every run leaves megabytes in the temporary directory."""
+    name = settings.DATABASES["default"].get("TEST", {}).get("NAME")
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.sqlite3" or not name or os.path.exists(name):
+        return
+    for leftover in (f"{name}-wal", f"{name}-shm", f"{name}.writer-lock"):
+        try:
+            os.remove(leftover)
+        except FileNotFoundError:
+            pass
 
 
 @pytest.fixture(autouse=True)
