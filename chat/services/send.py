@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -468,7 +469,7 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]], *, retried: bool = 
         logger.error("persist failed twice on a unique key: %s", exc)
         return [(index, StoreUnavailable()) for index, _ in accepted]
     except DatabaseError as exc:
-        if len(accepted) > 1:
+        if len(accepted) > 1 and not _write_lock_wait_ran_out(exc):
             # The relational database refused the batch (a deadlock with a transaction outside
             # the send path, a serialization failure): each send goes alone, and only those that
             # fail so are answered with the failure.
@@ -644,6 +645,12 @@ class _SqliteWriter:
 
 
 _sqlite_writer = _SqliteWriter()
+
+
+def _write_lock_wait_ran_out(error: DatabaseError) -> bool:
+    """SQLite's write lock stayed taken through the connection's whole timeout (a long transaction
+    outside the send path): each send of the batch alone would wait as long again."""
+    return getattr(error.__cause__, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
 
 
 def _relational_writer():

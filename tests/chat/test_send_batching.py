@@ -209,6 +209,44 @@ def test_on_sqlite_a_send_queues_behind_another_process_writing(make_user, make_
 
 
 @pytest.mark.django_db(transaction=True)
+def test_on_sqlite_a_batch_whose_wait_for_the_write_lock_ran_out_fails_once(make_user, make_group, monkeypatch):
+    """SQLite's write lock held through the whole timeout (a long transaction outside the send
+    path): each send of the batch alone would wait as long again, so the batch is not retried
+    send by send; every send is answered 503 after the one wait, and nothing commits."""
+    import sqlite3
+
+    from django.db import connection
+
+    from core.errors import StoreUnavailable
+
+    if connection.vendor != "sqlite":
+        pytest.skip("the write lock's timeout is SQLite's")
+    alice, bob = make_user(), make_user()
+    conversation = make_group(alice, bob)
+    attempts = []
+    persist_accepted = sending._persist_accepted
+
+    def counted(accepted, **kwargs):
+        attempts.append(len(accepted))
+        return persist_accepted(accepted, **kwargs)
+
+    monkeypatch.setattr(sending, "_persist_accepted", counted)
+    holder = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    connection.ensure_connection()
+    connection.connection.execute("PRAGMA busy_timeout = 100")  # a wait of 0.1 s, not 20
+    try:
+        outcomes = sending._persist_batch([request(alice, conversation.id, text) for text in "abc"])
+    finally:
+        holder.rollback()
+        holder.close()
+        connection.close()  # (its busy timeout goes with it)
+    assert attempts == [3]
+    assert [type(outcome) for outcome in outcomes] == [StoreUnavailable] * 3
+    assert Conversation.objects.get(pk=conversation.pk).last_seq == 0
+
+
+@pytest.mark.django_db(transaction=True)
 def test_on_postgresql_the_seq_allocation_locks_its_rows_in_id_order(make_user, make_group):
     """A batch locks all of its conversations' rows with its first statement, lowest id first,
     whatever order the table holds them in: two batches sharing rows queue instead of deadlocking."""
