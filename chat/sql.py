@@ -156,25 +156,50 @@ def _advance_read_markers_sql(vendor: str, count: int) -> str:
     )
 
 
-def insert_rows(instances: Sequence[models.Model]) -> None:
-    """INSERT new rows for instances of one model whose primary key the database assigns, in one
-    statement, as save() would write each (field defaults and conversions included), without the
-    compiler. No signals are sent and the instances do not learn their ids: for the append-only
-    rows of every send (the notification outbox entries, the idempotency records)."""
-    if not instances:
+def insert_rows(model: type[models.Model], rows: Sequence[dict[str, object]], **shared) -> None:
+    """INSERT new rows of `model` (whose primary key the database assigns) in one statement, as
+    save() would write them, without the compiler and without a model instance per row: each row
+    gives the values that differ between rows (by field name, the same names in every row),
+    `shared` those every row has, and every other field takes its default. Values pass through
+    their fields' own database conversion; shared values and defaults once per statement, since
+    these statements run inside every send's hold of the database's writer. No signals are sent.
+    For the append-only rows of every send (the notification outbox entries, the idempotency
+    records)."""
+    if not rows:
         return
-    fields, sql = _insert_rows_sql(type(instances[0]), connection.vendor, len(instances))
-    params = [field.get_db_prep_save(field.pre_save(instance, True), connection) for instance in instances for field in fields]
+    varying, constant, sql = _insert_rows_sql(model, connection.vendor, tuple(rows[0]), tuple(shared), len(rows))
+    constant_values = [
+        field.get_db_prep_save(shared[field.name] if field.name in shared else field.get_default(), connection)
+        for field in constant
+    ]
+    names = rows[0].keys()
+    params = []
+    for row in rows:
+        if row.keys() != names:
+            raise ValueError(f"every row of one statement gives the same fields: {sorted(row)} against {sorted(names)}")
+        params += [field.get_db_prep_save(row[field.name], connection) for field in varying]
+        params += constant_values
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
 
 
 @lru_cache(maxsize=256)
-def _insert_rows_sql(model: type[models.Model], vendor: str, count: int) -> tuple[list, str]:
-    fields = [field for field in model._meta.concrete_fields if not field.primary_key]
+def _insert_rows_sql(
+    model: type[models.Model], vendor: str, varying: tuple[str, ...], shared: tuple[str, ...], count: int
+) -> tuple[list, list, str]:
+    by_row = [model._meta.get_field(name) for name in varying]
+    once = [field for field in model._meta.concrete_fields if not field.primary_key and field.name not in varying]
+    unknown = set(shared) - {field.name for field in once}
+    if unknown or any(field.primary_key for field in by_row):
+        raise ValueError(f"not a row's field of {model.__name__}, or given twice: {sorted(unknown) or varying}")
+    # A default is all this fills in; save() would also stamp these, so they must be given.
+    stamped = [field.name for field in once if field.name not in shared and (getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False))]
+    if stamped:
+        raise ValueError(f"{model.__name__}: give {stamped} (save() stamps them; insert_rows does not)")
+    fields = by_row + once
     columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
     row = f"({_placeholders(len(fields))})"
-    return fields, f"INSERT INTO {_table(model)} ({columns}) VALUES {', '.join([row] * count)}"
+    return by_row, once, f"INSERT INTO {_table(model)} ({columns}) VALUES {', '.join([row] * count)}"
 
 
 def idempotency_record_ids(pairs: Collection[tuple[uuid.UUID, str]]) -> dict[tuple[uuid.UUID, str], int]:

@@ -21,14 +21,15 @@ from notifications.models import Delivery, Device, OutboxEntry
 def notification_enqueue(*, messages: list[Message]) -> None:
     """Record that `messages` need push notifications. One insert; no network call, no read:
     recipients and devices are worked out by the worker (notifications/worker.py). Every send
-    runs it, so it skips the ORM's compiler (chat.sql.insert_rows)."""
-    sql.insert_rows([
-        OutboxEntry(
-            message_id=message.message_id,
-            conversation_id=message.conversation_id,
-            seq=message.seq,
-            sender_id=message.sender_id,
-        )
+    runs it, inside its hold of the database's writer, so it skips the ORM's compiler and model
+    instances (chat.sql.insert_rows)."""
+    sql.insert_rows(OutboxEntry, [
+        {
+            "message_id": message.message_id,
+            "conversation_id": message.conversation_id,
+            "seq": message.seq,
+            "sender_id": message.sender_id,
+        }
         for message in messages
     ])
 

@@ -422,7 +422,7 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]], *, retried: bool = 
         with _relational_writer(), transaction.atomic():
             if expired:
                 IdempotencyKey.objects.filter(pk__in=expired).delete()
-            new_records: list[IdempotencyKey] = []
+            new_records: list[dict] = []
             # Each conversation's sends in the order they arrived in.
             fresh: dict[uuid.UUID, list[tuple[int, _Accepted]]] = {}
             for index, send in accepted:
@@ -439,7 +439,7 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]], *, retried: bool = 
             for conversation_id, sends in fresh.items():
                 run = leading[conversation_id]
                 if run:
-                    created += _messages_at(last_seqs[conversation_id] - len(run) + 1, run, now, new_records)
+                    created += _messages_at(last_seqs[conversation_id] - len(run) + 1, run, new_records)
                 # The rest one by one, in order: the checked sends each with its own seq.
                 plain: list[tuple[int, _Accepted]] = []
                 for index, send in sends[len(run):]:
@@ -454,7 +454,7 @@ def _persist_accepted(accepted: list[tuple[int, _Accepted]], *, retried: bool = 
                         refused.append((index, exc))
                 created += _allocate_plain(conversation_id, plain, now, new_records)
             # Before the store write: a concurrent duplicate fails here, not after a wasted write.
-            sql.insert_rows(new_records)
+            sql.insert_rows(IdempotencyKey, new_records, created_at=now)
             # What commits with the messages is written while the store writes are in flight.
             get_message_store().insert(*(message for _, _, message in created), meanwhile=lambda: _commit_with(created))
     except IntegrityError as exc:
@@ -517,9 +517,9 @@ def _split_reused_keys(accepted: list[tuple[int, _Accepted]]) -> tuple[list[tupl
     return first_uses, reuses
 
 
-def _message_of(send: _Accepted, seq: int, now: datetime) -> tuple[Message, IdempotencyKey | None]:
+def _message_of(send: _Accepted, seq: int) -> tuple[Message, dict | None]:
     """The message a send creates at `seq`, and the idempotency record written beside it when the
-    send has a key."""
+    send has a key (an IdempotencyKey row for sql.insert_rows, created at the batch's `now`)."""
     body = send.body
     message = Message(
         message_id=uuid.uuid4(),
@@ -535,10 +535,10 @@ def _message_of(send: _Accepted, seq: int, now: datetime) -> tuple[Message, Idem
     )
     if send.key is None:
         return message, None
-    return message, IdempotencyKey(
-        sender_id=message.sender_id, key=send.key, request_hash=send.request_hash, conversation_id=send.conversation_id,
-        seq=seq, message_id=message.message_id, created_at=now,
-    )
+    return message, {
+        "sender_id": message.sender_id, "key": send.key, "request_hash": send.request_hash,
+        "conversation_id": send.conversation_id, "seq": seq, "message_id": message.message_id,
+    }
 
 
 def _is_plain(send: _Accepted) -> bool:
@@ -555,13 +555,13 @@ def _plain_run(sends: list[tuple[int, _Accepted]]) -> list[tuple[int, _Accepted]
 
 
 def _messages_at(
-    first: int, plain: list[tuple[int, _Accepted]], now: datetime, new_records: list[IdempotencyKey]
+    first: int, plain: list[tuple[int, _Accepted]], new_records: list[dict]
 ) -> list[tuple[int, _Accepted, Message]]:
     """The messages of plain sends at seqs `first`, `first` + 1, ...; their idempotency records
     join `new_records`, which the batch inserts in one statement."""
     created = []
     for offset, (index, send) in enumerate(plain):
-        message, record = _message_of(send, first + offset, now)
+        message, record = _message_of(send, first + offset)
         created.append((index, send, message))
         if record is not None:
             new_records.append(record)
@@ -569,14 +569,14 @@ def _messages_at(
 
 
 def _allocate_plain(
-    conversation_id: uuid.UUID, plain: list[tuple[int, _Accepted]], now: datetime, new_records: list[IdempotencyKey]
+    conversation_id: uuid.UUID, plain: list[tuple[int, _Accepted]], now: datetime, new_records: list[dict]
 ) -> list[tuple[int, _Accepted, Message]]:
     """Inside the batch's transaction: the next seqs of a conversation for plain sends, in one
     statement, and their messages."""
     if not plain:
         return []
     last = sql.allocate_seqs({conversation_id: len(plain)}, now)[conversation_id]
-    return _messages_at(last - len(plain) + 1, plain, now, new_records)
+    return _messages_at(last - len(plain) + 1, plain, new_records)
 
 
 def _allocate_checked(send: _Accepted, now: datetime) -> Message:
@@ -588,10 +588,10 @@ def _allocate_checked(send: _Accepted, now: datetime) -> Message:
     if body.reply_to is not None:
         check_reply_target(send.conversation_id, body.reply_to)  # before anything is allocated
     with transaction.atomic() if body.attachments else contextlib.nullcontext():
-        message, record = _message_of(send, sql.allocate_seqs({send.conversation_id: 1}, now)[send.conversation_id], now)
+        message, record = _message_of(send, sql.allocate_seqs({send.conversation_id: 1}, now)[send.conversation_id])
         if record is not None:
             # Before the uploads, so a concurrent duplicate fails on the key (and replays), not on them.
-            sql.insert_rows([record])
+            sql.insert_rows(IdempotencyKey, [record], created_at=now)
         if body.attachments:
             message = replace(message, attachments=attachments_attach(
                 sender_id=message.sender_id, attachment_ids=body.attachments, conversation_id=send.conversation_id,
